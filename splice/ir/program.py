@@ -1,0 +1,656 @@
+"""Program: what a model *is* inside splice.
+
+A :class:`Program` wraps an ``fx.GraphModule`` at ATen level with
+
+* a flat signature — named tensor inputs (the graph's placeholders, in order) and named
+  outputs (the output node returns a flat tuple);
+* named weights — parameters, buffers and constants, referenced from the graph by
+  ``get_attr`` nodes whose targets are their state_dict names;
+* sub-graphs — child ``GraphModule``\\ s used by control-flow ops (``torch.cond``) and,
+  later, by split parts; weights live only in the top-level program and reach sub-graphs
+  as operands, as ``torch.export`` does;
+* symbols — the symbolic dimensions of dynamic shapes, with hints and ranges;
+* a ``version`` that changes on every edit, so that analyses can be cached by version.
+
+A Program is always runnable: ``program(*inputs)`` executes it eagerly with PyTorch and
+returns one tensor for a one-output program, a tuple otherwise.
+
+Weights are treated as immutable values: passes replace a weight, they never write into
+its storage, so :meth:`Program.copy` shares weight tensors and costs only a graph copy.
+"""
+
+from __future__ import annotations
+
+import copy as _copy
+import itertools
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from splice.ir import meta as M
+
+WeightKind = Literal["param", "buffer", "constant"]
+WEIGHT_KINDS: tuple[str, ...] = ("param", "buffer", "constant")
+
+_uids = itertools.count()
+
+
+# ---------------------------------------------------------------------------------------
+# dotted attribute helpers
+
+
+def get_attr_path(module: nn.Module, target: str) -> Any:
+    obj: Any = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_weight_attr(module: nn.Module, target: str, value: torch.Tensor, kind: str) -> None:
+    *prefix, leaf = target.split(".")
+    owner = module
+    for part in prefix:
+        child = owner._modules.get(part)
+        if child is None:
+            child = nn.Module()
+            owner.add_module(part, child)
+        owner = child
+    for store in (owner._parameters, owner._buffers):
+        store.pop(leaf, None)
+    if kind == "param":
+        p = (
+            value
+            if isinstance(value, nn.Parameter)
+            else nn.Parameter(value, requires_grad=value.is_floating_point())
+        )
+        owner.register_parameter(leaf, p)
+    else:
+        owner.register_buffer(
+            leaf,
+            value.detach() if isinstance(value, nn.Parameter) else value,
+            persistent=(kind == "buffer"),
+        )
+
+
+def del_attr_path(module: nn.Module, target: str) -> None:
+    *prefix, leaf = target.split(".")
+    owners = [module]
+    for part in prefix:
+        owners.append(owners[-1]._modules[part])
+    owner = owners[-1]
+    for store in (owner._parameters, owner._buffers, owner._modules):
+        store.pop(leaf, None)
+    # drop containers that became empty
+    for parent, part, child in reversed(list(zip(owners[:-1], prefix, owners[1:]))):
+        if child._parameters or child._buffers or child._modules:
+            break
+        parent._modules.pop(part, None)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+class Program:
+    """An FX graph at ATen level plus its signature, weights, symbols and version."""
+
+    def __init__(
+        self,
+        graph_module: fx.GraphModule,
+        *,
+        output_names: Sequence[str] | None = None,
+        weight_kinds: Mapping[str, str] | None = None,
+        symbols: Mapping[str, M.SymbolInfo] | None = None,
+        name: str = "main",
+        attrs: Mapping[str, Any] | None = None,
+    ):
+        self._gm = graph_module
+        self.name = name
+        self.symbols: dict[str, M.SymbolInfo] = dict(symbols or {})
+        #: free-form program attributes that passes may set (e.g. the rank option of lowrank)
+        self.attrs: dict[str, Any] = dict(attrs or {})
+        self._uid = next(_uids)
+        self._version = 0
+        self._compiled_version = -1
+        self._weight_kinds: dict[str, str] = {}
+        if weight_kinds is None:
+            weight_kinds = {n: "param" for n, _ in graph_module.named_parameters()}
+            weight_kinds.update({n: "buffer" for n, _ in graph_module.named_buffers()})
+        for n, k in weight_kinds.items():
+            if k not in WEIGHT_KINDS:
+                raise ValueError(f"weight {n!r}: kind {k!r} is not one of {WEIGHT_KINDS}")
+            self._weight_kinds[n] = k
+        outs = self._output_values_raw()
+        if output_names is None:
+            output_names = [f"out{i}" for i in range(len(outs))]
+        if len(output_names) != len(outs):
+            raise ValueError(f"{len(output_names)} output names for {len(outs)} outputs")
+        self._output_names = list(output_names)
+        for gm in self._all_graph_modules():
+            self._install_hooks(gm)
+
+    # -- identity and versioning -------------------------------------------------------
+    @property
+    def uid(self) -> int:
+        """Unique per Program object (copies get a new one)."""
+        return self._uid
+
+    @property
+    def version(self) -> int:
+        """Increases on every edit of the graph, the signature or the weights."""
+        return self._version
+
+    def bump_version(self) -> None:
+        self._version += 1
+
+    def _install_hooks(self, gm: fx.GraphModule) -> None:
+        def on_change(*_args: Any, **_kwargs: Any) -> None:
+            self._version += 1
+
+        gm._register_create_node_hook(on_change)
+        gm._register_erase_node_hook(on_change)
+        gm._register_replace_node_hook(on_change)
+
+    def _all_graph_modules(self) -> Iterator[fx.GraphModule]:
+        stack = [self._gm]
+        while stack:
+            gm = stack.pop()
+            yield gm
+            stack.extend(m for m in gm.children() if isinstance(m, fx.GraphModule))
+
+    # -- structure ---------------------------------------------------------------------
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        return self._gm
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self._gm.graph
+
+    @property
+    def nodes(self) -> fx.graph._node_list:
+        return self._gm.graph.nodes
+
+    def node(self, name: str) -> fx.Node:
+        """The node named ``name``; ``KeyError`` listing close names if there is none."""
+        for n in self._gm.graph.nodes:
+            if n.name == name:
+                return n
+        close = [n.name for n in self._gm.graph.nodes if name in n.name or n.name in name][:8]
+        raise KeyError(
+            f"no value %{name} in program {self.name!r}" + (f"; close: {close}" if close else "")
+        )
+
+    @property
+    def subgraphs(self) -> dict[str, fx.GraphModule]:
+        """Direct child graphs (branches of control flow, parts)."""
+        return {n: m for n, m in self._gm.named_children() if isinstance(m, fx.GraphModule)}
+
+    def add_subgraph(self, name: str, gm: fx.GraphModule) -> None:
+        if hasattr(self._gm, name):
+            raise ValueError(f"attribute {name!r} already exists in program {self.name!r}")
+        self._gm.add_module(name, gm)
+        for g in [gm, *(m for m in gm.modules() if isinstance(m, fx.GraphModule) and m is not gm)]:
+            self._install_hooks(g)
+        self._version += 1
+
+    # -- signature ---------------------------------------------------------------------
+    @property
+    def input_nodes(self) -> list[fx.Node]:
+        return [n for n in self.graph.nodes if n.op == "placeholder"]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [n.name for n in self.input_nodes]
+
+    @property
+    def input_specs(self) -> list[M.Spec]:
+        return [M.spec(n) for n in self.input_nodes]
+
+    @property
+    def output_node(self) -> fx.Node:
+        return self.graph.find_nodes(op="output")[0]
+
+    def _output_values_raw(self) -> list[Any]:
+        out = self._gm.graph.find_nodes(op="output")
+        if not out:
+            return []
+        a = out[0].args[0]
+        return list(a) if isinstance(a, (tuple, list)) else [a]
+
+    @property
+    def output_values(self) -> list[fx.Node]:
+        return self._output_values_raw()
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self._output_names)
+
+    @property
+    def output_specs(self) -> list[M.Spec]:
+        return [M.spec(v) for v in self.output_values]
+
+    def add_input(
+        self, name: str, spec: M.Spec, *, index: int | None = None, loc: M.Loc | None = None
+    ) -> fx.Node:
+        """Add a program input named ``name`` (at ``index``; last by default)."""
+        if any(n.name == name for n in self.graph.nodes):
+            raise ValueError(f"value %{name} already exists in program {self.name!r}")
+        inputs = self.input_nodes
+        index = len(inputs) if index is None else index
+        if index < len(inputs):
+            ctx = self.graph.inserting_before(inputs[index])
+        elif inputs:
+            ctx = self.graph.inserting_after(inputs[-1])
+        else:
+            ctx = self.graph.inserting_before(next(iter(self.graph.nodes), None))
+        with ctx:
+            node = self.graph.placeholder(name)
+        if node.name != name:
+            raise ValueError(f"{name!r} is not a valid value name (fx made it {node.name!r})")
+        M.set_spec(node, spec)
+        M.set_loc(node, loc or M.UNKNOWN_LOC)
+        return node
+
+    def remove_input(self, name: str) -> None:
+        node = self._input(name)
+        if node.users:
+            users = ", ".join(f"%{u.name}" for u in node.users)
+            raise ValueError(f"input %{name} is still used by {users}")
+        self.graph.erase_node(node)
+
+    def _input(self, name: str) -> fx.Node:
+        for n in self.input_nodes:
+            if n.name == name:
+                return n
+        raise KeyError(f"program {self.name!r} has no input {name!r}; inputs: {self.input_names}")
+
+    def _set_outputs(self, values: list[Any], names: list[str]) -> None:
+        out = self.output_node
+        out.args = (tuple(values),)
+        self._output_names = list(names)
+        self._version += 1
+
+    def add_output(self, name: str, value: fx.Node) -> None:
+        if name in self._output_names:
+            raise ValueError(f"program {self.name!r} already has an output {name!r}")
+        self._set_outputs([*self.output_values, value], [*self._output_names, name])
+
+    def remove_output(self, name: str) -> None:
+        i = self._output_index(name)
+        vals, names = self.output_values, self.output_names
+        del vals[i], names[i]
+        self._set_outputs(vals, names)
+
+    def set_output(self, name: str, value: fx.Node) -> None:
+        i = self._output_index(name)
+        vals = self.output_values
+        vals[i] = value
+        self._set_outputs(vals, self.output_names)
+
+    def rename_output(self, old: str, new: str) -> None:
+        i = self._output_index(old)
+        names = self.output_names
+        names[i] = new
+        self._set_outputs(self.output_values, names)
+
+    def _output_index(self, name: str) -> int:
+        try:
+            return self._output_names.index(name)
+        except ValueError:
+            raise KeyError(
+                f"program {self.name!r} has no output {name!r}; outputs: {self._output_names}"
+            ) from None
+
+    # -- weights -------------------------------------------------------------------------
+    @property
+    def weight_kinds(self) -> dict[str, str]:
+        return dict(self._weight_kinds)
+
+    def weight_kind(self, name: str) -> str:
+        return self._weight_kinds[name]
+
+    def has_weight(self, name: str) -> bool:
+        return name in self._weight_kinds
+
+    def get_weight(self, name: str) -> torch.Tensor:
+        if name not in self._weight_kinds:
+            raise KeyError(f"program {self.name!r} has no weight @{name}")
+        return get_attr_path(self._gm, name)
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Every weight by name (parameters, buffers and constants)."""
+        return {n: get_attr_path(self._gm, n) for n in self._weight_kinds}
+
+    def named_parameters(self) -> dict[str, torch.Tensor]:
+        return {
+            n: get_attr_path(self._gm, n) for n, k in self._weight_kinds.items() if k == "param"
+        }
+
+    def named_buffers(self) -> dict[str, torch.Tensor]:
+        return {
+            n: get_attr_path(self._gm, n) for n, k in self._weight_kinds.items() if k != "param"
+        }
+
+    def add_weight(self, name: str, value: torch.Tensor, kind: str = "param") -> None:
+        """Add (or replace) a weight. Values are shared, not copied."""
+        if kind not in WEIGHT_KINDS:
+            raise ValueError(f"weight kind {kind!r} is not one of {WEIGHT_KINDS}")
+        if not name or any(not p.isidentifier() and not p.isdigit() for p in name.split(".")):
+            raise ValueError(f"{name!r} is not a valid weight name (dotted identifiers)")
+        set_weight_attr(self._gm, name, value, kind)
+        self._weight_kinds[name] = kind
+        self._version += 1
+
+    def remove_weight(self, name: str) -> None:
+        users = [n.name for n in self._weight_getters(name)]
+        if users:
+            raise ValueError(f"weight @{name} is still read by %{', %'.join(users)}")
+        del_attr_path(self._gm, name)
+        del self._weight_kinds[name]
+        self._version += 1
+
+    def _weight_getters(self, name: str) -> list[fx.Node]:
+        return [n for n in self.graph.find_nodes(op="get_attr") if n.target == name]
+
+    def unique_weight_name(self, base: str) -> str:
+        if base not in self._weight_kinds and not hasattr(self._gm, base.split(".")[0]):
+            return base
+        for i in itertools.count(1):
+            cand = f"{base}_{i}"
+            if cand not in self._weight_kinds:
+                return cand
+        raise AssertionError
+
+    # -- running -----------------------------------------------------------------------
+    def _ensure_compiled(self) -> None:
+        if self._compiled_version != self._version:
+            for gm in self._all_graph_modules():
+                gm.recompile()
+            self._compiled_version = self._version
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        outs = self.run(*args, **kwargs)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def run(self, *args: Any, **kwargs: Any) -> list[Any]:
+        """Run the program; returns the list of outputs (in ``output_names`` order)."""
+        names = self.input_names
+        if len(args) > len(names):
+            raise TypeError(
+                f"program {self.name!r} takes {len(names)} inputs ({names}), got {len(args)}"
+            )
+        values = list(args)
+        for n in names[len(args) :]:
+            if n not in kwargs:
+                raise TypeError(f"program {self.name!r}: missing input {n!r} (inputs: {names})")
+            values.append(kwargs.pop(n))
+        if kwargs:
+            raise TypeError(
+                f"program {self.name!r}: unknown inputs {sorted(kwargs)} (inputs: {names})"
+            )
+        values = [torch.from_numpy(v) if type(v).__module__ == "numpy" else v for v in values]
+        self._ensure_compiled()
+        out = self._gm(*values)
+        return list(out) if isinstance(out, (tuple, list)) else [out]
+
+    def run_named(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return dict(zip(self._output_names, self.run(*args, **kwargs)))
+
+    def to_module(self) -> fx.GraphModule:
+        """The GraphModule itself (an ``nn.Module``; its parameters can be trained)."""
+        self._ensure_compiled()
+        return self._gm
+
+    # -- copies, sub-programs, composition ---------------------------------------------
+    def copy(self) -> Program:
+        """A new Program with a copied graph; weight tensors are shared (they are immutable)."""
+        gm = _copy_graph_module(self._gm, self._weight_kinds)
+        p = Program(
+            gm,
+            output_names=self._output_names,
+            weight_kinds=self._weight_kinds,
+            symbols=self.symbols,
+            name=self.name,
+            attrs=_copy.deepcopy(self.attrs),
+        )
+        p._version = self._version
+        return p
+
+    def extract(
+        self, inputs: Sequence[str], outputs: Sequence[str], *, name: str | None = None
+    ) -> Program:
+        """The sub-program that computes values ``outputs`` from values ``inputs``.
+
+        Values are named by their node names. Weights are carried along; any other value
+        the outputs need must be listed in ``inputs``.
+        """
+        from splice.errors import VerificationError
+
+        by_name = {n.name: n for n in self.graph.nodes}
+        for v in [*inputs, *outputs]:
+            if v not in by_name:
+                raise KeyError(f"no value %{v} in program {self.name!r}")
+        cut = {by_name[v] for v in inputs}
+        needed: set[fx.Node] = set()
+        stack = [by_name[v] for v in outputs]
+        while stack:
+            n = stack.pop()
+            if n in needed:
+                continue
+            needed.add(n)
+            if n in cut:
+                continue
+            if n.op == "placeholder":
+                raise VerificationError(
+                    f"extracting {list(outputs)} needs program input %{n.name}, which is not among the given inputs",
+                    node=n.name,
+                    loc=M.loc(n),
+                    hint=f"add {n.name!r} to inputs",
+                )
+            stack.extend(n.all_input_nodes)
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for v in inputs:
+            src = by_name[v]
+            ph = graph.placeholder(src.name)
+            ph.meta = _copy.copy(src.meta)
+            env[src] = ph
+        weights: set[str] = set()
+        subs: set[str] = set()
+        for n in self.graph.nodes:
+            if n not in needed or n in env:
+                continue
+            env[n] = graph.node_copy(n, lambda a: env[a])
+            if n.op == "get_attr":
+                (weights if n.target in self._weight_kinds else subs).add(n.target)
+            if n.op == "call_module":
+                subs.add(n.target)
+        graph.output(tuple(env[by_name[v]] for v in outputs))
+        kinds = {w: self._weight_kinds[w] for w in self._weight_kinds if w in weights}
+        gm = build_graph_module(
+            graph,
+            {w: (self.get_weight(w), k) for w, k in kinds.items()},
+            {s: _copy_graph_module(get_attr_path(self._gm, s), {}) for s in subs},
+            class_name=f"Program_{name or self.name}",
+        )
+        return Program(
+            gm,
+            output_names=list(outputs),
+            weight_kinds=kinds,
+            symbols=self.symbols,
+            name=name or f"{self.name}_part",
+        )
+
+    def __repr__(self) -> str:
+        n_nodes = sum(
+            1 for n in self.graph.nodes if n.op not in ("placeholder", "output", "get_attr")
+        )
+        return (
+            f"Program({self.name!r}, inputs={self.input_names}, outputs={self._output_names}, "
+            f"ops={n_nodes}, weights={len(self._weight_kinds)}, version={self._version})"
+        )
+
+
+def _copy_graph_module(gm: fx.GraphModule, weight_kinds: Mapping[str, str]) -> fx.GraphModule:
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            graph.output(fx.node.map_arg(n.args[0], lambda a: env[a]))
+            graph.output_node().meta = _copy.copy(n.meta)
+        else:
+            env[n] = graph.node_copy(n, lambda a: env[a])
+    subs = {
+        n: _copy_graph_module(c, {})
+        for n, c in gm.named_children()
+        if isinstance(c, fx.GraphModule)
+    }
+    weights = {w: (get_attr_path(gm, w), k) for w, k in weight_kinds.items()}
+    return build_graph_module(graph, weights, subs, class_name=type(gm).__name__)
+
+
+def build_graph_module(
+    graph: fx.Graph,
+    weights: Mapping[str, tuple[torch.Tensor, str]],
+    subgraphs: Mapping[str, fx.GraphModule] | None = None,
+    class_name: str = "Program_main",
+) -> fx.GraphModule:
+    """A GraphModule over ``graph`` that owns ``weights`` (name -> (tensor, kind))."""
+    root = nn.Module()
+    for w, (t, k) in weights.items():
+        set_weight_attr(root, w, t, k)
+    for s, g in (subgraphs or {}).items():
+        root.add_module(s, g)
+    gm = fx.GraphModule(root, graph, class_name=class_name)
+    # set weights on the result: GraphModule copies only what get_attr nodes reference
+    for w, (t, k) in weights.items():
+        set_weight_attr(gm, w, t, k)
+    return gm
+
+
+def compose(
+    first: Program,
+    second: Program,
+    bind: Mapping[str, str] | None = None,
+    *,
+    keep_first_outputs: bool = False,
+    name: str | None = None,
+) -> Program:
+    """Feed outputs of ``first`` into inputs of ``second``.
+
+    ``bind`` maps an input name of ``second`` to an output name of ``first``; by default,
+    inputs of ``second`` bind to outputs of ``first`` with the same name, or by position
+    when no names match. Unbound inputs of ``second`` become inputs of the result. Weights
+    with the same name must be the same tensor (shared); otherwise rename one first.
+    """
+    if bind is None:
+        common = [n for n in second.input_names if n in first.output_names]
+        if common:
+            bind = {n: n for n in common}
+        else:
+            bind = dict(zip(second.input_names, first.output_names))
+    for s_in, f_out in bind.items():
+        second._input(s_in)
+        first._output_index(f_out)
+    for w in set(first.weight_kinds) & set(second.weight_kinds):
+        if first.get_weight(w) is not second.get_weight(w):
+            raise ValueError(
+                f"both programs have a different weight @{w}; rename it in one of them before composing"
+            )
+    graph = fx.Graph()
+    env1: dict[fx.Node, fx.Node] = {}
+    placeholders: list[tuple[str, fx.Node]] = []
+    for n in first.input_nodes:
+        placeholders.append((n.name, n))
+    free2 = [n for n in second.input_nodes if n.name not in bind]
+    for n in free2:
+        if n.name in {p for p, _ in placeholders}:
+            raise ValueError(f"input {n.name!r} exists in both programs; bind it or rename it")
+        placeholders.append((n.name, n))
+    ph_map: dict[fx.Node, fx.Node] = {}
+    for pname, src in placeholders:
+        ph = graph.placeholder(pname)
+        ph.meta = _copy.copy(src.meta)
+        ph_map[src] = ph
+    subgraphs: dict[str, fx.GraphModule] = {}
+
+    def copy_body(p: Program, env: dict[fx.Node, fx.Node], prefix: str) -> None:
+        for n in p.graph.nodes:
+            if n.op == "placeholder":
+                continue
+            if n.op == "output":
+                break
+            new = graph.node_copy(n, lambda a: env[a])
+            if n.op in ("get_attr", "call_module") and n.target not in p.weight_kinds:
+                sub = prefix + n.target
+                if sub in subgraphs:
+                    raise ValueError(f"sub-graph {sub!r} exists twice")
+                subgraphs[sub] = _copy_graph_module(get_attr_path(p.graph_module, n.target), {})
+                new.target = sub
+            env[n] = new
+
+    for n in first.input_nodes:
+        env1[n] = ph_map[n]
+    copy_body(first, env1, "")
+    out1 = dict(zip(first.output_names, (env1[v] for v in first.output_values)))
+    env2: dict[fx.Node, fx.Node] = {}
+    for n in second.input_nodes:
+        env2[n] = out1[bind[n.name]] if n.name in bind else ph_map[n]
+    prefix2 = "b_" if set(first.subgraphs) & set(second.subgraphs) else ""
+    copy_body(second, env2, prefix2)
+    values = [env2[v] for v in second.output_values]
+    names = list(second.output_names)
+    if keep_first_outputs:
+        for oname, v in out1.items():
+            if oname in names:
+                raise ValueError(f"output {oname!r} exists in both programs")
+            names.append(oname)
+            values.append(v)
+    graph.output(tuple(values))
+    kinds = {**first.weight_kinds, **second.weight_kinds}
+    weights = {
+        w: (first.get_weight(w) if first.has_weight(w) else second.get_weight(w), k)
+        for w, k in kinds.items()
+    }
+    gm = build_graph_module(graph, weights, subgraphs, class_name=f"Program_{name or first.name}")
+    return Program(
+        gm,
+        output_names=names,
+        weight_kinds=kinds,
+        symbols={**first.symbols, **second.symbols},
+        name=name or f"{first.name}+{second.name}",
+    )
+
+
+def weight_getters(program: Program) -> dict[str, list[fx.Node]]:
+    """Weight name -> the get_attr nodes that read it."""
+    out: dict[str, list[fx.Node]] = {}
+    for n in program.graph.find_nodes(op="get_attr"):
+        if n.target in program.weight_kinds:
+            out.setdefault(n.target, []).append(n)
+    return out
+
+
+def iter_graphs(program: Program) -> Iterable[tuple[str, fx.GraphModule]]:
+    """Every graph of the program, top-level first, with its dotted path ('' for the top)."""
+    stack: list[tuple[str, fx.GraphModule]] = [("", program.graph_module)]
+    while stack:
+        path, gm = stack.pop(0)
+        yield path, gm
+        for n, m in gm.named_children():
+            if isinstance(m, fx.GraphModule):
+                stack.append((f"{path}.{n}" if path else n, m))
+
+
+__all__ = [
+    "WEIGHT_KINDS",
+    "Program",
+    "build_graph_module",
+    "compose",
+    "iter_graphs",
+    "weight_getters",
+]

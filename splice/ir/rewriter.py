@@ -1,0 +1,208 @@
+"""Rewriter: the one API through which passes edit a Program.
+
+Every node the Rewriter creates gets a spec (inferred by fake execution of its op) and a
+Loc (inherited from the node being rewritten, with the pass name appended to
+``from_passes``); every node it changes gets the pass name appended too. Passes therefore
+cannot forget metadata — the complaint users of FX, executorch and onnxscript raise most.
+
+Typical use::
+
+    rw = Rewriter(program, "lowrank")
+    with rw.at(node):                       # insert before node, inherit its Loc
+        A = rw.add_weight("fc.A", a_tensor)
+        y = rw.call(torch.ops.splice.lowrank_linear.default, (x, A, B, bias))
+    rw.replace(node, y)                     # redirect uses, erase the old node
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from splice.errors import PassError
+from splice.ir import meta as M
+from splice.ir.program import Program
+from splice.ir.shape_prop import FakeRunner
+
+
+class Rewriter:
+    """Edits one Program on behalf of one pass (``pass_name``)."""
+
+    def __init__(self, program: Program, pass_name: str | None = None):
+        self.program = program
+        self.pass_name = pass_name
+        self._runner: FakeRunner | None = None
+        self._loc: M.Loc | None = None
+        self.created: list[fx.Node] = []
+        self.changed: set[fx.Node] = set()
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.program.graph
+
+    @property
+    def runner(self) -> FakeRunner:
+        if self._runner is None:
+            self._runner = FakeRunner(self.program)
+        return self._runner
+
+    def _stamp(self, loc: M.Loc) -> M.Loc:
+        return loc.with_pass(self.pass_name) if self.pass_name else loc
+
+    # -- insertion point ------------------------------------------------------------------
+    @contextlib.contextmanager
+    def at(self, node: fx.Node, *, after: bool = False) -> Iterator[None]:
+        """Insert new nodes before (or after) ``node``; they inherit its Loc."""
+        prev = self._loc
+        self._loc = M.loc(node)
+        ctx = self.graph.inserting_after(node) if after else self.graph.inserting_before(node)
+        try:
+            with ctx:
+                yield
+        finally:
+            self._loc = prev
+
+    # -- creating nodes ---------------------------------------------------------------------
+    def call(
+        self,
+        target: Any,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        name: str | None = None,
+        loc: M.Loc | None = None,
+    ) -> fx.Node:
+        """A new ``call_function`` node; its spec is inferred, its Loc stamped with the pass."""
+        node = self.graph.call_function(target, tuple(args), dict(kwargs or {}), name=name)
+        self._finish(node, loc)
+        return node
+
+    def call_module(
+        self, target: str, args: Sequence[Any] = (), *, loc: M.Loc | None = None
+    ) -> fx.Node:
+        node = self.graph.call_module(target, tuple(args))
+        self._finish(node, loc)
+        return node
+
+    def _finish(self, node: fx.Node, loc: M.Loc | None) -> None:
+        M.set_loc(node, self._stamp(loc or self._loc or M.UNKNOWN_LOC))
+        try:
+            M.set_spec(node, self.runner.infer(node))
+        except Exception as e:
+            self.graph.erase_node(node)
+            raise PassError(
+                f"{self.pass_name or 'rewrite'}: new node {_describe(node)} does not type-check: {e}",
+                where=str(M.loc(node)) if not M.loc(node).is_unknown() else None,
+            ) from e
+        self.created.append(node)
+
+    def weight(self, name: str) -> fx.Node:
+        """A ``get_attr`` node reading weight ``name`` (reusing an existing one)."""
+        for n in self.graph.find_nodes(op="get_attr"):
+            if n.target == name:
+                return n
+        if not self.program.has_weight(name):
+            raise PassError(f"{self.pass_name or 'rewrite'}: program has no weight @{name}")
+        first = next((n for n in self.graph.nodes if n.op != "placeholder"), None)
+        ctx = self.graph.inserting_before(first) if first is not None else contextlib.nullcontext()
+        with ctx:
+            node = self.graph.get_attr(name)
+        M.set_spec(node, self.runner.env.spec_of(self.runner.weight_fake(name)))
+        M.set_loc(node, self._stamp(M.Loc(module_path=name.rpartition(".")[0])))
+        self.created.append(node)
+        return node
+
+    def add_weight(
+        self, name: str, value: torch.Tensor, kind: str = "param", *, unique: bool = False
+    ) -> fx.Node:
+        """Add a weight to the program and return a node reading it."""
+        if unique:
+            name = self.program.unique_weight_name(name)
+        elif self.program.has_weight(name):
+            raise PassError(
+                f"{self.pass_name or 'rewrite'}: weight @{name} already exists",
+                hint="pass unique=True to get a fresh name",
+            )
+        self.program.add_weight(name, value, kind)
+        self.runner._weight_fakes.pop(name, None)
+        return self.weight(name)
+
+    def add_input(self, name: str, spec: M.Spec, *, index: int | None = None) -> fx.Node:
+        node = self.program.add_input(name, spec, index=index, loc=self._stamp(M.UNKNOWN_LOC))
+        self.created.append(node)
+        return node
+
+    # -- changing and removing nodes ------------------------------------------------------------
+    def replace_all_uses(self, old: fx.Node, new: fx.Node) -> None:
+        """Redirect every use of ``old`` to ``new`` (the graph output included)."""
+        if old is new:
+            return
+        s_old, s_new = M.get_spec(old), M.get_spec(new)
+        if s_old is not None and s_new is not None and s_old != s_new:
+            raise PassError(
+                f"{self.pass_name or 'rewrite'}: cannot replace %{old.name} ({s_old}) by %{new.name} ({s_new}): "
+                "specs differ",
+                where=str(M.loc(old)),
+            )
+        old.replace_all_uses_with(new)
+
+    def replace(self, old: fx.Node, new: fx.Node) -> None:
+        """Replace ``old`` by ``new`` everywhere and erase ``old``."""
+        self.replace_all_uses(old, new)
+        self.erase(old)
+
+    def erase(self, node: fx.Node) -> None:
+        if node.users:
+            users = ", ".join(f"%{u.name}" for u in node.users)
+            raise PassError(
+                f"{self.pass_name or 'rewrite'}: cannot erase %{node.name}: still used by {users}"
+            )
+        self.graph.erase_node(node)
+        self.changed.discard(node)
+
+    def set_args(
+        self, node: fx.Node, args: Sequence[Any] | None = None, kwargs: dict[str, Any] | None = None
+    ) -> None:
+        """Change a node's arguments; its spec is re-inferred and it is marked changed."""
+        if args is not None:
+            node.args = tuple(args)
+        if kwargs is not None:
+            node.kwargs = dict(kwargs)
+        M.set_spec(node, self.runner.infer(node))
+        self.mark_changed(node)
+
+    def mark_changed(self, node: fx.Node) -> None:
+        M.set_loc(node, self._stamp(M.loc(node)))
+        self.changed.add(node)
+        self.program.bump_version()
+
+    def erase_unused_weights(self) -> list[str]:
+        """Drop ``get_attr`` nodes nobody reads and the weights nobody reads any more."""
+        for n in list(self.graph.find_nodes(op="get_attr")):
+            if not n.users:
+                self.graph.erase_node(n)
+        read = {n.target for n in self.graph.find_nodes(op="get_attr")}
+        dropped = [w for w in self.program.weight_kinds if w not in read]
+        for w in dropped:
+            self.program.remove_weight(w)
+        return dropped
+
+
+def _describe(node: fx.Node) -> str:
+    from splice.ir.printer import format_target
+
+    return f"{format_target(node)}({', '.join(_arg_str(a) for a in node.args)})"
+
+
+def _arg_str(a: Any) -> str:
+    if isinstance(a, fx.Node):
+        s = M.get_spec(a)
+        return f"%{a.name}" + (f": {s}" if s is not None else "")
+    return repr(a)
+
+
+__all__ = ["Rewriter"]

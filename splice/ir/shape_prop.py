@@ -1,0 +1,148 @@
+"""Spec inference by fake-tensor execution.
+
+:class:`FakeRunner` runs a node's op on fake values to learn the spec of what it produces.
+The Rewriter uses it for every node it creates (inputs taken from their stored specs); the
+verifier uses it to re-propagate a whole graph and compare against the stored specs.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from splice.ir import meta as M
+from splice.ir.program import Program, get_attr_path
+
+
+class FakeRunner:
+    """Fake execution of single nodes under one FakeEnv for one program."""
+
+    def __init__(self, program: Program):
+        self.program = program
+        self.env = M.FakeEnv(program.symbols)
+        self._weight_fakes: dict[str, torch.Tensor] = {}
+
+    # -- fake inputs
+    def weight_fake(self, name: str) -> torch.Tensor:
+        f = self._weight_fakes.get(name)
+        if f is None:
+            f = self.env.from_tensor(self.program.get_weight(name))
+            self._weight_fakes[name] = f
+        return f
+
+    def stored_fake(self, node: fx.Node, gm: fx.GraphModule | None = None) -> Any:
+        """A fake value for ``node`` built from its stored spec (or its weight)."""
+        if node.op == "get_attr":
+            return self._get_attr_fake(node, gm or self.program.graph_module)
+        s = M.get_spec(node)
+        if s is None:
+            raise KeyError(f"node %{node.name} has no spec")
+        return self.env.fake(s)
+
+    def _get_attr_fake(self, node: fx.Node, gm: fx.GraphModule) -> Any:
+        if gm is self.program.graph_module and self.program.has_weight(node.target):
+            return self.weight_fake(node.target)
+        obj = get_attr_path(gm, node.target)
+        if isinstance(obj, torch.Tensor):
+            return self.env.from_tensor(obj)
+        return obj
+
+    # -- running one node
+    def run(
+        self, node: fx.Node, value_of: Callable[[fx.Node], Any], gm: fx.GraphModule | None = None
+    ) -> Any:
+        """Fake-run ``node`` with input values given by ``value_of``."""
+        gm = gm or self.program.graph_module
+        if node.op == "get_attr":
+            return self._get_attr_fake(node, gm)
+        if node.op == "placeholder":
+            return self.env.fake(M.spec(node))
+        args = fx.node.map_arg(node.args, value_of)
+        kwargs = fx.node.map_arg(node.kwargs, value_of)
+        with self.env.mode:
+            if node.op == "call_function":
+                return node.target(*args, **kwargs)
+            if node.op == "call_module":
+                return get_attr_path(gm, node.target)(*args, **kwargs)
+            if node.op == "call_method":
+                return getattr(args[0], node.target)(*args[1:], **kwargs)
+        raise ValueError(f"cannot fake-run node %{node.name} (op {node.op})")
+
+    def infer(self, node: fx.Node, gm: fx.GraphModule | None = None) -> M.Spec:
+        """The spec of ``node``, running it on fakes of its inputs' stored specs."""
+        if node.op == "get_attr":
+            v = self._get_attr_fake(node, gm or self.program.graph_module)
+            return (
+                M.GraphRefSpec(node.target)
+                if isinstance(v, fx.GraphModule)
+                else self.env.spec_of(v)
+            )
+        cache: dict[fx.Node, Any] = {}
+
+        def value_of(n: fx.Node) -> Any:
+            if n not in cache:
+                cache[n] = self.stored_fake(n, gm)
+            return cache[n]
+
+        return self.env.spec_of(self.run(node, value_of, gm))
+
+    def propagate(
+        self, gm: fx.GraphModule, on_node: Callable[[fx.Node, M.Spec], None] | None = None
+    ) -> dict[fx.Node, M.Spec]:
+        """Re-derive the spec of every node of ``gm`` from its placeholders' specs."""
+        values: dict[fx.Node, Any] = {}
+        specs: dict[fx.Node, M.Spec] = {}
+        for node in gm.graph.nodes:
+            if node.op == "output":
+                break
+            v = self.run(node, values.__getitem__, gm)
+            values[node] = v
+            s = (
+                M.GraphRefSpec(node.target)
+                if isinstance(v, fx.GraphModule)
+                else self.env.spec_of(v)
+            )
+            specs[node] = s
+            if on_node is not None:
+                on_node(node, s)
+        return specs
+
+
+PY_OPS: dict[str, Any] = {
+    f"operator.{n}": getattr(operator, n)
+    for n in (
+        "getitem",
+        "add",
+        "sub",
+        "mul",
+        "floordiv",
+        "truediv",
+        "mod",
+        "neg",
+        "pow",
+        "eq",
+        "ne",
+        "lt",
+        "le",
+        "gt",
+        "ge",
+        "and_",
+        "or_",
+        "not_",
+    )
+}
+"""The Python callables a graph may call (on SymInts and tuples), by printed name."""
+PY_OPS.update(
+    {
+        f"torch.{n}": getattr(torch, n)
+        for n in ("sym_max", "sym_min", "sym_not", "sym_float", "sym_int", "sym_ite", "sym_sqrt")
+        if hasattr(torch, n)
+    }
+)
+PY_OP_NAMES: dict[Any, str] = {v: k for k, v in PY_OPS.items()}
+
+__all__ = ["PY_OPS", "PY_OP_NAMES", "FakeRunner"]

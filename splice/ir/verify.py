@@ -1,0 +1,231 @@
+"""verify(program): the IR invariants every pass must keep.
+
+Checked, in order, for the program graph and each sub-graph:
+
+1. structure — every input of a node is a node of the same graph defined before it (no
+   dangling or forward uses), there is exactly one output, and ``fx`` lint passes;
+2. ops — only known ops: ``torch.ops`` overloads (ATen, the splice dialect, registered
+   custom ops), torch's higher-order control-flow ops, and a fixed table of Python
+   callables on sizes; ``call_module`` only on sub-graphs; arguments fit the op's schema;
+3. weights — every ``get_attr`` names a declared weight (or a sub-graph) that exists;
+4. specs — every value has a spec, symbolic dims use declared symbols only, and the specs
+   agree with fake-tensor re-propagation from the inputs' specs.
+
+Failures raise :class:`~splice.errors.VerificationError` naming the node, its module path
+and its source line.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from splice.errors import VerificationError
+from splice.ir import meta as M
+from splice.ir.program import Program, get_attr_path, iter_graphs
+from splice.ir.shape_prop import PY_OP_NAMES, FakeRunner
+
+_SYMBOL_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SYMPY_FUNCS = {"Max", "Min", "FloorDiv", "Mod", "CeilDiv", "floor", "ceiling", "sqrt", "oo"}
+
+
+def verify(program: Program, *, propagate: bool = True) -> None:
+    """Raise :class:`VerificationError` if ``program`` breaks an IR invariant."""
+    for path, gm in iter_graphs(program):
+        top = path == ""
+        _check_structure(program, gm, top)
+        _check_ops_and_weights(program, gm, top)
+        _check_specs_present(program, gm)
+    if propagate:
+        runner = FakeRunner(program)
+        for _path, gm in iter_graphs(program):
+            _check_propagation(runner, gm)
+
+
+def _err(msg: str, node: fx.Node | None = None, hint: str | None = None) -> VerificationError:
+    return VerificationError(
+        msg,
+        node=node.name if node is not None else None,
+        loc=M.loc(node) if node is not None else None,
+        hint=hint,
+    )
+
+
+def _check_structure(program: Program, gm: fx.GraphModule, top: bool) -> None:
+    graph = gm.graph
+    seen: set[fx.Node] = set()
+    outputs = 0
+    for node in graph.nodes:
+        for inp in node.all_input_nodes:
+            if inp.graph is not graph:
+                raise _err(
+                    f"%{node.name} uses %{inp.name}, which is not a value of this graph (dangling use)",
+                    node,
+                    hint="a pass erased or moved a value but kept a use of it; redirect uses with Rewriter.replace",
+                )
+            if inp not in seen:
+                raise _err(f"%{node.name} uses %{inp.name} before it is defined", node)
+        if node.op == "output":
+            outputs += 1
+        seen.add(node)
+    if outputs != 1:
+        raise _err(f"a graph must have exactly one output, this one has {outputs}")
+    if top:
+        vals = program.output_values
+        if len(vals) != len(program.output_names):
+            raise _err(f"{len(vals)} output values but {len(program.output_names)} output names")
+        for v in vals:
+            if not isinstance(v, fx.Node):
+                raise _err(f"program output {v!r} is not a value", program.output_node)
+    try:
+        graph.lint()
+    except Exception as e:  # fx lint raises RuntimeError/AssertionError
+        raise _err(f"graph lint failed: {e}") from e
+
+
+def _check_ops_and_weights(program: Program, gm: fx.GraphModule, top: bool) -> None:
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            t = node.target
+            if isinstance(t, torch._ops.OpOverload):
+                _check_schema(node, t)
+            elif isinstance(t, torch._ops.HigherOrderOperator) or t in PY_OP_NAMES:
+                pass
+            else:
+                name = getattr(t, "__qualname__", repr(t))
+                raise _err(
+                    f"%{node.name} calls {getattr(t, '__module__', '?')}.{name}, which is not a known op",
+                    node,
+                    hint="use ATen ops, splice dialect ops (splice.ir.ops) or ops registered with torch.library",
+                )
+        elif node.op == "call_module":
+            sub = _maybe_attr(gm, node.target)
+            if not isinstance(sub, fx.GraphModule):
+                raise _err(
+                    f"%{node.name} calls @{node.target}, which is not a sub-graph of this graph",
+                    node,
+                )
+        elif node.op == "call_method":
+            raise _err(f"%{node.name} calls method {node.target!r}; the IR has only op calls", node)
+        elif node.op == "get_attr":
+            obj = _maybe_attr(gm, node.target)
+            if top and program.has_weight(node.target):
+                if not isinstance(obj, torch.Tensor):
+                    raise _err(f"weight @{node.target} is declared but its value is missing", node)
+            elif isinstance(obj, fx.GraphModule):
+                pass
+            elif obj is None:
+                raise _err(
+                    f"%{node.name} reads @{node.target}, which does not exist",
+                    node,
+                    hint="add the weight with Program.add_weight or Rewriter.add_weight",
+                )
+            else:
+                raise _err(
+                    f"%{node.name} reads @{node.target}, which is not a declared weight",
+                    node,
+                    hint="weights live in the top-level program; pass them to sub-graphs as operands",
+                )
+
+
+def _maybe_attr(gm: fx.GraphModule, target: str) -> Any:
+    try:
+        return get_attr_path(gm, target)
+    except AttributeError:
+        return None
+
+
+def _check_schema(node: fx.Node, op: torch._ops.OpOverload) -> None:
+    schema = op._schema
+    params = schema.arguments
+    positional = [a for a in params if not a.kwarg_only]
+    if len(node.args) > len(positional):
+        raise _err(
+            f"%{node.name}: {schema.name} takes at most {len(positional)} positional arguments, "
+            f"got {len(node.args)}",
+            node,
+            hint=f"schema: {schema}",
+        )
+    names = {a.name for a in params}
+    for k in node.kwargs:
+        if k not in names:
+            raise _err(
+                f"%{node.name}: {schema.name} has no argument {k!r}", node, hint=f"schema: {schema}"
+            )
+    given = {a.name for a in positional[: len(node.args)]} | set(node.kwargs)
+    for a in params:
+        if (
+            a.name not in given
+            and not a.has_default_value()
+            and not a.type.kind() == "OptionalType"
+        ):
+            raise _err(
+                f"%{node.name}: {schema.name} is missing argument {a.name!r}",
+                node,
+                hint=f"schema: {schema}",
+            )
+
+
+def _check_specs_present(program: Program, gm: fx.GraphModule) -> None:
+    known = set(program.symbols)
+    for node in gm.graph.nodes:
+        if node.op in ("output",):
+            continue
+        s = M.get_spec(node)
+        if s is None:
+            raise _err(
+                f"%{node.name} has no spec",
+                node,
+                hint="create nodes through splice.ir.rewriter.Rewriter",
+            )
+        for ts in M.iter_tensor_specs(s):
+            for d in ts.shape:
+                if isinstance(d, str):
+                    unknown = set(_SYMBOL_RE.findall(d)) - known - _SYMPY_FUNCS
+                    if unknown:
+                        raise _err(
+                            f"%{node.name} has dim {d!r} with undeclared symbols {sorted(unknown)}",
+                            node,
+                        )
+
+
+def _check_propagation(runner: FakeRunner, gm: fx.GraphModule) -> None:
+    def check(node: fx.Node, derived: M.Spec) -> None:
+        stored = M.get_spec(node)
+        if isinstance(stored, M.GraphRefSpec):
+            return
+        if stored != derived:
+            raise _err(
+                f"%{node.name} is recorded as {stored} but its op computes {derived}",
+                node,
+                hint="a pass changed the node or its inputs without updating specs; use the Rewriter",
+            )
+
+    try:
+        runner.propagate(gm, on_node=check)
+    except VerificationError:
+        raise
+    except Exception as e:
+        node = _failing_node(runner, gm)
+        raise _err(
+            f"fake execution failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+            node,
+        ) from e
+
+
+def _failing_node(runner: FakeRunner, gm: fx.GraphModule) -> fx.Node | None:
+    values: dict[fx.Node, Any] = {}
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            return None
+        try:
+            values[node] = runner.run(node, values.__getitem__, gm)
+        except Exception:
+            return node
+    return None
+
+
+__all__ = ["verify"]
