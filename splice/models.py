@@ -36,6 +36,7 @@ def _transformers():
             "this model needs the transformers package", hint="pip install 'splice[demo]'"
         ) from e
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     return transformers
 
 

@@ -177,22 +177,46 @@ def _locate(model: nn.Module, e: BaseException) -> tuple[str, str]:
     paths = {id(m): name for name, m in model.named_modules()}
     torch_dir = M._TORCH_DIR
     best_path, best_src = "", ""
-    tb = e.__traceback__
-    while tb is not None:
-        frame = tb.tb_frame
-        fname = frame.f_code.co_filename
-        if not fname.startswith(torch_dir) and not fname.startswith(_HERE):
-            self_obj = frame.f_locals.get("self")
-            if self_obj is not None and id(self_obj) in paths:
-                best_path = paths[id(self_obj)]
-            best_src = f"{fname}:{tb.tb_lineno}"
-        tb = tb.tb_next
+    chain: list[BaseException] = []
+    cur: BaseException | None = e
+    while cur is not None and cur not in chain:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    # the innermost exception's traceback reaches deepest into the model's own code
+    for exc in reversed(chain):
+        tb = exc.__traceback__
+        while tb is not None:
+            frame = tb.tb_frame
+            fname = frame.f_code.co_filename
+            if not fname.startswith(torch_dir) and not fname.startswith(_HERE):
+                self_obj = frame.f_locals.get("self")
+                if self_obj is not None and id(self_obj) in paths:
+                    best_path = paths[id(self_obj)]
+                best_src = f"{fname}:{tb.tb_lineno}"
+            tb = tb.tb_next
+        if best_src:
+            break
     if not best_src:
         m = re.findall(r'File "([^"]+)", line (\d+)', str(e))
-        user = [f"{f}:{ln}" for f, ln in m if not f.startswith(torch_dir)]
+        user = [(f, int(ln)) for f, ln in m if not f.startswith(torch_dir)]
         if user:
-            best_src = user[-1]
+            best_src = f"{user[-1][0]}:{user[-1][1]}"
+    if best_src and not best_path:
+        file, _, line = best_src.rpartition(":")
+        best_path = _module_for_source(model, file, int(line))
     return best_path, best_src
+
+
+def _module_for_source(model: nn.Module, file: str, line: int) -> str:
+    """The module whose forward contains file:line (the first such, by module order)."""
+    for name, m in model.named_modules():
+        code = getattr(type(m).forward, "__code__", None)
+        if code is None or code.co_filename != file:
+            continue
+        lines = [ln for _, _, ln in code.co_lines() if ln is not None]
+        if lines and min(lines) <= line <= max(lines):
+            return name
+    return ""
 
 
 _HERE = __file__.rsplit("/", 2)[0]

@@ -36,6 +36,9 @@ WeightKind = Literal["param", "buffer", "constant"]
 WEIGHT_KINDS: tuple[str, ...] = ("param", "buffer", "constant")
 
 _uids = itertools.count()
+# Versions are drawn from one counter for all programs: two programs with the same version
+# are a program and its unedited copy, so (version) alone keys analysis caches.
+_versions = itertools.count(1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -112,7 +115,7 @@ class Program:
         #: free-form program attributes that passes may set (e.g. the rank option of lowrank)
         self.attrs: dict[str, Any] = dict(attrs or {})
         self._uid = next(_uids)
-        self._version = 0
+        self._version = next(_versions)
         self._compiled_version = -1
         self._weight_kinds: dict[str, str] = {}
         if weight_kinds is None:
@@ -139,15 +142,18 @@ class Program:
 
     @property
     def version(self) -> int:
-        """Increases on every edit of the graph, the signature or the weights."""
+        """Changes on every edit of the graph, the signature or the weights.
+
+        Unique across programs: a copy keeps the version of its source until either is edited.
+        """
         return self._version
 
     def bump_version(self) -> None:
-        self._version += 1
+        self._version = next(_versions)
 
     def _install_hooks(self, gm: fx.GraphModule) -> None:
         def on_change(*_args: Any, **_kwargs: Any) -> None:
-            self._version += 1
+            self._version = next(_versions)
 
         gm._register_create_node_hook(on_change)
         gm._register_erase_node_hook(on_change)
@@ -194,7 +200,7 @@ class Program:
         self._gm.add_module(name, gm)
         for g in [gm, *(m for m in gm.modules() if isinstance(m, fx.GraphModule) and m is not gm)]:
             self._install_hooks(g)
-        self._version += 1
+        self.bump_version()
 
     # -- signature ---------------------------------------------------------------------
     @property
@@ -271,7 +277,7 @@ class Program:
         out = self.output_node
         out.args = (tuple(values),)
         self._output_names = list(names)
-        self._version += 1
+        self.bump_version()
 
     def add_output(self, name: str, value: fx.Node) -> None:
         if name in self._output_names:
@@ -343,7 +349,7 @@ class Program:
             raise ValueError(f"{name!r} is not a valid weight name (dotted identifiers)")
         set_weight_attr(self._gm, name, value, kind)
         self._weight_kinds[name] = kind
-        self._version += 1
+        self.bump_version()
 
     def remove_weight(self, name: str) -> None:
         users = [n.name for n in self._weight_getters(name)]
@@ -351,7 +357,7 @@ class Program:
             raise ValueError(f"weight @{name} is still read by %{', %'.join(users)}")
         del_attr_path(self._gm, name)
         del self._weight_kinds[name]
-        self._version += 1
+        self.bump_version()
 
     def _weight_getters(self, name: str) -> list[fx.Node]:
         return [n for n in self.graph.find_nodes(op="get_attr") if n.target == name]

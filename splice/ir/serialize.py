@@ -5,7 +5,8 @@ A saved program is a folder::
     model.splice/
       program.ir            the text form, with locations
       weights.safetensors   every weight by name
-      manifest.json         format, splice version, sha256 of both files
+      samples.safetensors   optional: sample inputs (for numeric checks and calibration)
+      manifest.json         format, splice version, sha256 of every file
 
 Writing goes to a temporary folder that is renamed into place, so a failure never leaves
 a half-written program behind. Loading checks the checksums first.
@@ -18,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -31,6 +33,7 @@ FORMAT = "splice.program/1"
 PROGRAM_FILE = "program.ir"
 WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "manifest.json"
+SAMPLES_FILE = "samples.safetensors"
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -80,8 +83,9 @@ def atomic_dir(path: str | os.PathLike[str]):
     return _cm()
 
 
-def save(program: Program, path: str | os.PathLike[str]) -> Path:
-    """Write ``program`` to the folder ``path`` (replacing it atomically)."""
+def save(program: Program, path: str | os.PathLike[str], *,
+         samples: Sequence[Sequence[torch.Tensor]] | None = None) -> Path:
+    """Write ``program`` (and optional sample inputs) to the folder ``path``, atomically."""
     from safetensors.torch import save_file
 
     from splice import __version__
@@ -91,11 +95,17 @@ def save(program: Program, path: str | os.PathLike[str]) -> Path:
     with atomic_dir(path) as tmp:
         (tmp / PROGRAM_FILE).write_text(text)
         save_file(weights, str(tmp / WEIGHTS_FILE))
+        files = [PROGRAM_FILE, WEIGHTS_FILE]
+        if samples:
+            flat = {f"{i}.{name}": t.detach().contiguous().cpu()
+                    for i, s in enumerate(samples) for name, t in zip(program.input_names, s)}
+            save_file(flat, str(tmp / SAMPLES_FILE))
+            files.append(SAMPLES_FILE)
         manifest = {
             "format": FORMAT,
             "splice_version": __version__,
             "name": program.name,
-            "files": {f: sha256_file(tmp / f) for f in (PROGRAM_FILE, WEIGHTS_FILE)},
+            "files": {f: sha256_file(tmp / f) for f in files},
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return Path(path)
@@ -105,6 +115,36 @@ def load(path: str | os.PathLike[str]) -> Program:
     """Read a program saved by :func:`save`; raises ArtifactError if it is corrupt."""
     from safetensors.torch import load_file
 
+    root = _check(path)
+    weights = load_file(str(root / WEIGHTS_FILE))
+    return parse_ir((root / PROGRAM_FILE).read_text(), weights)
+
+
+def load_samples(path: str | os.PathLike[str]) -> list[tuple[torch.Tensor, ...]]:
+    """The sample inputs saved with a program (empty if none were saved)."""
+    from safetensors.torch import load_file
+
+    root = _check(path)
+    if not (root / SAMPLES_FILE).is_file():
+        return []
+    flat = load_file(str(root / SAMPLES_FILE))
+    order = _input_order(root)
+    out = []
+    while all(f"{len(out)}.{n}" in flat for n in order) and order:
+        out.append(tuple(flat[f"{len(out)}.{n}"] for n in order))
+    return out
+
+
+def _input_order(root: Path) -> list[str]:
+    import re
+
+    for line in (root / PROGRAM_FILE).read_text().splitlines():
+        if line.startswith("program @"):
+            return re.findall(r"%([A-Za-z_][A-Za-z0-9_]*) :", line)
+    return []
+
+
+def _check(path: str | os.PathLike[str]) -> Path:
     root = Path(path)
     mpath = root / MANIFEST_FILE
     if not mpath.is_file():
@@ -136,4 +176,4 @@ def is_saved_program(path: str | os.PathLike[str]) -> bool:
     return (Path(path) / MANIFEST_FILE).is_file() and (Path(path) / PROGRAM_FILE).is_file()
 
 
-__all__ = ["atomic_dir", "is_saved_program", "load", "save", "sha256_file"]
+__all__ = ["atomic_dir", "is_saved_program", "load", "load_samples", "save", "sha256_file"]

@@ -1,0 +1,174 @@
+"""Pass, PassResult, PassContext: the contract every pass follows.
+
+A pass is a frozen dataclass whose fields are its options — and its pipeline syntax:
+``lowrank{method=whitened,energy=0.95}`` builds ``LowRank(method="whitened", energy=0.95)``.
+It declares
+
+* ``name`` — its registry and pipeline name;
+* ``semantics`` — ``"exact"`` (the program computes the same function; NumericCheck holds
+  it to 1e-5 in fp32) or ``"approximate"`` (NumericCheck reports its error);
+* ``run(program, ctx) -> PassResult(program, changed, stats)``.
+
+The contract:
+
+* ``run`` may edit the program it receives in place and return it: the PassManager always
+  hands a pass its own copy, so the caller's program is never touched and a failing pass
+  leaves nothing half-written;
+* edits go through :class:`splice.ir.rewriter.Rewriter`, which keeps specs and Locs right;
+* a pass that changed nothing returns ``changed=False`` and says why in ``stats``;
+* the result must verify (``VerifyEach`` checks it).
+
+Analyses (cost model, calibration activations) are requested through
+:meth:`PassContext.analysis` and cached by program version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import typing
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from splice.ir.program import Program
+
+if typing.TYPE_CHECKING:
+    from splice.target import Target
+
+Semantics = Literal["exact", "approximate"]
+
+
+@dataclass
+class PassResult:
+    """What a pass (or a whole pipeline) returns.
+
+    ``sample_inputs_for_new_inputs`` lets a pass that adds program inputs (``hyper`` adds
+    ``cond``) give NumericCheck values for them, so the check can still run.
+    """
+
+    program: Program
+    changed: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+    sample_inputs_for_new_inputs: dict[str, Any] = field(default_factory=dict)
+
+
+class PassContext:
+    """Shared state of one pipeline run.
+
+    * ``sample_inputs`` — tuples of program inputs, for numeric checks and calibration;
+    * ``calibration_inputs`` — tuples used by calibrating passes (defaults to samples);
+    * ``programs`` — other named programs a pass may read (``stitch`` anchors);
+    * ``target`` — the target the budget options and cost model read;
+    * ``config`` — free-form settings;
+    * ``progress`` — a callback ``(message, done, total)`` for long work.
+    """
+
+    def __init__(
+        self,
+        sample_inputs: Sequence[Sequence[Any]] | None = None,
+        *,
+        calibration_inputs: Sequence[Sequence[Any]] | None = None,
+        programs: Mapping[str, Program] | None = None,
+        target: Target | None = None,
+        config: Mapping[str, Any] | None = None,
+        progress: Callable[[str, int, int], None] | None = None,
+    ):
+        self.sample_inputs = [tuple(s) for s in (sample_inputs or [])]
+        self.calibration_inputs = [tuple(s) for s in calibration_inputs] if calibration_inputs else None
+        self.programs = dict(programs or {})
+        self.target = target
+        self.config = dict(config or {})
+        self.progress = progress or (lambda message, done, total: None)
+        self._cache: dict[tuple[Any, ...], Any] = {}
+        self.analysis_hits = 0
+        self.analysis_misses = 0
+
+    @property
+    def calibration(self) -> list[tuple[Any, ...]]:
+        return self.calibration_inputs if self.calibration_inputs is not None else self.sample_inputs
+
+    def analysis(self, fn: Callable[..., Any], program: Program, **options: Any) -> Any:
+        """``fn(program, ctx, **options)``, cached by (fn, options, program.version).
+
+        Versions are unique across all programs (a copy keeps its version until edited), so
+        a result computed for one program is reused for its unedited copies. Results must
+        refer to nodes by name, not by ``fx.Node`` object.
+        """
+        key = (fn, _freeze(options), program.version)
+        if key in self._cache:
+            self.analysis_hits += 1
+            return self._cache[key]
+        self.analysis_misses += 1
+        result = fn(program, self, **options)
+        self._cache[key] = result
+        return result
+
+
+def _freeze(v: Any) -> Any:
+    if isinstance(v, Mapping):
+        return tuple(sorted((k, _freeze(x)) for k, x in v.items()))
+    if isinstance(v, (list, tuple)):
+        return tuple(_freeze(x) for x in v)
+    if isinstance(v, (set, frozenset)):
+        return frozenset(_freeze(x) for x in v)
+    try:
+        hash(v)
+        return v
+    except TypeError:
+        return id(v)
+
+
+@dataclass(frozen=True)
+class Pass(ABC):
+    """Base class of all passes; subclasses are frozen dataclasses (fields = options)."""
+
+    name: ClassVar[str] = ""
+    semantics: ClassVar[Semantics] = "exact"
+    summary: ClassVar[str] = ""
+
+    @abstractmethod
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        """Transform ``program`` (a private copy; edit it in place) and return the result."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check option values; raise PipelineError naming the bad option. Override as needed."""
+
+    @classmethod
+    def options(cls) -> list[dataclasses.Field[Any]]:
+        return [f for f in dataclasses.fields(cls) if f.init]
+
+    @classmethod
+    def option_types(cls) -> dict[str, Any]:
+        hints = typing.get_type_hints(cls)
+        return {f.name: hints[f.name] for f in cls.options()}
+
+    def non_default_options(self) -> list[str]:
+        out = []
+        for f in self.options():
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+            if getattr(self, f.name) != default:
+                out.append(f.name)
+        return out
+
+    def __str__(self) -> str:
+        from splice.passes.pipeline import format_pass
+
+        return format_pass(self, self.non_default_options())
+
+
+def enum_values(tp: Any) -> list[str] | None:
+    """The allowed values of a Literal or Enum option type, if it is one."""
+    if typing.get_origin(tp) is Literal:
+        return [str(a) for a in typing.get_args(tp)]
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return [m.value for m in tp]
+    return None
+
+
+__all__ = ["Pass", "PassContext", "PassResult", "Semantics", "enum_values"]

@@ -1,0 +1,295 @@
+"""Instruments: observers the PassManager calls around every pass.
+
+===============  ==========================================================================
+Timing           wall time per pass; ``report()`` prints a table
+PrintIR          prints the IR before / after every pass, or only after passes that changed it
+DumpIR           writes ``000_input.ir``, ``001_<pass>.ir``... into a folder
+VerifyEach       verifies the input and the result of every pass
+NumericCheck     runs the program before and after each pass on sample inputs: an exact pass
+                 must match (1e-5 in fp32); an approximate one reports max abs/rel error, cosine
+CrashReproducer  on failure writes the pass's input program, the pipeline that reproduces the
+                 failure, the sample inputs and the error into a folder
+===============  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import torch
+
+from splice.errors import PassError, VerificationError
+from splice.ir.printer import print_ir
+from splice.ir.program import Program
+from splice.ir.verify import verify
+
+if TYPE_CHECKING:
+    from splice.passes.base import Pass, PassContext, PassResult
+    from splice.passes.pipeline import Pipeline
+
+
+class Instrument:
+    """Base class: every hook is a no-op."""
+
+    def before_pipeline(self, pipeline: Pipeline, program: Program, ctx: PassContext) -> None: ...
+
+    def should_run(self, p: Pass, program: Program, ctx: PassContext) -> bool:
+        return True
+
+    def before_pass(self, p: Pass, program: Program, ctx: PassContext, index: int) -> None: ...
+
+    def after_pass(self, p: Pass, before: Program, result: PassResult, ctx: PassContext, index: int) -> None: ...
+
+    def after_pass_failed(self, p: Pass, before: Program, ctx: PassContext, index: int, error: BaseException,
+                          pipeline: Pipeline) -> None: ...
+
+    def after_pipeline(self, pipeline: Pipeline, program: Program, ctx: PassContext) -> None: ...
+
+
+class Timing(Instrument):
+    """Wall time of every pass, in order: ``records`` is a list of (pass text, seconds)."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, float]] = []
+        self._t0 = 0.0
+
+    def before_pass(self, p, program, ctx, index):
+        self._t0 = time.perf_counter()
+
+    def after_pass(self, p, before, result, ctx, index):
+        self.records.append((str(p), time.perf_counter() - self._t0))
+
+    @property
+    def total(self) -> float:
+        return sum(s for _, s in self.records)
+
+    def report(self) -> str:
+        total = self.total or 1e-12
+        width = max([len(n) for n, _ in self.records] + [5])
+        lines = [f"{'pass':<{width}}  {'seconds':>9}  {'share':>6}"]
+        for name, s in self.records:
+            lines.append(f"{name:<{width}}  {s:>9.4f}  {100 * s / total:>5.1f}%")
+        lines.append(f"{'total':<{width}}  {self.total:>9.4f}  100.0%")
+        return "\n".join(lines)
+
+
+class PrintIR(Instrument):
+    """Print the IR before and/or after passes (``only_changed`` skips passes that changed nothing)."""
+
+    def __init__(self, *, before: bool = False, after: bool = True, only_changed: bool = False,
+                 locations: bool = False, stream: IO[str] | None = None):
+        self.before, self.after, self.only_changed = before, after, only_changed
+        self.locations = locations
+        self.stream = stream
+
+    def _out(self) -> IO[str]:
+        return self.stream or sys.stdout
+
+    def before_pass(self, p, program, ctx, index):
+        if self.before:
+            print(f"// ----- IR before {p} -----", file=self._out())
+            print(print_ir(program, self.locations), file=self._out())
+
+    def after_pass(self, p, before, result, ctx, index):
+        if self.after and (result.changed or not self.only_changed):
+            print(f"// ----- IR after {p}{'' if result.changed else ' (no change)'} -----", file=self._out())
+            print(print_ir(result.program, self.locations), file=self._out())
+
+
+class DumpIR(Instrument):
+    """Write the IR into ``directory``: ``000_input.ir`` then ``NNN_<pass>.ir`` after each pass."""
+
+    def __init__(self, directory: str | Path, *, locations: bool = True, only_changed: bool = False):
+        self.directory = Path(directory)
+        self.locations = locations
+        self.only_changed = only_changed
+        self.files: list[Path] = []
+
+    def _write(self, name: str, program: Program) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / name
+        path.write_text(print_ir(program, self.locations))
+        self.files.append(path)
+
+    def before_pipeline(self, pipeline, program, ctx):
+        self._write("000_input.ir", program)
+
+    def after_pass(self, p, before, result, ctx, index):
+        if result.changed or not self.only_changed:
+            self._write(f"{index + 1:03d}_{_slug(p.name)}.ir", result.program)
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s)
+
+
+class VerifyEach(Instrument):
+    """Verify the input program and the result of every pass."""
+
+    def __init__(self, *, propagate: bool = True):
+        self.propagate = propagate
+        self.verified = 0
+
+    def before_pipeline(self, pipeline, program, ctx):
+        try:
+            verify(program, propagate=self.propagate)
+        except VerificationError as e:
+            raise VerificationError(f"the input program is invalid: {e.message}", node=e.node, loc=e.loc,
+                                    hint=e.hint) from e
+        self.verified += 1
+
+    def after_pass(self, p, before, result, ctx, index):
+        try:
+            verify(result.program, propagate=self.propagate)
+        except VerificationError as e:
+            raise VerificationError(f"after pass {p.name!r}: {e.message}", node=e.node, loc=e.loc,
+                                    hint=e.hint) from e
+        self.verified += 1
+
+
+def compare_outputs(ref: Sequence[Any], out: Sequence[Any]) -> dict[str, float]:
+    """Max abs error, max relative error (to the reference's max magnitude), min cosine."""
+    max_abs, max_rel, cos = 0.0, 0.0, 1.0
+    for a, b in zip(ref, out):
+        if not isinstance(a, torch.Tensor):
+            if a != b:
+                max_abs = max_rel = math.inf
+            continue
+        a64, b64 = a.detach().double().flatten(), b.detach().double().flatten()
+        if a64.numel() == 0:
+            continue
+        if a64.shape != b64.shape:
+            return {"max_abs": math.inf, "max_rel": math.inf, "cosine": -1.0}
+        diff = (a64 - b64).abs()
+        ma = float(diff.max())
+        scale = float(a64.abs().max())
+        max_abs = max(max_abs, ma)
+        max_rel = max(max_rel, ma / scale if scale > 0 else (0.0 if ma == 0 else math.inf))
+        na, nb = float(a64.norm()), float(b64.norm())
+        c = float(a64 @ b64) / (na * nb) if na > 0 and nb > 0 else (1.0 if na == nb else 0.0)
+        cos = min(cos, c)
+    return {"max_abs": max_abs, "max_rel": max_rel, "cosine": cos}
+
+
+class NumericCheck(Instrument):
+    """Run the program before and after each pass on sample inputs and compare outputs.
+
+    An ``exact`` pass must agree within ``atol + rtol·max|ref|`` (1e-5 each by default) or
+    the check raises :class:`PassError`; an ``approximate`` pass has its error reported in
+    ``reports``. Inputs and outputs are matched by name, so passes that add inputs (with
+    sample values in ``PassResult.sample_inputs_for_new_inputs``) or outputs are checked too.
+    """
+
+    def __init__(self, sample_inputs: Sequence[Sequence[Any]] | None = None, *, atol: float = 1e-5,
+                 rtol: float = 1e-5, max_samples: int = 4):
+        self.sample_inputs = [tuple(s) for s in sample_inputs] if sample_inputs is not None else None
+        self.atol, self.rtol = atol, rtol
+        self.max_samples = max_samples
+        self.reports: list[dict[str, Any]] = []
+        self._ref_cache: dict[int, list[dict[str, Any]]] = {}
+
+    def _samples(self, ctx: PassContext) -> list[tuple[Any, ...]]:
+        s = self.sample_inputs if self.sample_inputs is not None else ctx.sample_inputs
+        return list(s)[: self.max_samples]
+
+    def _run(self, program: Program, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        with torch.no_grad():
+            return [program.run_named(**{n: s[n] for n in program.input_names}) for s in samples]
+
+    def after_pass(self, p, before, result, ctx, index):
+        samples = self._samples(ctx)
+        record: dict[str, Any] = {"pass": str(p), "semantics": p.semantics}
+        if not samples:
+            record["skipped"] = "no sample inputs"
+            self.reports.append(record)
+            return
+        named = [dict(zip(before.input_names, s)) for s in samples]
+        after = result.program
+        missing = [n for n in after.input_names if n not in before.input_names
+                   and n not in result.sample_inputs_for_new_inputs]
+        if missing:
+            record["skipped"] = f"the pass added inputs {missing} without sample values"
+            self.reports.append(record)
+            return
+        if before.version not in self._ref_cache:
+            self._ref_cache = {before.version: self._run(before, named)}
+        ref = self._ref_cache[before.version]
+        extended = [{**s, **result.sample_inputs_for_new_inputs} for s in named]
+        try:
+            out = self._run(after, extended)
+        except Exception as e:
+            raise PassError(f"after pass {p.name!r} the program no longer runs: {type(e).__name__}: {e}") from e
+        common = [n for n in before.output_names if n in after.output_names]
+        record["outputs"] = common
+        if not common:
+            record["skipped"] = "no output names in common"
+            self.reports.append(record)
+            return
+        metrics = compare_outputs([r[n] for r in ref for n in common], [o[n] for o in out for n in common])
+        record.update(metrics)
+        scale = max((float(r[n].detach().abs().max()) for r in ref for n in common
+                     if isinstance(r[n], torch.Tensor) and r[n].numel()), default=0.0)
+        record["ok"] = metrics["max_abs"] <= self.atol + self.rtol * scale
+        self._ref_cache = {after.version: out}
+        self.reports.append(record)
+        if p.semantics == "exact" and not record["ok"]:
+            raise PassError(
+                f"exact pass {p.name!r} changed the program's outputs: max abs error {metrics['max_abs']:.3g} "
+                f"(tolerance {self.atol:g} + {self.rtol:g}·{scale:.3g}), cosine {metrics['cosine']:.6f}",
+                hint="the pass is wrong, or it should declare semantics='approximate'",
+            )
+
+    def report(self) -> str:
+        lines = []
+        for r in self.reports:
+            if "skipped" in r:
+                lines.append(f"{r['pass']}: not checked ({r['skipped']})")
+            else:
+                lines.append(f"{r['pass']} [{r['semantics']}]: max abs {r['max_abs']:.3g}, max rel {r['max_rel']:.3g}, "
+                             f"cosine {r['cosine']:.6f} {'ok' if r['ok'] else 'DIFFERS'}")
+        return "\n".join(lines)
+
+
+class CrashReproducer(Instrument):
+    """On failure, write a folder that reproduces it with ``splice opt``.
+
+    ``<directory>/crash_<NNN>_<pass>/`` holds ``input.splice`` (the failing pass's input
+    program), ``pipeline.txt`` (the failing pass and those after it), ``full_pipeline.txt``,
+    ``samples.safetensors`` (sample inputs, if any), ``error.txt`` and ``reproduce.sh``.
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.folders: list[Path] = []
+
+    def after_pass_failed(self, p, before, ctx, index, error, pipeline):
+        from splice.ir.serialize import save
+
+        folder = self.directory / f"crash_{index + 1:03d}_{_slug(p.name)}"
+        folder.mkdir(parents=True, exist_ok=True)
+        save(before, folder / "input.splice")
+        rest = ",".join(str(e) for e in pipeline.entries[index:])
+        (folder / "pipeline.txt").write_text(rest + "\n")
+        (folder / "full_pipeline.txt").write_text(str(pipeline) + "\n")
+        if ctx.sample_inputs:
+            from safetensors.torch import save_file
+
+            flat = {f"sample{i}.{name}": v.contiguous() for i, s in enumerate(ctx.sample_inputs)
+                    for name, v in zip(before.input_names, s) if isinstance(v, torch.Tensor)}
+            save_file(flat, str(folder / "samples.safetensors"))
+        (folder / "error.txt").write_text("".join(traceback.format_exception(error)))
+        (folder / "reproduce.sh").write_text(
+            "#!/bin/sh\n# re-runs the failing pass on its input program\n"
+            f"splice opt \"$(dirname \"$0\")/input.splice\" -p '{rest}' --verify-each\n")
+        self.folders.append(folder)
+
+
+__all__ = ["CrashReproducer", "DumpIR", "Instrument", "NumericCheck", "PrintIR", "Timing", "VerifyEach",
+           "compare_outputs"]

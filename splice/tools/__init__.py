@@ -1,0 +1,1 @@
+"""How a person looks inside: the `splice` command line and the demo."""
