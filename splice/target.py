@@ -53,7 +53,9 @@ class Target:
 
 
 def _cache_path() -> Path:
-    base = os.environ.get("SPLICE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "splice")
+    base = os.environ.get("SPLICE_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "splice"
+    )
     return Path(base) / "host.json"
 
 
@@ -103,8 +105,15 @@ def host_target(*, measure: bool = True) -> Target:
     vec = 512 if "avx512f" in flags else 256 if "avx2" in flags else 128
     machine = platform.machine()
     triple = "aarch64-linux-gnu" if machine in ("aarch64", "arm64") else f"{machine}-linux-gnu"
-    base = Target(name="host", kind="llvm", triple=triple, cpu="native", features=flags, cores=os.cpu_count() or 1,
-                  vector_bits=vec)
+    base = Target(
+        name="host",
+        kind="llvm",
+        triple=triple,
+        cpu="native",
+        features=flags,
+        cores=os.cpu_count() or 1,
+        vector_bits=vec,
+    )
     if not measure:
         return base
     path = _cache_path()
@@ -112,8 +121,12 @@ def host_target(*, measure: bool = True) -> Target:
     try:
         cached = json.loads(path.read_text())
         if cached.get("key") == key:
-            return replace(base, mem_bandwidth_gbs=cached["mem_bandwidth_gbs"], peak_gflops=cached["peak_gflops"],
-                           measured=True)
+            return replace(
+                base,
+                mem_bandwidth_gbs=cached["mem_bandwidth_gbs"],
+                peak_gflops=cached["peak_gflops"],
+                measured=True,
+            )
     except (OSError, ValueError, KeyError):
         pass
     numbers = measure_host()
@@ -127,10 +140,26 @@ def host_target(*, measure: bool = True) -> Target:
 
 # Declared targets. Numbers for the edge board are a Cortex-A72-class part (Raspberry Pi 4):
 # 4 cores, NEON 128-bit, ~4 GB/s LPDDR4 measured by users, ~24 GFLOP/s fp32.
-AARCH64_LINUX = Target(name="aarch64-linux", kind="llvm", triple="aarch64-linux-gnu", cpu="cortex-a72",
-                       features=("neon",), cores=4, vector_bits=128, mem_bandwidth_gbs=4.0, peak_gflops=24.0)
-CUDA = Target(name="cuda", kind="cuda", triple="nvptx64-nvidia-cuda", cores=132, vector_bits=1024,
-              mem_bandwidth_gbs=3350.0, peak_gflops=67000.0)
+AARCH64_LINUX = Target(
+    name="aarch64-linux",
+    kind="llvm",
+    triple="aarch64-linux-gnu",
+    cpu="cortex-a72",
+    features=("neon",),
+    cores=4,
+    vector_bits=128,
+    mem_bandwidth_gbs=4.0,
+    peak_gflops=24.0,
+)
+CUDA = Target(
+    name="cuda",
+    kind="cuda",
+    triple="nvptx64-nvidia-cuda",
+    cores=132,
+    vector_bits=1024,
+    mem_bandwidth_gbs=3350.0,
+    peak_gflops=67000.0,
+)
 
 
 def get_target(name: str) -> Target:

@@ -83,8 +83,12 @@ def atomic_dir(path: str | os.PathLike[str]):
     return _cm()
 
 
-def save(program: Program, path: str | os.PathLike[str], *,
-         samples: Sequence[Sequence[torch.Tensor]] | None = None) -> Path:
+def save(
+    program: Program,
+    path: str | os.PathLike[str],
+    *,
+    samples: Sequence[Sequence[torch.Tensor]] | None = None,
+) -> Path:
     """Write ``program`` (and optional sample inputs) to the folder ``path``, atomically."""
     from safetensors.torch import save_file
 
@@ -97,8 +101,11 @@ def save(program: Program, path: str | os.PathLike[str], *,
         save_file(weights, str(tmp / WEIGHTS_FILE))
         files = [PROGRAM_FILE, WEIGHTS_FILE]
         if samples:
-            flat = {f"{i}.{name}": t.detach().contiguous().cpu()
-                    for i, s in enumerate(samples) for name, t in zip(program.input_names, s)}
+            flat = {
+                f"{i}.{name}": t.detach().contiguous().cpu()
+                for i, s in enumerate(samples)
+                for name, t in zip(program.input_names, s)
+            }
             save_file(flat, str(tmp / SAMPLES_FILE))
             files.append(SAMPLES_FILE)
         manifest = {
@@ -168,8 +175,7 @@ def _check(path: str | os.PathLike[str]) -> Path:
             raise ArtifactError(
                 f"{root}: checksum of {fname} does not match the manifest (file changed or corrupt)"
             )
-    weights = load_file(str(root / WEIGHTS_FILE))
-    return parse_ir((root / PROGRAM_FILE).read_text(), weights)
+    return root
 
 
 def is_saved_program(path: str | os.PathLike[str]) -> bool:

@@ -8,6 +8,7 @@ verifier uses it to re-propagate a whole graph and compare against the stored sp
 from __future__ import annotations
 
 import operator
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,8 @@ class FakeRunner:
         self.program = program
         self.env = M.FakeEnv(program.symbols)
         self._weight_fakes: dict[str, torch.Tensor] = {}
+        # static-shape results are shared by all runners; symbolic ones depend on the symbols
+        self._memo: dict[Any, M.Spec] = _STATIC_MEMO if not program.symbols else {}
 
     # -- fake inputs
     def weight_fake(self, name: str) -> torch.Tensor:
@@ -73,14 +76,21 @@ class FakeRunner:
         raise ValueError(f"cannot fake-run node %{node.name} (op {node.op})")
 
     def infer(self, node: fx.Node, gm: fx.GraphModule | None = None) -> M.Spec:
-        """The spec of ``node``, running it on fakes of its inputs' stored specs."""
+        """The spec of ``node``, running it on fakes of its inputs' stored specs.
+
+        Results are memoised by (op, input specs, literal arguments): shape functions are
+        deterministic, and real models repeat the same op on the same shapes in every layer.
+        """
         if node.op == "get_attr":
             v = self._get_attr_fake(node, gm or self.program.graph_module)
-            return (
-                M.GraphRefSpec(node.target)
-                if isinstance(v, fx.GraphModule)
-                else self.env.spec_of(v)
-            )
+            if isinstance(v, fx.GraphModule):
+                return M.GraphRefSpec(node.target)
+            return self.env.spec_of(v)
+        key = self._cache_key(node) if node.op == "call_function" else None
+        if key is not None:
+            hit = self._memo.get(key)
+            if hit is not None:
+                return hit
         cache: dict[fx.Node, Any] = {}
 
         def value_of(n: fx.Node) -> Any:
@@ -88,7 +98,22 @@ class FakeRunner:
                 cache[n] = self.stored_fake(n, gm)
             return cache[n]
 
-        return self.env.spec_of(self.run(node, value_of, gm))
+        result = self.env.spec_of(self.run(node, value_of, gm))
+        if key is not None and _declared_only(result, self.env.symbols):
+            if len(self._memo) > _MEMO_LIMIT:
+                self._memo.clear()
+            self._memo[key] = result
+        return result
+
+    def _cache_key(self, node: fx.Node) -> Any:
+        if isinstance(node.target, torch._ops.HigherOrderOperator):
+            return None
+        try:
+            key = (node.target, _arg_key(node.args, self), _arg_key(node.kwargs, self))
+            hash(key)
+        except (TypeError, _Uncacheable):
+            return None
+        return key
 
     def propagate(
         self, gm: fx.GraphModule, on_node: Callable[[fx.Node, M.Spec], None] | None = None
@@ -110,6 +135,59 @@ class FakeRunner:
             if on_node is not None:
                 on_node(node, s)
         return specs
+
+
+_MEMO_LIMIT = 100_000
+_STATIC_MEMO: dict[Any, M.Spec] = {}
+
+
+class _Uncacheable(Exception):
+    pass
+
+
+def _arg_key(v: Any, runner: FakeRunner) -> Any:
+    if isinstance(v, fx.Node):
+        if v.op == "get_attr":
+            if runner.program.has_weight(v.target):
+                t = runner.program.get_weight(v.target)
+                return ("w", tuple(t.shape), t.dtype)
+            raise _Uncacheable
+        s = M.get_spec(v)
+        if s is None:
+            raise _Uncacheable
+        return s
+    if isinstance(v, (list, tuple)):
+        return (type(v), tuple(_arg_key(x, runner) for x in v))
+    if isinstance(v, dict):
+        return ("dict", tuple((k, _arg_key(x, runner)) for k, x in v.items()))
+    if isinstance(v, float):
+        return ("float", repr(v))
+    if isinstance(v, slice):
+        return (
+            "slice",
+            _arg_key(v.start, runner),
+            _arg_key(v.stop, runner),
+            _arg_key(v.step, runner),
+        )
+    if v is None or isinstance(
+        v, (bool, int, str, torch.dtype, torch.device, torch.layout, torch.memory_format)
+    ):
+        return (type(v), v)
+    raise _Uncacheable
+
+
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _declared_only(s: M.Spec, symbols: dict[str, Any]) -> bool:
+    """True if every symbolic dim of ``s`` uses declared symbols only (no fresh unbacked ones)."""
+    for ts in M.iter_tensor_specs(s):
+        for d in ts.shape:
+            if isinstance(d, str) and any(
+                n not in symbols and n not in ("Max", "Min") for n in _NAME_RE.findall(d)
+            ):
+                return False
+    return not (isinstance(s, M.ScalarSpec) and s.expr is not None)
 
 
 PY_OPS: dict[str, Any] = {

@@ -1,7 +1,15 @@
 """What can be done to a Program: the pass contract, registry, pipelines and instruments."""
 
 from splice.passes.base import Pass, PassContext, PassResult
-from splice.passes.instruments import CrashReproducer, DumpIR, Instrument, NumericCheck, PrintIR, Timing, VerifyEach
+from splice.passes.instruments import (
+    CrashReproducer,
+    DumpIR,
+    Instrument,
+    NumericCheck,
+    PrintIR,
+    Timing,
+    VerifyEach,
+)
 from splice.passes.manager import PassManager
 from splice.passes.pipeline import Pipeline, describe_passes, make_pass, parse_pipeline
 from splice.passes.registry import available_passes, get_pass_class, register_pass

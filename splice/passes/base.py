@@ -76,7 +76,9 @@ class PassContext:
         progress: Callable[[str, int, int], None] | None = None,
     ):
         self.sample_inputs = [tuple(s) for s in (sample_inputs or [])]
-        self.calibration_inputs = [tuple(s) for s in calibration_inputs] if calibration_inputs else None
+        self.calibration_inputs = (
+            [tuple(s) for s in calibration_inputs] if calibration_inputs else None
+        )
         self.programs = dict(programs or {})
         self.target = target
         self.config = dict(config or {})
@@ -87,7 +89,9 @@ class PassContext:
 
     @property
     def calibration(self) -> list[tuple[Any, ...]]:
-        return self.calibration_inputs if self.calibration_inputs is not None else self.sample_inputs
+        return (
+            self.calibration_inputs if self.calibration_inputs is not None else self.sample_inputs
+        )
 
     def analysis(self, fn: Callable[..., Any], program: Program, **options: Any) -> Any:
         """``fn(program, ctx, **options)``, cached by (fn, options, program.version).
@@ -135,7 +139,7 @@ class Pass(ABC):
     def __post_init__(self) -> None:
         self.validate()
 
-    def validate(self) -> None:
+    def validate(self) -> None:  # noqa: B027 - an optional hook, not abstract
         """Check option values; raise PipelineError naming the bad option. Override as needed."""
 
     @classmethod
@@ -150,8 +154,15 @@ class Pass(ABC):
     def non_default_options(self) -> list[str]:
         out = []
         for f in self.options():
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+            default = (
+                f.default
+                if f.default is not dataclasses.MISSING
+                else (
+                    f.default_factory()
+                    if f.default_factory is not dataclasses.MISSING
+                    else dataclasses.MISSING
+                )
+            )
             if getattr(self, f.name) != default:
                 out.append(f.name)
         return out

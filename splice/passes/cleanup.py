@@ -20,7 +20,6 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from splice.ir import meta as M
 from splice.ir.program import Program
 from splice.ir.rewriter import Rewriter
 from splice.passes.base import Pass, PassContext, PassResult
@@ -35,7 +34,12 @@ def is_random(node: fx.Node) -> bool:
         if torch.Tag.nondeterministic_seeded in t.tags:
             return True
         name = t._schema.name.split("::")[-1]
-        return name in _NONDETERMINISTIC_NAMES or "rand" in name or "dropout" in name or "bernoulli" in name
+        return (
+            name in _NONDETERMINISTIC_NAMES
+            or "rand" in name
+            or "dropout" in name
+            or "bernoulli" in name
+        )
     return False
 
 
@@ -113,8 +117,12 @@ class CSE(Pass):
         for node in list(program.graph.nodes):
             if node.op in ("placeholder", "output") or not is_pure(node) or is_random(node):
                 continue
-            key = (node.op, node.target if node.op != "call_function" else id(node.target),
-                   _key(node.args, canon), _key(node.kwargs, canon))
+            key = (
+                node.op,
+                node.target if node.op != "call_function" else id(node.target),
+                _key(node.args, canon),
+                _key(node.kwargs, canon),
+            )
             first = seen.get(key)
             if first is None:
                 seen[key] = node
@@ -173,19 +181,29 @@ class FoldConstants(Pass):
                 too_big += 1
                 continue
             with rw.at(node):
-                w = rw.add_weight(f"_folded.{node.name}", value.detach().clone().contiguous(), "constant",
-                                  unique=True)
+                w = rw.add_weight(
+                    f"_folded.{node.name}",
+                    value.detach().clone().contiguous(),
+                    "constant",
+                    unique=True,
+                )
             for u in live_users:
                 u.replace_input_with(node, w)
                 rw.mark_changed(u)
             folded += 1
             bytes_added += value.numel() * value.element_size()
         removed, _ = dead_code_elimination(program, rw)
-        stats: dict[str, Any] = {"folded": folded, "bytes_added": bytes_added, "nodes_removed": removed,
-                                 "kept_too_large": too_big}
+        stats: dict[str, Any] = {
+            "folded": folded,
+            "bytes_added": bytes_added,
+            "nodes_removed": removed,
+            "kept_too_large": too_big,
+        }
         changed = folded > 0 or removed > 0
         if not changed:
-            stats["reason"] = "no constant values to fold" if not too_big else "constant values exceed max_numel"
+            stats["reason"] = (
+                "no constant values to fold" if not too_big else "constant values exceed max_numel"
+            )
         return PassResult(program, changed, stats)
 
 

@@ -45,10 +45,19 @@ class Instrument:
 
     def before_pass(self, p: Pass, program: Program, ctx: PassContext, index: int) -> None: ...
 
-    def after_pass(self, p: Pass, before: Program, result: PassResult, ctx: PassContext, index: int) -> None: ...
+    def after_pass(
+        self, p: Pass, before: Program, result: PassResult, ctx: PassContext, index: int
+    ) -> None: ...
 
-    def after_pass_failed(self, p: Pass, before: Program, ctx: PassContext, index: int, error: BaseException,
-                          pipeline: Pipeline) -> None: ...
+    def after_pass_failed(
+        self,
+        p: Pass,
+        before: Program,
+        ctx: PassContext,
+        index: int,
+        error: BaseException,
+        pipeline: Pipeline,
+    ) -> None: ...
 
     def after_pipeline(self, pipeline: Pipeline, program: Program, ctx: PassContext) -> None: ...
 
@@ -83,8 +92,15 @@ class Timing(Instrument):
 class PrintIR(Instrument):
     """Print the IR before and/or after passes (``only_changed`` skips passes that changed nothing)."""
 
-    def __init__(self, *, before: bool = False, after: bool = True, only_changed: bool = False,
-                 locations: bool = False, stream: IO[str] | None = None):
+    def __init__(
+        self,
+        *,
+        before: bool = False,
+        after: bool = True,
+        only_changed: bool = False,
+        locations: bool = False,
+        stream: IO[str] | None = None,
+    ):
         self.before, self.after, self.only_changed = before, after, only_changed
         self.locations = locations
         self.stream = stream
@@ -99,14 +115,19 @@ class PrintIR(Instrument):
 
     def after_pass(self, p, before, result, ctx, index):
         if self.after and (result.changed or not self.only_changed):
-            print(f"// ----- IR after {p}{'' if result.changed else ' (no change)'} -----", file=self._out())
+            print(
+                f"// ----- IR after {p}{'' if result.changed else ' (no change)'} -----",
+                file=self._out(),
+            )
             print(print_ir(result.program, self.locations), file=self._out())
 
 
 class DumpIR(Instrument):
     """Write the IR into ``directory``: ``000_input.ir`` then ``NNN_<pass>.ir`` after each pass."""
 
-    def __init__(self, directory: str | Path, *, locations: bool = True, only_changed: bool = False):
+    def __init__(
+        self, directory: str | Path, *, locations: bool = True, only_changed: bool = False
+    ):
         self.directory = Path(directory)
         self.locations = locations
         self.only_changed = only_changed
@@ -141,16 +162,18 @@ class VerifyEach(Instrument):
         try:
             verify(program, propagate=self.propagate)
         except VerificationError as e:
-            raise VerificationError(f"the input program is invalid: {e.message}", node=e.node, loc=e.loc,
-                                    hint=e.hint) from e
+            raise VerificationError(
+                f"the input program is invalid: {e.message}", node=e.node, loc=e.loc, hint=e.hint
+            ) from e
         self.verified += 1
 
     def after_pass(self, p, before, result, ctx, index):
         try:
             verify(result.program, propagate=self.propagate)
         except VerificationError as e:
-            raise VerificationError(f"after pass {p.name!r}: {e.message}", node=e.node, loc=e.loc,
-                                    hint=e.hint) from e
+            raise VerificationError(
+                f"after pass {p.name!r}: {e.message}", node=e.node, loc=e.loc, hint=e.hint
+            ) from e
         self.verified += 1
 
 
@@ -187,9 +210,17 @@ class NumericCheck(Instrument):
     sample values in ``PassResult.sample_inputs_for_new_inputs``) or outputs are checked too.
     """
 
-    def __init__(self, sample_inputs: Sequence[Sequence[Any]] | None = None, *, atol: float = 1e-5,
-                 rtol: float = 1e-5, max_samples: int = 4):
-        self.sample_inputs = [tuple(s) for s in sample_inputs] if sample_inputs is not None else None
+    def __init__(
+        self,
+        sample_inputs: Sequence[Sequence[Any]] | None = None,
+        *,
+        atol: float = 1e-5,
+        rtol: float = 1e-5,
+        max_samples: int = 4,
+    ):
+        self.sample_inputs = (
+            [tuple(s) for s in sample_inputs] if sample_inputs is not None else None
+        )
         self.atol, self.rtol = atol, rtol
         self.max_samples = max_samples
         self.reports: list[dict[str, Any]] = []
@@ -212,8 +243,11 @@ class NumericCheck(Instrument):
             return
         named = [dict(zip(before.input_names, s)) for s in samples]
         after = result.program
-        missing = [n for n in after.input_names if n not in before.input_names
-                   and n not in result.sample_inputs_for_new_inputs]
+        missing = [
+            n
+            for n in after.input_names
+            if n not in before.input_names and n not in result.sample_inputs_for_new_inputs
+        ]
         if missing:
             record["skipped"] = f"the pass added inputs {missing} without sample values"
             self.reports.append(record)
@@ -225,17 +259,28 @@ class NumericCheck(Instrument):
         try:
             out = self._run(after, extended)
         except Exception as e:
-            raise PassError(f"after pass {p.name!r} the program no longer runs: {type(e).__name__}: {e}") from e
+            raise PassError(
+                f"after pass {p.name!r} the program no longer runs: {type(e).__name__}: {e}"
+            ) from e
         common = [n for n in before.output_names if n in after.output_names]
         record["outputs"] = common
         if not common:
             record["skipped"] = "no output names in common"
             self.reports.append(record)
             return
-        metrics = compare_outputs([r[n] for r in ref for n in common], [o[n] for o in out for n in common])
+        metrics = compare_outputs(
+            [r[n] for r in ref for n in common], [o[n] for o in out for n in common]
+        )
         record.update(metrics)
-        scale = max((float(r[n].detach().abs().max()) for r in ref for n in common
-                     if isinstance(r[n], torch.Tensor) and r[n].numel()), default=0.0)
+        scale = max(
+            (
+                float(r[n].detach().abs().max())
+                for r in ref
+                for n in common
+                if isinstance(r[n], torch.Tensor) and r[n].numel()
+            ),
+            default=0.0,
+        )
         record["ok"] = metrics["max_abs"] <= self.atol + self.rtol * scale
         self._ref_cache = {after.version: out}
         self.reports.append(record)
@@ -252,8 +297,10 @@ class NumericCheck(Instrument):
             if "skipped" in r:
                 lines.append(f"{r['pass']}: not checked ({r['skipped']})")
             else:
-                lines.append(f"{r['pass']} [{r['semantics']}]: max abs {r['max_abs']:.3g}, max rel {r['max_rel']:.3g}, "
-                             f"cosine {r['cosine']:.6f} {'ok' if r['ok'] else 'DIFFERS'}")
+                lines.append(
+                    f"{r['pass']} [{r['semantics']}]: max abs {r['max_abs']:.3g}, max rel {r['max_rel']:.3g}, "
+                    f"cosine {r['cosine']:.6f} {'ok' if r['ok'] else 'DIFFERS'}"
+                )
         return "\n".join(lines)
 
 
@@ -281,15 +328,28 @@ class CrashReproducer(Instrument):
         if ctx.sample_inputs:
             from safetensors.torch import save_file
 
-            flat = {f"sample{i}.{name}": v.contiguous() for i, s in enumerate(ctx.sample_inputs)
-                    for name, v in zip(before.input_names, s) if isinstance(v, torch.Tensor)}
+            flat = {
+                f"sample{i}.{name}": v.contiguous()
+                for i, s in enumerate(ctx.sample_inputs)
+                for name, v in zip(before.input_names, s)
+                if isinstance(v, torch.Tensor)
+            }
             save_file(flat, str(folder / "samples.safetensors"))
         (folder / "error.txt").write_text("".join(traceback.format_exception(error)))
         (folder / "reproduce.sh").write_text(
             "#!/bin/sh\n# re-runs the failing pass on its input program\n"
-            f"splice opt \"$(dirname \"$0\")/input.splice\" -p '{rest}' --verify-each\n")
+            f'splice opt "$(dirname "$0")/input.splice" -p \'{rest}\' --verify-each\n'
+        )
         self.folders.append(folder)
 
 
-__all__ = ["CrashReproducer", "DumpIR", "Instrument", "NumericCheck", "PrintIR", "Timing", "VerifyEach",
-           "compare_outputs"]
+__all__ = [
+    "CrashReproducer",
+    "DumpIR",
+    "Instrument",
+    "NumericCheck",
+    "PrintIR",
+    "Timing",
+    "VerifyEach",
+    "compare_outputs",
+]

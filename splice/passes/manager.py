@@ -30,8 +30,13 @@ from splice.passes.pipeline import Pipeline, parse_pipeline
 class PassManager:
     """Runs passes over a Program with instruments (see the module docstring)."""
 
-    def __init__(self, passes: Pipeline | str | Sequence[Pass], instruments: Sequence[Instrument] = (), *,
-                 verify_each: bool = False):
+    def __init__(
+        self,
+        passes: Pipeline | str | Sequence[Pass],
+        instruments: Sequence[Instrument] = (),
+        *,
+        verify_each: bool = False,
+    ):
         if isinstance(passes, str):
             passes = parse_pipeline(passes)
         elif not isinstance(passes, Pipeline):
@@ -41,8 +46,13 @@ class PassManager:
         if verify_each and not any(isinstance(i, VerifyEach) for i in self.instruments):
             self.instruments.insert(0, VerifyEach())
 
-    def run(self, program: Program, ctx: PassContext | None = None, *,
-            sample_inputs: Sequence[Sequence[Any]] | None = None) -> PassResult:
+    def run(
+        self,
+        program: Program,
+        ctx: PassContext | None = None,
+        *,
+        sample_inputs: Sequence[Sequence[Any]] | None = None,
+    ) -> PassResult:
         if ctx is None:
             ctx = PassContext(sample_inputs)
         elif sample_inputs is not None:
@@ -56,8 +66,15 @@ class PassManager:
             p = entry.pass_
             skipper = next((i for i in self.instruments if not i.should_run(p, current, ctx)), None)
             if skipper is not None:
-                records.append({"pass": str(entry), "changed": False, "seconds": 0.0,
-                                "skipped_by": type(skipper).__name__, "stats": {}})
+                records.append(
+                    {
+                        "pass": str(entry),
+                        "changed": False,
+                        "seconds": 0.0,
+                        "skipped_by": type(skipper).__name__,
+                        "stats": {},
+                    }
+                )
                 continue
             for inst in self.instruments:
                 inst.before_pass(p, current, ctx, index)
@@ -66,8 +83,10 @@ class PassManager:
                 work = current.copy()
                 result = p.run(work, ctx)
                 if not isinstance(result, PassResult):
-                    raise PassError(f"pass {p.name!r} returned {type(result).__name__}, not a PassResult",
-                                    hint="passes must return PassResult(program, changed, stats)")
+                    raise PassError(
+                        f"pass {p.name!r} returned {type(result).__name__}, not a PassResult",
+                        hint="passes must return PassResult(program, changed, stats)",
+                    )
                 result.stats.setdefault("changed", result.changed)
                 seconds = time.perf_counter() - t0
                 for inst in self.instruments:
@@ -80,10 +99,18 @@ class PassManager:
                         e.add_note(f"(instrument {type(inst).__name__} also failed: {inner})")
                 if isinstance(e, SpliceError):
                     raise
-                raise PassError(f"pass {str(entry)!r} failed: {type(e).__name__}: {e}",
-                                hint="rerun with a CrashReproducer (`splice opt --crash-dir D`) to get a reproducer") from e
-            records.append({"pass": str(entry), "changed": result.changed, "seconds": seconds,
-                            "stats": result.stats})
+                raise PassError(
+                    f"pass {str(entry)!r} failed: {type(e).__name__}: {e}",
+                    hint="rerun with a CrashReproducer (`splice opt --crash-dir D`) to get a reproducer",
+                ) from e
+            records.append(
+                {
+                    "pass": str(entry),
+                    "changed": result.changed,
+                    "seconds": seconds,
+                    "stats": result.stats,
+                }
+            )
             any_changed |= result.changed
             current = result.program
         for inst in self.instruments:

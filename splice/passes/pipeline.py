@@ -46,7 +46,8 @@ class Pipeline:
 
     def __init__(self, passes: Sequence[Pass | PipelineEntry] = ()):
         self.entries: list[PipelineEntry] = [
-            p if isinstance(p, PipelineEntry) else PipelineEntry(p, tuple(p.non_default_options())) for p in passes
+            p if isinstance(p, PipelineEntry) else PipelineEntry(p, tuple(p.non_default_options()))
+            for p in passes
         ]
 
     @property
@@ -65,13 +66,21 @@ class Pipeline:
     def __repr__(self) -> str:
         return f"Pipeline({str(self)!r})"
 
-    def run(self, program, *, sample_inputs=None, instruments=(), ctx: PassContext | None = None,
-            verify_each: bool = False) -> PassResult:
+    def run(
+        self,
+        program,
+        *,
+        sample_inputs=None,
+        instruments=(),
+        ctx: PassContext | None = None,
+        verify_each: bool = False,
+    ) -> PassResult:
         """Run the passes through a :class:`~splice.passes.manager.PassManager`."""
         from splice.passes.manager import PassManager
 
         return PassManager(self, instruments=instruments, verify_each=verify_each).run(
-            program, ctx=ctx, sample_inputs=sample_inputs)
+            program, ctx=ctx, sample_inputs=sample_inputs
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -108,7 +117,9 @@ class _Cursor:
 
     def error(self, msg: str, hint: str | None = None) -> PipelineError:
         pointer = " " * self.pos + "^"
-        return PipelineError(f"{msg} at column {self.pos + 1}\n    {self.text}\n    {pointer}", hint=hint)
+        return PipelineError(
+            f"{msg} at column {self.pos + 1}\n    {self.text}\n    {pointer}", hint=hint
+        )
 
     def ws(self) -> None:
         while self.pos < len(self.text) and self.text[self.pos].isspace():
@@ -152,7 +163,7 @@ class _Cursor:
             end = self.text.find(c, self.pos + 1)
             if end < 0:
                 raise self.error("unterminated quoted value")
-            s = self.text[self.pos + 1:end]
+            s = self.text[self.pos + 1 : end]
             self.pos = end + 1
             return _Quoted(s)
         m = _BARE.match(self.text, self.pos)
@@ -181,19 +192,18 @@ def parse_pipeline(text: str) -> Pipeline:
             cur.pos = start
             raise cur.error(f"unknown pass {name!r}", hint=e.hint) from None
         raw: dict[str, Any] = {}
-        if cur.accept("{"):
-            if not cur.accept("}"):
-                while True:
-                    kpos = cur.pos
-                    key = cur.name()
-                    cur.expect("=")
-                    if key in raw:
-                        cur.pos = kpos
-                        raise cur.error(f"option {key!r} given twice")
-                    raw[key] = (cur.value(), kpos)
-                    if cur.accept("}"):
-                        break
-                    cur.expect(",")
+        if cur.accept("{") and not cur.accept("}"):
+            while True:
+                kpos = cur.pos
+                key = cur.name()
+                cur.expect("=")
+                if key in raw:
+                    cur.pos = kpos
+                    raise cur.error(f"option {key!r} given twice")
+                raw[key] = (cur.value(), kpos)
+                if cur.accept("}"):
+                    break
+                cur.expect(",")
         entries.append(PipelineEntry(_build(cls, raw, cur), tuple(raw)))
         if cur.peek() == "":
             break
@@ -213,11 +223,15 @@ def make_pass(name: str, **options: Any) -> Pass:
         raise PipelineError(f"{name}: {e}") from e
 
 
-def _check_option_names(cls: type[Pass], options: dict[str, Any], cur: _Cursor | None = None) -> None:
+def _check_option_names(
+    cls: type[Pass], options: dict[str, Any], cur: _Cursor | None = None
+) -> None:
     types_ = cls.option_types()
     for key in options:
         if key not in types_:
-            listing = ", ".join(f"{k}: {_type_name(t)}" for k, t in types_.items()) or "(no options)"
+            listing = (
+                ", ".join(f"{k}: {_type_name(t)}" for k, t in types_.items()) or "(no options)"
+            )
             msg = f"pass {cls.name!r} has no option {key!r}"
             hint = f"options of {cls.name}: {listing}"
             if cur is not None:
@@ -262,7 +276,12 @@ def convert_option(val: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
-        if type(None) in args and isinstance(val, str) and not isinstance(val, _Quoted) and val.lower() == "none":
+        if (
+            type(None) in args
+            and isinstance(val, str)
+            and not isinstance(val, _Quoted)
+            and val.lower() == "none"
+        ):
             return None
         errors = []
         for a in args:
@@ -322,11 +341,26 @@ def describe_passes() -> list[dict[str, Any]]:
         opts = []
         for f in cls.options():
             default = f.default if f.default is not dataclasses.MISSING else None
-            opts.append({"name": f.name, "type": _type_name(cls.option_types()[f.name]),
-                         "default": format_value(default)})
-        out.append({"name": name, "semantics": cls.semantics, "summary": cls.summary, "options": opts})
+            opts.append(
+                {
+                    "name": f.name,
+                    "type": _type_name(cls.option_types()[f.name]),
+                    "default": format_value(default),
+                }
+            )
+        out.append(
+            {"name": name, "semantics": cls.semantics, "summary": cls.summary, "options": opts}
+        )
     return out
 
 
-__all__ = ["Pipeline", "PipelineEntry", "convert_option", "describe_passes", "format_pass", "format_value",
-           "make_pass", "parse_pipeline"]
+__all__ = [
+    "Pipeline",
+    "PipelineEntry",
+    "convert_option",
+    "describe_passes",
+    "format_pass",
+    "format_value",
+    "make_pass",
+    "parse_pipeline",
+]

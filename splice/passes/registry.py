@@ -28,7 +28,9 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
         raise TypeError(f"{cls.__name__} has no `name`")
     existing = _REGISTRY.get(cls.name)
     if existing is not None and existing is not cls:
-        raise TypeError(f"pass name {cls.name!r} is taken by {existing.__module__}.{existing.__qualname__}")
+        raise TypeError(
+            f"pass name {cls.name!r} is taken by {existing.__module__}.{existing.__qualname__}"
+        )
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -71,4 +73,10 @@ def get_pass_class(name: str) -> type[Pass]:
     return cls
 
 
-__all__ = ["BUILTIN_MODULES", "ENTRY_POINT_GROUP", "available_passes", "get_pass_class", "register_pass"]
+__all__ = [
+    "BUILTIN_MODULES",
+    "ENTRY_POINT_GROUP",
+    "available_passes",
+    "get_pass_class",
+    "register_pass",
+]

@@ -71,20 +71,29 @@ def load_model_spec(spec: str, factory_args: dict[str, Any] | None = None) -> tu
     from splice.errors import CaptureError
 
     if ":" not in spec:
-        raise CaptureError(f"{spec!r} is neither a saved program folder nor a MODEL",
-                           hint="name a model as package.module:factory, e.g. splice.models:gpt2")
+        raise CaptureError(
+            f"{spec!r} is neither a saved program folder nor a MODEL",
+            hint="name a model as package.module:factory, e.g. splice.models:gpt2",
+        )
     mod_name, fn_name = spec.split(":", 1)
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as e:
-        raise CaptureError(f"cannot import {mod_name!r}: {e}", hint="is the package installed and on PYTHONPATH?") from e
+        raise CaptureError(
+            f"cannot import {mod_name!r}: {e}", hint="is the package installed and on PYTHONPATH?"
+        ) from e
     fn = getattr(mod, fn_name, None)
     if fn is None or not callable(fn):
         names = [n for n in dir(mod) if not n.startswith("_") and callable(getattr(mod, n))]
-        raise CaptureError(f"{mod_name} has no factory {fn_name!r}", hint=f"callables there: {', '.join(names[:20])}")
+        raise CaptureError(
+            f"{mod_name} has no factory {fn_name!r}",
+            hint=f"callables there: {', '.join(names[:20])}",
+        )
     result = fn(**(factory_args or {}))
     if not (isinstance(result, tuple) and len(result) == 2):
-        raise CaptureError(f"{spec} must return (model, example_inputs), got {type(result).__name__}")
+        raise CaptureError(
+            f"{spec} must return (model, example_inputs), got {type(result).__name__}"
+        )
     return result
 
 
@@ -97,15 +106,17 @@ def load_input(path_or_model: str, factory_args: dict[str, Any] | None = None) -
     if os.path.exists(path_or_model):
         from splice.errors import ArtifactError
 
-        raise ArtifactError(f"{path_or_model} exists but is not a saved splice program",
-                            hint="create one with `splice capture MODEL -o FILE`")
+        raise ArtifactError(
+            f"{path_or_model} exists but is not a saved splice program",
+            hint="create one with `splice capture MODEL -o FILE`",
+        )
     model, inputs = load_model_spec(path_or_model, factory_args)
     with _status(f"capturing {path_or_model}"):
         program = splice.capture(model, inputs)
     from splice.ir.capture import _split_inputs
 
     args, kwargs = _split_inputs(inputs)
-    sample = tuple(args) + tuple(kwargs[n] for n in program.input_names[len(args):] if n in kwargs)
+    sample = tuple(args) + tuple(kwargs[n] for n in program.input_names[len(args) :] if n in kwargs)
     return Loaded(program, [sample], path_or_model)
 
 
@@ -155,10 +166,14 @@ def cmd_opt(a: argparse.Namespace) -> int:
     if a.verify_each:
         instruments.append(VerifyEach())
     if a.print_ir_before_all or a.print_ir_after_all or a.print_ir_after_change:
-        instruments.append(PrintIR(before=a.print_ir_before_all,
-                                   after=a.print_ir_after_all or a.print_ir_after_change,
-                                   only_changed=a.print_ir_after_change and not a.print_ir_after_all,
-                                   locations=a.locations))
+        instruments.append(
+            PrintIR(
+                before=a.print_ir_before_all,
+                after=a.print_ir_after_all or a.print_ir_after_change,
+                only_changed=a.print_ir_after_change and not a.print_ir_after_all,
+                locations=a.locations,
+            )
+        )
     if a.dump_dir:
         instruments.append(DumpIR(a.dump_dir))
     check = NumericCheck() if a.numeric_check else None
@@ -245,11 +260,22 @@ def stats_table(program: Any, depth: int = 2, title: str | None = None):
     for col in ("module", "params", "FLOPs", "bytes read", "bytes written"):
         t.add_column(col, justify="left" if col == "module" else "right")
     for path, c in report.by_module(depth).items():
-        t.add_row(path or "<root>", _fmt_int(c.params), _fmt_int(c.flops), _fmt_int(c.bytes_read),
-                  _fmt_int(c.bytes_written))
+        t.add_row(
+            path or "<root>",
+            _fmt_int(c.params),
+            _fmt_int(c.flops),
+            _fmt_int(c.bytes_read),
+            _fmt_int(c.bytes_written),
+        )
     tot = report.total
     t.add_section()
-    t.add_row("total", _fmt_int(tot.params), _fmt_int(tot.flops), _fmt_int(tot.bytes_read), _fmt_int(tot.bytes_written))
+    t.add_row(
+        "total",
+        _fmt_int(tot.params),
+        _fmt_int(tot.flops),
+        _fmt_int(tot.bytes_read),
+        _fmt_int(tot.bytes_written),
+    )
     return t, report
 
 
@@ -277,7 +303,9 @@ def cmd_diff(a: argparse.Namespace) -> int:
     for col in ("", a.a, a.b):
         t.add_column(col)
     t.add_row("inputs", ", ".join(left.program.input_names), ", ".join(right.program.input_names))
-    t.add_row("outputs", ", ".join(left.program.output_names), ", ".join(right.program.output_names))
+    t.add_row(
+        "outputs", ", ".join(left.program.output_names), ", ".join(right.program.output_names)
+    )
     t.add_row("ops", str(sum(ops_a.values())), str(sum(ops_b.values())))
     wa = sum(v.numel() for v in left.program.weights.values())
     wb = sum(v.numel() for v in right.program.weights.values())
@@ -295,19 +323,25 @@ def cmd_diff(a: argparse.Namespace) -> int:
             rb = [right.program.run_named(*s) for s in samples]
         common = [n for n in left.program.output_names if n in right.program.output_names]
         m = compare_outputs([r[n] for r in ra for n in common], [r[n] for r in rb for n in common])
-        con.print(f"numeric ({len(samples)} sample(s), outputs {common}): max abs {m['max_abs']:.3g}, "
-                  f"max rel {m['max_rel']:.3g}, cosine {m['cosine']:.6f}")
+        con.print(
+            f"numeric ({len(samples)} sample(s), outputs {common}): max abs {m['max_abs']:.3g}, "
+            f"max rel {m['max_rel']:.3g}, cosine {m['cosine']:.6f}"
+        )
     else:
         con.print("numeric: not compared (no sample inputs, or the inputs differ)")
     if a.text:
-        sys.stdout.writelines(line + "\n" for line in difflib.unified_diff(ta, tb, a.a, a.b, lineterm=""))
+        sys.stdout.writelines(
+            line + "\n" for line in difflib.unified_diff(ta, tb, a.a, a.b, lineterm="")
+        )
     return 0 if ta == tb else 1 if a.exit_code else 0
 
 
 def _op_counts(program: Any) -> Counter[str]:
     from splice.ir.printer import format_target
 
-    return Counter(format_target(n) for n in program.graph.nodes if n.op in ("call_function", "call_module"))
+    return Counter(
+        format_target(n) for n in program.graph.nodes if n.op in ("call_function", "call_module")
+    )
 
 
 def cmd_passes(a: argparse.Namespace) -> int:
@@ -337,13 +371,25 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from splice import __version__
 
-    p = argparse.ArgumentParser(prog="splice", description="A compiler for the structure of neural networks.")
+    p = argparse.ArgumentParser(
+        prog="splice", description="A compiler for the structure of neural networks."
+    )
     p.add_argument("--version", action="version", version=f"splice {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def model_arg(sp: argparse.ArgumentParser, name: str = "input", help: str = "saved program folder or MODEL"):
+    def model_arg(
+        sp: argparse.ArgumentParser,
+        name: str = "input",
+        help: str = "saved program folder or MODEL",
+    ):
         sp.add_argument(name, help=help)
-        sp.add_argument("-a", "--arg", action="append", metavar="KEY=VALUE", help="argument for the model factory")
+        sp.add_argument(
+            "-a",
+            "--arg",
+            action="append",
+            metavar="KEY=VALUE",
+            help="argument for the model factory",
+        )
 
     sp = sub.add_parser("capture", help="capture a model into a saved program")
     model_arg(sp, "model", "MODEL as package.module:factory")
@@ -357,11 +403,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--print-ir-before-all", action="store_true")
     sp.add_argument("--print-ir-after-all", action="store_true")
     sp.add_argument("--print-ir-after-change", action="store_true")
-    sp.add_argument("--locations", action="store_true", help="print module paths, source lines and passes")
+    sp.add_argument(
+        "--locations", action="store_true", help="print module paths, source lines and passes"
+    )
     sp.add_argument("--dump-dir", metavar="D", help="write the IR after every pass into D")
-    sp.add_argument("--verify-each", action="store_true", help="verify the program after every pass")
+    sp.add_argument(
+        "--verify-each", action="store_true", help="verify the program after every pass"
+    )
     sp.add_argument("--time-passes", action="store_true", help="report the time of every pass")
-    sp.add_argument("--numeric-check", action="store_true", help="compare outputs before/after every pass")
+    sp.add_argument(
+        "--numeric-check", action="store_true", help="compare outputs before/after every pass"
+    )
     sp.add_argument("--crash-dir", metavar="D", help="write a reproducer into D if a pass fails")
     sp.set_defaults(fn=cmd_opt)
 
@@ -372,7 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("stats", help="parameters, FLOPs and bytes by module")
     model_arg(sp)
-    sp.add_argument("--depth", type=int, default=2, help="module path depth of the table (default 2)")
+    sp.add_argument(
+        "--depth", type=int, default=2, help="module path depth of the table (default 2)"
+    )
     sp.set_defaults(fn=cmd_stats)
 
     sp = sub.add_parser("diff", help="structural and numeric difference of two programs")
@@ -387,7 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("demo", help="capture all-MiniLM-L6-v2 and run a pipeline on it")
     sp.add_argument("-p", "--pipeline", default="cse,fold-constants,dce")
-    sp.add_argument("--sentences", type=int, default=8, help="number of sample sentences (default 8)")
+    sp.add_argument(
+        "--sentences", type=int, default=8, help="number of sample sentences (default 8)"
+    )
     sp.set_defaults(fn=cmd_demo)
     return p
 

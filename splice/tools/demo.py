@@ -19,12 +19,23 @@ def run_demo(pipeline: str = "cse,fold-constants,dce", sentences: int = 8) -> in
 
     import splice
     from splice import models
-    from splice.passes import NumericCheck, PassContext, PassManager, Timing, VerifyEach, parse_pipeline
+    from splice.passes import (
+        NumericCheck,
+        PassContext,
+        PassManager,
+        Timing,
+        VerifyEach,
+        parse_pipeline,
+    )
     from splice.tools.cli import _print_pass_records, stats_table
 
     con = Console(highlight=False, markup=False)
-    texts = (models.SENTENCES * ((sentences + len(models.SENTENCES) - 1) // len(models.SENTENCES)))[:sentences]
-    con.print(f"splice {splice.__version__} demo: all-MiniLM-L6-v2 (pretrained, from {models.minilm_path()})")
+    texts = (models.SENTENCES * ((sentences + len(models.SENTENCES) - 1) // len(models.SENTENCES)))[
+        :sentences
+    ]
+    con.print(
+        f"splice {splice.__version__} demo: all-MiniLM-L6-v2 (pretrained, from {models.minilm_path()})"
+    )
     t0 = time.perf_counter()
     model, (ids, mask) = models.minilm(texts)
     t_load = time.perf_counter() - t0
@@ -35,10 +46,15 @@ def run_demo(pipeline: str = "cse,fold-constants,dce", sentences: int = 8) -> in
     splice.verify(program)
     t_verify = time.perf_counter() - t0
     n_ops = sum(1 for n in program.graph.nodes if n.op == "call_function")
-    con.print(f"loaded in {t_load:.2f}s; captured {n_ops} ops, {len(program.weights)} weights in {t_capture:.2f}s; "
-              f"verified in {t_verify:.2f}s")
-    table, _ = stats_table(program, depth=4, title="cost by module (batch of "
-                           f"{ids.shape[0]} sentences x {ids.shape[1]} tokens)")
+    con.print(
+        f"loaded in {t_load:.2f}s; captured {n_ops} ops, {len(program.weights)} weights in {t_capture:.2f}s; "
+        f"verified in {t_verify:.2f}s"
+    )
+    table, _ = stats_table(
+        program,
+        depth=4,
+        title=f"cost by module (batch of {ids.shape[0]} sentences x {ids.shape[1]} tokens)",
+    )
     con.print(table)
 
     timing, check = Timing(), NumericCheck()
@@ -57,15 +73,21 @@ def run_demo(pipeline: str = "cse,fold-constants,dce", sentences: int = 8) -> in
     for col in ("sentence", "cosine", "max abs diff"):
         emb.add_column(col, justify="left" if col == "sentence" else "right")
     for i, text in enumerate(texts):
-        emb.add_row(text[:60], f"{cos[i].item():.7f}", f"{(ref[i] - out[i]).abs().max().item():.2e}")
+        emb.add_row(
+            text[:60], f"{cos[i].item():.7f}", f"{(ref[i] - out[i]).abs().max().item():.2e}"
+        )
     con.print(emb)
     sim = ref @ ref.T
     sim.fill_diagonal_(-2)
     i, j = divmod(int(sim.argmax()), sim.shape[1])
     con.print(f"most similar pair (cosine {sim[i, j].item():.3f}): {texts[i]!r} ~ {texts[j]!r}")
-    con.print(f"latency, batch {ids.shape[0]}: eager {t_eager:.2f} ms, splice program (PyTorch) {t_prog:.2f} ms")
+    con.print(
+        f"latency, batch {ids.shape[0]}: eager {t_eager:.2f} ms, splice program (PyTorch) {t_prog:.2f} ms"
+    )
     ok = bool(cos.min() > 0.999999)
-    con.print("demo ok" if ok else "demo FAILED: the optimised program disagrees with eager PyTorch")
+    con.print(
+        "demo ok" if ok else "demo FAILED: the optimised program disagrees with eager PyTorch"
+    )
     return 0 if ok else 1
 
 

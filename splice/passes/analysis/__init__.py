@@ -3,4 +3,12 @@
 from splice.passes.analysis.calibration import ActivationStats, CalibrationResult, calibrate
 from splice.passes.analysis.cost import Cost, CostReport, cost_model, node_cost
 
-__all__ = ["ActivationStats", "CalibrationResult", "Cost", "CostReport", "calibrate", "cost_model", "node_cost"]
+__all__ = [
+    "ActivationStats",
+    "CalibrationResult",
+    "Cost",
+    "CostReport",
+    "calibrate",
+    "cost_model",
+    "node_cost",
+]

@@ -57,16 +57,24 @@ class CalibrationResult:
         return self.values[name]
 
 
-def calibrate(program: Program, ctx: Any, *, nodes: Sequence[str], stats: Sequence[str] = ("raw",),
-              batches: Sequence[Sequence[Any]] | None = None) -> CalibrationResult:
+def calibrate(
+    program: Program,
+    ctx: Any,
+    *,
+    nodes: Sequence[str],
+    stats: Sequence[str] = ("raw",),
+    batches: Sequence[Sequence[Any]] | None = None,
+) -> CalibrationResult:
     """Collect activation statistics at ``nodes`` (see the module docstring)."""
     bad = [s for s in stats if s not in STATS]
     if bad:
         raise PassError(f"unknown calibration statistics {bad}", hint=f"choose from {STATS}")
     data = list(batches) if batches is not None else list(getattr(ctx, "calibration", []) or [])
     if not data:
-        raise PassError("calibration needs sample inputs, and none were given",
-                        hint="pass sample_inputs=[...] to the pipeline run (or --calib-samples on the CLI)")
+        raise PassError(
+            "calibration needs sample inputs, and none were given",
+            hint="pass sample_inputs=[...] to the pipeline run (or --calib-samples on the CLI)",
+        )
     probe = program.copy()
     by_name = {n.name: n for n in probe.graph.nodes}
     extra = []

@@ -32,18 +32,74 @@ from splice.ir.ops import op_def
 from splice.ir.program import Program
 
 VIEW_OPS = {
-    "view", "_unsafe_view", "reshape", "permute", "transpose", "t", "expand", "slice", "select", "unsqueeze",
-    "squeeze", "alias", "detach", "as_strided", "unflatten", "flatten", "split", "split_with_sizes", "chunk",
-    "unbind", "sym_size", "sym_numel", "sym_stride", "lift_fresh_copy", "view_as", "expand_as", "narrow",
-    "movedim", "_assert_scalar", "_assert_tensor_metadata", "scalar_tensor", "diagonal",
+    "view",
+    "_unsafe_view",
+    "reshape",
+    "permute",
+    "transpose",
+    "t",
+    "expand",
+    "slice",
+    "select",
+    "unsqueeze",
+    "squeeze",
+    "alias",
+    "detach",
+    "as_strided",
+    "unflatten",
+    "flatten",
+    "split",
+    "split_with_sizes",
+    "chunk",
+    "unbind",
+    "sym_size",
+    "sym_numel",
+    "sym_stride",
+    "lift_fresh_copy",
+    "view_as",
+    "expand_as",
+    "narrow",
+    "movedim",
+    "_assert_scalar",
+    "_assert_tensor_metadata",
+    "scalar_tensor",
+    "diagonal",
 }
 FIVE_FLOP_OPS = {
-    "layer_norm", "native_layer_norm", "batch_norm", "_native_batch_norm_legit_no_training", "group_norm",
-    "native_group_norm", "rms_norm", "softmax", "_softmax", "log_softmax", "_log_softmax", "instance_norm",
+    "layer_norm",
+    "native_layer_norm",
+    "batch_norm",
+    "_native_batch_norm_legit_no_training",
+    "group_norm",
+    "native_group_norm",
+    "rms_norm",
+    "softmax",
+    "_softmax",
+    "log_softmax",
+    "_log_softmax",
+    "instance_norm",
     "_safe_softmax",
 }
-REDUCTIONS = {"sum", "mean", "amax", "amin", "max", "min", "var", "std", "prod", "norm", "argmax", "argmin",
-              "logsumexp", "any", "all", "var_mean", "linalg_vector_norm", "cumsum"}
+REDUCTIONS = {
+    "sum",
+    "mean",
+    "amax",
+    "amin",
+    "max",
+    "min",
+    "var",
+    "std",
+    "prod",
+    "norm",
+    "argmax",
+    "argmin",
+    "logsumexp",
+    "any",
+    "all",
+    "var_mean",
+    "linalg_vector_norm",
+    "cumsum",
+}
 
 
 @dataclass
@@ -147,7 +203,9 @@ def node_cost(node: fx.Node, hints: dict[str, int]) -> Cost | None:
         fakes = fx.node.map_arg(a, lambda n: _fake_at_hints(n, env, hints))
         c = d.cost(*fakes, **fx.node.map_arg(node.kwargs, lambda n: _fake_at_hints(n, env, hints)))
         return Cost(c.flops, c.bytes_read, c.bytes_written)
-    if node.target is torch.ops.higher_order.cond or isinstance(node.target, torch._ops.HigherOrderOperator):
+    if node.target is torch.ops.higher_order.cond or isinstance(
+        node.target, torch._ops.HigherOrderOperator
+    ):
         return None
     if name in VIEW_OPS or name == "getitem":
         return Cost()
@@ -163,8 +221,16 @@ def node_cost(node: fx.Node, hints: dict[str, int]) -> Cost | None:
         k = _dim(left, left.rank - 1, hints) if left is not None and left.rank else 1
         flops = 2 * out_numel * k + (out_numel if name in ("addmm", "baddbmm") else 0)
         return Cost(flops, read, out_bytes)
-    if name in ("convolution", "conv1d", "conv2d", "conv3d", "_convolution", "conv_transpose1d",
-                "conv_transpose2d", "conv_transpose3d"):
+    if name in (
+        "convolution",
+        "conv1d",
+        "conv2d",
+        "conv3d",
+        "_convolution",
+        "conv_transpose1d",
+        "conv_transpose2d",
+        "conv_transpose3d",
+    ):
         x, w = _tspec(a[0]), _tspec(a[1])
         has_bias = len(a) > 2 and a[2] is not None
         kernel = 1
@@ -175,8 +241,11 @@ def node_cost(node: fx.Node, hints: dict[str, int]) -> Cost | None:
         else:
             flops = 2 * out_numel * _dim(w, 1, hints) * kernel
         return Cost(flops + (out_numel if has_bias else 0), read, out_bytes)
-    if name in ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
-                "_scaled_dot_product_efficient_attention"):
+    if name in (
+        "scaled_dot_product_attention",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+    ):
         q, k, v = _tspec(a[0]), _tspec(a[1]), _tspec(a[2])
         L, E = _dim(q, q.rank - 2, hints), _dim(q, q.rank - 1, hints)
         S, Ev = _dim(k, k.rank - 2, hints), _dim(v, v.rank - 1, hints)
@@ -187,7 +256,11 @@ def node_cost(node: fx.Node, hints: dict[str, int]) -> Cost | None:
         dim = _dim(w, w.rank - 1, hints) if w is not None else 1
         rows = out_numel // max(dim, 1)
         idx = _tspec(a[1])
-        return Cost(0, rows * dim * (w.nbytes(hints) // max(w.numel(hints), 1)) + _nbytes(idx, hints), out_bytes)
+        return Cost(
+            0,
+            rows * dim * (w.nbytes(hints) // max(w.numel(hints), 1)) + _nbytes(idx, hints),
+            out_bytes,
+        )
     if name in FIVE_FLOP_OPS:
         return Cost(5 * _numel(tensor_args[0] if tensor_args else None, hints), read, out_bytes)
     if name in REDUCTIONS:
@@ -204,7 +277,9 @@ def _fake_at_hints(n: fx.Node, env: M.FakeEnv, hints: dict[str, int]) -> Any:
     return None
 
 
-def cost_model(program: Program, ctx: Any = None, *, hints: dict[str, int] | None = None) -> CostReport:
+def cost_model(
+    program: Program, ctx: Any = None, *, hints: dict[str, int] | None = None
+) -> CostReport:
     """Cost of every call node of ``program`` (see the module docstring for conventions)."""
     hints = dict(hints or {n: s.hint for n, s in program.symbols.items()})
     report = CostReport()
@@ -218,7 +293,11 @@ def cost_model(program: Program, ctx: Any = None, *, hints: dict[str, int] | Non
             report.uncounted.append(node.name)
             c = Cost()
         for inp in node.all_input_nodes:
-            if inp.op == "get_attr" and kinds.get(inp.target) == "param" and inp.target not in counted:
+            if (
+                inp.op == "get_attr"
+                and kinds.get(inp.target) == "param"
+                and inp.target not in counted
+            ):
                 counted.add(inp.target)
                 c.params += program.get_weight(inp.target).numel()
         report.nodes[node.name] = c
