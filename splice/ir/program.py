@@ -560,9 +560,14 @@ def compose(
         else:
             bind = dict(zip(second.input_names, first.output_names))
     for s_in, f_out in bind.items():
-        second._input(s_in)
-        first._output_index(f_out)
-    for w in set(first.weight_kinds) & set(second.weight_kinds):
+        s_spec = M.get_spec(second._input(s_in))
+        f_spec = M.get_spec(first.output_values[first._output_index(f_out)])
+        if s_spec != f_spec:
+            raise ValueError(
+                f"cannot bind input {s_in} ({s_spec}) of {second.name!r} to output {f_out} ({f_spec}) "
+                f"of {first.name!r}: specs differ"
+            )
+    for w in sorted(set(first.weight_kinds) & set(second.weight_kinds)):
         if first.get_weight(w) is not second.get_weight(w):
             raise ValueError(
                 f"both programs have a different weight @{w}; rename it in one of them before composing"

@@ -77,6 +77,8 @@ class Rewriter:
         loc: M.Loc | None = None,
     ) -> fx.Node:
         """A new ``call_function`` node; its spec is inferred, its Loc stamped with the pass."""
+        if name is None and isinstance(target, torch._ops.OpOverload):
+            name = target._schema.name.split("::")[-1]  # "linear", as export names nodes
         node = self.graph.call_function(target, tuple(args), dict(kwargs or {}), name=name)
         self._finish(node, loc)
         return node

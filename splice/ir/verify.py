@@ -39,6 +39,12 @@ def verify(program: Program, *, propagate: bool = True) -> None:
         _check_structure(program, gm, top)
         _check_ops_and_weights(program, gm, top)
         _check_specs_present(program, gm)
+        try:
+            gm.graph.lint()
+        except (
+            Exception
+        ) as e:  # fx lint raises RuntimeError/AssertionError; our checks above name nodes
+            raise _err(f"graph lint failed: {e}") from e
     if propagate:
         runner = FakeRunner(program)
         for _path, gm in iter_graphs(program):
@@ -80,10 +86,6 @@ def _check_structure(program: Program, gm: fx.GraphModule, top: bool) -> None:
         for v in vals:
             if not isinstance(v, fx.Node):
                 raise _err(f"program output {v!r} is not a value", program.output_node)
-    try:
-        graph.lint()
-    except Exception as e:  # fx lint raises RuntimeError/AssertionError
-        raise _err(f"graph lint failed: {e}") from e
 
 
 def _check_ops_and_weights(program: Program, gm: fx.GraphModule, top: bool) -> None:

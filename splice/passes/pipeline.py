@@ -190,7 +190,7 @@ def parse_pipeline(text: str) -> Pipeline:
             cls = get_pass_class(name)
         except PipelineError as e:
             cur.pos = start
-            raise cur.error(f"unknown pass {name!r}", hint=e.hint) from None
+            raise cur.error(e.message, hint=e.hint) from None
         raw: dict[str, Any] = {}
         if cur.accept("{") and not cur.accept("}"):
             while True:
