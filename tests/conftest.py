@@ -11,8 +11,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("SPLICE_CACHE_DIR", os.path.join(os.path.dirname(__file__), ".cache"))
 
-import splice  # noqa: E402
-from splice import models  # noqa: E402
+import splice
+from splice import models
 
 ARCHS = ["gpt2", "llama", "bert", "vit", "mixtral", "convnet"]
 
@@ -23,12 +23,12 @@ def _seed():
     yield
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(name: str):
     return models.FACTORIES[name]()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _captured(name: str):
     model, args = _model(name)
     return splice.capture(model, args)

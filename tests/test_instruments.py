@@ -83,7 +83,7 @@ def conv(captured, arch_model):
 
 
 def test_timing_reports_every_pass(conv):
-    p, args = conv
+    p, _args = conv
     t = Timing()
     parse_pipeline("cse,dce").run(p, instruments=[t])
     assert [n for n, _ in t.records] == ["cse", "dce"]

@@ -85,10 +85,10 @@ def test_real_models_round_trip_with_locations(name, captured):
     ],
 )
 def test_literal_arguments_round_trip(value):
-    text = f"""program @p(%x : f32[2]) {{
+    text = """program @p(%x : f32[2]) {
   %y : f32[2] = aten.alias(%x)
   return out=%y
-}}"""
+}"""
     # the parser only builds the node; the literal need not fit the op's schema here
     printed = format_arg(value)
     q = splice.parse_ir(text.replace("aten.alias(%x)", f"aten.alias(%x, {printed})"))
