@@ -519,6 +519,17 @@ def _copy_graph_module(gm: fx.GraphModule, weight_kinds: Mapping[str, str]) -> f
     return build_graph_module(graph, weights, subs, class_name=type(gm).__name__)
 
 
+def _graph_module_cls() -> type[fx.GraphModule]:
+    """torch.fx's lazy GraphModule: Python code is generated on the first call, not on
+    construction, so copies and parsed programs that are never run never pay for it (about a
+    third of parsing a 20k-node program). torch is pinned, so the private class is stable."""
+    try:
+        from torch.fx._lazy_graph_module import _LazyGraphModule
+    except ImportError:  # pragma: no cover - other torch versions
+        return fx.GraphModule
+    return _LazyGraphModule
+
+
 def build_graph_module(
     graph: fx.Graph,
     weights: Mapping[str, tuple[torch.Tensor, str]],
@@ -531,7 +542,7 @@ def build_graph_module(
         set_weight_attr(root, w, t, k)
     for s, g in (subgraphs or {}).items():
         root.add_module(s, g)
-    gm = fx.GraphModule(root, graph, class_name=class_name)
+    gm = _graph_module_cls()(root, graph, class_name=class_name)
     # set weights on the result: GraphModule copies only what get_attr nodes reference
     for w, (t, k) in weights.items():
         set_weight_attr(gm, w, t, k)

@@ -26,6 +26,7 @@ class FakeRunner:
         self.program = program
         self.env = M.FakeEnv(program.symbols)
         self._weight_fakes: dict[str, torch.Tensor] = {}
+        self._spec_fakes: dict[M.Spec, Any] = {}
         # static-shape results are shared by all runners; symbolic ones depend on the symbols
         self._memo: dict[Any, M.Spec] = _STATIC_MEMO if not program.symbols else {}
 
@@ -44,7 +45,11 @@ class FakeRunner:
         s = M.get_spec(node)
         if s is None:
             raise KeyError(f"node %{node.name} has no spec")
-        return self.env.fake(s)
+        # one fake per spec: the IR's ops are functional, so inputs are never written to
+        f = self._spec_fakes.get(s)
+        if f is None:
+            f = self._spec_fakes[s] = self.env.fake(s)
+        return f
 
     def _get_attr_fake(self, node: fx.Node, gm: fx.GraphModule) -> Any:
         if gm is self.program.graph_module and self.program.has_weight(node.target):
