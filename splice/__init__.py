@@ -1,7 +1,8 @@
 """splice: a compiler for the structure of neural networks.
 
 Capture a PyTorch model into an FX-based IR (:func:`capture`), rewrite its structure with
-passes (:mod:`splice.passes`), and lower it to compiled kernels (:func:`compile`, later).
+passes (:mod:`splice.passes`), compile it for a target (:func:`compile`) and run the
+artifact (:func:`load`).
 """
 
 __version__ = "0.1.0"
@@ -16,11 +17,14 @@ from splice.errors import (
     SpliceError,
     VerificationError,
 )
-from splice.ir import Program, capture, compose, load, parse_ir, print_ir, save, verify
+from splice.ir import Program, capture, compose, parse_ir, print_ir, save, verify
+from splice.runtime import Artifact, CompiledModel, compile, load
 
 __all__ = [
+    "Artifact",
     "ArtifactError",
     "CaptureError",
+    "CompiledModel",
     "LoweringError",
     "ParseError",
     "PassError",
@@ -30,6 +34,7 @@ __all__ = [
     "VerificationError",
     "__version__",
     "capture",
+    "compile",
     "compose",
     "load",
     "parse_ir",

@@ -1,0 +1,254 @@
+"""Compiled artifacts: a folder that ``splice.load`` turns back into a callable.
+
+::
+
+    model.artifact/
+      manifest.json         format, versions, target, input/output specs, parts, sha256 of every file
+      main.so               one shared library per part (TVM: a Relax VM executable)
+      weights.safetensors   the program's weights by name (parameters are fed to the parts;
+                            buffers and constants are also linked into the parts)
+      program.ir            the program's text IR: the PyTorch reference for `splice run --check`
+                            and `splice bench`
+      samples.safetensors   optional sample inputs
+      host.json             (later) the host program that dispatches between split parts
+
+The folder is written to a temporary name and renamed into place. Loading checks every
+checksum and that this machine can run the target (architecture and CPU features) and
+raises :class:`~splice.errors.ArtifactError` otherwise. Nothing is unpickled: the parts are
+native libraries, the weights safetensors, the rest JSON and text.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from splice.errors import ArtifactError
+from splice.ir import meta as M
+from splice.ir.serialize import sha256_file
+
+FORMAT = "splice.artifact/1"
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+PROGRAM = "program.ir"
+SAMPLES = "samples.safetensors"
+
+# CPU features a host build may rely on; an artifact records those the build machine has.
+CHECKED_FEATURES = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "bmi2",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512dq",
+    "avx512_bf16",
+    "amx_tile",
+)
+
+
+def spec_json(spec: M.Spec) -> dict[str, Any]:
+    if not isinstance(spec, M.TensorSpec):
+        raise ArtifactError(f"artifact inputs and outputs must be tensors, got {spec}")
+    return {"shape": list(spec.shape), "dtype": M.dtype_name(spec.dtype)}
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    root = Path(path)
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise ArtifactError(
+            f"{root} is not a splice artifact (no {MANIFEST})",
+            hint="create one with splice.compile(program, target, output=...) or `splice compile`",
+        )
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{mpath} is not valid JSON: {e}") from e
+    return manifest
+
+
+def check_files(root: Path, manifest: dict[str, Any]) -> None:
+    for fname, digest in manifest.get("files", {}).items():
+        fpath = root / fname
+        if not fpath.is_file():
+            raise ArtifactError(f"{root}: file {fname} is missing")
+        if sha256_file(fpath) != digest:
+            raise ArtifactError(
+                f"{root}: checksum of {fname} does not match the manifest (file changed or corrupt)",
+                hint="rebuild the artifact; never edit its files",
+            )
+
+
+def check_target(manifest: dict[str, Any]) -> None:
+    """Raise ArtifactError unless this machine can run the artifact's target."""
+    target = manifest.get("target", {})
+    arch = str(target.get("triple", "")).split("-")[0]
+    here = platform.machine()
+    if target.get("kind") == "cuda":
+        try:
+            import tvm
+
+            ok = tvm.cuda(0).exist
+        except ImportError:
+            ok = False
+        if not ok:
+            raise ArtifactError("this artifact was built for CUDA and no CUDA GPU is visible")
+        return
+    if arch and arch != here:
+        raise ArtifactError(
+            f"this artifact was built for {target.get('triple')} ({target.get('name')}); this machine is {here}",
+            hint="run it on that machine, or under qemu-user (see docs/lowering.md)",
+        )
+    from splice.target import _cpu_flags
+
+    have = set(_cpu_flags())
+    missing = [f for f in manifest.get("required_features", []) if f not in have]
+    if have and missing:
+        raise ArtifactError(
+            f"this machine lacks CPU features the artifact was compiled for: {', '.join(missing)}",
+            hint="recompile on (or for) this machine",
+        )
+
+
+class CompiledModel:
+    """A loaded artifact: call it with torch tensors or numpy arrays, positionally or by name.
+
+    Returns the same kind it was given (numpy in, numpy out), one value for a one-output
+    model and a tuple otherwise.
+    """
+
+    def __init__(self, path: str | Path, *, num_threads: int | None = None):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        if self.manifest.get("format") != FORMAT:
+            raise ArtifactError(
+                f"{self.path}: unknown format {self.manifest.get('format')!r}, expected {FORMAT!r}"
+            )
+        check_files(self.path, self.manifest)
+        check_target(self.manifest)
+        self.input_names = [i["name"] for i in self.manifest["inputs"]]
+        self.output_names = [o["name"] for o in self.manifest["outputs"]]
+        from safetensors.torch import load_file
+
+        weights = load_file(str(self.path / WEIGHTS))
+        self.parts = {}
+        for part in self.manifest["parts"]:
+            if part.get("backend", "tvm") != "tvm":
+                raise ArtifactError(f"part {part['name']}: unknown backend {part.get('backend')!r}")
+            from splice.runtime.backends.tvm import TVMPart
+
+            params = [weights[n] for n in part["params"]]
+            self.parts[part["name"]] = TVMPart(
+                self.path / part["library"],
+                params,
+                entry=part.get("entry", "main"),
+                num_threads=num_threads,
+            )
+        self._main = self.parts[self.manifest["parts"][0]["name"]]
+        self._specs = [
+            (tuple(i["shape"]), M.dtype_from_name(i["dtype"])) for i in self.manifest["inputs"]
+        ]
+
+    def run(self, *args: Any, **kwargs: Any) -> list[Any]:
+        values = list(args)
+        for n in self.input_names[len(args) :]:
+            if n not in kwargs:
+                raise TypeError(f"missing input {n!r} (inputs: {self.input_names})")
+            values.append(kwargs.pop(n))
+        if kwargs or len(values) != len(self.input_names):
+            raise TypeError(
+                f"expected inputs {self.input_names}, got {len(values)} and {sorted(kwargs)}"
+            )
+        as_numpy = any(type(v).__module__ == "numpy" for v in values)
+        tensors = []
+        for name, v, (shape, dtype) in zip(self.input_names, values, self._specs):
+            t = torch.from_numpy(v) if type(v).__module__ == "numpy" else v
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(
+                    f"input {name!r} must be a tensor or numpy array, got {type(v).__name__}"
+                )
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise ArtifactError(
+                    f"input {name!r} is {M.TensorSpec(tuple(t.shape), t.dtype)}, the artifact was compiled for "
+                    f"{M.TensorSpec(shape, dtype)}",
+                    hint="compile the program for this shape",
+                )
+            tensors.append(t)
+        outs = self._main(*tensors)
+        return [o.numpy() for o in outs] if as_numpy else outs
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        outs = self.run(*args, **kwargs)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def run_named(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return dict(zip(self.output_names, self.run(*args, **kwargs)))
+
+    def reference(self):
+        """The program this artifact was compiled from, run by PyTorch (the reference)."""
+        from safetensors.torch import load_file
+
+        from splice.ir.parser import parse_ir
+
+        return parse_ir((self.path / PROGRAM).read_text(), load_file(str(self.path / WEIGHTS)))
+
+    def samples(self) -> list[tuple[torch.Tensor, ...]]:
+        from safetensors.torch import load_file
+
+        f = self.path / SAMPLES
+        if not f.is_file():
+            return []
+        flat = load_file(str(f))
+        out: list[tuple[torch.Tensor, ...]] = []
+        while all(f"{len(out)}.{n}" in flat for n in self.input_names):
+            out.append(tuple(flat[f"{len(out)}.{n}"] for n in self.input_names))
+        return out
+
+    def __repr__(self) -> str:
+        t = self.manifest.get("target", {})
+        return f"CompiledModel({str(self.path)!r}, target={t.get('name')!r}, inputs={self.input_names})"
+
+
+class Artifact:
+    """A compiled artifact on disk (what :func:`splice.compile` returns)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+
+    def load(self, *, num_threads: int | None = None) -> CompiledModel:
+        return CompiledModel(self.path, num_threads=num_threads)
+
+    @property
+    def files(self) -> list[str]:
+        return sorted(self.manifest.get("files", {}))
+
+    def __repr__(self) -> str:
+        return (
+            f"Artifact({str(self.path)!r}, target={self.manifest.get('target', {}).get('name')!r})"
+        )
+
+
+def write_samples(
+    path: Path, names: Sequence[str], samples: Sequence[Sequence[torch.Tensor]]
+) -> None:
+    from safetensors.torch import save_file
+
+    flat = {
+        f"{i}.{n}": t.detach().contiguous().cpu()
+        for i, s in enumerate(samples)
+        for n, t in zip(names, s)
+    }
+    save_file(flat, str(path))
+
+
+__all__ = ["FORMAT", "Artifact", "CompiledModel", "check_target", "read_manifest"]

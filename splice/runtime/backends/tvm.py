@@ -1,0 +1,375 @@
+"""The TVM backend: Program -> torch.export -> Relax -> scheduled TIR -> shared library.
+
+Lowering, step by step:
+
+1. **Export.** The Program's GraphModule is exported with ``torch.export`` (non-strict) on
+   placeholder inputs built from its input specs. Parameters stay parameters; buffers and
+   constants are bound into the module as constants ("linked into the module").
+2. **Import.** ``tvm.relax.frontend.torch.from_exported_program`` with
+   ``keep_params_as_input=True`` and :data:`CONVERT_MAP`, which lowers splice dialect ops.
+3. **Optimise.** Relax: ``DecomposeOpsForInference``, ``CanonicalizeBindings``,
+   ``FuseTransposeMatmul`` (``x @ Wᵀ`` as one NT-matmul reading W row-major), splice's
+   ``FastMath`` (vectorisable GELU/SiLU/sigmoid/exp/tanh/softmax; optional), ``LegalizeOps``, ``AnnotateTIROpPattern``, ``FoldConstant``, ``FuseOps``, ``FuseTIR``,
+   ``AttachAttrLayoutFreeBuffers``; then every TIR function is scheduled by splice's CPU
+   rules (:mod:`.tvm_schedules`, tile sizes from :mod:`.tvm_tuner`); then
+   ``SplitLayoutRewritePreproc`` and ``LiftTransformParams`` move the weight repacking into
+   ``main_transform_params``, which the runtime runs once at load time.
+4. **Build and export.** ``tvm.compile`` for the target and ``export_library``; for
+   ``aarch64-linux`` with Debian's ``aarch64-linux-gnu-gcc`` as the cross compiler.
+
+:class:`TVMPart` is the run-time side: it loads the ``.so``, makes a Relax VM, repacks
+the weights once, and calls ``main`` with zero-copy (DLPack) tensors.
+
+TVM is imported lazily; without it, :func:`require_tvm` raises a LoweringError that says
+which extra to install.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from splice.errors import LoweringError
+from splice.ir import meta as M
+from splice.ir.program import Program
+from splice.target import Target
+
+TVM_EXTRA = "pip install 'splice[tvm]'  (apache-tvm 0.27)"
+
+
+def require_tvm() -> Any:
+    """Import TVM, or raise LoweringError naming the extra to install."""
+    try:
+        import tvm
+        from tvm import relax  # noqa: F401
+    except ImportError as e:
+        raise LoweringError(
+            f"the TVM backend needs apache-tvm, which is not importable ({e})", hint=TVM_EXTRA
+        ) from e
+    return tvm
+
+
+# ---------------------------------------------------------------------------------------
+# targets
+
+
+def tvm_target_dict(target: Target) -> dict[str, Any]:
+    """The TVM 0.27 target description (a dict: 0.27 rejects "llvm -mcpu=..." strings)."""
+    if target.kind == "cuda":
+        return {"kind": "cuda", "host": {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}}
+    if target.triple.startswith("aarch64"):
+        return {
+            "kind": "llvm",
+            "mtriple": "aarch64-linux-gnu",
+            "mattr": ["+neon"],
+            "num-cores": target.cores,
+        }
+    d: dict[str, Any] = {
+        "kind": "llvm",
+        "mtriple": f"{target.triple.split('-')[0]}-linux-gnu",
+        "num-cores": target.cores,
+    }
+    cpu = target.cpu
+    if cpu == "native":
+        from tvm.target import codegen
+
+        cpu = codegen.llvm_get_system_cpu()
+    if cpu:
+        d["mcpu"] = cpu
+    return d
+
+
+def make_tvm_target(target: Target) -> Any:
+    tvm = require_tvm()
+    if target.kind == "cuda" and not tvm.cuda(0).exist:
+        raise LoweringError(
+            "target cuda needs a CUDA GPU, and none is visible here",
+            hint="compile for 'host' or 'aarch64-linux', or run on a machine with a CUDA GPU",
+        )
+    return tvm.target.Target(tvm_target_dict(target))
+
+
+def cross_compiler(target: Target) -> Any | None:
+    """The fcompile for export_library: None for the host, Debian's cross gcc for aarch64."""
+    host_arch = platform.machine()
+    arch = target.triple.split("-")[0]
+    if arch in (host_arch, "x86_64" if host_arch == "x86_64" else host_arch):
+        return None
+    if arch == "aarch64":
+        gcc = shutil.which("aarch64-linux-gnu-gcc")
+        if gcc is None:
+            raise LoweringError(
+                "cross-compiling for aarch64 needs aarch64-linux-gnu-gcc, which is not installed",
+                hint="apt-get install gcc-aarch64-linux-gnu",
+            )
+        from tvm.contrib import cc
+
+        return cc.cross_compiler(gcc)
+    raise LoweringError(f"no cross compiler known for {target.triple}")
+
+
+# ---------------------------------------------------------------------------------------
+# splice dialect ops -> Relax
+
+
+def _convert_lowrank_linear(node: Any, importer: Any) -> Any:
+    from tvm import relax
+
+    args = importer.retrieve_args(node)
+    x, A, B = args[0], args[1], args[2]
+    bias = args[3] if len(args) > 3 else node.kwargs.get("bias")
+    rank = args[4] if len(args) > 4 else node.kwargs.get("rank")
+    bb = importer.block_builder
+    if rank is not None:
+        k = int(rank)
+        A = bb.emit(relax.op.strided_slice(A, axes=[1], begin=[0], end=[k]))
+        B = bb.emit(relax.op.strided_slice(B, axes=[0], begin=[0], end=[k]))
+    h = bb.emit(relax.op.linear(x, B, None, "float32"))
+    return bb.emit(relax.op.linear(h, A, bias, "float32"))
+
+
+CONVERT_MAP: dict[str, Callable[[Any, Any], Any]] = {
+    "lowrank_linear.default": _convert_lowrank_linear,
+}
+"""splice dialect op (``op.overload``) -> Relax converter. Each op's issue adds its own."""
+
+
+# ---------------------------------------------------------------------------------------
+# lowering
+
+
+def example_inputs(program: Program) -> tuple[torch.Tensor, ...]:
+    """Placeholder inputs with the program's input specs (values are irrelevant to export)."""
+    out = []
+    for n in program.input_nodes:
+        s = M.spec(n)
+        if not isinstance(s, M.TensorSpec) or not s.is_static:
+            raise LoweringError(
+                f"input %{n.name} has spec {s}; the TVM backend compiles static tensor shapes only",
+                hint="capture the model without dynamic_shapes, once per shape you deploy",
+            )
+        out.append(torch.zeros(tuple(int(d) for d in s.shape), dtype=s.dtype))
+    return tuple(out)
+
+
+def export_program(program: Program) -> tuple[torch.export.ExportedProgram, list[str]]:
+    """torch.export of the program; returns it and the parameter names in Relax's order."""
+    gm = program.to_module()
+    try:
+        ep = torch.export.export(gm, example_inputs(program), strict=False)
+    except LoweringError:
+        raise
+    except Exception as e:
+        raise LoweringError(
+            f"torch.export of program {program.name!r} failed: {type(e).__name__}: {e}",
+            hint="run splice.verify(program); the program must be exportable",
+        ) from e
+    kind = torch.export.graph_signature.InputKind
+    params = [s.target for s in ep.graph_signature.input_specs if s.kind == kind.PARAMETER]
+    return ep, params
+
+
+@dataclass
+class LoweringReport:
+    seconds: dict[str, float] = field(default_factory=dict)
+    schedules: dict[str, str] = field(default_factory=dict)
+    matmuls: dict[str, dict[str, Any]] = field(default_factory=dict)
+    unscheduled: dict[str, str] = field(default_factory=dict)
+    tuning: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        rules: dict[str, int] = {}
+        for r in self.schedules.values():
+            rules[r] = rules.get(r, 0) + 1
+        return {
+            "seconds": self.seconds,
+            "schedule_rules": rules,
+            "matmuls": self.matmuls,
+            "unscheduled": self.unscheduled,
+            "tuning": self.tuning,
+        }
+
+
+def lower(
+    program: Program,
+    target: Target,
+    *,
+    trials: int = 0,
+    fast_math: bool = True,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> tuple[Any, list[str], LoweringReport]:
+    """Program -> built TVM executable (not yet exported), parameter order, report."""
+    tvm = require_tvm()
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from splice.runtime.backends.tvm_schedules import schedule_module
+    from splice.runtime.backends.tvm_tuner import Tuner
+
+    report = LoweringReport()
+    say = progress or (lambda message, done, total: None)
+    t0 = time.perf_counter()
+    say("exporting", 0, 4)
+    ep, param_names = export_program(program)
+    report.seconds["export"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    say("importing into Relax", 1, 4)
+    try:
+        mod = from_exported_program(ep, keep_params_as_input=True, custom_convert_map=CONVERT_MAP)
+    except Exception as e:
+        raise LoweringError(
+            f"TVM could not import program {program.name!r}: {type(e).__name__}: {_first(e)}",
+            hint="an op without a Relax converter; see CONVERT_MAP in splice/runtime/backends/tvm.py",
+        ) from e
+    mod, _ = relax.frontend.detach_params(mod)
+    report.seconds["import"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    say("optimising", 2, 4)
+    ttarget = make_tvm_target(target)
+    tuner = Tuner(ttarget, trials, progress=progress)
+    with ttarget:
+        from splice.runtime.backends.tvm_fastmath import FastMath
+
+        mod = tvm.transform.Sequential(
+            [
+                relax.transform.DecomposeOpsForInference(),
+                relax.transform.CanonicalizeBindings(),
+                relax.transform.FuseTransposeMatmul(),
+                *([FastMath()] if fast_math else []),
+                relax.transform.LegalizeOps(),
+                relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FoldConstant(),
+                relax.transform.FuseOps(),
+                relax.transform.FuseTIR(),
+                relax.transform.AttachAttrLayoutFreeBuffers(),
+            ]
+        )(mod)
+        if target.kind != "cuda":
+            mod, sched = schedule_module(mod, tuner)
+            report.schedules, report.matmuls, report.unscheduled = (
+                sched.rules,
+                sched.matmuls,
+                sched.failures,
+            )
+        mod = tvm.transform.Sequential(
+            [
+                relax.transform.SplitLayoutRewritePreproc(),
+                relax.transform.LiftTransformParams(),
+                relax.transform.FoldConstant(),
+            ]
+        )(mod)
+        if target.kind == "cuda":
+            from tvm.s_tir import dlight as dl
+
+            mod = dl.ApplyDefaultSchedule(
+                dl.gpu.Matmul(),
+                dl.gpu.GEMV(),
+                dl.gpu.Reduction(),
+                dl.gpu.GeneralReduction(),
+                dl.gpu.Fallback(),
+            )(mod)
+    tuner.save()
+    report.tuning = tuner.log
+    report.seconds["optimise"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    say("building", 3, 4)
+    try:
+        ex = tvm.compile(mod, target=ttarget)
+    except Exception as e:
+        raise LoweringError(
+            f"TVM build failed for {program.name!r}: {type(e).__name__}: {_first(e)}"
+        ) from e
+    report.seconds["build"] = time.perf_counter() - t0
+    say("built", 4, 4)
+    return ex, param_names, report
+
+
+def export_library(ex: Any, path: Path, target: Target) -> None:
+    fcompile = cross_compiler(target)
+    try:
+        if fcompile is None:
+            ex.export_library(str(path))
+        else:
+            ex.export_library(str(path), fcompile=fcompile)
+    except LoweringError:
+        raise
+    except Exception as e:
+        raise LoweringError(
+            f"linking {path.name} for {target.triple} failed: {type(e).__name__}: {_first(e)}"
+        ) from e
+
+
+def _first(e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error" in ln or "error" in ln:
+            return ln.strip()[:300]
+    return lines[-1].strip()[:300] if lines else type(e).__name__
+
+
+# ---------------------------------------------------------------------------------------
+# run time
+
+
+class TVMPart:
+    """A compiled part loaded from its ``.so``: weights repacked once, then callable."""
+
+    def __init__(
+        self,
+        library: str | os.PathLike[str],
+        weights: Sequence[torch.Tensor],
+        *,
+        entry: str = "main",
+        num_threads: int | None = None,
+    ):
+        tvm = require_tvm()
+        from tvm import relax
+
+        if num_threads is not None:
+            os.environ["TVM_NUM_THREADS"] = str(num_threads)
+        self._tvm = tvm
+        self.device = tvm.cpu(0)
+        lib = tvm.runtime.load_module(str(library))
+        self.vm = relax.VirtualMachine(lib, self.device)
+        self.entry = entry
+        self._main = self.vm[entry]
+        raw = [self._to_tvm(w.detach().contiguous()) for w in weights]
+        transform = f"{entry}_transform_params"
+        if raw and self.vm.module.implements_function(transform):
+            self.params = list(self.vm[transform](raw))
+        else:
+            self.params = raw
+
+    def _to_tvm(self, t: torch.Tensor) -> Any:
+        if t.data_ptr() % 64:  # TVM needs 64-byte aligned data; torch's allocator gives that
+            t = t.clone()
+        return self._tvm.runtime.from_dlpack(t)
+
+    def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        args = [self._to_tvm(x.contiguous()) for x in inputs]
+        out = self._main(*args, *self.params)
+        outs = list(out) if isinstance(out, (tuple, list)) or hasattr(out, "__len__") else [out]
+        return [torch.from_dlpack(o) for o in outs]
+
+
+__all__ = [
+    "CONVERT_MAP",
+    "TVMPart",
+    "export_library",
+    "export_program",
+    "lower",
+    "make_tvm_target",
+    "require_tvm",
+    "tvm_target_dict",
+]

@@ -1,0 +1,571 @@
+"""CPU schedules for the TIR functions a Relax build produces.
+
+Why splice schedules TIR itself: apache-tvm 0.27's CPU dlight rules cover GEMV and plain
+reductions only (and its GEMV rule vectorises across rows, which is slow for row-major
+weights), and MetaSchedule cannot run from this wheel — serialising any TIR node to JSON
+(which MetaSchedule's database and builder need) crashes the process. So every fused TIR
+function gets one of four rules:
+
+``matmul``
+    A multiply-accumulate block ``C[.., i, j] += A[.., i, k] * B[.., (j, k) | (k, j)]``
+    with element-wise epilogues (bias, GELU...). When B is a weight (a layout-free buffer)
+    it is repacked once, at load time, to ``[N/nb, K, nb]``; the kernel keeps an ``mi × nb``
+    tile of C in vector registers, streams one packed panel of B per tile, walks tiles
+    panel-major (so a panel is reused across all row blocks while it is in cache) and runs
+    them in parallel. The same kernel serves decode (``mi = 1``: a GEMV reading each weight
+    byte once) and prefill (``mi = 4``). When B is an activation (attention) the panel is
+    packed per batch inside the kernel.
+``row``
+    Reductions and normalisations (layer norm, softmax, mean): every block is computed at
+    one parallel loop over the rows of the output.
+``injective``
+    Element-wise and layout ops: loops fused, parallel over chunks, vectorised inside.
+``fallback``
+    Parallelise the outermost loop only.
+
+Each rule returns ``None`` when it does not apply, and the next rule is tried; a function
+no rule accepts stays unscheduled (correct, slow) and is reported. Matmul tile sizes are a
+:class:`MatmulConfig`; :func:`matmul_candidates` lists the ones the tuner tries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+VECTOR_LANES = 8  # fp32 lanes of a 256-bit vector; the packed panel width is a multiple
+
+
+@dataclass(frozen=True)
+class MatmulConfig:
+    """Tile sizes of the matmul microkernel: ``mi`` rows × ``nb`` columns of C in registers."""
+
+    nb: int
+    mi: int
+
+    def to_json(self) -> dict[str, int]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# analysis of a PrimFunc
+
+
+def _tvm():
+    import tvm
+    from tvm import s_tir, tirx
+
+    return tvm, s_tir, tirx
+
+
+def _ir():
+    # apache-tvm 0.27 moved TIR expression nodes: loads are tvm.ir.expr.TensorLoad, arithmetic
+    # is tvm.ir.prim.expr, function parameters are tensor Vars (no buffer_map)
+    from tvm.ir import expr as IE
+    from tvm.ir.prim import expr as PE
+
+    return IE, PE
+
+
+def _int(x: Any) -> int | None:
+    try:
+        return int(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def _root_blocks(sch: Any) -> list[Any]:
+    return list(sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def _iter_kinds(sch: Any, block: Any) -> list[int]:
+    return [int(iv.iter_type) for iv in sch.get(block).iter_vars]
+
+
+def _is_reduction(sch: Any, block: Any) -> bool:
+    return any(k != 0 for k in _iter_kinds(sch, block))
+
+
+def _extent(sch: Any, loop: Any) -> int | None:
+    return _int(sch.get(loop).extent)
+
+
+@dataclass
+class MatmulInfo:
+    """A contraction ``C[..] += A[..] * B[..]``: a matmul, batched matmul or convolution.
+
+    Every spatial iterator of the block has a role: ``batch`` (indexes A, B and C),
+    ``row`` (indexes A and C: tokens, output pixels), or the one ``col`` (indexes B and C:
+    output features/channels). B's indices must be plain iterators (batch, col and
+    reduction ones) so that B can be repacked to ``[batch.., col/nb, reductions.., nb]``.
+    """
+
+    block_name: str
+    b_index: int  # position of B among the block's reads
+    b_param: int | None  # index of B among the function's parameters, if it is one
+    b_vars: list[str]  # B's index iterators in order, by role: "batch", "col", "red<i>"
+    out_roles: list[str]  # role of each output index: "batch", "row", "col"
+    iter_roles: list[str]  # role of each block iterator: "batch", "row", "col", "red"
+    row_extents: list[int]  # extents of the row iterators, in output order
+    m: int  # product of row extents
+    n: int  # extent of col
+    k: int  # product of reduction extents
+    batch: int  # product of batch extents
+    layout_free: bool
+
+
+def analyse_matmul(func: Any) -> MatmulInfo | None:
+    """Recognise a single multiply-accumulate block (matmul or convolution) in ``func``."""
+    _, s_tir, _ = _tvm()
+    IE, PE = _ir()
+    sch = s_tir.Schedule(func)
+    reductions = [b for b in _root_blocks(sch) if _is_reduction(sch, b)]
+    if len(reductions) != 1:
+        return None
+    stmt = sch.get(reductions[0])
+    kinds = [int(iv.iter_type) for iv in stmt.iter_vars]
+    if any(k not in (0, 2) for k in kinds):
+        return None
+    body = stmt.body
+    if not hasattr(body, "value") or not isinstance(body.value, PE.Add):
+        return None
+    mul = body.value.b
+    if isinstance(mul, PE.Cast):
+        mul = mul.value
+    if not isinstance(mul, PE.Mul):
+        return None
+    loads = [x.value if isinstance(x, PE.Cast) else x for x in (mul.a, mul.b)]
+    if not all(isinstance(x, IE.TensorLoad) for x in loads):
+        return None
+    ivs = list(stmt.iter_vars)
+    extents = [_int(iv.dom.extent) for iv in ivs]
+    if any(e is None for e in extents):
+        return None  # symbolic shapes: not handled by this rule
+
+    def uses(expr: Any) -> set[int]:
+        return {i for i, iv in enumerate(ivs) if _mentions(expr, iv.var)}
+
+    def plain(load: Any) -> list[int] | None:
+        out = []
+        for idx in load.indices:
+            hit = [i for i, iv in enumerate(ivs) if idx.same_as(iv.var)]
+            if len(hit) != 1:
+                return None
+            out.append(hit[0])
+        return out
+
+    store = [
+        next((i for i, iv in enumerate(ivs) if idx.same_as(iv.var)), None) for idx in body.indices
+    ]
+    if any(x is None or kinds[x] != 0 for x in store):
+        return None
+    free = [int(x) for x in (func.attrs.get("layout_free_buffers", []) if func.attrs else [])]
+    params = list(func.params)
+
+    def param_index(load: Any) -> int | None:
+        return next((i for i, p in enumerate(params) if p.same_as(load.source)), None)
+
+    order = sorted(range(2), key=lambda t: 0 if param_index(loads[t]) in free else 1)
+    for t in order:
+        b_load, a_load = loads[t], loads[1 - t]
+        b_iters = plain(b_load)
+        if b_iters is None:
+            continue
+        a_used = set().union(*(uses(ix) for ix in a_load.indices)) if a_load.indices else set()
+        b_used = set(b_iters)
+        spatial = {i for i, kd in enumerate(kinds) if kd == 0}
+        cols = [i for i in spatial if i in b_used and i not in a_used]
+        if len(cols) != 1:
+            continue
+        col = cols[0]
+        roles: dict[int, str] = {}
+        for i in spatial:
+            if i == col:
+                roles[i] = "col"
+            elif i in a_used and i in b_used:
+                roles[i] = "batch"
+            elif i in a_used:
+                roles[i] = "row"
+            else:
+                roles[i] = "other"
+        if "other" in roles.values():
+            continue
+        b_roles = []
+        for i in b_iters:
+            if kinds[i] == 2:
+                b_roles.append(f"red{i}")
+            elif roles[i] in ("batch", "col"):
+                b_roles.append(roles[i])
+            else:
+                b_roles = None
+                break
+        if b_roles is None or b_roles.count("col") != 1:
+            continue
+        # batch dims must lead B (as they lead A and C), so packing keeps them outermost
+        nb_batch = b_roles.count("batch")
+        if b_roles[:nb_batch] != ["batch"] * nb_batch:
+            continue
+        out_roles = [roles[i] for i in store]
+        reads = [r.source for r in stmt.reads]
+        b_index = next((ri for ri, buf in enumerate(reads) if buf.same_as(b_load.source)), None)
+        if b_index is None:
+            continue
+        bp = param_index(b_load)
+        row_ext = [extents[i] for i in store if roles[i] == "row"]
+        prod = lambda xs: __import__("math").prod(xs)  # noqa: E731
+        iter_roles = [roles[i] if kinds[i] == 0 else "red" for i in range(len(ivs))]
+        return MatmulInfo(
+            stmt.name_hint,
+            b_index,
+            bp,
+            b_roles,
+            out_roles,
+            iter_roles,
+            row_ext,
+            prod(row_ext),
+            extents[col],
+            prod(extents[i] for i, kd in enumerate(kinds) if kd == 2),
+            prod(extents[i] for i in spatial if roles[i] == "batch"),
+            bp is not None and bp in free,
+        )
+    return None
+
+
+def _mentions(expr: Any, var: Any) -> bool:
+    from tvm.tirx.analysis import undefined_vars
+
+    return expr.same_as(var) or any(v.same_as(var) for v in undefined_vars(expr))
+
+
+def default_matmul_config(info: MatmulInfo) -> MatmulConfig | None:
+    """The tile sizes used without tuning: wide panels for decode, 4×16 tiles otherwise."""
+    cands = matmul_candidates(info)
+    if not cands:
+        return None
+    if info.m <= 2:
+        wide = [c for c in cands if c.mi == info.m]
+        return max(wide, key=lambda c: c.nb) if wide else cands[0]
+    pref = (
+        [c for c in cands if c.nb == 16 and c.mi == 4] or [c for c in cands if c.nb == 16] or cands
+    )
+    return pref[0]
+
+
+def matmul_candidates(info: MatmulInfo) -> list[MatmulConfig]:
+    """Tile sizes the tuner tries: ``nb`` dividing N, ``mi`` dividing the innermost row extent."""
+    nbs = [nb for nb in (32, 16, 8) if info.n % nb == 0]
+    if not nbs and info.n <= 32:
+        nbs = [info.n]
+    if not nbs:
+        return []
+    inner = info.row_extents[-1] if info.row_extents else 1
+    if inner <= 4:
+        mis = [inner]
+    else:
+        mis = [mi for mi in (4, 6, 3, 2, 8, 7, 5) if inner % mi == 0] or [4]
+    out = []
+    for nb in nbs:
+        for mi in mis:
+            if mi * -(-nb // VECTOR_LANES) <= 12:  # accumulators must fit in 16 vector registers
+                out.append(MatmulConfig(nb, mi))
+    return out
+
+
+def schedule_matmul(func: Any, info: MatmulInfo, cfg: MatmulConfig, *, prepack: bool = True) -> Any:
+    """The contraction rule (see the module docstring). ``prepack=False`` expects B already
+    packed (the tuner measures kernels that way)."""
+    _, s_tir, _ = _tvm()
+    sch = s_tir.Schedule(func)
+
+    def block_pos() -> int:
+        return next(
+            i for i, b in enumerate(_root_blocks(sch)) if sch.get(b).name_hint == info.block_name
+        )
+
+    for b in _root_blocks(sch)[: block_pos()]:  # producers (reshapes, casts): inline
+        # padding stays its own loop nest: inlined, it puts a branch into the inner loop
+        if "if_then_else" in sch.get(b).script():
+            _parallel_injective(sch, b)
+            continue
+        try:
+            sch.compute_inline(b)
+        except Exception:  # not inlinable: computed on its own, in parallel
+            _parallel_injective(sch, b)
+    mm = sch.get_sblock(info.block_name)
+    # block iterators in the order the tile loops need: batch, rows, the column, reductions
+    rank = {"batch": 0, "row": 1, "col": 2, "red": 3}
+    order = sorted(range(len(info.iter_roles)), key=lambda i: (rank[info.iter_roles[i]], i))
+    if order != list(range(len(order))):
+        sch.reorder_block_iter_var(mm, order)
+    epilogue = _root_blocks(sch)[block_pos() + 1 :]
+    for b in epilogue[:-1]:
+        sch.compute_inline(b)
+    nb, mi = cfg.nb, cfg.mi
+    roles = info.b_vars
+
+    def packed(*idx: Any) -> tuple[Any, ...]:
+        by_role = dict(zip(roles, idx))
+        batch = [x for r, x in zip(roles, idx) if r == "batch"]
+        red = [x for r, x in zip(roles, idx) if r.startswith("red")]
+        j = by_role["col"]
+        return (*batch, j // nb, *red, j % nb)
+
+    pack_block = None
+    if info.layout_free and not prepack:
+        sch.transform_layout(mm, ("read", info.b_index), index_map=packed)
+    else:
+        pack_block = sch.cache_read(mm, info.b_index, "global")
+        sch.transform_layout(mm, ("read", info.b_index), index_map=packed)
+        if info.layout_free:
+            # a weight: the repacking runs once, at load time (SplitLayoutRewritePreproc and
+            # LiftTransformParams move the annotated copy into transform_params)
+            sch.annotate(pack_block, "meta_schedule.layout_rewrite_preproc", 1)
+
+    out = _root_blocks(sch)[-1] if epilogue else sch.cache_write(mm, 0, "global")
+    loops = sch.get_loops(out)
+    if len(loops) != len(info.out_roles):
+        raise ValueError("epilogue loops do not match the contraction's output")
+    by_role: dict[str, list[Any]] = {"batch": [], "row": [], "col": []}
+    for lp, role in zip(loops, info.out_roles):
+        by_role[role].append(lp)
+    rows = by_role["row"]
+    col = by_role["col"][0]
+    jo, ji = sch.split(col, [None, nb])
+    if rows:
+        io, ii = sch.split(rows[-1], [None, min(mi, info.row_extents[-1])])
+        outer_rows = [*rows[:-1], io]
+        inner_rows = [ii]
+    else:
+        outer_rows, inner_rows = [], []
+    batch_loops = by_role["batch"]
+    sch.reorder(*batch_loops, jo, *outer_rows, *inner_rows, ji)
+    sch.vectorize(ji)
+    if info.layout_free or not batch_loops:
+        tile = sch.fuse(*batch_loops, jo, *outer_rows)  # panel-major, all tiles in parallel
+        sch.parallel(tile)
+        batch = None
+    else:
+        # activation operand with batch dims: one batch per parallel task, packed inside it
+        batch = sch.fuse(*batch_loops) if len(batch_loops) > 1 else batch_loops[0]
+        sch.parallel(batch)
+        tile = outer_rows[-1] if outer_rows else jo
+    sch.compute_at(mm, tile)
+    sch.set_scope(mm, 0, "local")
+    mm_loops = sch.get_loops(mm)
+    depth = next(i for i, lp in enumerate(mm_loops) if sch.get(lp).same_as(sch.get(tile)))
+    inner = mm_loops[depth + 1 :]
+    # compute_at drops unit loops: the reductions left are those with extent > 1
+    n_red = sum(
+        1 for iv in sch.get(mm).iter_vars if int(iv.iter_type) == 2 and _int(iv.dom.extent) != 1
+    )
+    spatial, red = inner[: len(inner) - n_red], inner[len(inner) - n_red :]
+    sch.reorder(*red, *spatial)
+    sch.vectorize(spatial[-1])
+    for lp in spatial[:-1]:
+        sch.unroll(lp)
+    if red:
+        sch.decompose_reduction(mm, red[0])
+    if pack_block is not None and not info.layout_free:
+        if batch is not None:
+            sch.compute_at(pack_block, batch)
+        else:
+            _parallel_injective(sch, pack_block)
+    return sch.mod["main"]
+
+
+def _parallel_injective(sch: Any, block: Any) -> None:
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    if _extent(sch, loops[0]) not in (None, 1) and sch.get(loops[0]).kind == 0:
+        try:
+            sch.parallel(loops[0])
+        except Exception:  # already inside a parallel loop
+            pass
+
+
+def schedule_rows(func: Any) -> Any | None:
+    """Reductions and normalisations: all blocks computed per row of the output, in parallel."""
+    _, s_tir, _ = _tvm()
+    sch = s_tir.Schedule(func)
+    blocks = _root_blocks(sch)
+    if not any(_is_reduction(sch, b) for b in blocks):
+        return None
+    for b in blocks[:-1]:
+        if not _is_reduction(sch, b):
+            try:
+                sch.compute_inline(b)
+            except Exception:  # not inlinable (e.g. read twice with different layouts)
+                pass
+    blocks = _root_blocks(sch)
+    last = blocks[-1]
+    loops = sch.get_loops(last)
+    kinds = _iter_kinds(sch, last)
+    spatial = [lp for lp, kd in zip(loops, kinds) if kd == 0]
+    if len(spatial) != len(loops) and kinds[: len(spatial)] != [0] * len(spatial):
+        return None
+    if not spatial:
+        return None
+    if _is_reduction(sch, last):
+        outer = spatial
+    else:
+        outer = spatial[:-1] if len(spatial) > 1 else spatial
+    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    ext = _extent(sch, fused)
+    if ext is None or ext < 2:
+        return None
+    sch.parallel(fused)
+    for b in reversed(blocks[:-1]):
+        sch.compute_at(b, fused)
+    if not _is_reduction(sch, last) and len(spatial) > 1:
+        inner = sch.get_loops(last)[-1]
+        e = _extent(sch, inner)
+        if e is not None and e % VECTOR_LANES == 0:
+            _, vi = sch.split(inner, [None, VECTOR_LANES])
+            sch.vectorize(vi)
+    return sch.mod["main"]
+
+
+def schedule_injective(func: Any, chunk: int = 1024) -> Any | None:
+    """Element-wise/layout blocks: each root block fused, parallel over chunks, vectorised."""
+    _, s_tir, _ = _tvm()
+    sch = s_tir.Schedule(func)
+    blocks = _root_blocks(sch)
+    if any(_is_reduction(sch, b) for b in blocks):
+        return None
+    for b in blocks[:-1]:
+        try:
+            sch.compute_inline(b)
+        except Exception:  # keep blocks that cannot be inlined; they get scheduled below
+            pass
+    for b in _root_blocks(sch):
+        loops = sch.get_loops(b)
+        if not loops:
+            continue
+        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+        ext = _extent(sch, fused)
+        if ext is None:
+            continue
+        if ext >= 2 * chunk:
+            outer, inner = sch.split(fused, [None, chunk])
+            sch.parallel(outer)
+            _, vec = sch.split(inner, [None, VECTOR_LANES])
+            sch.vectorize(vec)
+        elif ext % VECTOR_LANES == 0 and ext >= VECTOR_LANES:
+            _, vec = sch.split(fused, [None, VECTOR_LANES])
+            sch.vectorize(vec)
+    return sch.mod["main"]
+
+
+def schedule_fallback(func: Any) -> Any | None:
+    _, s_tir, _ = _tvm()
+    sch = s_tir.Schedule(func)
+    done = False
+    for b in _root_blocks(sch):
+        loops = sch.get_loops(b)
+        if loops and _extent(sch, loops[0]) not in (None, 0, 1) and _iter_kinds(sch, b)[0] == 0:
+            sch.parallel(loops[0])
+            done = True
+    return sch.mod["main"] if done else None
+
+
+# ---------------------------------------------------------------------------------------
+# the module-level driver
+
+
+@dataclass
+class ScheduleReport:
+    """Which rule scheduled each function (and why some were left unscheduled)."""
+
+    rules: dict[str, str]
+    matmuls: dict[str, dict[str, Any]]
+    failures: dict[str, str]
+
+    def count(self, rule: str) -> int:
+        return sum(1 for r in self.rules.values() if r == rule)
+
+
+def schedule_module(
+    mod: Any,
+    choose: Callable[[str, Any, MatmulInfo], MatmulConfig | None] | None = None,
+) -> tuple[Any, ScheduleReport]:
+    """Schedule every unscheduled PrimFunc of ``mod``.
+
+    ``choose(name, func, info)`` picks the matmul tile sizes (the tuner); by default
+    :func:`default_matmul_config`.
+    """
+    tvm, _, tirx = _tvm()
+    rules: dict[str, str] = {}
+    matmuls: dict[str, dict[str, Any]] = {}
+    failures: dict[str, str] = {}
+    for gv, func in list(mod.functions.items()):
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
+            continue
+        name = gv.name_hint
+        new, rule = None, "unscheduled"
+        errors: list[str] = []
+        info = analyse_matmul(func)
+        if info is not None:
+            cfg = choose(name, func, info) if choose is not None else default_matmul_config(info)
+            if cfg is not None:
+                try:
+                    new, rule = schedule_matmul(func, info, cfg), "matmul"
+                    matmuls[name] = {
+                        **cfg.to_json(),
+                        "m": info.m,
+                        "n": info.n,
+                        "k": info.k,
+                        "batch": info.batch,
+                        "weight": info.layout_free,
+                    }
+                except Exception as e:  # fall through to the generic rules
+                    errors.append(f"matmul: {_first_line(e)}")
+        for rule_name, fn in (
+            ("row", schedule_rows),
+            ("injective", schedule_injective),
+            ("fallback", schedule_fallback),
+        ):
+            if new is not None:
+                break
+            try:
+                new = fn(func)
+                if new is not None:
+                    rule = rule_name
+            except Exception as e:
+                errors.append(f"{rule_name}: {_first_line(e)}")
+        if new is not None:
+            mod[gv] = new.with_attr("tirx.is_scheduled", True)
+        if errors:  # rules that did not apply, kept so that a slow kernel can be explained
+            failures[name] = "; ".join(errors)
+        rules[name] = rule
+    return mod, ScheduleReport(rules, matmuls, failures)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    msg = next((ln for ln in text if "Error" in ln or "error" in ln), text[0] if text else "")
+    return f"{type(e).__name__}: {msg[:200]}"
+
+
+def iter_prim_funcs(mod: Any) -> Iterable[tuple[str, Any]]:
+    _, _, tirx = _tvm()
+    for gv, f in mod.functions.items():
+        if isinstance(f, tirx.PrimFunc):
+            yield gv.name_hint, f
+
+
+__all__ = [
+    "MatmulConfig",
+    "MatmulInfo",
+    "ScheduleReport",
+    "analyse_matmul",
+    "default_matmul_config",
+    "matmul_candidates",
+    "schedule_injective",
+    "schedule_matmul",
+    "schedule_module",
+    "schedule_rows",
+]

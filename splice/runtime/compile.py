@@ -1,0 +1,162 @@
+"""compile(program, target) -> Artifact; load(path) -> a callable.
+
+``compile`` verifies the program, runs the exact cleanup pipeline (``cse``,
+``fold-constants``, ``dce``) so that backends see constant masks folded, lowers it with a
+backend (TVM, the CPU and edge path) and writes an :mod:`artifact <splice.runtime.artifact>`
+folder atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from splice.errors import LoweringError
+from splice.ir.program import Program
+from splice.ir.serialize import atomic_dir, sha256_file
+from splice.ir.verify import verify
+from splice.runtime.artifact import (
+    CHECKED_FEATURES,
+    FORMAT,
+    MANIFEST,
+    PROGRAM,
+    SAMPLES,
+    WEIGHTS,
+    Artifact,
+    spec_json,
+    write_samples,
+)
+from splice.target import Target, get_target
+
+PREPARE_PIPELINE = "cse,fold-constants,dce"
+
+
+def compile(
+    program: Program,
+    target: Target | str = "host",
+    *,
+    tune: int = 0,
+    output: str | Path | None = None,
+    backend: str = "tvm",
+    prepare: bool = True,
+    fast_math: bool = True,
+    samples: Sequence[Sequence[torch.Tensor]] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Artifact:
+    """Compile ``program`` for ``target`` into an artifact folder (``output``, or a new temp dir).
+
+    ``tune``: 0 uses tuned tile sizes from the on-disk database where it has them and
+    defaults elsewhere; N > 0 also measures up to N candidates for each matmul kernel the
+    database does not know yet (and records the winners). ``fast_math`` uses TVM's
+    polynomial erf/tanh/exp (vectorisable; within a few ULP of float32).
+    """
+    from splice import __version__
+
+    if backend != "tvm":
+        raise LoweringError(f"unknown backend {backend!r}", hint="backends: tvm")
+    if isinstance(target, str):
+        target = get_target(target)
+    if not isinstance(tune, int) or tune < 0:
+        raise LoweringError(f"tune must be a number of trials >= 0, got {tune!r}")
+    verify(program)
+    if prepare:
+        from splice.passes import parse_pipeline
+
+        program = parse_pipeline(PREPARE_PIPELINE).run(program).program
+    from splice.runtime.backends import tvm as tvm_backend
+
+    t0 = time.perf_counter()
+    ex, param_names, report = tvm_backend.lower(
+        program, target, trials=tune, fast_math=fast_math, progress=progress
+    )
+    tdict = tvm_backend.tvm_target_dict(target)
+    import tvm
+
+    if output is None:
+        output = Path(tempfile.mkdtemp(prefix="splice-")) / f"{program.name}.artifact"
+    output = Path(output)
+    with atomic_dir(output) as tmp:
+        tvm_backend.export_library(ex, tmp / "main.so", target)
+        from safetensors.torch import save_file
+
+        from splice.ir.printer import print_ir
+        from splice.ir.serialize import _weights_for_safetensors
+
+        save_file(_weights_for_safetensors(program), str(tmp / WEIGHTS))
+        (tmp / PROGRAM).write_text(print_ir(program, locations=True))
+        files = ["main.so", WEIGHTS, PROGRAM]
+        if samples:
+            write_samples(tmp / SAMPLES, program.input_names, samples)
+            files.append(SAMPLES)
+        required: list[str] = []
+        if target.name == "host":
+            from splice.target import _cpu_flags
+
+            required = [f for f in CHECKED_FEATURES if f in set(_cpu_flags())]
+        report.seconds["total"] = time.perf_counter() - t0
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "splice_version": __version__,
+            "backend": backend,
+            "tvm_version": tvm.__version__,
+            "program": program.name,
+            "target": {**target.to_json(), "tvm": tdict},
+            "required_features": required,
+            "inputs": [
+                {"name": n, **spec_json(s)}
+                for n, s in zip(program.input_names, program.input_specs)
+            ],
+            "outputs": [
+                {"name": n, **spec_json(s)}
+                for n, s in zip(program.output_names, program.output_specs)
+            ],
+            "parts": [
+                {
+                    "name": "main",
+                    "backend": "tvm",
+                    "library": "main.so",
+                    "entry": "main",
+                    "params": param_names,
+                }
+            ],
+            "host": None,
+            "options": {
+                "tune": tune,
+                "prepare": PREPARE_PIPELINE if prepare else None,
+                "fast_math": fast_math,
+            },
+            "lowering": report.to_json(),
+            "files": {f: sha256_file(tmp / f) for f in files},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return Artifact(output)
+
+
+def load(path: str | Path) -> Any:
+    """Load a saved program (a :class:`~splice.ir.program.Program`) or a compiled artifact
+    (a :class:`~splice.runtime.artifact.CompiledModel`); both are callables over tensors."""
+    from splice.errors import ArtifactError
+    from splice.ir import serialize
+    from splice.runtime.artifact import CompiledModel, read_manifest
+
+    root = Path(path)
+    if not (root / MANIFEST).is_file():
+        raise ArtifactError(
+            f"{root} is neither a saved program nor a compiled artifact (no {MANIFEST})",
+            hint="save programs with splice.save, compile artifacts with splice.compile",
+        )
+    fmt = read_manifest(root).get("format")
+    if fmt == serialize.FORMAT:
+        return serialize.load(root)
+    if fmt == FORMAT:
+        return CompiledModel(root)
+    raise ArtifactError(f"{root}: unknown format {fmt!r}")
+
+
+__all__ = ["PREPARE_PIPELINE", "compile", "load"]
