@@ -38,7 +38,7 @@ def test_tampered_files_are_rejected(tmp_path, captured):
     w.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="checksum of weights.safetensors does not match"):
         splice.load(path)
-    with pytest.raises(ArtifactError, match="not a saved splice program"):
+    with pytest.raises(ArtifactError, match="neither a saved program nor a compiled artifact"):
         splice.load(tmp_path)
 
 

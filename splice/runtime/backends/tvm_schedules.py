@@ -30,6 +30,7 @@ no rule accepts stays unscheduled (correct, slow) and is reported. Matmul tile s
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -379,10 +380,8 @@ def _parallel_injective(sch: Any, block: Any) -> None:
     if not loops:
         return
     if _extent(sch, loops[0]) not in (None, 1) and sch.get(loops[0]).kind == 0:
-        try:
+        with contextlib.suppress(Exception):  # already inside a parallel loop
             sch.parallel(loops[0])
-        except Exception:  # already inside a parallel loop
-            pass
 
 
 def schedule_rows(func: Any) -> Any | None:
@@ -394,10 +393,8 @@ def schedule_rows(func: Any) -> Any | None:
         return None
     for b in blocks[:-1]:
         if not _is_reduction(sch, b):
-            try:
+            with contextlib.suppress(Exception):  # not inlinable (read twice with other layouts)
                 sch.compute_inline(b)
-            except Exception:  # not inlinable (e.g. read twice with different layouts)
-                pass
     blocks = _root_blocks(sch)
     last = blocks[-1]
     loops = sch.get_loops(last)
@@ -435,10 +432,8 @@ def schedule_injective(func: Any, chunk: int = 1024) -> Any | None:
     if any(_is_reduction(sch, b) for b in blocks):
         return None
     for b in blocks[:-1]:
-        try:
+        with contextlib.suppress(Exception):  # blocks that cannot be inlined are scheduled below
             sch.compute_inline(b)
-        except Exception:  # keep blocks that cannot be inlined; they get scheduled below
-            pass
     for b in _root_blocks(sch):
         loops = sch.get_loops(b)
         if not loops:
@@ -495,7 +490,7 @@ def schedule_module(
     ``choose(name, func, info)`` picks the matmul tile sizes (the tuner); by default
     :func:`default_matmul_config`.
     """
-    tvm, _, tirx = _tvm()
+    _, _, tirx = _tvm()
     rules: dict[str, str] = {}
     matmuls: dict[str, dict[str, Any]] = {}
     failures: dict[str, str] = {}
