@@ -110,7 +110,7 @@ def cross_compiler(target: Target) -> Any | None:
                 "cross-compiling for aarch64 needs aarch64-linux-gnu-gcc, which is not installed",
                 hint="apt-get install gcc-aarch64-linux-gnu",
             )
-        from tvm.contrib import cc
+        from tvm.support import cc
 
         return cc.cross_compiler(gcc)
     raise LoweringError(f"no cross compiler known for {target.triple}")
