@@ -154,6 +154,9 @@ class CompiledModel:
                 num_threads=num_threads,
             )
         self._main = self.parts[self.manifest["parts"][0]["name"]]
+        self._bounds = {
+            i["name"]: int(i["index_bound"]) for i in self.manifest["inputs"] if "index_bound" in i
+        }
         self._specs = [
             (tuple(i["shape"]), M.dtype_from_name(i["dtype"])) for i in self.manifest["inputs"]
         ]
@@ -182,6 +185,13 @@ class CompiledModel:
                     f"{M.TensorSpec(shape, dtype)}",
                     hint="compile the program for this shape",
                 )
+            bound = self._bounds.get(name)
+            if bound is not None and t.numel() and (int(t.min()) < 0 or int(t.max()) >= bound):
+                raise ArtifactError(
+                    f"input {name!r} holds indices in [{int(t.min())}, {int(t.max())}], outside "
+                    f"[0, {bound}) (the rows of the embedding table it indexes)",
+                    hint="token ids must be below the vocabulary size",
+                )
             tensors.append(t)
         outs = self._main(*tensors)
         return [o.numpy() for o in outs] if as_numpy else outs
@@ -195,23 +205,10 @@ class CompiledModel:
 
     def reference(self):
         """The program this artifact was compiled from, run by PyTorch (the reference)."""
-        from safetensors.torch import load_file
-
-        from splice.ir.parser import parse_ir
-
-        return parse_ir((self.path / PROGRAM).read_text(), load_file(str(self.path / WEIGHTS)))
+        return read_reference(self.path)
 
     def samples(self) -> list[tuple[torch.Tensor, ...]]:
-        from safetensors.torch import load_file
-
-        f = self.path / SAMPLES
-        if not f.is_file():
-            return []
-        flat = load_file(str(f))
-        out: list[tuple[torch.Tensor, ...]] = []
-        while all(f"{len(out)}.{n}" in flat for n in self.input_names):
-            out.append(tuple(flat[f"{len(out)}.{n}"] for n in self.input_names))
-        return out
+        return read_samples(self.path, self.input_names)
 
     def __repr__(self) -> str:
         t = self.manifest.get("target", {})
@@ -228,6 +225,13 @@ class Artifact:
     def load(self, *, num_threads: int | None = None) -> CompiledModel:
         return CompiledModel(self.path, num_threads=num_threads)
 
+    def reference(self):
+        """The program this artifact was compiled from, run by PyTorch (the reference)."""
+        return read_reference(self.path)
+
+    def samples(self) -> list[tuple[torch.Tensor, ...]]:
+        return read_samples(self.path, [i["name"] for i in self.manifest["inputs"]])
+
     @property
     def files(self) -> list[str]:
         return sorted(self.manifest.get("files", {}))
@@ -236,6 +240,27 @@ class Artifact:
         return (
             f"Artifact({str(self.path)!r}, target={self.manifest.get('target', {}).get('name')!r})"
         )
+
+
+def read_reference(path: Path):
+    from safetensors.torch import load_file
+
+    from splice.ir.parser import parse_ir
+
+    return parse_ir((path / PROGRAM).read_text(), load_file(str(path / WEIGHTS)))
+
+
+def read_samples(path: Path, names: Sequence[str]) -> list[tuple[torch.Tensor, ...]]:
+    from safetensors.torch import load_file
+
+    f = path / SAMPLES
+    if not f.is_file():
+        return []
+    flat = load_file(str(f))
+    out: list[tuple[torch.Tensor, ...]] = []
+    while all(f"{len(out)}.{n}" in flat for n in names):
+        out.append(tuple(flat[f"{len(out)}.{n}"] for n in names))
+    return out
 
 
 def write_samples(

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from splice.errors import LoweringError
+from splice.ir import meta as M
 from splice.ir.program import Program
 from splice.ir.serialize import atomic_dir, sha256_file
 from splice.ir.verify import verify
@@ -94,6 +95,7 @@ def compile(
         if samples:
             write_samples(tmp / SAMPLES, program.input_names, samples)
             files.append(SAMPLES)
+        index_bounds = _index_bounds(program)
         required: list[str] = []
         if target.name == "host":
             from splice.target import _cpu_flags
@@ -109,7 +111,7 @@ def compile(
             "target": {**target.to_json(), "tvm": tdict},
             "required_features": required,
             "inputs": [
-                {"name": n, **spec_json(s)}
+                {"name": n, **spec_json(s), **index_bounds.get(n, {})}
                 for n, s in zip(program.input_names, program.input_specs)
             ],
             "outputs": [
@@ -136,6 +138,46 @@ def compile(
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     return Artifact(output)
+
+
+def _index_bounds(program: Program) -> dict[str, dict[str, int]]:
+    """Integer inputs used directly as embedding indices -> {"index_bound": rows}.
+
+    TVM lowers ``take`` without bounds checks (an out-of-range token id reads out of
+    bounds, or crashes), so the runtime checks these inputs against the bound before calling.
+    """
+    aten = torch.ops.aten
+    # ops whose outputs only rearrange or select their first operand's values
+    same_values = {
+        aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+        aten.clone.default, aten.contiguous.default, aten.alias.default,
+        aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.default, aten.flatten.using_ints,
+        aten.expand.default, aten.slice.Tensor, aten.select.int, aten.permute.default,
+        aten.transpose.int,
+    }  # fmt: skip
+    bounds: dict[str, dict[str, int]] = {}
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    for name in program.input_names:
+        node = placeholders.get(name)
+        if node is None or not isinstance(M.spec(node), M.TensorSpec):
+            continue
+        if M.spec(node).dtype.is_floating_point:
+            continue
+        frontier, seen = [node], {node}
+        while frontier:
+            value = frontier.pop()
+            for user in value.users:
+                if user in seen:
+                    continue
+                if user.target in same_values and user.args and user.args[0] is value:
+                    seen.add(user)
+                    frontier.append(user)
+                elif user.target is aten.embedding.default and user.args[1] is value:
+                    rows = M.spec(user.args[0]).shape[0]
+                    if isinstance(rows, int):
+                        old = bounds.get(name, {}).get("index_bound", rows)
+                        bounds[name] = {"index_bound": min(old, rows)}
+    return bounds
 
 
 def load(path: str | Path) -> Any:

@@ -22,21 +22,30 @@ from pathlib import Path
 
 import numpy as np
 
-_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "I32": np.int32,
-           "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_DTYPES = {
+    "F32": np.float32,
+    "F16": np.float16,
+    "F64": np.float64,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     base = 8 + n
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         start, end = info["data_offsets"]
-        arr = np.frombuffer(data[base + start:base + end], dtype=_DTYPES[info["dtype"]])
+        arr = np.frombuffer(data[base + start : base + end], dtype=_DTYPES[info["dtype"]])
         out[name] = arr.reshape(info["shape"]).copy()
     return out
 
@@ -61,7 +70,15 @@ def main(argv: list[str]) -> int:
     transform = f"{part.get('entry', 'main')}_transform_params"
     if params and vm.module.implements_function(transform):
         params = list(vm[transform](params))
-    inputs = [tvm.runtime.tensor(np.load(in_dir / f"{i['name']}.npy"), dev) for i in manifest["inputs"]]
+    arrays = [np.load(in_dir / f"{i['name']}.npy") for i in manifest["inputs"]]
+    for spec, arr in zip(manifest["inputs"], arrays):
+        bound = spec.get("index_bound")
+        if bound is not None and arr.size and (arr.min() < 0 or arr.max() >= bound):
+            print(
+                f"error: input {spec['name']!r} holds indices outside [0, {bound})", file=sys.stderr
+            )
+            return 2
+    inputs = [tvm.runtime.tensor(a, dev) for a in arrays]
     t1 = time.perf_counter()
     out = vm[part.get("entry", "main")](*inputs, *params)
     t_run = time.perf_counter() - t1

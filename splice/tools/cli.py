@@ -7,6 +7,9 @@
     splice show IN [--locations]                 print the text IR
     splice stats IN [--depth N]                  params / FLOPs / bytes by module
     splice diff A B                              structural and numeric difference
+    splice compile IN [-t TARGET] [--tune N] -o A  compile into an artifact (host, aarch64-linux, cuda)
+    splice run A [--check]                       run an artifact (aarch64 ones under qemu)
+    splice bench A [--torch-compile]             time an artifact against its PyTorch reference
     splice passes                                the registered passes and their options
     splice demo                                  the whole path on all-MiniLM-L6-v2
 
@@ -435,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--text", action="store_true", help="also print a unified diff of the text IR")
     sp.add_argument("--exit-code", action="store_true", help="exit with 1 if the texts differ")
     sp.set_defaults(fn=cmd_diff)
+
+    from splice.tools.cli_compile import add_commands
+
+    add_commands(sub, model_arg)
 
     sp = sub.add_parser("passes", help="list the registered passes and their options")
     sp.set_defaults(fn=cmd_passes)

@@ -26,11 +26,14 @@ which extra to install.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
+import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,6 +187,7 @@ class LoweringReport:
     matmuls: dict[str, dict[str, Any]] = field(default_factory=dict)
     unscheduled: dict[str, str] = field(default_factory=dict)
     tuning: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tvm_warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         rules: dict[str, int] = {}
@@ -195,7 +199,31 @@ class LoweringReport:
             "matmuls": self.matmuls,
             "unscheduled": self.unscheduled,
             "tuning": self.tuning,
+            "tvm_warnings": self.tvm_warnings,
         }
+
+
+@contextlib.contextmanager
+def native_stderr_into(sink: list[str]) -> Iterator[None]:
+    """Collect what TVM's C++ code logs to file descriptor 2 (deduplicated) into ``sink``.
+
+    TVM logs one warning per kernel (e.g. about ``pow`` in its fast tanh), dozens per model;
+    they go into the lowering report instead of flooding the user's terminal.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            f.seek(0)
+            for line in f.read().decode(errors="replace").splitlines():
+                msg = line.split("] ", 1)[-1].strip()
+                if msg and msg not in sink:
+                    sink.append(msg)
 
 
 def lower(
@@ -240,20 +268,21 @@ def lower(
     with ttarget:
         from splice.runtime.backends.tvm_fastmath import FastMath
 
-        mod = tvm.transform.Sequential(
-            [
-                relax.transform.DecomposeOpsForInference(),
-                relax.transform.CanonicalizeBindings(),
-                relax.transform.FuseTransposeMatmul(),
-                *([FastMath()] if fast_math else []),
-                relax.transform.LegalizeOps(),
-                relax.transform.AnnotateTIROpPattern(),
-                relax.transform.FoldConstant(),
-                relax.transform.FuseOps(),
-                relax.transform.FuseTIR(),
-                relax.transform.AttachAttrLayoutFreeBuffers(),
-            ]
-        )(mod)
+        with native_stderr_into(report.tvm_warnings):
+            mod = tvm.transform.Sequential(
+                [
+                    relax.transform.DecomposeOpsForInference(),
+                    relax.transform.CanonicalizeBindings(),
+                    relax.transform.FuseTransposeMatmul(),
+                    *([FastMath()] if fast_math else []),
+                    relax.transform.LegalizeOps(),
+                    relax.transform.AnnotateTIROpPattern(),
+                    relax.transform.FoldConstant(),
+                    relax.transform.FuseOps(),
+                    relax.transform.FuseTIR(),
+                    relax.transform.AttachAttrLayoutFreeBuffers(),
+                ]
+            )(mod)
         if target.kind != "cuda":
             mod, sched = schedule_module(mod, tuner)
             report.schedules, report.matmuls, report.unscheduled = (
@@ -285,7 +314,8 @@ def lower(
     t0 = time.perf_counter()
     say("building", 3, 4)
     try:
-        ex = tvm.compile(mod, target=ttarget)
+        with native_stderr_into(report.tvm_warnings):
+            ex = tvm.compile(mod, target=ttarget)
     except Exception as e:
         raise LoweringError(
             f"TVM build failed for {program.name!r}: {type(e).__name__}: {_first(e)}"
