@@ -362,12 +362,25 @@ class Program:
     def _weight_getters(self, name: str) -> list[fx.Node]:
         return [n for n in self.graph.find_nodes(op="get_attr") if n.target == name]
 
+    def _name_taken(self, name: str) -> bool:
+        """True if ``name`` is a weight or would collide with an attribute of the module tree."""
+        if name in self._weight_kinds:
+            return True
+        obj: Any = self._gm
+        for part in name.split("."):
+            if not isinstance(obj, torch.nn.Module):
+                return True  # a path through a non-module attribute (e.g. `graph`)
+            if not hasattr(obj, part):
+                return False
+            obj = getattr(obj, part)
+        return True
+
     def unique_weight_name(self, base: str) -> str:
-        if base not in self._weight_kinds and not hasattr(self._gm, base.split(".")[0]):
+        if not self._name_taken(base):
             return base
         for i in itertools.count(1):
             cand = f"{base}_{i}"
-            if cand not in self._weight_kinds:
+            if not self._name_taken(cand):
                 return cand
         raise AssertionError
 

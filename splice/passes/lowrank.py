@@ -1,0 +1,617 @@
+"""``lowrank``: factor Linear weights W (m×n) into A (m×k) · B (k×n) for low-rank decoding.
+
+Papers: SVD-LLM (Wang et al., 2024: truncation-aware data whitening), ASVD (Yuan et al.,
+2023: activation-aware SVD), Maestro (Horváth et al., 2024: ordered, nested low rank), TRP
+and BitStack (rank budgets, nested truncation).
+
+A decode step is a matrix–vector product per layer, bound by the bytes of weights it reads;
+A·B reads k(m+n) values instead of mn. Every matching linear — ``aten.linear(x, W, b)``,
+``aten.addmm(b, x, Wᵀ | W)`` (GPT-2's Conv1D), ``aten.matmul``/``aten.mm`` with a 2-D
+parameter — whose weight is a parameter read by that node alone becomes
+``splice::lowrank_linear(x, A, B, bias)``.
+
+Methods (all in float64, the factors stored in the weight's dtype):
+
+* ``svd``: W = UΣVᵀ, A = U_kΣ_k^½, B = Σ_k^½V_kᵀ. Weight error² = Σ_{i>k} σ_i².
+* ``asvd``: S = diag(mean|x|^α) from calibration activations (α = ``alpha``); factor W·S,
+  then B ← B·S⁻¹. With S = I this is ``svd``.
+* ``whitened``: C = Σ XᵀX, L = chol(C) (a jitter is added when C is not positive definite,
+  and reported); factor W·L, then B ← B·L⁻¹. Then ‖(W−W')Xᵀ‖_F = sqrt(Σ_{i>k} σ_i(WL)²)
+  exactly, the smallest activation error any rank-k W' can reach.
+
+Ranks — exactly one of:
+
+* ``energy=e``: the smallest k with Σ_{i≤k}σ_i² ≥ e·Σσ_i² (σ of the matrix factored);
+* ``ratio=ρ``: k = ⌊ρ·mn/(m+n)⌋, i.e. each layer keeps a fraction ρ of its parameters;
+* ``budget_params=p``: keep a fraction p of the targeted layers' parameters in total, spread
+  across layers greedily by marginal truncation loss per parameter;
+* ``budget_latency=p``: the same greedy allocation with each layer's cost its predicted time
+  on the target (roofline of the cost model: max(FLOPs/peak, bytes/bandwidth)).
+
+A layer whose rank would be k ≥ mn/(m+n) would read as many bytes as W: it is skipped (kept
+dense) and listed in ``stats["skipped"]`` with the reason. Singular directions are stored in
+importance order, so a prefix of rank r < k is the best rank-r approximation of its kind:
+:func:`set_rank` lowers ranks of a factored program (or ``splice.compile(...,
+lowrank_rank=...)`` an artifact's) without refactoring — nested truncation, as in Maestro.
+
+Invariants (tests/test_lowrank.py): full rank reproduces the layer (1e-5); error never rises
+with rank; plain SVD error² = Σ_{i>k}σ_i²; the whitened activation error equals
+sqrt(Σ_{i>k}σ_i(WL)²) and is ≤ plain SVD's; asvd with S = I equals svd; the skip rule.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import heapq
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.fx as fx
+
+from splice.errors import PassError, PipelineError
+from splice.ir import meta as M
+from splice.ir.ops import lowrank_linear
+from splice.ir.program import Program
+from splice.ir.rewriter import Rewriter
+from splice.passes.base import Pass, PassContext, PassResult
+from splice.passes.registry import register_pass
+
+aten = torch.ops.aten
+Method = Literal["svd", "asvd", "whitened"]
+
+
+# ---------------------------------------------------------------------------------------
+# finding the layers
+
+
+@dataclass
+class LinearSite:
+    """One linear node: y = x Wᵀ + b with W read from parameter ``weight``."""
+
+    node: fx.Node
+    x: fx.Node
+    weight: str
+    transposed: bool  # the parameter holds Wᵀ ([in, out]), as GPT-2's Conv1D does
+    bias: fx.Node | None
+    layer: str  # the weight name without ".weight": the layer's module path
+
+    @property
+    def name(self) -> str:
+        return self.layer
+
+
+def _param_of(program: Program, a: Any) -> str | None:
+    if (
+        isinstance(a, fx.Node)
+        and a.op == "get_attr"
+        and program.has_weight(a.target)
+        and program.weight_kind(a.target) == "param"
+    ):
+        return str(a.target)
+    return None
+
+
+def _transpose_of(a: Any) -> fx.Node | None:
+    """``a`` = t(p) or permute(p, [1, 0]) or transpose(p, 0, 1) -> p."""
+    if not isinstance(a, fx.Node) or a.op != "call_function":
+        return None
+    if a.target is aten.t.default:
+        return a.args[0]
+    if a.target is aten.permute.default and list(a.args[1]) == [1, 0]:
+        return a.args[0]
+    if a.target is aten.transpose.int and sorted(int(d) % 2 for d in a.args[1:3]) == [0, 1]:
+        return a.args[0]
+    return None
+
+
+def find_linears(program: Program) -> list[LinearSite]:
+    sites = []
+    for node in program.graph.nodes:
+        if node.op != "call_function":
+            continue
+        site = None
+        if node.target is aten.linear.default:
+            w = _param_of(program, node.args[1])
+            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            if w is not None and isinstance(node.args[0], fx.Node):
+                site = (node.args[0], w, False, bias)
+        elif node.target is aten.addmm.default and not node.kwargs:
+            bias, x, mat = node.args[0], node.args[1], node.args[2]
+            inner = _transpose_of(mat)
+            w = _param_of(program, inner) if inner is not None else None
+            if w is not None:
+                site = (x, w, False, bias)
+            elif (w := _param_of(program, mat)) is not None:
+                site = (x, w, True, bias)
+            if site is not None and not (
+                isinstance(bias, fx.Node)
+                and isinstance(M.spec(bias), M.TensorSpec)
+                and len(M.spec(bias).shape) == 1
+            ):
+                site = None  # addmm with a broadcast matrix "bias" is not a linear layer
+        elif node.target in (aten.matmul.default, aten.mm.default):
+            x, mat = node.args[0], node.args[1]
+            inner = _transpose_of(mat)
+            w = _param_of(program, inner) if inner is not None else None
+            if w is not None:
+                site = (x, w, False, None)
+            elif (w := _param_of(program, mat)) is not None:
+                site = (x, w, True, None)
+        if site is None:
+            continue
+        x, w, transposed, bias = site
+        wspec = M.spec(program_weight_node(program, w))
+        if not isinstance(wspec, M.TensorSpec) or len(wspec.shape) != 2:
+            continue
+        if not isinstance(x, fx.Node) or not wspec.dtype.is_floating_point:
+            continue
+        layer = w[: -len(".weight")] if w.endswith(".weight") else w
+        sites.append(LinearSite(node, x, w, transposed, bias, layer))
+    return sites
+
+
+def program_weight_node(program: Program, name: str) -> fx.Node:
+    return next(n for n in program.graph.find_nodes(op="get_attr") if n.target == name)
+
+
+def _readers(program: Program, weight: str) -> set[fx.Node]:
+    """The nodes that use ``weight`` (through its get_attr and any transpose of it)."""
+    out: set[fx.Node] = set()
+    for g in program.graph.find_nodes(op="get_attr"):
+        if g.target != weight:
+            continue
+        for u in g.users:
+            if _transpose_of(u) is g:
+                out.update(u.users)
+            else:
+                out.add(u)
+    return out
+
+
+def matches(layer: str, targets: str, exclude: str) -> bool:
+    inc = [p for p in targets.split("|") if p]
+    exc = [p for p in exclude.split("|") if p]
+    return any(fnmatch.fnmatchcase(layer, p) for p in inc) and not any(
+        fnmatch.fnmatchcase(layer, p) for p in exc
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# the factorization
+
+
+def cholesky_with_jitter(gram: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Lower-triangular L with L Lᵀ = gram + jitter·I (float64); jitter 0 when it is PD."""
+    g = gram.double()
+    n = g.shape[0]
+    L, info = torch.linalg.cholesky_ex(g)
+    if int(info) == 0:
+        return L, 0.0
+    lam_min = float(torch.linalg.eigvalsh(g)[0])
+    scale = max(float(torch.diagonal(g).mean()), 1e-12)
+    jitter = max(-lam_min, 0.0) + 1e-6 * scale
+    for _ in range(12):
+        L, info = torch.linalg.cholesky_ex(g + jitter * torch.eye(n, dtype=g.dtype))
+        if int(info) == 0:
+            return L, jitter
+        jitter *= 10
+    raise PassError(f"lowrank: could not whiten: Σ XᵀX is not positive definite (jitter {jitter})")
+
+
+@dataclass
+class Factors:
+    """A = U Σ^½ and B = Σ^½ Vᵀ T⁻¹ at full rank (columns of A / rows of B by importance)."""
+
+    A: torch.Tensor  # [m, r_full], float64
+    B: torch.Tensor  # [r_full, n], float64
+    sigma: torch.Tensor  # singular values of the factored matrix (W, W·S or W·L)
+    jitter: float = 0.0
+
+    def tail_loss(self, k: int) -> float:
+        """Σ_{i>k} σ_i²: the truncation loss of rank k in the method's own metric."""
+        return float((self.sigma[k:] ** 2).sum())
+
+
+def factorize(
+    W: torch.Tensor,
+    method: str,
+    *,
+    gram: torch.Tensor | None = None,
+    abs_mean: torch.Tensor | None = None,
+    alpha: float = 0.5,
+) -> Factors:
+    """Factor W [m, n] by ``method``; see the module docstring for the formulas."""
+    w = W.detach().double()
+    jitter = 0.0
+    if method == "svd":
+        U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+        return Factors(U * S.sqrt(), S.sqrt()[:, None] * Vh, S)
+    if method == "asvd":
+        if abs_mean is None:
+            raise PassError("lowrank{method=asvd} needs calibration activations")
+        s = abs_mean.double().pow(alpha)
+        s = torch.clamp(s, min=1e-6 * max(float(s.max()), 1e-30))
+        U, S, Vh = torch.linalg.svd(w * s[None, :], full_matrices=False)
+        return Factors(U * S.sqrt(), (S.sqrt()[:, None] * Vh) / s[None, :], S)
+    if method == "whitened":
+        if gram is None:
+            raise PassError("lowrank{method=whitened} needs calibration activations")
+        L, jitter = cholesky_with_jitter(gram)
+        U, S, Vh = torch.linalg.svd(w @ L, full_matrices=False)
+        # B = Σ^½ Vᵀ L⁻¹  <=>  Lᵀ Bᵀ = V Σ^½ (an upper-triangular solve)
+        Bt = torch.linalg.solve_triangular(L.mT, Vh.mT * S.sqrt()[None, :], upper=True)
+        return Factors(U * S.sqrt(), Bt.mT, S, jitter)
+    raise PassError(f"lowrank: unknown method {method!r}", hint="methods: svd, asvd, whitened")
+
+
+def break_even(m: int, n: int) -> float:
+    """Ranks k ≥ mn/(m+n) read at least as many values as the dense weight."""
+    return m * n / (m + n)
+
+
+def energy_rank(sigma: torch.Tensor, energy: float) -> int:
+    e = (sigma.double() ** 2).cumsum(0)
+    total = float(e[-1]) if len(e) else 0.0
+    if total == 0.0:
+        return 1
+    return (
+        int(torch.searchsorted(e, torch.tensor(energy * total, dtype=e.dtype) - 1e-12 * total)) + 1
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# rank allocation under a global budget
+
+
+def allocate(
+    losses: list[torch.Tensor],
+    costs: list[list[float]],
+    dense_costs: list[float],
+    budget: float,
+) -> list[int | None]:
+    """Greedy rank allocation: keep adding the move with the largest loss saved per cost.
+
+    ``losses[i][k]`` is layer i's truncation loss at rank k (k = 0..r_full, non-increasing);
+    ``costs[i][k]`` its cost at rank k; ``dense_costs[i]`` the cost of leaving it dense.
+    Each layer starts at rank 0; a move adds one direction, or turns the layer dense when
+    that is no costlier than its next rank. Returns per layer a rank, or None for dense.
+    """
+    n = len(losses)
+    rank = [0] * n
+    dense = [False] * n
+    spent = sum(c[0] for c in costs)
+
+    def move(i: int) -> tuple[float, float, bool] | None:
+        k = rank[i]
+        if dense[i] or k >= len(losses[i]) - 1:
+            return None
+        nxt = costs[i][k + 1]
+        if nxt >= dense_costs[i]:  # the next rank is no cheaper than the dense weight
+            dc = dense_costs[i] - costs[i][k]
+            return float(losses[i][k]), dc, True
+        return float(losses[i][k] - losses[i][k + 1]), nxt - costs[i][k], False
+
+    heap: list[tuple[float, int]] = []
+
+    def push(i: int) -> None:
+        mv = move(i)
+        if mv is not None:
+            gain, dc, _ = mv
+            heapq.heappush(heap, (-(gain / dc) if dc > 0 else -math.inf, i))
+
+    for i in range(n):
+        push(i)
+    while heap:
+        _, i = heapq.heappop(heap)
+        mv = move(i)
+        if mv is None:
+            continue
+        _, dc, to_dense = mv
+        if spent + dc > budget:
+            continue  # does not fit; cheaper moves of other layers may still fit
+        spent += dc
+        if to_dense:
+            dense[i] = True
+        else:
+            rank[i] += 1
+            push(i)
+    return [None if dense[i] else rank[i] for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------
+# the pass
+
+
+@register_pass
+@dataclass(frozen=True)
+class LowRank(Pass):
+    """Factor matching Linear weights into two thin matrices (see the module docstring)."""
+
+    name = "lowrank"
+    semantics = "approximate"
+    summary = "factor Linear weights W ≈ A·B (svd | asvd | whitened SVD) for low-rank decoding"
+
+    method: Method = "svd"
+    energy: float | None = None
+    ratio: float | None = None
+    budget_params: float | None = None
+    budget_latency: float | None = None
+    targets: str = "*"
+    exclude: str = ""
+    alpha: float = 0.5
+
+    def validate(self) -> None:
+        chosen = [
+            k
+            for k in ("energy", "ratio", "budget_params", "budget_latency")
+            if getattr(self, k) is not None
+        ]
+        if len(chosen) != 1:
+            raise PipelineError(
+                f"lowrank needs exactly one rank rule, got {chosen or 'none'}",
+                hint="e.g. lowrank{ratio=0.5}, lowrank{energy=0.95}, lowrank{budget_params=0.8}, "
+                "lowrank{budget_latency=0.6}",
+            )
+        v = getattr(self, chosen[0])
+        if not 0.0 < v <= 1.0:
+            raise PipelineError(f"lowrank: {chosen[0]} must be in (0, 1], got {v}")
+        if self.alpha < 0:
+            raise PipelineError(f"lowrank: alpha must be >= 0, got {self.alpha}")
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        sites = find_linears(program)
+        skipped: list[dict[str, Any]] = []
+        chosen: list[LinearSite] = []
+        seen: set[str] = set()
+        for s in sites:
+            if not matches(s.layer, self.targets, self.exclude):
+                continue
+            if s.weight in seen or _readers(program, s.weight) != {s.node}:
+                skipped.append(
+                    {"layer": s.layer, "reason": "weight shared with other nodes (tied)"}
+                )
+                seen.add(s.weight)
+                continue
+            seen.add(s.weight)
+            chosen.append(s)
+        if not chosen:
+            return PassResult(
+                program,
+                False,
+                {
+                    "changed": False,
+                    "reason": f"no Linear layer matches targets={self.targets!r}",
+                    "skipped": skipped,
+                },
+            )
+
+        calib = self._calibrate(program, ctx, chosen)
+        ctx.progress("lowrank: factoring", 0, len(chosen))
+        factors: list[Factors] = []
+        weights: list[torch.Tensor] = []
+        for i, s in enumerate(chosen):
+            w = program.get_weight(s.weight).detach()
+            w = w.mT if s.transposed else w
+            weights.append(w)
+            st = calib.get(s.x.name) if calib else None
+            factors.append(
+                factorize(
+                    w,
+                    self.method,
+                    gram=st.gram if st is not None else None,
+                    abs_mean=st.abs_mean if st is not None else None,
+                    alpha=self.alpha,
+                )
+            )
+            ctx.progress("lowrank: factoring", i + 1, len(chosen))
+
+        ranks = self._ranks(program, ctx, chosen, factors)
+        rw = Rewriter(program, self.name)
+        layers: list[dict[str, Any]] = []
+        for s, f, w, k in zip(chosen, factors, weights, ranks):
+            m, n = w.shape
+            if k is None or k >= break_even(m, n):
+                kk = "dense" if k is None else k
+                skipped.append(
+                    {"layer": s.layer, "reason": f"rank {kk} >= mn/(m+n) = {break_even(m, n):.1f}"}
+                )
+                continue
+            layers.append(self._replace(program, rw, s, f, w, k, calib))
+        if not layers:
+            return PassResult(
+                program,
+                False,
+                {"changed": False, "reason": "every layer skipped", "skipped": skipped},
+            )
+        rw.erase_unused_weights()
+        before = sum(r["params_before"] for r in layers)
+        after = sum(r["params_after"] for r in layers)
+        all_before = sum(int(w.numel()) for w in weights)
+        stats = {
+            "changed": True,
+            "method": self.method,
+            "factored": len(layers),
+            "skipped_count": len(skipped),
+            "params_before": all_before,
+            "params_after": all_before - before + after,
+            "params_kept": round((all_before - before + after) / max(all_before, 1), 4),
+            "layers": layers,
+            "skipped": skipped,
+        }
+        return PassResult(program, True, stats)
+
+    # -- calibration --------------------------------------------------------------------------
+    def _calibrate(self, program: Program, ctx: PassContext, sites: list[LinearSite]) -> Any:
+        needs = {"svd": (), "asvd": ("abs_mean",), "whitened": ("gram",)}[self.method]
+        if not ctx.calibration:
+            if needs:
+                raise PassError(
+                    f"lowrank{{method={self.method}}} needs calibration activations, and no "
+                    "sample inputs were given",
+                    hint="pass sample_inputs=[...] (Python) or use a saved program with samples "
+                    "(CLI); method=svd needs none",
+                )
+            return None
+        from splice.passes.analysis.calibration import calibrate
+
+        names = tuple(sorted({s.x.name for s in sites}))
+        stats = tuple(sorted({"gram", *needs}))  # gram also gives the activation error
+        return ctx.analysis(calibrate, program, nodes=names, stats=stats).values
+
+    # -- ranks -------------------------------------------------------------------------------
+    def _ranks(
+        self, program: Program, ctx: PassContext, sites: list[LinearSite], factors: list[Factors]
+    ) -> list[int | None]:
+        shapes = [(int(f.A.shape[0]), int(f.B.shape[1])) for f in factors]
+        if self.energy is not None:
+            return [energy_rank(f.sigma, self.energy) for f in factors]
+        if self.ratio is not None:
+            return [max(1, math.floor(self.ratio * break_even(m, n))) for m, n in shapes]
+        losses = [torch.cat([(f.sigma.flip(0) ** 2).cumsum(0).flip(0), f.sigma.new_zeros(1)])
+                  for f in factors]  # fmt: skip
+        if self.budget_params is not None:
+            costs = [[float(k * (m + n)) for k in range(len(f.sigma) + 1)]
+                     for f, (m, n) in zip(factors, shapes)]  # fmt: skip
+            dense = [float(m * n) for m, n in shapes]
+            budget = self.budget_params * sum(dense)
+        else:
+            target = ctx.target
+            if target is None:
+                from splice.target import host_target
+
+                target = host_target()
+            costs, dense = [], []
+            for s, f, (m, n) in zip(sites, factors, shapes):
+                rows = _rows(s.x)
+                item = M.spec(s.x).dtype.itemsize
+                dense.append(
+                    target.roofline_seconds(2 * rows * m * n, item * (m * n + rows * (m + n)))
+                )
+                costs.append([
+                    target.roofline_seconds(2 * rows * k * (m + n), item * (k * (m + n) + rows * (m + n)))
+                    for k in range(len(f.sigma) + 1)
+                ])  # fmt: skip
+            budget = self.budget_latency * sum(dense)
+        return allocate(losses, costs, dense, budget)
+
+    # -- rewriting ------------------------------------------------------------------------------
+    def _replace(
+        self,
+        program: Program,
+        rw: Rewriter,
+        s: LinearSite,
+        f: Factors,
+        w: torch.Tensor,
+        k: int,
+        calib: Any,
+    ) -> dict[str, Any]:
+        m, n = w.shape
+        A = f.A[:, :k].to(w.dtype).contiguous()
+        B = f.B[:k].to(w.dtype).contiguous()
+        with rw.at(s.node):
+            a_node = rw.add_weight(f"{s.layer}.lowrank_A", A, unique=True)
+            b_node = rw.add_weight(f"{s.layer}.lowrank_B", B, unique=True)
+            new = rw.call(
+                lowrank_linear.overload, (s.x, a_node, b_node, s.bias), name="lowrank_linear"
+            )
+        rw.replace(s.node, new)
+        rows = _rows(s.x)
+        item = w.element_size()
+        wd = w.double()
+        approx = A.double() @ B.double()
+        diff = wd - approx
+        rec = {
+            "layer": s.layer,
+            "shape": [m, n],
+            "rank": k,
+            "break_even_rank": round(break_even(m, n), 1),
+            "params_before": m * n,
+            "params_after": k * (m + n),
+            "flops_before": 2 * rows * m * n,
+            "flops_after": 2 * rows * k * (m + n),
+            "bytes_before": item * (m * n + rows * (m + n)),
+            "bytes_after": item * (k * (m + n) + rows * (m + n)),
+            "weight_error": float(diff.norm() / max(float(wd.norm()), 1e-30)),
+            "truncation_loss": f.tail_loss(k),
+        }
+        if f.jitter:
+            rec["whitening_jitter"] = f.jitter
+        st = calib.get(s.x.name) if calib else None
+        if st is not None and st.gram is not None:
+            g = st.gram.double()
+            err = float(torch.einsum("ij,jk,ik->", diff, g, diff).clamp_min(0).sqrt())
+            ref = float(torch.einsum("ij,jk,ik->", wd, g, wd).clamp_min(0).sqrt())
+            rec["activation_error"] = err / max(ref, 1e-30)
+        return rec
+
+
+def _rows(x: fx.Node) -> int:
+    spec = M.spec(x)
+    rows = 1
+    for d in spec.shape[:-1]:
+        rows *= int(d) if isinstance(d, int) else 1
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# run-time rank (nested truncation)
+
+
+def lowrank_nodes(program: Program) -> list[fx.Node]:
+    return [n for n in program.graph.nodes if n.target is lowrank_linear.overload]
+
+
+def set_rank(
+    program: Program, rank: float | int | dict[str, int], *, physical: bool = True
+) -> Program:
+    """A copy of ``program`` with lower ranks in its ``lowrank_linear`` layers.
+
+    ``rank``: a float in (0, 1] keeps that fraction of each layer's stored rank; an int sets
+    every layer's rank (capped at the stored one); a dict maps layer names (the ``A`` weight's
+    name without ``.lowrank_A``) to ranks. Because directions are stored by importance, the
+    prefix is the best truncation of its kind (nested, as in Maestro): nothing is refactored.
+    ``physical=True`` slices the stored factors (fewer bytes); ``False`` only sets the op's
+    ``rank`` argument, keeping the full factors for raising the rank later.
+    """
+    out = program.copy()
+    nodes = lowrank_nodes(out)
+    if not nodes:
+        raise PassError(
+            f"program {program.name!r} has no lowrank_linear layers", hint="run lowrank first"
+        )
+    rw = Rewriter(out, "set-rank")
+    for node in nodes:
+        a_node, b_node = node.args[1], node.args[2]
+        layer = str(a_node.target).removesuffix(".lowrank_A")
+        k = int(M.spec(a_node).shape[1])
+        if isinstance(rank, dict):
+            if layer not in rank:
+                continue
+            r = int(rank[layer])
+        elif isinstance(rank, float):
+            if not 0.0 < rank <= 1.0:
+                raise PassError(f"set_rank: a fraction must be in (0, 1], got {rank}")
+            r = max(1, math.floor(rank * k))
+        else:
+            r = int(rank)
+        r = max(1, min(r, k))
+        args = list(node.args) + [None] * (5 - len(node.args))
+        if physical:
+            A = out.get_weight(str(a_node.target))[:, :r].contiguous()
+            B = out.get_weight(str(b_node.target))[:r].contiguous()
+            out.add_weight(str(a_node.target), A, out.weight_kind(str(a_node.target)))
+            out.add_weight(str(b_node.target), B, out.weight_kind(str(b_node.target)))
+            rw.runner._weight_fakes.pop(str(a_node.target), None)
+            rw.runner._weight_fakes.pop(str(b_node.target), None)
+            M.set_spec(a_node, M.TensorSpec((A.shape[0], r), A.dtype))
+            M.set_spec(b_node, M.TensorSpec((r, B.shape[1]), B.dtype))
+            args[4] = None
+        else:
+            args[4] = r
+        rw.set_args(node, args[: 5 if args[4] is not None else 4])
+    return out
+
+
+__all__ = ["Factors", "LowRank", "allocate", "factorize", "find_linears", "set_rank"]
