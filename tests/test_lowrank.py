@@ -301,3 +301,26 @@ def test_latency_budget_uses_the_target(captured, arch_model):
     before = sum(t.roofline_seconds(x["flops_before"], x["bytes_before"]) for x in st["layers"])
     after = sum(t.roofline_seconds(x["flops_after"], x["bytes_after"]) for x in st["layers"])
     assert after < before
+
+
+def test_cli_opt_then_compile_a_factored_llama(tmp_path, capsys):
+    import json
+
+    from splice.tools.cli import main
+
+    prog, art = tmp_path / "p.splice", tmp_path / "p.artifact"
+    pipe = "lowrank{method=whitened,ratio=0.5}"
+    assert main(["opt", "splice.models:llama", "-p", pipe, "-o", str(prog)]) == 0
+    assert "splice.lowrank_linear(" in (prog / "program.ir").read_text()
+    assert main(["compile", str(prog), "--lowrank-rank", "0.5", "-o", str(art)]) == 0
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["options"]["lowrank_rank"] == 0.5
+    reference = splice.load(art).reference()  # the program as compiled: ranks halved
+    (node, *_) = lowrank_nodes(reference)
+    full = splice.load(prog)
+    (node_full, *_) = lowrank_nodes(full)
+    k_full = splice.ir.meta.spec(node_full.args[1]).shape[1]
+    assert splice.ir.meta.spec(node.args[1]).shape[1] == k_full // 2
+    capsys.readouterr()
+    assert main(["run", str(art), "--check"]) == 0
+    assert "ok: within 0.0001" in capsys.readouterr().out

@@ -49,13 +49,18 @@ def compile(
     fast_math: bool = True,
     samples: Sequence[Sequence[torch.Tensor]] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    lowrank_rank: float | int | dict[str, int] | None = None,
 ) -> Artifact:
     """Compile ``program`` for ``target`` into an artifact folder (``output``, or a new temp dir).
 
     ``tune``: 0 uses tuned tile sizes from the on-disk database where it has them and
     defaults elsewhere; N > 0 also measures up to N candidates for each matmul kernel the
     database does not know yet (and records the winners). ``fast_math`` uses TVM's
-    polynomial erf/tanh/exp (vectorisable; within a few ULP of float32).
+    polynomial erf/tanh/exp (vectorisable; within a few ULP of float32). ``lowrank_rank``
+    lowers the rank of the program's ``lowrank_linear`` layers before lowering (a fraction of
+    each stored rank, one rank for all, or ``{layer: rank}``; see
+    :func:`splice.passes.lowrank.set_rank`): the stored directions are ordered by importance,
+    so this needs no refactoring, and the artifact reads only the kept prefix.
     """
     from splice import __version__
 
@@ -66,6 +71,10 @@ def compile(
     if not isinstance(tune, int) or tune < 0:
         raise LoweringError(f"tune must be a number of trials >= 0, got {tune!r}")
     verify(program)
+    if lowrank_rank is not None:
+        from splice.passes.lowrank import set_rank
+
+        program = set_rank(program, lowrank_rank)
     if prepare:
         from splice.passes import parse_pipeline
 
@@ -132,6 +141,7 @@ def compile(
                 "tune": tune,
                 "prepare": PREPARE_PIPELINE if prepare else None,
                 "fast_math": fast_math,
+                "lowrank_rank": lowrank_rank,
             },
             "lowering": report.to_json(),
             "files": {f: sha256_file(tmp / f) for f in files},

@@ -40,6 +40,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
         fast_math=not a.no_fast_math,
         samples=loaded.samples or None,
         progress=_progress_printer(),
+        lowrank_rank=_rank_option(a.lowrank_rank),
     )
     seconds = time.perf_counter() - t0
     m = art.manifest
@@ -59,6 +60,22 @@ def cmd_compile(a: argparse.Namespace) -> int:
     for f in art.files:
         con.print(f"  {f}  {(art.path / f).stat().st_size / 1e6:.2f} MB")
     return 0
+
+
+def _rank_option(v: str | None) -> float | int | None:
+    if v is None:
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        pass
+    try:
+        return float(v)
+    except ValueError:
+        raise ArtifactError(
+            f"--lowrank-rank {v!r} is neither a rank nor a fraction",
+            hint="e.g. --lowrank-rank 0.5 (half of each stored rank) or --lowrank-rank 64",
+        ) from None
 
 
 def _read_inputs(path: str, names: list[str]) -> tuple[torch.Tensor, ...]:
@@ -231,6 +248,11 @@ def add_commands(sub: Any, model_arg: Any) -> None:
         "--no-fast-math",
         action="store_true",
         help="use exact erf/tanh/exp instead of TVM's fast polynomial versions",
+    )
+    sp.add_argument(
+        "--lowrank-rank",
+        metavar="R",
+        help="lower the rank of lowrank layers: a fraction (0.5) of each stored rank, or a rank",
     )
     sp.add_argument("-o", "--output", required=True, help="artifact folder to write")
     sp.set_defaults(fn=cmd_compile)
