@@ -491,3 +491,18 @@ def test_artifact_folder_is_written_atomically(mlp, tmp_path, host, monkeypatch)
         splice.compile(program.copy(), host, output=new)
     assert not new.exists()
     assert no_leftovers(new.parent, new.name) == []
+
+
+def test_tuning_database_merges_concurrent_writers(tmp_path):
+    from splice.runtime.backends.tvm_schedules import MatmulConfig
+    from splice.runtime.backends.tvm_tuner import TuningDatabase
+
+    path = tmp_path / "tvm_tuning.json"
+    a, b = TuningDatabase(path), TuningDatabase(path)  # both read the (missing) file first
+    a.put("ka", MatmulConfig(16, 4), {"us": 1.0})
+    b.put("kb", MatmulConfig(8, 1), {"us": 2.0})
+    a.save()
+    b.save()  # must not drop a's record
+    merged = TuningDatabase(path)
+    assert merged.get("ka") == MatmulConfig(16, 4)
+    assert merged.get("kb") == MatmulConfig(8, 1)

@@ -471,6 +471,8 @@ class LowRank(Pass):
             return [max(1, math.floor(self.ratio * break_even(m, n))) for m, n in shapes]
         losses = [torch.cat([(f.sigma.flip(0) ** 2).cumsum(0).flip(0), f.sigma.new_zeros(1)])
                   for f in factors]  # fmt: skip
+        # relative to each layer's energy, so layers whose activations differ in scale compare
+        losses = [loss / max(float(loss[0]), 1e-30) for loss in losses]
         if self.budget_params is not None:
             costs = [[float(k * (m + n)) for k in range(len(f.sigma) + 1)]
                      for f, (m, n) in zip(factors, shapes)]  # fmt: skip

@@ -44,6 +44,7 @@ class TuningDatabase:
     def __init__(self, path: str | os.PathLike[str] | None = None):
         self.path = Path(path) if path is not None else cache_dir() / "tvm_tuning.json"
         self.records: dict[str, dict[str, Any]] = {}
+        self._new: dict[str, dict[str, Any]] = {}
         try:
             self.records = json.loads(self.path.read_text())
         except (OSError, ValueError):
@@ -62,13 +63,22 @@ class TuningDatabase:
 
     def put(self, key: str, cfg: MatmulConfig, record: dict[str, Any]) -> None:
         self.records[key] = {**cfg.to_json(), **record}
+        self._new[key] = self.records[key]
 
     def save(self) -> None:
+        """Merge this run's new records into the file as it is now (another compile may have
+        added records since this one read it), then replace the file atomically."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            on_disk = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            on_disk = {}
+        self.records = {**on_disk, **self.records, **self._new}
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tuning-")
         with os.fdopen(fd, "w") as f:
             json.dump(self.records, f, indent=1, sort_keys=True)
         os.replace(tmp, self.path)
+        self._new = {}
 
 
 def measure_kernel(

@@ -1,0 +1,867 @@
+"""How fast splice's compiled CPU kernels run, against eager PyTorch, torch.compile and ORT.
+
+What is measured
+----------------
+Wall-clock milliseconds per call of five fp32 inference workloads (random weights, seeded
+with ``torch.manual_seed(0)``, eval mode, nothing downloaded), each run by four peers on
+the same input tensors:
+
+* ``eager`` — the PyTorch module under ``torch.inference_mode()``;
+* ``torch.compile`` — ``torch.compile(model)`` (default mode, Inductor), warmed up; if it
+  fails the error is recorded instead of a time;
+* ``onnxruntime`` — ``torch.onnx.export`` (the dynamo exporter, falling back to the legacy
+  TorchScript one), CPU execution provider, ``intra_op_num_threads = torch.get_num_threads()``;
+* ``splice`` — ``splice.capture`` → ``splice.compile(p, "host", tune=N)`` (TVM) →
+  ``Artifact.load()``; the loaded ``CompiledModel`` is called on torch tensors.
+
+Every peer's outputs are checked against eager's (max abs diff over all outputs, printed);
+a difference above 1e-3 fails the run (exit status 1, RESULTS.md left alone).
+
+Workloads
+---------
+* ``mlp1``, ``mlp32`` — ``splice.models.mlp``: Linear 768→3072, GELU (erf), Linear 3072→768,
+  at batch 1 and batch 32.
+* ``gpt2`` — one ``transformers`` ``GPT2Block`` (hidden 768, 12 heads, FFN 3072, gelu_new,
+  SDPA attention, causal) on hidden states ``[1, 128, 768]``: ln_1, attention, residual,
+  ln_2, MLP, residual. No embeddings, no final layer norm. (Not GPT2Model with one layer,
+  whose embeddings and final norm would be extra work.) Causality is checked before timing.
+* ``llama-decode`` — a 4-layer ``LlamaForCausalLM`` (``splice.models.llama``: hidden 512,
+  FFN 1376, 8 heads, 8 KV heads, vocab 4096, untied lm_head) doing one decode step at
+  batch 1: one new token at position 127 with a KV cache of 127 positions. The cache is
+  passed as explicit inputs (a key and a value tensor ``[1, 8, 127, 64]`` per layer, taken
+  from a real 127-token prefill) and wrapped in a ``transformers`` ``DynamicCache`` inside
+  ``forward``; the step returns the logits ``[1, 1, 4096]`` and the 8 updated cache tensors
+  ``[1, 8, 128, 64]``. Before timing, the step's logits are checked against the last
+  position of a plain 128-token forward.
+* ``llama-prefill`` — the same model on 128 tokens at batch 1 (``use_cache=False``),
+  returning the logits ``[1, 128, 4096]``.
+
+Method
+------
+The machine is measured first with :func:`splice.target.measure_host` (STREAM-triad
+bandwidth as two single-threaded numpy passes, and the best fp32 ``torch.mm`` 1024³ rate),
+plus a single-pass, multi-threaded triad ``a = b + 3·c`` in torch (3 × 64 MiB arrays).
+For each peer: ``--warmup`` calls (5), then ``--repeats`` timed calls (30) with
+``time.perf_counter``; the table gives the median and the 10th–90th percentile. Ratios
+``eager/splice`` and ``ORT/splice`` are of medians (> 1: splice is faster). For the decode
+step, the memory-bandwidth lower bound is the bytes of weights one step must read (every
+parameter except the embedding table, of which only the token's row; the lm_head
+included) divided by the higher of the two measured bandwidths; ``fraction`` = bound /
+time. TVM's thread pool gets ``TVM_NUM_THREADS = torch.get_num_threads()`` unless it is set.
+
+Run from the repository root (needs ``pip install -e '.[onnx]'`` for onnxruntime)::
+
+    python benchmarks/lowering.py                    # full run, writes benchmarks/RESULTS.md
+    python benchmarks/lowering.py --quick            # smoke run: 3 repeats, no write
+    python benchmarks/lowering.py --repeats 3 --models mlp1,gpt2 --no-results
+
+Tuning results are cached on disk (``~/.cache/splice/tvm_tuning.json``), so a second run
+compiles without re-tuning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import gc
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import splice
+from splice import models
+
+SECTION = (
+    "## Lowering: splice→TVM against eager, torch.compile and ONNX Runtime (benchmarks/lowering.py)"
+)
+BEGIN = "<!-- lowering:begin -->"
+END = "<!-- lowering:end -->"
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+ATOL = 1e-3
+PEERS = ("eager", "torch.compile", "onnxruntime", "splice")
+ALL_MODELS = ("mlp1", "mlp32", "gpt2", "llama-decode", "llama-prefill")
+
+GPT2_SHAPE: dict[str, int] = {"hidden": 768, "heads": 12, "seq": 128}
+LLAMA_SHAPE: dict[str, int] = {
+    "layers": 4,
+    "hidden": 512,
+    "heads": 8,
+    "kv_heads": 8,
+    "inter": 1376,
+    "vocab": 4096,
+    "seq": 128,
+}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- workloads ----------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """One workload: a module returning a tensor or a tuple of tensors, and its inputs."""
+
+    name: str
+    description: str
+    model: nn.Module
+    inputs: tuple[torch.Tensor, ...]
+    weight_bytes: int | None = None  # bytes of weights one call must read (decode only)
+    kv_bytes: int | None = None  # bytes of KV cache one call reads (decode only)
+
+
+class BlockOut(nn.Module):
+    """A transformers block called on hidden states, returning a tensor."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        out = self.block(hidden_states)
+        return out[0] if isinstance(out, tuple) else out
+
+
+class Prefill(nn.Module):
+    """A causal LM over a whole prompt, without a cache: ids -> logits."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=input_ids, use_cache=False).logits
+
+
+class DecodeStep(nn.Module):
+    """One decode step with the KV cache as explicit tensors: (ids, k0, v0, k1, v1, ...) ->
+    (logits, k0', v0', ...), where each ki' is ki with the new position appended.
+
+    The cache tensors are put into a ``DynamicCache`` directly: filling it through
+    ``update`` would concatenate onto an empty 1-D tensor, which TVM's concat rejects.
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, *kv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.lm.config)
+        assert len(cache.layers) * 2 == len(kv), "one key and one value tensor per layer"
+        for i, layer in enumerate(cache.layers):
+            layer.dtype, layer.device = kv[0].dtype, kv[0].device
+            layer.keys, layer.values = kv[2 * i], kv[2 * i + 1]
+            layer.is_initialized = True
+        out = self.lm(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        new: list[torch.Tensor] = []
+        for layer in out.past_key_values.layers:
+            new += [layer.keys, layer.values]
+        return (out.logits, *new)
+
+
+def mlp_case(batch: int) -> Case:
+    model, inputs = models.mlp(768, 3072, batch)
+    return Case(
+        f"mlp{batch}",
+        f"MLP 768→3072→768, GELU (erf), batch {batch}: x [{batch}, 768]",
+        model,
+        tuple(inputs),
+    )
+
+
+def gpt2_case() -> Case:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    h, heads, seq = GPT2_SHAPE["hidden"], GPT2_SHAPE["heads"], GPT2_SHAPE["seq"]
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=h, n_head=heads, n_positions=max(1024, seq))
+    # A bare block's config names no attention implementation, and GPT-2's fallback (eager
+    # attention, no mask given) is bidirectional. SDPA, what GPT2Model picks, applies
+    # is_causal when no mask is given.
+    cfg._attn_implementation = "sdpa"
+    block = transformers.models.gpt2.modeling_gpt2.GPT2Block(cfg, layer_idx=0)
+    model = BlockOut(block).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, seq, h, generator=g)
+    y = x.clone()
+    y[:, seq // 2 :] = torch.randn(1, seq - seq // 2, h, generator=g)
+    with torch.inference_mode():
+        leak = (model(x) - model(y))[:, : seq // 2].abs().max().item()
+    assert leak <= 1e-5, f"the GPT-2 block is not causal: later positions move earlier by {leak}"
+    return Case(
+        "gpt2",
+        f"one GPT2Block (hidden {h}, {heads} heads, FFN {4 * h}, gelu_new, SDPA attention, "
+        f"causal via is_causal), hidden states [1, {seq}, {h}] in and out",
+        model,
+        (x,),
+    )
+
+
+def _llama() -> tuple[nn.Module, torch.Tensor]:
+    lm, (ids,) = models.llama(**LLAMA_SHAPE)
+    return lm, ids
+
+
+def _decode_weight_bytes(lm: nn.Module, tokens: int) -> int:
+    """Parameter bytes one step reads: all but the embedding table, of which ``tokens`` rows."""
+    emb = lm.get_input_embeddings().weight
+    out_emb = lm.get_output_embeddings()
+    tied = out_emb is not None and out_emb.weight is emb
+    total = 0
+    for p in lm.parameters():  # parameters() yields each shared tensor once
+        if p is emb and not tied:
+            total += tokens * p.shape[1] * p.element_size()
+        else:
+            total += p.numel() * p.element_size()
+    return total
+
+
+def llama_decode_case() -> Case:
+    lm, ids = _llama()
+    seq = ids.shape[1]
+    past_len = seq - 1
+    with torch.inference_mode():
+        prefix = lm(input_ids=ids[:, :past_len], use_cache=True)
+        full = lm(input_ids=ids, use_cache=False).logits
+    kv: list[torch.Tensor] = []
+    for layer in prefix.past_key_values.layers:
+        kv += [layer.keys.clone(), layer.values.clone()]
+    model = DecodeStep(lm).eval()
+    inputs = (ids[:, past_len:].clone(), *kv)
+    with torch.inference_mode():
+        step = model(*inputs)
+    diff = (step[0][:, -1] - full[:, -1]).abs().max().item()
+    assert diff <= 1e-4, f"decode step differs from the full forward's last logits by {diff:.3g}"
+    heads, hd = kv[0].shape[1], kv[0].shape[3]
+    L = LLAMA_SHAPE
+    return Case(
+        "llama-decode",
+        f"LLaMA {L['layers']} layers, decode step at batch 1: 1 new token at position "
+        f"{past_len}, KV cache of {past_len} positions in as {len(kv)} tensors "
+        f"[1, {heads}, {past_len}, {hd}], out logits [1, 1, {L['vocab']}] + {len(kv)} updated "
+        f"caches [1, {heads}, {seq}, {hd}]",
+        model,
+        inputs,
+        weight_bytes=_decode_weight_bytes(lm, tokens=1),
+        kv_bytes=sum(t.numel() * t.element_size() for t in kv),
+    )
+
+
+def llama_prefill_case() -> Case:
+    lm, ids = _llama()
+    L = LLAMA_SHAPE
+    return Case(
+        "llama-prefill",
+        f"LLaMA {L['layers']} layers, prefill of {ids.shape[1]} tokens at batch 1 "
+        f"(no cache), out logits [1, {ids.shape[1]}, {L['vocab']}]",
+        Prefill(lm).eval(),
+        (ids,),
+    )
+
+
+FACTORIES: dict[str, Callable[[], Case]] = {
+    "mlp1": lambda: mlp_case(1),
+    "mlp32": lambda: mlp_case(32),
+    "gpt2": gpt2_case,
+    "llama-decode": llama_decode_case,
+    "llama-prefill": llama_prefill_case,
+}
+
+
+# -- machine ------------------------------------------------------------------------------
+
+
+@dataclass
+class Machine:
+    triad_numpy_gbs: float  # splice.target.measure_host: two single-threaded numpy passes
+    triad_torch_gbs: float  # one multi-threaded torch pass
+    matmul_gflops: float
+
+    @property
+    def bandwidth_gbs(self) -> float:
+        return max(self.triad_numpy_gbs, self.triad_torch_gbs)
+
+
+def torch_triad_gbs(repeats: int, n: int = 1 << 24) -> float:
+    """Best rate of a = b + 3·c over 64 MiB fp32 arrays in one torch pass (3 arrays moved)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.empty(n)
+    b = torch.rand(n, generator=g)
+    c = torch.rand(n, generator=g)
+    torch.add(b, c, alpha=3.0, out=a)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.add(b, c, alpha=3.0, out=a)
+        best = min(best, time.perf_counter() - t0)
+    return 3 * 4 * n / best / 1e9
+
+
+def measure_machine(repeats: int) -> Machine:
+    from splice.target import measure_host
+
+    host = measure_host(repeats)
+    return Machine(
+        triad_numpy_gbs=host["mem_bandwidth_gbs"],
+        triad_torch_gbs=torch_triad_gbs(repeats),
+        matmul_gflops=host["peak_gflops"],
+    )
+
+
+# -- peers --------------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    median_s: float
+    p10_s: float
+    p90_s: float
+    min_s: float
+
+    @staticmethod
+    def of(times: Sequence[float]) -> Timing:
+        ts = sorted(times)
+        if len(ts) >= 2:
+            q = statistics.quantiles(ts, n=10, method="inclusive")
+            p10, p90 = q[0], q[-1]
+        else:
+            p10 = p90 = ts[0]
+        return Timing(statistics.median(ts), p10, p90, ts[0])
+
+
+@dataclass
+class PeerResult:
+    peer: str
+    timing: Timing | None = None
+    max_abs_diff: float | None = None
+    setup_s: float | None = None  # compile / export / warm-up cost before timing
+    error: str | None = None
+    note: str = ""
+
+
+@dataclass
+class CaseResult:
+    case: Case
+    peers: dict[str, PeerResult] = field(default_factory=dict)
+
+
+def _flat(out: Any) -> list[torch.Tensor]:
+    """A peer's outputs as a flat list of torch tensors (numpy arrays are wrapped)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flat(o)]
+    if type(out).__module__ == "numpy":
+        return [torch.from_numpy(out)]
+    raise TypeError(f"unexpected output type {type(out).__name__}")
+
+
+def max_abs_diff(got: Any, ref: Sequence[torch.Tensor]) -> float:
+    outs = _flat(got)
+    assert len(outs) == len(ref), f"{len(outs)} outputs, expected {len(ref)}"
+    worst = 0.0
+    for i, (x, y) in enumerate(zip(outs, ref, strict=True)):
+        assert tuple(x.shape) == tuple(y.shape), f"output {i}: shape {x.shape} != {y.shape}"
+        if x.numel():
+            worst = max(worst, (x.double() - y.double()).abs().max().item())
+    return worst
+
+
+def time_calls(fn: Callable[[], object], warmup: int, repeats: int) -> Timing:
+    for _ in range(warmup):
+        fn()
+    gc.collect()
+    times: list[float] = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return Timing.of(times)
+
+
+def _error(e: BaseException) -> str:
+    text = " ".join(str(e).strip().split())
+    return f"{type(e).__name__}: {text[:240]}" if text else type(e).__name__
+
+
+def run_eager(case: Case, warmup: int, repeats: int) -> tuple[PeerResult, list[torch.Tensor]]:
+    with torch.inference_mode():
+        ref = [t.clone() for t in _flat(case.model(*case.inputs))]
+        timing = time_calls(lambda: case.model(*case.inputs), warmup, repeats)
+    return PeerResult("eager", timing, 0.0), ref
+
+
+def run_torch_compile(case: Case, ref: list[torch.Tensor], warmup: int, repeats: int) -> PeerResult:
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(case.model)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = compiled(*case.inputs)
+            setup = time.perf_counter() - t0
+            diff = max_abs_diff(out, ref)
+            timing = time_calls(lambda: compiled(*case.inputs), warmup, repeats)
+    except Exception as e:
+        return PeerResult("torch.compile", error=_error(e))
+    return PeerResult("torch.compile", timing, diff, setup)
+
+
+def _onnx_export(case: Case, path: Path) -> str:
+    """Export with the dynamo exporter, else the legacy one; returns which one worked."""
+    names = [f"in{i}" for i in range(len(case.inputs))]
+    first: BaseException | None = None
+    for dynamo in (True, False):
+        try:
+            with contextlib.redirect_stdout(sys.stderr), torch.no_grad():
+                torch.onnx.export(
+                    case.model,
+                    case.inputs,
+                    str(path),
+                    input_names=names,
+                    dynamo=dynamo,
+                    verbose=False,
+                )
+            return "dynamo exporter" if dynamo else "legacy TorchScript exporter"
+        except Exception as e:
+            log(f"    onnx export ({'dynamo' if dynamo else 'legacy'}) failed: {_error(e)}")
+            first = first or e
+    assert first is not None
+    raise first
+
+
+def run_onnxruntime(
+    case: Case, ref: list[torch.Tensor], warmup: int, repeats: int, threads: int, tmp: Path
+) -> PeerResult:
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        return PeerResult("onnxruntime", error=f"{_error(e)} (pip install -e '.[onnx]')")
+    try:
+        t0 = time.perf_counter()
+        path = tmp / f"{case.name}.onnx"
+        exporter = _onnx_export(case, path)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        setup = time.perf_counter() - t0
+        inputs = sess.get_inputs()
+        if len(inputs) != len(case.inputs):
+            raise RuntimeError(
+                f"the ONNX model has {len(inputs)} inputs, the module {len(case.inputs)}"
+            )
+        feeds = {i.name: x.numpy() for i, x in zip(inputs, case.inputs)}
+        diff = max_abs_diff(sess.run(None, feeds), ref)
+        timing = time_calls(lambda: sess.run(None, feeds), warmup, repeats)
+    except Exception as e:
+        return PeerResult("onnxruntime", error=_error(e))
+    return PeerResult("onnxruntime", timing, diff, setup, note=exporter)
+
+
+def run_splice(
+    case: Case, ref: list[torch.Tensor], warmup: int, repeats: int, tune: int, tmp: Path
+) -> PeerResult:
+    last = [""]
+
+    def progress(message: str, done: int, total: int) -> None:
+        if message != last[0]:  # one line per stage / per tuned kernel
+            last[0] = message
+            log(f"    splice: {message} ({done}/{total})")
+
+    try:
+        t0 = time.perf_counter()
+        program = splice.capture(case.model, case.inputs, name=case.name.replace("-", "_"))
+        art = splice.compile(
+            program, "host", tune=tune, output=tmp / f"{case.name}.artifact", progress=progress
+        )
+        m = art.load(num_threads=int(os.environ["TVM_NUM_THREADS"]))
+        setup = time.perf_counter() - t0
+        diff = max_abs_diff(m(*case.inputs), ref)
+        timing = time_calls(lambda: m(*case.inputs), warmup, repeats)
+    except Exception as e:
+        return PeerResult("splice", error=_error(e))
+    return PeerResult("splice", timing, diff, setup)
+
+
+def run_case(case: Case, args: argparse.Namespace, threads: int) -> CaseResult:
+    res = CaseResult(case)
+    with tempfile.TemporaryDirectory(prefix="splice-lowering-") as d:
+        tmp = Path(d)
+        log(f"timing {case.name}: eager…")
+        res.peers["eager"], ref = run_eager(case, args.warmup, args.repeats)
+        log(f"compiling {case.name}: torch.compile…")
+        res.peers["torch.compile"] = run_torch_compile(case, ref, args.warmup, args.repeats)
+        torch._dynamo.reset()
+        log(f"compiling {case.name}: onnxruntime (torch.onnx.export)…")
+        res.peers["onnxruntime"] = run_onnxruntime(
+            case, ref, args.warmup, args.repeats, threads, tmp
+        )
+        log(f"compiling {case.name}: splice (tune={args.tune})…")
+        res.peers["splice"] = run_splice(case, ref, args.warmup, args.repeats, args.tune, tmp)
+    for peer in PEERS:
+        r = res.peers[peer]
+        if r.error is not None:
+            log(f"  {case.name:<14} {peer:<14} FAILED: {r.error}")
+            continue
+        assert r.timing is not None and r.max_abs_diff is not None
+        flag = "" if r.max_abs_diff <= ATOL else f"  MISMATCH (> {ATOL:g})"
+        log(
+            f"  {case.name:<14} {peer:<14} {r.timing.median_s * 1e3:9.3f} ms  "
+            f"max abs diff vs eager {r.max_abs_diff:.2e}{flag}"
+        )
+    return res
+
+
+# -- report -------------------------------------------------------------------------------
+
+
+def _ms(r: PeerResult) -> str:
+    if r.timing is None:
+        return "failed"
+    t = r.timing
+    return f"{t.median_s * 1e3:.3f} ({t.p10_s * 1e3:.3f}–{t.p90_s * 1e3:.3f})"
+
+
+def _ratio(a: PeerResult, b: PeerResult) -> str:
+    if a.timing is None or b.timing is None:
+        return "—"
+    return f"{a.timing.median_s / b.timing.median_s:.2f}"
+
+
+def _diff(r: PeerResult) -> str:
+    return "—" if r.max_abs_diff is None else f"{r.max_abs_diff:.1e}"
+
+
+def table(results: list[CaseResult]) -> str:
+    out = [
+        "| model | eager ms | torch.compile ms | ORT ms | splice ms | eager/splice | ORT/splice "
+        "| max abs diff vs eager (compile / ORT / splice) |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for res in results:
+        p = res.peers
+        diffs = " / ".join(_diff(p[k]) for k in ("torch.compile", "onnxruntime", "splice"))
+        out.append(
+            f"| {res.case.name} | {_ms(p['eager'])} | {_ms(p['torch.compile'])} "
+            f"| {_ms(p['onnxruntime'])} | {_ms(p['splice'])} "
+            f"| {_ratio(p['eager'], p['splice'])} | {_ratio(p['onnxruntime'], p['splice'])} "
+            f"| {diffs} |"
+        )
+    return "\n".join(out)
+
+
+def setup_table(results: list[CaseResult]) -> str:
+    out = [
+        "| model | torch.compile first call s | ORT export + session s | splice capture + compile + load s |",
+        "|---|--:|--:|--:|",
+    ]
+
+    def s(r: PeerResult) -> str:
+        return "—" if r.setup_s is None else f"{r.setup_s:.1f}"
+
+    for res in results:
+        p = res.peers
+        out.append(
+            f"| {res.case.name} | {s(p['torch.compile'])} | {s(p['onnxruntime'])} "
+            f"| {s(p['splice'])} |"
+        )
+    return "\n".join(out)
+
+
+def bandwidth_lines(results: list[CaseResult], machine: Machine) -> list[str]:
+    lines: list[str] = []
+    bw = machine.bandwidth_gbs * 1e9
+    for res in results:
+        c = res.case
+        if c.weight_bytes is None:
+            continue
+        bound = c.weight_bytes / bw
+        fracs = []
+        for peer in PEERS[:-1]:  # splice is the headline
+            t = res.peers[peer].timing
+            fracs.append(f"{peer} {bound / t.median_s:.2f}" if t else f"{peer} —")
+        sp = res.peers["splice"].timing
+        head = f"**{bound / sp.median_s:.2f}**" if sp else "n/a (splice failed)"
+        kv = ""
+        if c.kv_bytes:
+            kv_bound = (c.weight_bytes + c.kv_bytes) / bw
+            kv = (
+                f" Counting the KV cache read as well ({c.kv_bytes / 1e6:.2f} MB) the bound is "
+                f"{kv_bound * 1e3:.3f} ms"
+                + (f" (splice fraction {kv_bound / sp.median_s:.2f})." if sp else ".")
+            )
+        lines.append(
+            f"- {c.name} bandwidth bound: {c.weight_bytes / 1e6:.2f} MB of weights per step "
+            f"(all parameters except the embedding table, of which the one row read; lm_head "
+            f"included) / {machine.bandwidth_gbs:.1f} GB/s = {bound * 1e3:.3f} ms; fraction of "
+            f"the bound reached (bound / median time): splice {head} (others: {', '.join(fracs)}).{kv} "
+            f"With an L3 of {_l3()}, part of the weights can stay cache-resident between "
+            "back-to-back calls, so a fraction near or above 1 is possible."
+        )
+    return lines
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _l3() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    for line in out.splitlines():
+        if line.strip().startswith("L3"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def _git_state() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "splice"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head} (with uncommitted changes in splice/)" if dirty else head
+
+
+def _version(module: str) -> str:
+    try:
+        mod = __import__(module)
+    except ImportError:
+        return "not installed"
+    return str(getattr(mod, "__version__", "?"))
+
+
+def section(
+    results: list[CaseResult],
+    machine: Machine,
+    args: argparse.Namespace,
+    command: str,
+    threads: int,
+    load: tuple[float, ...],
+) -> str:
+    """This benchmark's part of RESULTS.md: heading, then everything between the markers."""
+    failures = [
+        f"- {res.case.name} / {peer}: {r.error}"
+        for res in results
+        for peer, r in res.peers.items()
+        if r.error is not None
+    ]
+    exporters = sorted({r.note for res in results for r in res.peers.values() if r.note})
+    L = LLAMA_SHAPE
+    parts = [
+        SECTION,
+        BEGIN,
+        "",
+        f"- date: {dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- machine: {_cpu_model()}, {os.cpu_count()} cores, L3 {_l3()}; threads: torch "
+        f"{threads}, TVM {os.environ.get('TVM_NUM_THREADS')}, ORT intra-op {threads}; 1-min load "
+        f"average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after the run",
+        f"- measured: STREAM triad {machine.triad_numpy_gbs:.1f} GB/s "
+        f"(`splice.target.measure_host`: numpy, two single-threaded passes) and "
+        f"{machine.triad_torch_gbs:.1f} GB/s (torch, one pass, {threads} threads); fp32 matmul "
+        f"peak {machine.matmul_gflops:.1f} GFLOP/s (torch.mm 1024³, best of the repeats)",
+        f"- software: Python {platform.python_version()}, torch {torch.__version__}, "
+        f"apache-tvm {_version('tvm')}, onnxruntime {_version('onnxruntime')}, "
+        f"onnx {_version('onnx')}, transformers {_version('transformers')}, "
+        f"splice {splice.__version__} at {_git_state()}",
+        f"- command: `{command}` (from the repository root)",
+        f"- method: fp32, eval, random weights (seed 0); per peer {args.warmup} warm-up calls, "
+        f"then the median of {args.repeats} timed calls (time.perf_counter), with the 10th–90th "
+        f"percentile in brackets; ratios are of medians (> 1: splice faster); splice compiled "
+        f"with tune={args.tune} (tuning database on disk); ONNX via "
+        f"{', '.join(exporters) or 'n/a'}, CPU execution provider",
+        f"- LLaMA: {L['layers']} layers, hidden {L['hidden']}, FFN {L['inter']}, {L['heads']} "
+        f"heads, {L['kv_heads']} KV heads, vocab {L['vocab']}, untied lm_head "
+        "(`splice.models.llama`)",
+        "",
+        "| model | workload |",
+        "|---|---|",
+        *(f"| {res.case.name} | {res.case.description} |" for res in results),
+        "",
+        "Milliseconds per call, median (p10–p90):",
+        "",
+        table(results),
+        "",
+        *bandwidth_lines(results, machine),
+        "",
+        "One-off costs before timing (seconds):",
+        "",
+        setup_table(results),
+        "",
+        f"Checks: the outputs of every peer that ran matched eager within {ATOL:g} (max abs "
+        "diff over all outputs)"
+        + (
+            "; the decode step's logits matched the last position of a full 128-token "
+            "forward within 1e-4"
+            if any(res.case.name == "llama-decode" for res in results)
+            else ""
+        )
+        + ("." if not failures else ". Peers that failed:"),
+        *failures,
+        *_load_warning(load),
+        "",
+        END,
+    ]
+    return "\n".join(parts)
+
+
+def _load_warning(load: tuple[float, ...]) -> list[str]:
+    """A caveat when other jobs shared the CPU: OpenMP peers (eager, torch.compile) then show
+    bimodal, up to 20x slower medians, since a preempted thread stalls every barrier."""
+    worst = max(load[0], os.getloadavg()[0])
+    if worst < 0.5 * (os.cpu_count() or 1):
+        return []
+    return [
+        "",
+        f"- WARNING: the 1-min load average reached {worst:.2f} on {os.cpu_count()} cores: "
+        "other jobs shared the CPU during this run, so some medians (above all eager and "
+        "torch.compile, whose OpenMP threads stall each other when one is preempted) may be "
+        "several times too slow; check the p10–p90 spread and rerun on a quiet machine.",
+    ]
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replace this benchmark's section of ``path`` (or append it); other sections are kept.
+
+    The section is the ``SECTION`` heading followed by everything from ``BEGIN`` to ``END``.
+    The heading sits before the begin marker so that benchmarks which delimit their own
+    sections by the next ``## `` heading (ir_scaling.py) stop before it.
+    """
+    lines = path.read_text().splitlines() if path.exists() else ["# Benchmark results"]
+    new_block = text.rstrip("\n").splitlines()
+    if BEGIN in lines and END in lines[lines.index(BEGIN) :]:
+        start = lines.index(BEGIN)
+        end = lines.index(END, start)
+        while start > 0 and not lines[start - 1].strip():
+            start -= 1
+        if start > 0 and lines[start - 1] == SECTION:
+            start -= 1
+        new = [*lines[:start], *new_block, *lines[end + 1 :]]
+    elif SECTION in lines:  # heading without markers: replace up to the next section
+        start = lines.index(SECTION)
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
+        )
+        tail = lines[end:]
+        new = [*lines[:start], *new_block, *(["", *tail] if tail else [])]
+    else:
+        while lines and not lines[-1].strip():
+            lines.pop()
+        new = [*lines, "", *new_block]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(new) + "\n")
+    tmp.replace(path)
+
+
+# -- main ---------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=None, help="timed calls per peer (30)")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed calls before timing (5)")
+    ap.add_argument("--tune", type=int, default=8, help="splice.compile tune= trials (8)")
+    ap.add_argument(
+        "--models",
+        default=",".join(ALL_MODELS),
+        help=f"comma-separated subset of {','.join(ALL_MODELS)}",
+    )
+    ap.add_argument("--quick", action="store_true", help="smoke run: 3 repeats, no write")
+    ap.add_argument("--no-results", action="store_true", help="print only; do not write RESULTS.md")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="results file to update")
+    args = ap.parse_args(argv)
+    args.repeats = args.repeats or (3 if args.quick else 30)
+    write = not (args.no_results or args.quick)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in FACTORIES]
+    if unknown or not names or args.repeats < 1 or args.warmup < 0 or args.tune < 0:
+        ap.error(f"bad arguments (unknown models: {unknown}; models: {', '.join(ALL_MODELS)})")
+    command = shlex.join(["python", *(sys.argv if argv is None else ["lowering.py", *argv])])
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers/pytree chatter
+    threads = torch.get_num_threads()
+    os.environ.setdefault("TVM_NUM_THREADS", str(threads))  # before TVM's pool starts
+    load = os.getloadavg()
+    t_start = time.perf_counter()
+
+    log("measuring the machine (STREAM triad, matmul peak)…")
+    machine = measure_machine(3 if args.quick else 10)
+    log(
+        f"  triad {machine.triad_numpy_gbs:.1f} GB/s (numpy, measure_host), "
+        f"{machine.triad_torch_gbs:.1f} GB/s (torch, {threads} threads); "
+        f"matmul {machine.matmul_gflops:.1f} GFLOP/s"
+    )
+
+    results: list[CaseResult] = []
+    for name in names:
+        log(f"building {name}…")
+        results.append(run_case(FACTORIES[name](), args, threads))
+
+    text = section(results, machine, args, command, threads, load)
+    print(text)
+    log(f"(benchmark wall time {time.perf_counter() - t_start:.0f} s)")
+
+    mismatches = [
+        f"{res.case.name} / {peer}: max abs diff {r.max_abs_diff:.3g} > {ATOL:g}"
+        for res in results
+        for peer, r in res.peers.items()
+        if r.max_abs_diff is not None and r.max_abs_diff > ATOL
+    ]
+    splice_failed = [res.case.name for res in results if res.peers["splice"].error is not None]
+    if mismatches or splice_failed:
+        for m in mismatches:
+            log(f"ERROR: output mismatch: {m}")
+        for res in results:
+            if res.peers["splice"].error is not None:
+                log(f"ERROR: splice failed on {res.case.name}: {res.peers['splice'].error}")
+        log(f"not writing {args.results}")
+        return 1
+    if write:
+        write_section(args.results, text)
+        log(f"wrote {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
