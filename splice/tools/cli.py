@@ -365,7 +365,7 @@ def cmd_passes(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from splice.tools.demo import run_demo
 
-    return run_demo(pipeline=a.pipeline, sentences=a.sentences)
+    return run_demo(pipeline=a.pipeline, sentences=a.sentences, lowrank=not a.no_lowrank)
 
 
 # ---------------------------------------------------------------------------------------
@@ -450,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-p", "--pipeline", default="cse,fold-constants,dce")
     sp.add_argument(
         "--sentences", type=int, default=8, help="number of sample sentences (default 8)"
+    )
+    sp.add_argument(
+        "--no-lowrank", action="store_true", help="skip the low-rank part (lowrank + TVM)"
     )
     sp.set_defaults(fn=cmd_demo)
     return p
