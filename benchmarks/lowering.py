@@ -679,6 +679,8 @@ def section(
     command: str,
     threads: int,
     load: tuple[float, ...],
+    busy_start: tuple[float, float],
+    wall: float,
 ) -> str:
     """This benchmark's part of RESULTS.md: heading, then everything between the markers."""
     failures = [
@@ -739,25 +741,38 @@ def section(
         )
         + ("." if not failures else ". Peers that failed:"),
         *failures,
-        *_load_warning(load),
+        *_load_warning(busy_start, wall),
         "",
         END,
     ]
     return "\n".join(parts)
 
 
-def _load_warning(load: tuple[float, ...]) -> list[str]:
+def _busy_seconds() -> tuple[float, float]:
+    """(CPU seconds all processes were busy, CPU seconds of this process) since boot/start."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    hz = os.sysconf("SC_CLK_TCK")
+    t = os.times()
+    return (user + nice + system + irq + softirq + steal) / hz, t.user + t.system
+
+
+def _load_warning(start: tuple[float, float], wall: float) -> list[str]:
     """A caveat when other jobs shared the CPU: OpenMP peers (eager, torch.compile) then show
-    bimodal, up to 20x slower medians, since a preempted thread stalls every barrier."""
-    worst = max(load[0], os.getloadavg()[0])
-    if worst < 0.5 * (os.cpu_count() or 1):
+    bimodal, up to 20x slower medians, since a preempted thread stalls every barrier.
+
+    Other jobs' CPU time = all busy CPU time minus this process's, over the run."""
+    end = _busy_seconds()
+    others = (end[0] - start[0]) - (end[1] - start[1])
+    cores = others / max(wall, 1e-9)
+    if cores < 0.2:
         return []
     return [
         "",
-        f"- WARNING: the 1-min load average reached {worst:.2f} on {os.cpu_count()} cores: "
-        "other jobs shared the CPU during this run, so some medians (above all eager and "
-        "torch.compile, whose OpenMP threads stall each other when one is preempted) may be "
-        "several times too slow; check the p10–p90 spread and rerun on a quiet machine.",
+        f"- WARNING: other processes used {cores:.2f} cores on average during this run (of "
+        f"{os.cpu_count()}), so some medians (above all eager and torch.compile, whose OpenMP "
+        "threads stall each other when one is preempted) may be several times too slow; check "
+        "the p10–p90 spread and rerun on a quiet machine.",
     ]
 
 
@@ -823,6 +838,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     os.environ.setdefault("TVM_NUM_THREADS", str(threads))  # before TVM's pool starts
     load = os.getloadavg()
+    busy_start = _busy_seconds()
     t_start = time.perf_counter()
 
     log("measuring the machine (STREAM triad, matmul peak)…")
@@ -838,7 +854,9 @@ def main(argv: list[str] | None = None) -> int:
         log(f"building {name}…")
         results.append(run_case(FACTORIES[name](), args, threads))
 
-    text = section(results, machine, args, command, threads, load)
+    text = section(
+        results, machine, args, command, threads, load, busy_start, time.perf_counter() - t_start
+    )
     print(text)
     log(f"(benchmark wall time {time.perf_counter() - t_start:.0f} s)")
 

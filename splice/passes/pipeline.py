@@ -264,7 +264,10 @@ def _type_name(tp: Any) -> str:
         return "|".join(choices)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+        args = typing.get_args(tp)
+        rest = [a for a in args if a is not type(None)]
+        optional = "?" if len(rest) < len(args) else ""
+        return " | ".join(_type_name(a) for a in rest) + optional
     if origin in (list, tuple):
         args = [a for a in typing.get_args(tp) if a is not Ellipsis]
         return f"[{_type_name(args[0]) if args else 'any'},...]"
