@@ -1,0 +1,155 @@
+"""TVM lowering of ``splice::lowrank_linear``: the fused decode kernel and the two-linear path.
+
+Programs are small modules calling ``torch.ops.splice.lowrank_linear`` on their own
+parameters, captured with ``splice.capture`` and compiled with ``splice.compile``; the
+compiled outputs must equal the op's reference (the eager module) within 1e-4, and the
+lowering report must say which kernel ran: the ``lowrank`` rule for few rows, two matmul
+kernels above ``LOWRANK_FUSED_MAX_ROWS`` rows.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import splice
+from splice.ir.ops import lowrank_linear
+from splice.runtime.backends import tvm as tvm_backend
+from splice.runtime.backends.tvm_schedules import lowrank_plan
+
+pytest.importorskip("tvm")
+
+ATOL = 1e-4
+
+
+class LowRank(nn.Module):
+    """y = lowrank_linear(x, A, B, bias, rank), A [m, k], B [k, n], random (seeded)."""
+
+    def __init__(self, m: int, n: int, k: int, *, bias: bool, rank: int | None = None):
+        super().__init__()
+        g = torch.Generator().manual_seed(m * 1000 + n * 10 + k)
+        self.A = nn.Parameter(torch.randn(m, k, generator=g) / k**0.5)
+        self.B = nn.Parameter(torch.randn(k, n, generator=g) / n**0.5)
+        self.bias = nn.Parameter(torch.randn(m, generator=g)) if bias else None
+        self.rank = rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.splice.lowrank_linear(x, self.A, self.B, self.bias, self.rank)
+
+
+def compile_and_check(tmp_path, model: nn.Module, x_shape: tuple[int, ...]):
+    """Compile ``model`` for ``x_shape``; check against the reference on a fresh input."""
+    x = torch.randn(x_shape, generator=torch.Generator().manual_seed(1))
+    program = splice.capture(model, (x,))
+    assert any(n.target is lowrank_linear.overload for n in program.graph.nodes)
+    art = splice.compile(program, "host", output=tmp_path / "lowrank.artifact")
+    compiled = art.load()
+    x2 = torch.randn(x_shape, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(x2)
+        ref_op = lowrank_linear.reference(x2, model.A, model.B, model.bias, model.rank)
+    torch.testing.assert_close(ref, ref_op, rtol=0, atol=0)
+    out = compiled(x2)
+    assert out.shape == ref.shape
+    diff = (out - ref).abs().max().item()
+    assert diff <= ATOL, f"max abs diff {diff:.3g} > {ATOL}"
+    return art.manifest["lowering"]
+
+
+# (m, n, k, bias, rank, x shape): k or m not a multiple of 8 exercises the padding of B's or
+# A's rows; rank < k the prefix; rank > k is clamped to k as in the reference
+FUSED_CASES = [
+    pytest.param(64, 48, 20, True, None, (1, 48), id="m1-bias"),
+    pytest.param(64, 48, 20, False, None, (1, 48), id="m1-nobias"),
+    pytest.param(64, 48, 20, True, 13, (1, 48), id="m1-rank"),
+    pytest.param(96, 40, 24, False, 99, (1, 40), id="m1-rank-over-k"),
+    pytest.param(64, 48, 20, True, 7, (4, 48), id="m4-bias-rank"),
+    pytest.param(64, 48, 44, True, 37, (8, 48), id="m8-untileable-rank"),
+    pytest.param(64, 48, 44, False, None, (8, 48), id="m8-untileable-k"),
+    pytest.param(64, 48, 20, True, None, (1, 1, 48), id="3d-decode"),
+    pytest.param(64, 48, 20, True, 9, (2, 2, 48), id="3d-m4-rank"),
+    pytest.param(64, 48, 44, True, 37, (2, 3, 48), id="3d-m6-untileable-rank"),
+    pytest.param(256, 128, 64, True, None, (1, 128), id="m1-wider"),
+    pytest.param(60, 48, 20, True, None, (1, 48), id="m1-m-not-multiple-of-8"),
+    pytest.param(44, 33, 5, False, 3, (3, 33), id="m3-odd-shapes"),
+]
+
+
+@pytest.mark.parametrize("m,n,k,bias,rank,x_shape", FUSED_CASES)
+def test_fused_kernel_matches_reference(tmp_path, m, n, k, bias, rank, x_shape):
+    report = compile_and_check(tmp_path, LowRank(m, n, k, bias=bias, rank=rank), x_shape)
+    assert report["schedule_rules"].get("lowrank") == 1, report["schedule_rules"]
+    assert "unscheduled" not in report["schedule_rules"]
+    (kernel,) = [v for v in report["matmuls"].values() if v.get("kernel") == "lowrank_linear"]
+    rows = 1
+    for d in x_shape[:-1]:
+        rows *= d
+    r = k if rank is None else min(rank, k)
+    assert (kernel["rows"], kernel["m"], kernel["n"], kernel["k"]) == (rows, m, n, r)
+    assert kernel == {**kernel, **lowrank_plan(rows, m, n, r).to_json()}
+    # the packing of A and B runs at load time: only the fused kernel is a matmul-like call
+    assert report["schedule_rules"].get("matmul", 0) == 0
+
+
+@pytest.mark.parametrize(
+    "m,n,k,bias,rank,x_shape",
+    [
+        pytest.param(64, 48, 40, True, 16, (8, 48), id="m8-two-linears"),
+        pytest.param(64, 48, 20, False, None, (8, 48), id="m8-small-rank-two-linears"),
+        pytest.param(64, 48, 40, True, 16, (32, 48), id="m32-two-linears"),
+        pytest.param(64, 48, 40, False, None, (4, 8, 48), id="3d-m32-two-linears"),
+    ],
+)
+def test_two_linear_path(tmp_path, m, n, k, bias, rank, x_shape):
+    """More rows than LOWRANK_FUSED_MAX_ROWS and shapes the matmul rule tiles (rank and m
+    multiples of 8, or at most 32): two matmul kernels."""
+    report = compile_and_check(tmp_path, LowRank(m, n, k, bias=bias, rank=rank), x_shape)
+    assert "lowrank" not in report["schedule_rules"]
+    assert report["schedule_rules"].get("matmul") == 2, report["schedule_rules"]
+
+
+@pytest.mark.parametrize(
+    "m,n,k,bias,rank,x_shape",
+    [
+        pytest.param(64, 48, 44, True, 37, (32, 48), id="m32-rank-not-multiple-of-8"),
+        pytest.param(60, 48, 24, False, None, (2, 20, 48), id="3d-m40-m-not-multiple-of-8"),
+    ],
+)
+def test_many_rows_untileable_shapes_stay_fused(tmp_path, m, n, k, bias, rank, x_shape):
+    """Many rows, but a rank (or m) the matmul rule cannot tile: the fused kernel."""
+    report = compile_and_check(tmp_path, LowRank(m, n, k, bias=bias, rank=rank), x_shape)
+    assert report["schedule_rules"].get("lowrank") == 1, report["schedule_rules"]
+    assert "unscheduled" not in report["schedule_rules"]
+
+
+def test_fused_row_limit_is_inclusive(tmp_path):
+    rows = tvm_backend.LOWRANK_FUSED_MAX_ROWS
+    report = compile_and_check(tmp_path, LowRank(32, 24, 8, bias=True), (rows, 24))
+    assert report["schedule_rules"].get("lowrank") == 1
+    report = compile_and_check(tmp_path / "more", LowRank(32, 24, 8, bias=True), (rows + 1, 24))
+    assert "lowrank" not in report["schedule_rules"]
+
+
+def test_two_lowrank_layers_and_residual(tmp_path):
+    """Two fused kernels in one program, with element-wise work between them."""
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = LowRank(48, 48, 12, bias=True)
+            self.b = LowRank(48, 48, 10, bias=False, rank=6)
+
+        def forward(self, x):
+            return x + self.b(torch.nn.functional.silu(self.a(x)))
+
+    model = Two()
+    x = torch.randn(1, 1, 48)
+    program = splice.capture(model, (x,))
+    art = splice.compile(program, "host", output=tmp_path / "two.artifact")
+    x2 = torch.randn(1, 1, 48)
+    with torch.no_grad():
+        ref = model(x2)
+    diff = (art.load()(x2) - ref).abs().max().item()
+    assert diff <= ATOL
+    assert art.manifest["lowering"]["schedule_rules"].get("lowrank") == 2
