@@ -68,7 +68,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -78,6 +77,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import cpu_model, git_state
 
 import splice
 from splice import models
@@ -376,38 +376,6 @@ def growth_table(rows: list[Row]) -> tuple[str, dict[str, dict[str, float]]]:
     return "\n".join(out), slopes
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_state() -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "splice"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"{head} (with uncommitted changes in splice/)" if dirty else head
-
-
 def _verdict(rows: list[Row], slopes: dict[str, dict[str, float]]) -> list[str]:
     lines: list[str] = []
     for family, s in slopes.items():
@@ -469,11 +437,11 @@ def section(rows: list[Row], command: str, repeats: int, load: tuple[float, ...]
         SECTION,
         "",
         f"- date: {dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- machine: {_cpu_model()}, {os.cpu_count()} cores "
+        f"- machine: {cpu_model()}, {os.cpu_count()} cores "
         f"(torch threads: {torch.get_num_threads()}); 1-min load average "
         f"{load[0]:.2f} before, {os.getloadavg()[0]:.2f} after the run",
         f"- software: Python {platform.python_version()}, torch {torch.__version__}, "
-        f"splice {splice.__version__} at {_git_state()}",
+        f"splice {splice.__version__} at {git_state()}",
         f"- command: `{command}` (from the repository root)",
         f"- times: median of {repeats} run(s), seconds; capture is a single run for llama-32; "
         "`verify` clears splice's spec memo and torch's FakeTensor dispatch cache before each "

