@@ -100,3 +100,16 @@ def test_erase_refuses_used_nodes_and_new_inputs_are_stamped():
     c = rw.add_input("cond", M.TensorSpec((2,), torch.float32))
     assert M.loc(c).from_passes == ("p1",)
     assert p.input_names == ["x", "cond"]
+
+
+def test_set_weight_replaces_the_value_and_retypes_its_readers():
+    p = prog()
+    rw = Rewriter(p, "mypass")
+    v0 = p.version
+    rw.set_weight("fc.bias", torch.zeros(6, dtype=torch.float64))
+    (getter,) = [n for n in p.graph.find_nodes(op="get_attr") if n.target == "fc.bias"]
+    assert M.spec(getter) == M.TensorSpec((6,), torch.float64)
+    assert "mypass" in M.loc(getter).from_passes and p.version != v0
+    assert p.get_weight("fc.bias").dtype == torch.float64
+    with pytest.raises(PassError, match="no weight @nothing"):
+        rw.set_weight("nothing", torch.zeros(1))

@@ -82,14 +82,15 @@ class LinearSite:
         return self.layer
 
 
-def _param_of(program: Program, a: Any) -> str | None:
+def _param_of(program: Program, a: Any) -> fx.Node | None:
+    """``a`` if it reads a parameter (a ``get_attr`` of a weight of kind param)."""
     if (
         isinstance(a, fx.Node)
         and a.op == "get_attr"
         and program.has_weight(a.target)
         and program.weight_kind(a.target) == "param"
     ):
-        return str(a.target)
+        return a
     return None
 
 
@@ -141,19 +142,16 @@ def find_linears(program: Program) -> list[LinearSite]:
                 site = (x, w, True, None)
         if site is None:
             continue
-        x, w, transposed, bias = site
-        wspec = M.spec(program_weight_node(program, w))
+        x, w_node, transposed, bias = site
+        wspec = M.spec(w_node)
         if not isinstance(wspec, M.TensorSpec) or len(wspec.shape) != 2:
             continue
         if not isinstance(x, fx.Node) or not wspec.dtype.is_floating_point:
             continue
-        layer = w[: -len(".weight")] if w.endswith(".weight") else w
+        w = str(w_node.target)
+        layer = w.removesuffix(".weight")
         sites.append(LinearSite(node, x, w, transposed, bias, layer))
     return sites
-
-
-def program_weight_node(program: Program, name: str) -> fx.Node:
-    return next(n for n in program.graph.find_nodes(op="get_attr") if n.target == name)
 
 
 def _readers(program: Program, weight: str) -> set[fx.Node]:
@@ -601,14 +599,9 @@ def set_rank(
         r = max(1, min(r, k))
         args = list(node.args) + [None] * (5 - len(node.args))
         if physical:
-            A = out.get_weight(str(a_node.target))[:, :r].contiguous()
-            B = out.get_weight(str(b_node.target))[:r].contiguous()
-            out.add_weight(str(a_node.target), A, out.weight_kind(str(a_node.target)))
-            out.add_weight(str(b_node.target), B, out.weight_kind(str(b_node.target)))
-            rw.runner._weight_fakes.pop(str(a_node.target), None)
-            rw.runner._weight_fakes.pop(str(b_node.target), None)
-            M.set_spec(a_node, M.TensorSpec((A.shape[0], r), A.dtype))
-            M.set_spec(b_node, M.TensorSpec((r, B.shape[1]), B.dtype))
+            a_name, b_name = str(a_node.target), str(b_node.target)
+            rw.set_weight(a_name, out.get_weight(a_name)[:, :r].contiguous())
+            rw.set_weight(b_name, out.get_weight(b_name)[:r].contiguous())
             args[4] = None
         else:
             args[4] = r
