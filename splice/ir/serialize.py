@@ -21,6 +21,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -151,30 +152,42 @@ def _input_order(root: Path) -> list[str]:
     return []
 
 
-def _check(path: str | os.PathLike[str]) -> Path:
-    root = Path(path)
+def read_manifest_file(root: Path, *, missing: str, hint: str) -> dict[str, Any]:
+    """``root/manifest.json`` parsed; ArtifactError(``missing``, ``hint``) when absent."""
     mpath = root / MANIFEST_FILE
     if not mpath.is_file():
-        raise ArtifactError(
-            f"{root} is not a saved splice program (no {MANIFEST_FILE})",
-            hint="save programs with splice.save(program, path) or `splice capture -o`",
-        )
+        raise ArtifactError(missing, hint=hint)
     try:
-        manifest = json.loads(mpath.read_text())
+        return json.loads(mpath.read_text())
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{mpath} is not valid JSON: {e}") from e
-    if manifest.get("format") != FORMAT:
-        raise ArtifactError(
-            f"{root}: unknown format {manifest.get('format')!r}, expected {FORMAT!r}"
-        )
+
+
+def check_files(root: Path, manifest: dict[str, Any], *, hint: str | None = None) -> None:
+    """Every file the manifest lists exists and has its recorded sha256."""
     for fname, digest in manifest.get("files", {}).items():
         fpath = root / fname
         if not fpath.is_file():
             raise ArtifactError(f"{root}: file {fname} is missing")
         if sha256_file(fpath) != digest:
             raise ArtifactError(
-                f"{root}: checksum of {fname} does not match the manifest (file changed or corrupt)"
+                f"{root}: checksum of {fname} does not match the manifest (file changed or corrupt)",
+                hint=hint,
             )
+
+
+def _check(path: str | os.PathLike[str]) -> Path:
+    root = Path(path)
+    manifest = read_manifest_file(
+        root,
+        missing=f"{root} is not a saved splice program (no {MANIFEST_FILE})",
+        hint="save programs with splice.save(program, path) or `splice capture -o`",
+    )
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(
+            f"{root}: unknown format {manifest.get('format')!r}, expected {FORMAT!r}"
+        )
+    check_files(root, manifest)
     return root
 
 

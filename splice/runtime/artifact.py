@@ -20,7 +20,6 @@ native libraries, the weights safetensors, the rest JSON and text.
 
 from __future__ import annotations
 
-import json
 import platform
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +29,8 @@ import torch
 
 from splice.errors import ArtifactError
 from splice.ir import meta as M
-from splice.ir.serialize import sha256_file
+from splice.ir.serialize import check_files as _check_files
+from splice.ir.serialize import read_manifest_file
 
 FORMAT = "splice.artifact/1"
 MANIFEST = "manifest.json"
@@ -63,36 +63,27 @@ def spec_json(spec: M.Spec) -> dict[str, Any]:
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
     root = Path(path)
-    mpath = root / MANIFEST
-    if not mpath.is_file():
-        raise ArtifactError(
-            f"{root} is not a splice artifact (no {MANIFEST})",
-            hint="create one with splice.compile(program, target, output=...) or `splice compile`",
-        )
-    try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{mpath} is not valid JSON: {e}") from e
-    return manifest
+    return read_manifest_file(
+        root,
+        missing=f"{root} is not a splice artifact (no {MANIFEST})",
+        hint="create one with splice.compile(program, target, output=...) or `splice compile`",
+    )
 
 
 def check_files(root: Path, manifest: dict[str, Any]) -> None:
-    for fname, digest in manifest.get("files", {}).items():
-        fpath = root / fname
-        if not fpath.is_file():
-            raise ArtifactError(f"{root}: file {fname} is missing")
-        if sha256_file(fpath) != digest:
-            raise ArtifactError(
-                f"{root}: checksum of {fname} does not match the manifest (file changed or corrupt)",
-                hint="rebuild the artifact; never edit its files",
-            )
+    _check_files(root, manifest, hint="rebuild the artifact; never edit its files")
+
+
+def is_foreign(manifest: dict[str, Any]) -> bool:
+    """True if the artifact's CPU architecture is not this machine's (CUDA ones are not)."""
+    target = manifest.get("target", {})
+    arch = str(target.get("triple", "")).split("-")[0]
+    return bool(arch) and arch != platform.machine() and target.get("kind") != "cuda"
 
 
 def check_target(manifest: dict[str, Any]) -> None:
     """Raise ArtifactError unless this machine can run the artifact's target."""
     target = manifest.get("target", {})
-    arch = str(target.get("triple", "")).split("-")[0]
-    here = platform.machine()
     if target.get("kind") == "cuda":
         try:
             import tvm
@@ -103,9 +94,10 @@ def check_target(manifest: dict[str, Any]) -> None:
         if not ok:
             raise ArtifactError("this artifact was built for CUDA and no CUDA GPU is visible")
         return
-    if arch and arch != here:
+    if is_foreign(manifest):
         raise ArtifactError(
-            f"this artifact was built for {target.get('triple')} ({target.get('name')}); this machine is {here}",
+            f"this artifact was built for {target.get('triple')} ({target.get('name')}); "
+            f"this machine is {platform.machine()}",
             hint="run it on that machine, or under qemu-user (see docs/lowering.md)",
         )
     from splice.target import _cpu_flags
@@ -276,4 +268,4 @@ def write_samples(
     save_file(flat, str(path))
 
 
-__all__ = ["FORMAT", "Artifact", "CompiledModel", "check_target", "read_manifest"]
+__all__ = ["FORMAT", "Artifact", "CompiledModel", "check_target", "is_foreign", "read_manifest"]

@@ -223,7 +223,6 @@ def run_under_qemu(
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "PYTHONPATH": str(root / "site"),
             "PYTHONNOUSERSITE": "1",
-            "QEMU_LD_PREFIX": str(root / "sysroot"),
             "TVM_NUM_THREADS": os.environ.get("TVM_NUM_THREADS", "1"),
         }
         cmd = [

@@ -125,13 +125,8 @@ def _inputs_for(a: argparse.Namespace, art: Any, names: list[str]) -> tuple[str,
     return "seeded random", _random_inputs(art.manifest)
 
 
-def _is_foreign(manifest: dict[str, Any]) -> bool:
-    arch = str(manifest.get("target", {}).get("triple", "")).split("-")[0]
-    return bool(arch) and arch != platform.machine() and manifest["target"].get("kind") != "cuda"
-
-
 def cmd_run(a: argparse.Namespace) -> int:
-    from splice.runtime.artifact import Artifact
+    from splice.runtime.artifact import Artifact, is_foreign
     from splice.tools.cli import _console
 
     art = Artifact(a.artifact)
@@ -139,7 +134,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     names = [i["name"] for i in m["inputs"]]
     where, inputs = _inputs_for(a, art, names)
     con = _console()
-    if _is_foreign(m):
+    if is_foreign(m):
         from splice.runtime import edge
 
         con.print(f"running the {m['target']['triple']} artifact under qemu (slow: emulated)")
@@ -192,12 +187,12 @@ def _time(fn: Any, inputs: tuple, warmup: int, repeats: int) -> list[float]:
 def cmd_bench(a: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from splice.runtime.artifact import Artifact
+    from splice.runtime.artifact import Artifact, is_foreign
     from splice.tools.cli import _console
 
     art = Artifact(a.artifact)
     m = art.manifest
-    if _is_foreign(m):
+    if is_foreign(m):
         raise ArtifactError(
             f"cannot benchmark a {m['target']['triple']} artifact on {platform.machine()}",
             hint="run `splice bench` on the target (timings under qemu mean nothing)",

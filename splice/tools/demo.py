@@ -106,13 +106,14 @@ def _lowrank_section(con, program, ref, ids, mask) -> bool:
     import splice
     from splice import models
     from splice.passes import PassContext, PassManager, parse_pipeline
+    from splice.tools.cli import _progress_printer
 
     batch = ids.shape[0]
     cal = models.calibration_rows(models.corpus(64))
     cids, cmask = models.minilm_tokenize(cal[: (len(cal) // batch) * batch], ids.shape[1])
     calib = [(cids[i : i + batch], cmask[i : i + batch]) for i in range(0, len(cids), batch)]
     con.print(f"\nlow-rank path: {LOWRANK}, calibrated on {len(cids)} rows of other sentences")
-    ctx = PassContext(calibration_inputs=calib, progress=_progress(con))
+    ctx = PassContext(calibration_inputs=calib, progress=_progress_printer())
     result = PassManager(parse_pipeline(LOWRANK)).run(program, ctx)
     st = result.stats["passes"][0]["stats"]
     factored = result.program
@@ -152,14 +153,6 @@ def _lowrank_section(con, program, ref, ids, mask) -> bool:
         t.add_row(*r)
     con.print(t)
     return bool(torch.isfinite(out).all())
-
-
-def _progress(con):
-    def report(message: str, done: int, total: int) -> None:
-        if done == total:
-            con.print(f"  {message}: {done}/{total}")
-
-    return report
 
 
 def _median_ms(fn, repeats: int = 10) -> float:
