@@ -34,6 +34,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -423,7 +424,12 @@ def lower(
     t0 = time.perf_counter()
     say("importing into Relax", 1, 4)
     try:
-        mod = from_exported_program(ep, keep_params_as_input=True, custom_convert_map=CONVERT_MAP)
+        with warnings.catch_warnings():
+            # torch's pytree deprecation, raised while TVM walks the exported program
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            mod = from_exported_program(
+                ep, keep_params_as_input=True, custom_convert_map=CONVERT_MAP
+            )
     except Exception as e:
         raise LoweringError(
             f"TVM could not import program {program.name!r}: {type(e).__name__}: {_first(e)}",
