@@ -512,3 +512,27 @@ def test_tuning_database_merges_concurrent_writers(tmp_path):
     merged = TuningDatabase(path)
     assert merged.get("ka") == MatmulConfig(16, 4)
     assert merged.get("kb") == MatmulConfig(8, 1)
+
+
+def test_fast_math_turns_small_integer_powers_into_multiplications():
+    # GPT-2's gelu_new computes pow(x, 3.0); left as powf it is a scalar libm call per element
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from splice.runtime.backends.tvm_fastmath import FastMath
+
+    class Powers(torch.nn.Module):
+        def forward(self, x):
+            return torch.pow(x, 3.0) + torch.pow(x, 2) - torch.pow(x.abs(), 0.5)
+
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    mod = from_exported_program(torch.export.export(Powers(), (x,)))
+    before = mod.script()
+    assert before.count("R.power") == 3
+    after = FastMath()(mod)
+    text = after.script()
+    assert text.count("R.power") == 1  # only the non-integer exponent stays
+    assert text.count("_integer_power") >= 2
+    built = relax.VirtualMachine(tvm.compile(after, target="llvm"), tvm.cpu())
+    got = torch.from_dlpack(built["main"](tvm.runtime.from_dlpack(x))[0])
+    assert torch.allclose(got, Powers()(x), atol=1e-6, rtol=1e-6)
