@@ -146,6 +146,15 @@ class CompiledModel:
                 num_threads=num_threads,
             )
         self._main = self.parts[self.manifest["parts"][0]["name"]]
+        self._host = None
+        self.last_trace: list[tuple[str, bool]] = []
+        if self.manifest.get("host"):
+            import json
+
+            from splice.runtime.host import HostProgram
+
+            host = json.loads((self.path / self.manifest["host"]).read_text())
+            self._host = HostProgram(host, {k: v.__call__ for k, v in self.parts.items()}, weights)
         self._bounds = {
             i["name"]: int(i["index_bound"]) for i in self.manifest["inputs"] if "index_bound" in i
         }
@@ -185,7 +194,11 @@ class CompiledModel:
                     hint="token ids must be below the vocabulary size",
                 )
             tensors.append(t)
-        outs = self._main(*tensors)
+        if self._host is not None:
+            outs = self._host(*tensors)
+            self.last_trace = list(self._host.trace)
+        else:
+            outs = self._main(*tensors)
         return [o.numpy() for o in outs] if as_numpy else outs
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -71,6 +71,15 @@ def compile(
     if not isinstance(tune, int) or tune < 0:
         raise LoweringError(f"tune must be a number of trials >= 0, got {tune!r}")
     verify(program)
+    from splice.passes.branches import has_control_flow, is_split
+
+    if has_control_flow(program) or is_split(program):
+        if lowrank_rank is not None:
+            raise LoweringError("lowrank_rank= is not supported for programs with branches yet")
+        return _compile_split(
+            program, target, tune=tune, output=output, prepare=prepare, fast_math=fast_math,
+            samples=samples, progress=progress,
+        )  # fmt: skip
     if lowrank_rank is not None:
         from splice.passes.lowrank import set_rank
 
@@ -148,6 +157,150 @@ def compile(
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     return Artifact(output)
+
+
+def _compile_split(
+    program: Program,
+    target: Target,
+    *,
+    tune: int,
+    output: str | Path | None,
+    prepare: bool,
+    fast_math: bool,
+    samples: Sequence[Sequence[torch.Tensor]] | None,
+    progress: Callable[[str, int, int], None] | None,
+) -> Artifact:
+    """A program with data-dependent branches: one library per part, and ``host.json``.
+
+    The program is split first if it is not (the ``branches`` pass). Each part is compiled
+    on its own; its example inputs are what its predecessors produce when the host program
+    runs (in PyTorch) on the first sample, every branch forced both ways, and each compiled
+    part is checked against PyTorch on them (``check_max_abs_diff`` in the manifest).
+    """
+    from splice import __version__
+    from splice.passes import parse_pipeline
+    from splice.passes.branches import is_split, split_program
+    from splice.runtime import host as H
+    from splice.runtime.backends import tvm as tvm_backend
+
+    say = progress or (lambda message, done, total: None)
+    if not is_split(program):
+        program, _ = split_program(program)
+    host, parts = H.build_host(program)
+    weights = {w: (program.get_weight(w), k) for w, k in program.weight_kinds.items()}
+    tensors = {w: t for w, (t, _) in weights.items()}
+    eager = {name: H.eager_part(info, tensors) for name, info in parts.items()}
+    runner = H.HostProgram(host, eager, tensors)
+    if samples:
+        first = tuple(samples[0])
+    else:
+        g = torch.Generator().manual_seed(0)
+        first = tuple(
+            torch.randn(s.shape, generator=g, dtype=s.dtype)
+            if s.dtype.is_floating_point
+            else torch.zeros(s.shape, dtype=s.dtype)
+            for s in program.input_specs
+        )
+    examples = H.explore_part_inputs(runner, first)
+    t0 = time.perf_counter()
+    import tvm
+
+    if output is None:
+        output = Path(tempfile.mkdtemp(prefix="splice-")) / f"{program.name}.artifact"
+    output = Path(output)
+    entries: list[dict[str, Any]] = []
+    reports: dict[str, Any] = {}
+    with atomic_dir(output) as tmp:
+        from safetensors.torch import save_file
+
+        from splice.ir.printer import print_ir
+        from splice.ir.serialize import _weights_for_safetensors
+
+        files = [WEIGHTS, PROGRAM, "host.json"]
+        for i, (name, info) in enumerate(sorted(parts.items())):
+            say(f"compiling {name}", i, len(parts))
+            part = info.program(weights)
+            if prepare:
+                part = parse_pipeline(PREPARE_PIPELINE).run(part).program
+            ex, param_names, report = tvm_backend.lower(
+                part, target, trials=tune, fast_math=fast_math
+            )
+            lib = f"{name}.so"
+            tvm_backend.export_library(ex, tmp / lib, target)
+            files.append(lib)
+            diff = None
+            if name in examples and not is_foreign_target(target):
+                compiled = tvm_backend.TVMPart(tmp / lib, [tensors[w] for w in param_names])
+                got = compiled(*examples[name])
+                want = eager[name](*examples[name])
+                diff = max(
+                    ((a.float() - b.float()).abs().max().item() if a.numel() else 0.0)
+                    for a, b in zip(got, want)
+                )
+            entries.append(
+                {
+                    "name": name,
+                    "backend": "tvm",
+                    "library": lib,
+                    "entry": "main",
+                    "params": param_names,
+                    "inputs": [spec_json(s) for s in part.input_specs],
+                    "outputs": [spec_json(s) for s in part.output_specs],
+                    "check_max_abs_diff": diff,
+                }
+            )
+            reports[name] = report.to_json()
+        say("compiled parts", len(parts), len(parts))
+        save_file(_weights_for_safetensors(program), str(tmp / WEIGHTS))
+        (tmp / PROGRAM).write_text(print_ir(program, locations=True))
+        (tmp / "host.json").write_text(json.dumps(host, indent=1) + "\n")
+        if samples:
+            write_samples(tmp / SAMPLES, program.input_names, samples)
+            files.append(SAMPLES)
+        required: list[str] = []
+        if target.name == "host":
+            from splice.target import _cpu_flags
+
+            required = [f for f in CHECKED_FEATURES if f in set(_cpu_flags())]
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "splice_version": __version__,
+            "backend": "tvm",
+            "tvm_version": tvm.__version__,
+            "program": program.name,
+            "target": {**target.to_json(), "tvm": tvm_backend.tvm_target_dict(target)},
+            "required_features": required,
+            "inputs": [
+                {"name": n, **spec_json(s)}
+                for n, s in zip(program.input_names, program.input_specs)
+            ],
+            "outputs": [
+                {"name": n, **spec_json(s)}
+                for n, s in zip(program.output_names, program.output_specs)
+            ],
+            "parts": entries,
+            "host": "host.json",
+            "branches": H.branch_count(host),
+            "options": {
+                "tune": tune,
+                "prepare": PREPARE_PIPELINE if prepare else None,
+                "fast_math": fast_math,
+                "lowrank_rank": None,
+            },
+            "lowering": {"parts": reports, "seconds": time.perf_counter() - t0},
+            "files": {f: sha256_file(tmp / f) for f in files},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return Artifact(output)
+
+
+def is_foreign_target(target: Target) -> bool:
+    """True when the compiled code cannot run in this process (another architecture, cuda)."""
+    import platform
+
+    return target.kind == "cuda" or (
+        target.name != "host" and platform.machine() not in target.triple
+    )
 
 
 def _index_bounds(program: Program) -> dict[str, dict[str, int]]:

@@ -1,0 +1,447 @@
+"""``branches``: dynamic-branch splitting (DyCL, Chen et al., ISSTA 2023).
+
+Input: a Program with data-dependent control flow as ``torch.cond`` nodes — from
+:func:`splice.ir.explore.capture_dynamic` (which captures ``if``/early ``return``/bounded
+loops/``modules[idx]`` from a model's own ``forward``) or from a model that calls
+``torch.cond`` itself.
+
+Output: the same function in *split form*. Every graph (the top one and every branch) is
+cut at its ``cond`` nodes into maximal branch-free segments; each segment becomes a
+**part**, a sub-graph called through ``higher_order.invoke_subgraph(@part, "part_k", ...)``,
+whose inputs are the segment's live-in values and whose outputs are its live-out values
+(those read after the segment: by a later part, a branch predicate or operand, or the
+graph's results). What is left of each graph is its **host** code: part calls, ``cond``
+over host sub-graphs, and tuple indexing. The runtime turns that into a serialisable host
+program (``host.json``) and compiles each part on its own (:mod:`splice.runtime.host`).
+
+As in DyCL's graph optimisation, outputs that need no compiled code are hoisted into the
+host: an output that is a live-in passed through identity ops (``clone``, ``alias``,
+``detach``, a same-shape ``view``) is replaced by that live-in, and an output that depends
+on weights and literals only is evaluated once and stored as a constant weight. A segment
+left with no outputs is not a part at all (a skipped block's "else" branch costs no call).
+Parts that are the same computation on the same weights (the tail after a gate, reached
+through many paths) are one part, called from several places.
+
+Invariants (tests): the split program equals the input on every path (``exact``); parts
+contain no control flow and export with ``torch.export`` with no graph break; each part's
+inputs and outputs are exactly its segment's live-in and live-out values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from splice.errors import PassError
+from splice.ir import meta as M
+from splice.ir.program import Program, build_graph_module, get_attr_path
+from splice.passes.base import Pass, PassContext, PassResult
+from splice.passes.registry import register_pass
+
+_aten = torch.ops.aten
+COND = torch.ops.higher_order.cond
+INVOKE = torch.ops.higher_order.invoke_subgraph
+
+_IDENTITY = {
+    _aten.alias.default,
+    _aten.clone.default,
+    _aten.detach.default,
+    _aten.contiguous.default,
+    _aten.view.default,
+    _aten.reshape.default,
+    _aten._unsafe_view.default,
+}
+
+
+def is_cond(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is COND
+
+
+def is_part_call(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is INVOKE
+
+
+def has_control_flow(program: Program) -> bool:
+    """True if the program (or any sub-graph) has a ``cond`` node."""
+    return any(is_cond(n) for g in _all_graphs(program.graph_module) for n in g.nodes)
+
+
+def is_split(program: Program) -> bool:
+    """True if the program is in split form (it calls parts)."""
+    return any(is_part_call(n) for g in _all_graphs(program.graph_module) for n in g.nodes)
+
+
+def _all_graphs(gm: fx.GraphModule) -> list[fx.Graph]:
+    out = [gm.graph]
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            child = get_attr_path(gm, n.target)
+            if isinstance(child, fx.GraphModule):
+                out += _all_graphs(child)
+    return out
+
+
+@dataclass
+class _State:
+    weights: dict[str, tuple[torch.Tensor, str]]
+    parts: dict[str, str] = field(default_factory=dict)  # structural key -> part name
+    part_modules: dict[str, fx.GraphModule] = field(default_factory=dict)
+    calls: int = 0
+    hoisted_identity: int = 0
+    hoisted_constant: int = 0
+    empty_segments: int = 0
+    branches: int = 0
+
+
+@dataclass(frozen=True)
+class _Bind:
+    """What a host value is: a weight (by name) or a run-time value."""
+
+    weight: str | None = None
+
+
+class _Splitter:
+    def __init__(self, state: _State):
+        self.st = state
+
+    def split(
+        self, owner: fx.GraphModule, binds: list[_Bind] | None
+    ) -> tuple[fx.Graph, dict[str, fx.GraphModule], list[str]]:
+        """Split ``owner``'s graph into host code and parts.
+
+        ``binds`` says which placeholders are weights (None: the top graph, where weights
+        are get_attr nodes). Returns the host graph, its sub-modules (parts and branch host
+        graphs) and the constants it needs as extra trailing placeholders (sub-graphs only).
+        """
+        src = owner.graph
+        host = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        weight_of: dict[fx.Node, str] = {}
+        subs: dict[str, fx.GraphModule] = {}
+        extra: list[str] = []
+        top = binds is None
+        phs = [n for n in src.nodes if n.op == "placeholder"]
+        for i, ph in enumerate(phs):
+            env[ph] = host.node_copy(ph)
+            if binds is not None and binds[i].weight is not None:
+                weight_of[ph] = binds[i].weight
+        segment: list[fx.Node] = []
+
+        def const_node(name: str) -> fx.Node:
+            if top:
+                node = host.get_attr(name)
+            else:
+                if name not in extra:
+                    extra.append(name)
+                node = next(
+                    (n for n in host.nodes if n.op == "placeholder" and n.name == _cname(name)),
+                    None,
+                )
+                if node is None:
+                    last = [n for n in host.nodes if n.op == "placeholder"][-1]
+                    with host.inserting_after(last):
+                        node = host.placeholder(_cname(name))
+            t = self.st.weights[name][0]
+            M.set_spec(node, M.TensorSpec(tuple(t.shape), t.dtype))
+            M.set_loc(node, M.UNKNOWN_LOC.with_pass("branches"))
+            return node
+
+        def flush() -> None:
+            if segment:
+                self._emit(host, segment, env, weight_of, subs, const_node)
+                segment.clear()
+
+        for n in src.nodes:
+            if n.op == "placeholder":
+                continue
+            if n.op == "get_attr":
+                child = get_attr_path(owner, n.target)
+                if isinstance(child, fx.GraphModule):
+                    continue  # a branch; handled at its cond
+                env[n] = host.node_copy(n)
+                weight_of[n] = n.target
+                continue
+            if n.op == "output":
+                flush()
+                host.output(fx.node.map_arg(n.args[0], env.__getitem__))
+                continue
+            if is_cond(n):
+                flush()
+                self._cond(owner, host, n, env, weight_of, subs, const_node)
+                continue
+            if n.op == "call_function" and n.target is operator.getitem and is_cond(n.args[0]):
+                env[n] = host.node_copy(n, env.__getitem__)
+                continue
+            if is_part_call(n):
+                raise PassError(
+                    "the program is already split into parts",
+                    where=f"node %{n.name}",
+                    hint="run branches once",
+                )
+            segment.append(n)
+        return host, subs, extra
+
+    # -- branches -------------------------------------------------------------------------
+    def _cond(self, owner, host, n, env, weight_of, subs, const_node) -> None:
+        pred, true_ref, false_ref, operands = n.args
+        binds = [_Bind(weight_of.get(o)) for o in operands]
+        new_refs = []
+        extras: list[list[str]] = []
+        results = []
+        for ref in (true_ref, false_ref):
+            child = get_attr_path(owner, ref.target)
+            g, child_subs, extra = _Splitter(self.st).split(child, binds)
+            results.append((ref.target, g, child_subs))
+            extras.append(extra)
+        # both branches take the same operands: every constant either of them needs
+        needed = list(dict.fromkeys(extras[0] + extras[1]))
+        for target, g, child_subs in results:
+            have = [p.name for p in g.nodes if p.op == "placeholder"]
+            last = [p for p in g.nodes if p.op == "placeholder"][-1]
+            for name in needed:
+                if _cname(name) in have:
+                    continue
+                with g.inserting_after(last):
+                    last = g.placeholder(_cname(name))
+                t = self.st.weights[name][0]
+                M.set_spec(last, M.TensorSpec(tuple(t.shape), t.dtype))
+                M.set_loc(last, M.UNKNOWN_LOC.with_pass("branches"))
+            # order: original operands, then the constants in `needed` order
+            phs = [p for p in g.nodes if p.op == "placeholder"]
+            n_orig = len(operands)
+            tail = {p.name: p for p in phs[n_orig:]}
+            anchor = phs[n_orig - 1] if n_orig else None
+            for name in needed:
+                p = tail[_cname(name)]
+                if anchor is not None:
+                    anchor.append(p)
+                anchor = p
+            subs[target] = build_graph_module(g, {}, child_subs, class_name="SubGraph")
+            new_ref = host.get_attr(target)
+            M.set_spec(new_ref, M.GraphRefSpec(target))
+            M.set_loc(new_ref, M.loc(true_ref))
+            new_refs.append(new_ref)
+        new_ops = tuple(env[o] for o in operands) + tuple(const_node(c) for c in needed)
+        cond = host.call_function(COND, (env[pred], new_refs[0], new_refs[1], new_ops))
+        cond.meta.update(n.meta)
+        env[n] = cond
+        self.st.branches += 1
+
+    # -- parts ----------------------------------------------------------------------------
+    def _emit(self, host, segment, env, weight_of, subs, const_node) -> None:
+        inside = set(segment)
+        outputs: list[fx.Node] = []
+        for n in segment:
+            if any(u not in inside for u in n.users):
+                outputs.append(n)
+        # hoist identities and constants into the host
+        part_outputs: list[fx.Node] = []
+        alias: dict[fx.Node, fx.Node] = {}
+        for o in outputs:
+            root = o
+            while (
+                root in inside
+                and root.op == "call_function"
+                and root.target in _IDENTITY
+                and isinstance(root.args[0], fx.Node)
+                and M.get_spec(root.args[0]) == M.get_spec(root)
+            ):
+                root = root.args[0]
+            if root not in inside:
+                env[o] = env[root]
+                self.st.hoisted_identity += 1
+                continue
+            if self._is_constant(root, inside, weight_of):
+                name = self._fold(root, inside, weight_of)
+                env[o] = const_node(name)
+                self.st.hoisted_constant += 1
+                continue
+            alias[o] = root
+            if root not in part_outputs:
+                part_outputs.append(root)
+        if not part_outputs:
+            self.st.empty_segments += 1
+            return
+        # the part: live-ins (values first, then weights), the segment's nodes, live-outs
+        needed = _ancestors_within(part_outputs, inside)
+        body = [n for n in segment if n in needed]
+        live_in: list[fx.Node] = []
+        for n in body:
+            for a in n.all_input_nodes:
+                if a not in inside and a not in live_in:
+                    live_in.append(a)
+        values = [a for a in live_in if a not in weight_of]
+        weights = [a for a in live_in if a in weight_of]
+        g = fx.Graph()
+        penv: dict[fx.Node, fx.Node] = {}
+        for a in values + weights:
+            nm = _cname(weight_of[a]) if a in weight_of else a.name
+            ph = g.placeholder(nm)
+            M.set_spec(ph, M.spec(a) if M.get_spec(a) is not None else M.spec(env[a]))
+            M.set_loc(ph, M.loc(a))
+            penv[a] = ph
+        for n in body:
+            penv[n] = g.node_copy(n, penv.__getitem__)
+        g.output(tuple(penv[o] for o in part_outputs))
+        key = _part_key(g, [weight_of.get(a) for a in values + weights])
+        name = self.st.parts.get(key)
+        if name is None:
+            name = f"part_{len(self.st.parts)}"
+            self.st.parts[key] = name
+            self.st.part_modules[name] = build_graph_module(g, {}, {}, class_name="Part")
+        local = name
+        subs[local] = self.st.part_modules[name]
+        ref = host.get_attr(local)
+        M.set_spec(ref, M.GraphRefSpec(local))
+        M.set_loc(ref, M.loc(body[0]))
+        call = host.call_function(INVOKE, (ref, name, *(env[a] for a in values + weights)))
+        specs = tuple(M.spec(o) for o in part_outputs)
+        M.set_spec(call, M.TupleSpec(specs))
+        M.set_loc(call, M.loc(body[-1]).with_pass("branches"))
+        self.st.calls += 1
+        for i, o in enumerate(part_outputs):
+            gi = host.call_function(operator.getitem, (call, i))
+            M.set_spec(gi, specs[i])
+            M.set_loc(gi, M.loc(o))
+            env[o] = gi
+        for o, root in alias.items():
+            env[o] = env[root]
+
+    def _is_constant(self, node: fx.Node, inside: set[fx.Node], weight_of: dict) -> bool:
+        """Depends on weights and literals only (no run-time value)?"""
+        seen: set[fx.Node] = set()
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n not in inside:
+                if n in weight_of:
+                    continue
+                return False
+            if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
+                return False
+            if torch.Tag.nondeterministic_seeded in n.target.tags:
+                return False
+            stack.extend(n.all_input_nodes)
+        return True
+
+    def _fold(self, node: fx.Node, inside: set[fx.Node], weight_of: dict) -> str:
+        values: dict[fx.Node, Any] = {}
+        for n in _topo(node):
+            if n not in inside:
+                values[n] = self.st.weights[weight_of[n]][0]
+                continue
+            args, kwargs = fx.node.map_arg((n.args, n.kwargs), values.__getitem__)
+            with torch.no_grad():
+                values[n] = n.target(*args, **kwargs)
+        name = f"branches.const_{self.st.hoisted_constant}"
+        while name in self.st.weights:
+            name += "_"
+        self.st.weights[name] = (values[node], "constant")
+        return name
+
+
+def _topo(node: fx.Node) -> list[fx.Node]:
+    order: list[fx.Node] = []
+    seen: set[fx.Node] = set()
+
+    def visit(n: fx.Node) -> None:
+        if n in seen:
+            return
+        seen.add(n)
+        for a in n.all_input_nodes:
+            visit(a)
+        order.append(n)
+
+    visit(node)
+    return order
+
+
+def _ancestors_within(outputs: list[fx.Node], inside: set[fx.Node]) -> set[fx.Node]:
+    needed: set[fx.Node] = set()
+    stack = list(outputs)
+    while stack:
+        n = stack.pop()
+        if n in needed or n not in inside:
+            continue
+        needed.add(n)
+        stack.extend(n.all_input_nodes)
+    return needed
+
+
+def _cname(weight: str) -> str:
+    return "w_" + weight.replace(".", "_")
+
+
+def _part_key(g: fx.Graph, weight_names: list[str | None]) -> str:
+    """Structural identity of a part: ops, literal arguments, specs, and which weights."""
+    ids: dict[fx.Node, int] = {}
+    lines = []
+    for i, n in enumerate(g.nodes):
+        ids[n] = i
+        args = fx.node.map_arg((n.args, n.kwargs), lambda a: f"%{ids[a]}")
+        lines.append(f"{n.op}|{n.target if n.op != 'placeholder' else ''}|{args}|{M.get_spec(n)}")
+    lines.append(repr(weight_names))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def split_program(program: Program) -> tuple[Program, dict[str, Any]]:
+    """The split form of ``program`` (module docstring) and the pass statistics."""
+    weights = {w: (program.get_weight(w), k) for w, k in program.weight_kinds.items()}
+    st = _State(weights)
+    host, subs, _ = _Splitter(st).split(program.graph_module, None)
+    used = {n.target for n in host.nodes if n.op == "get_attr"} - set(subs)
+    gm = build_graph_module(
+        host,
+        {w: st.weights[w] for w in st.weights if w in used or w.startswith("branches.")},
+        subs,
+        class_name=f"Program_{program.name}",
+    )
+    kinds = {w: st.weights[w][1] for w in st.weights if w in used or w.startswith("branches.")}
+    out = Program(
+        gm,
+        output_names=program.output_names,
+        weight_kinds=kinds,
+        symbols=program.symbols,
+        name=program.name,
+        attrs=program.attrs,
+    )
+    # weights read only inside branches reach them as cond operands from the top graph
+    stats = {
+        "parts": len(st.parts),
+        "part_calls": st.calls,
+        "branches": st.branches,
+        "hoisted_identity": st.hoisted_identity,
+        "hoisted_constant": st.hoisted_constant,
+        "segments_without_part": st.empty_segments,
+    }
+    return out, stats
+
+
+@register_pass
+@dataclass(frozen=True)
+class Branches(Pass):
+    """Split data-dependent control flow into branch-free parts and host code (DyCL)."""
+
+    name = "branches"
+    semantics = "exact"
+    summary = "split cond branches into branch-free parts and a host program (DyCL)"
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        if is_split(program):
+            return PassResult(program, False, {"reason": "already split into parts"})
+        if not has_control_flow(program):
+            # a branch-free program is one part: splitting would only add a call
+            return PassResult(program, False, {"reason": "no data-dependent control flow"})
+        out, stats = split_program(program)
+        return PassResult(out, True, stats)
+
+
+__all__ = ["Branches", "has_control_flow", "is_cond", "is_part_call", "is_split", "split_program"]

@@ -1,0 +1,310 @@
+"""The host program: the control flow between the compiled parts of a split program.
+
+The ``branches`` pass leaves a Program in *split form* (:mod:`splice.passes.branches`): host
+graphs of part calls (``invoke_subgraph``), ``cond`` nodes and tuple indexing. This module
+turns that into a small JSON program, ``host.json`` in an artifact, and runs it. Nothing
+in it is Python code: a host program is data, so an artifact never unpickles anything.
+
+Format ``splice-host/1``::
+
+    {"format": "splice-host/1",
+     "main": BLOCK}
+    BLOCK = {"params": [value...], "body": [STEP...], "results": [value...]}
+    STEP  = {"op": "call", "part": "part_0", "args": [value...], "results": [value...]}
+          | {"op": "const", "weight": "branches.const_0", "result": value}
+          | {"op": "branch", "pred": value, "site": "model.py:42",
+             "args": [value...], "then": BLOCK, "else": BLOCK, "results": [value...]}
+
+Values are names (``v12``) in one flat namespace; a branch binds its chosen block's
+``params`` to its ``args`` and its ``results`` to the block's results. Weights are not
+values: each part lists the weights it reads (``parts`` below), bound once at load time.
+``site`` is the model source line whose condition the branch decides; a run records
+``(site, taken)`` per branch, the *branch trace*, which tests compare with eager PyTorch's.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from splice.errors import ArtifactError
+from splice.ir import meta as M
+from splice.ir.program import Program, build_graph_module, get_attr_path
+
+HOST_FORMAT = "splice-host/1"
+COND = torch.ops.higher_order.cond
+INVOKE = torch.ops.higher_order.invoke_subgraph
+
+
+@dataclass
+class PartInfo:
+    """One part of a split program: its graph and what its placeholders are bound to."""
+
+    name: str
+    graph_module: fx.GraphModule
+    n_values: int  # leading placeholders are run-time values, the rest weights
+    weights: list[str]
+
+    def program(self, weights: dict[str, tuple[torch.Tensor, str]]) -> Program:
+        """The part as a branch-free Program (weights as get_attr nodes)."""
+        src = self.graph_module.graph
+        g = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        phs = [n for n in src.nodes if n.op == "placeholder"]
+        for i, ph in enumerate(phs):
+            if i < self.n_values:
+                env[ph] = g.node_copy(ph)
+            else:
+                env[ph] = g.get_attr(self.weights[i - self.n_values])
+                M.set_spec(env[ph], M.spec(ph))
+                M.set_loc(env[ph], M.UNKNOWN_LOC)
+        for n in src.nodes:
+            if n.op == "placeholder":
+                continue
+            if n.op == "output":
+                g.output(tuple(env[a] for a in n.args[0]))
+                continue
+            env[n] = g.node_copy(n, env.__getitem__)
+        ws = {w: weights[w] for w in dict.fromkeys(self.weights)}
+        gm = build_graph_module(g, ws, {}, class_name=f"Part_{self.name}")
+        n_out = len(next(iter(src.find_nodes(op="output"))).args[0])
+        return Program(
+            gm,
+            output_names=[f"out{i}" for i in range(n_out)],
+            weight_kinds={w: k for w, (_, k) in ws.items()},
+            name=self.name,
+        )
+
+
+@dataclass
+class _Ctx:
+    parts: dict[str, PartInfo] = field(default_factory=dict)
+    counter: int = 0
+
+    def fresh(self) -> str:
+        self.counter += 1
+        return f"v{self.counter}"
+
+
+def build_host(program: Program) -> tuple[dict[str, Any], dict[str, PartInfo]]:
+    """The host program (JSON-able dict) and the parts of a split ``program``."""
+    ctx = _Ctx()
+    main = _block(program.graph_module, None, ctx, list(program.input_names))
+    return {"format": HOST_FORMAT, "main": main}, ctx.parts
+
+
+# a host value is ("value", name) or ("weight", weight name)
+_Val = tuple[str, str]
+
+
+def _block(
+    gm: fx.GraphModule, binds: list[_Val] | None, ctx: _Ctx, names: list[str] | None = None
+) -> dict[str, Any]:
+    env: dict[fx.Node, Any] = {}
+    params: list[str] = []
+    body: list[dict[str, Any]] = []
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, ph in enumerate(phs):
+        if binds is None:
+            name = names[i] if names else ph.name
+            env[ph] = ("value", name)
+            params.append(name)
+        elif binds[i][0] == "weight":
+            env[ph] = binds[i]
+        else:
+            env[ph] = ("value", ctx.fresh())
+            params.append(env[ph][1])
+
+    def value(v: _Val) -> str:
+        if v[0] == "value":
+            return v[1]
+        name = ctx.fresh()
+        body.append({"op": "const", "weight": v[1], "result": name})
+        return name
+
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            continue
+        if n.op == "get_attr":
+            child = get_attr_path(gm, n.target)
+            if not isinstance(child, fx.GraphModule):
+                env[n] = ("weight", n.target)
+            continue
+        if n.op == "output":
+            results = [value(env[a]) for a in n.args[0]]
+            return {"params": params, "body": body, "results": results}
+        if n.target is INVOKE:
+            part_gm = get_attr_path(gm, n.args[0].target)
+            name = n.args[1]
+            ops = [env[a] for a in n.args[2:]]
+            n_values = sum(1 for o in ops if o[0] == "value")
+            if any(o[0] == "value" for o in ops[n_values:]):
+                raise ArtifactError(f"part {name}: weight operands must follow value operands")
+            weights = [o[1] for o in ops[n_values:]]
+            known = ctx.parts.get(name)
+            if known is None:
+                ctx.parts[name] = PartInfo(name, part_gm, n_values, weights)
+            elif known.weights != weights:
+                raise ArtifactError(f"part {name} is called with different weights at two places")
+            results = [ctx.fresh() for _ in M.spec(n).items]
+            body.append(
+                {
+                    "op": "call",
+                    "part": name,
+                    "args": [o[1] for o in ops[:n_values]],
+                    "results": results,
+                }
+            )
+            env[n] = [("value", r) for r in results]
+            continue
+        if n.target is COND:
+            pred, t_ref, f_ref, operands = n.args
+            binds_ = [env[o] for o in operands]
+            blocks = [_block(get_attr_path(gm, ref.target), binds_, ctx) for ref in (t_ref, f_ref)]
+            results = [ctx.fresh() for _ in M.spec(n).items]
+            body.append(
+                {
+                    "op": "branch",
+                    "pred": value(env[pred]),
+                    "site": M.loc(n).source,
+                    "args": [b[1] for b in binds_ if b[0] == "value"],
+                    "then": blocks[0],
+                    "else": blocks[1],
+                    "results": results,
+                }
+            )
+            env[n] = [("value", r) for r in results]
+            continue
+        if n.target is operator.getitem:
+            env[n] = env[n.args[0]][n.args[1]]
+            continue
+        raise ArtifactError(
+            f"node %{n.name} ({n.target}) is host code that the host program cannot run",
+            hint="host graphs hold only part calls, cond and getitem: run the branches pass",
+        )
+    raise ArtifactError("a host graph has no output")
+
+
+class HostProgram:
+    """Runs a host program, calling ``parts[name](*values) -> list of tensors``.
+
+    ``force``: decisions to take instead of the computed ones (the explorer uses it to reach
+    every part). After a run, ``trace`` is the list of ``(site, taken)`` of its branches.
+    """
+
+    def __init__(
+        self,
+        host: dict[str, Any],
+        parts: dict[str, Callable[..., Sequence[torch.Tensor]]],
+        constants: dict[str, torch.Tensor] | None = None,
+    ):
+        if host.get("format") != HOST_FORMAT:
+            raise ArtifactError(f"unknown host program format {host.get('format')!r}")
+        self.host = host
+        self.parts = parts
+        self.constants = constants or {}
+        self.trace: list[tuple[str, bool]] = []
+        self._force: list[bool] = []
+
+    def __call__(self, *inputs: torch.Tensor, force: Sequence[bool] = ()) -> list[torch.Tensor]:
+        self.trace = []
+        self._force = list(force)
+        main = self.host["main"]
+        if len(inputs) != len(main["params"]):
+            raise ArtifactError(
+                f"the host program takes {len(main['params'])} inputs, got {len(inputs)}"
+            )
+        env = dict(zip(main["params"], inputs))
+        return self._run(main, env)
+
+    def _run(self, block: dict[str, Any], env: dict[str, Any]) -> list[Any]:
+        for step in block["body"]:
+            op = step["op"]
+            if op == "call":
+                outs = self.parts[step["part"]](*(env[a] for a in step["args"]))
+                for r, o in zip(step["results"], outs, strict=True):
+                    env[r] = o
+            elif op == "const":
+                env[step["result"]] = self.constants[step["weight"]]
+            elif op == "branch":
+                k = len(self.trace)
+                taken = self._force[k] if k < len(self._force) else bool(env[step["pred"]])
+                self.trace.append((step["site"], taken))
+                sub = step["then"] if taken else step["else"]
+                inner = dict(env)
+                inner.update(zip(sub["params"], (env[a] for a in step["args"]), strict=True))
+                outs = self._run(sub, inner)
+                for r, o in zip(step["results"], outs, strict=True):
+                    env[r] = o
+            else:
+                raise ArtifactError(f"unknown host step {op!r}")
+        return [env[r] for r in block["results"]]
+
+
+def branch_count(host: dict[str, Any]) -> int:
+    def count(block: dict[str, Any]) -> int:
+        return sum(
+            1 + count(s["then"]) + count(s["else"]) for s in block["body"] if s["op"] == "branch"
+        )
+
+    return count(host["main"])
+
+
+def eager_part(
+    info: PartInfo, weights: dict[str, torch.Tensor]
+) -> Callable[..., list[torch.Tensor]]:
+    """A part run by PyTorch (the reference for its compiled version)."""
+    ws = [weights[w] for w in info.weights]
+
+    def run(*values: torch.Tensor) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return list(info.graph_module(*values, *ws))
+
+    return run
+
+
+def explore_part_inputs(
+    host: HostProgram, inputs: Sequence[torch.Tensor], *, max_paths: int = 256
+) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Run ``host`` on ``inputs`` along every path (forcing branches) and record the first
+    arguments each part receives: its predecessors' outputs, the parts' example inputs."""
+    seen: dict[str, tuple[torch.Tensor, ...]] = {}
+    parts = dict(host.parts)
+
+    def recorder(name: str, fn: Callable[..., Sequence[torch.Tensor]]) -> Callable[..., Any]:
+        def call(*args: torch.Tensor) -> Sequence[torch.Tensor]:
+            seen.setdefault(name, tuple(a.clone() for a in args))
+            return fn(*args)
+
+        return call
+
+    host.parts = {k: recorder(k, v) for k, v in parts.items()}
+    try:
+        stack: list[list[bool]] = [[]]
+        runs = 0
+        while stack and runs < max_paths:
+            force = stack.pop()
+            host(*inputs, force=force)
+            runs += 1
+            taken = [t for _, t in host.trace]
+            for k in range(len(force), len(taken)):
+                stack.append([*taken[:k], not taken[k]])
+    finally:
+        host.parts = parts
+    return seen
+
+
+__all__ = [
+    "HOST_FORMAT",
+    "HostProgram",
+    "PartInfo",
+    "branch_count",
+    "build_host",
+    "eager_part",
+    "explore_part_inputs",
+]
