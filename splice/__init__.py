@@ -18,6 +18,7 @@ from splice.errors import (
     VerificationError,
 )
 from splice.ir import Program, capture, compose, parse_ir, print_ir, save, verify
+from splice.ir.explore import capture_dynamic
 from splice.runtime import Artifact, CompiledModel, compile, load
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "VerificationError",
     "__version__",
     "capture",
+    "capture_dynamic",
     "compile",
     "compose",
     "load",

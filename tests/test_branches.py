@@ -262,3 +262,17 @@ def test_user_torch_cond_is_split_too(tmp_path):
         with torch.no_grad():
             assert close(cm(x), m(x))
     assert len(cm.last_trace) == 1
+
+
+def test_splice_show_prints_the_host_program_and_parts(compiled, capsys):
+    from splice.tools.cli import main
+
+    _, _, cm = compiled
+    assert main(["show", str(cm.path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("host program (splice-host/1)")
+    for part in cm.manifest["parts"]:
+        assert f"part {part['name']}:" in out
+    assert "if " in out and "then(" in out and "else(" in out
+    assert "models_dynamic.py:" in out  # each branch names the model line it decides
+    assert "program @" in out  # then the split program's text IR

@@ -149,8 +149,9 @@ def _capture_error(model: nn.Module, e: BaseException) -> CaptureError:
         return CaptureError(
             f"torch.export cannot capture data-dependent control flow: {first}",
             where=where,
-            hint="a tensor value decides a Python branch or loop here; splice's `branches` support "
-            "handles such models (capture them with splice.branches), or rewrite the branch with torch.cond",
+            hint="a tensor value decides a Python branch or loop here: capture the model with "
+            "splice.capture_dynamic(model, inputs), which explores every path (then the "
+            "branches pass splits it), or rewrite the branch with torch.cond",
         )
     if "Constraints violated" in text:
         fixes = text[text.find("Suggested fixes") :].strip() if "Suggested fixes" in text else ""

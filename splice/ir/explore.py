@@ -178,7 +178,7 @@ def _user_site() -> str:
     f = sys._getframe(1)
     while f is not None:
         name = f.f_code.co_filename
-        if not name.startswith(M._TORCH_DIR) and not name.startswith(internal):
+        if not name.startswith((M._TORCH_DIR, "<")) and not name.startswith(internal):
             return f"{name}:{f.f_lineno}"
         f = f.f_back
     return ""

@@ -246,6 +246,44 @@ class HostProgram:
         return [env[r] for r in block["results"]]
 
 
+def format_host(host: dict[str, Any], parts: Sequence[dict[str, Any]] = ()) -> str:
+    """The host program as indented text (``splice show`` on an artifact)."""
+    lines = [f"host program ({host.get('format')}), {branch_count(host)} branches"]
+    for p in parts:
+        ins = ", ".join(_spec_text(s) for s in p.get("inputs", []))
+        outs = ", ".join(_spec_text(s) for s in p.get("outputs", []))
+        lines.append(f"  part {p['name']}: ({ins}) -> ({outs})  [{p.get('library', '')}]")
+
+    def block(b: dict[str, Any], indent: str) -> None:
+        for s in b["body"]:
+            if s["op"] == "call":
+                lines.append(
+                    f"{indent}{', '.join(s['results'])} = {s['part']}({', '.join(s['args'])})"
+                )
+            elif s["op"] == "const":
+                lines.append(f"{indent}{s['result']} = @{s['weight']}")
+            else:
+                res = ", ".join(s["results"])
+                lines.append(f"{indent}{res} = if {s['pred']}:  # {s.get('site') or '?'}")
+                for key in ("then", "else"):
+                    sub = s[key]
+                    binds = ", ".join(f"{p}={a}" for p, a in zip(sub["params"], s["args"]))
+                    lines.append(f"{indent}  {key}({binds}):")
+                    block(sub, indent + "    ")
+                    lines.append(f"{indent}    yield {', '.join(sub['results'])}")
+        return None
+
+    main = host["main"]
+    lines.append(f"main({', '.join(main['params'])}):")
+    block(main, "  ")
+    lines.append(f"  return {', '.join(main['results'])}")
+    return "\n".join(lines) + "\n"
+
+
+def _spec_text(s: dict[str, Any]) -> str:
+    return f"{s.get('dtype', '?')}{list(s.get('shape', []))}"
+
+
 def branch_count(host: dict[str, Any]) -> int:
     def count(block: dict[str, Any]) -> int:
         return sum(
@@ -307,4 +345,5 @@ __all__ = [
     "build_host",
     "eager_part",
     "explore_part_inputs",
+    "format_host",
 ]

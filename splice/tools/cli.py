@@ -28,6 +28,7 @@ import os
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from splice.errors import SpliceError
@@ -240,9 +241,26 @@ def _short(stats: dict[str, Any], limit: int = 160) -> str:
 
 def cmd_show(a: argparse.Namespace) -> int:
     from splice.ir.printer import print_ir
+    from splice.runtime.artifact import FORMAT, Artifact, read_manifest
 
-    loaded = load_input(a.input, _parse_factory_args(a.arg))
-    sys.stdout.write(print_ir(loaded.program, locations=a.locations))
+    root = Path(a.input)
+    if (root / "manifest.json").is_file() and read_manifest(root).get("format") == FORMAT:
+        # a compiled artifact: its host program and parts, then the program it was built from
+        import json
+
+        from splice.runtime.host import format_host
+
+        art = Artifact(root)
+        m = art.manifest
+        if m.get("host"):
+            host = json.loads((root / m["host"]).read_text())
+            sys.stdout.write(format_host(host, m["parts"]))
+        else:
+            sys.stdout.write(f"one part, no host program: {m['parts'][0]['library']}\n")
+        sys.stdout.write(print_ir(art.reference(), locations=a.locations))
+        return 0
+    program = load_input(a.input, _parse_factory_args(a.arg)).program
+    sys.stdout.write(print_ir(program, locations=a.locations))
     return 0
 
 
