@@ -45,7 +45,7 @@ from __future__ import annotations
 import functools
 import operator
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,9 +161,7 @@ class _DecisionMode(TorchDispatchMode):
                 "`if p.item() >= 0.5:`",
             )
         if self.record_only:
-            value = t.item() if t.dtype != torch.bool else bool(t.item())
-            if t.dtype != torch.bool:
-                value = int(value)
+            value = bool(t.item()) if t.dtype == torch.bool else int(t.item())
         else:
             value = self.forced[k] if k < len(self.forced) else domain[0]
             self.preds.append(t)
@@ -327,150 +325,137 @@ def _build_trie(paths: list[_Path]) -> _Trie:
 
 
 class _Builder:
-    """Builds the graph of one trie node: its segment, then a cond, or the outputs."""
+    """Builds the graph of one trie node: its segment, then a cond, or the outputs.
 
-    def __init__(self, paths: list[_Path], weights: dict[str, tuple[torch.Tensor, str]]):
+    Values are keyed by name: a node's export name, or ``@weight`` for a weight.
+    """
+
+    def __init__(self, n_out: int, weights: dict[str, tuple[torch.Tensor, str]]):
         self.weights = weights
-        self.n_out = paths[0].n_out
-        self.out_specs = None
+        self.n_out = n_out
         self._sub = 0
+        self._segments: dict[int, list[fx.Node]] = {}
+        self._specs: dict[int, dict[str, M.Spec]] = {}
+        self._free: dict[int, list[str]] = {}
 
     def segment_nodes(self, trie: _Trie) -> list[fx.Node]:
         """Union over the trie node's paths of their nodes in segment ``depth`` (by name)."""
-        k = trie.depth
-        seen: dict[str, fx.Node] = {}
-        for p in trie.paths:
-            for n in p.program.graph.nodes:
-                if n.op in ("placeholder", "output", "get_attr") or n.name in seen:
-                    continue
-                if p.segment[n.name] == k and not (
-                    n.op == "call_function" and n.target is _aten.item.default
-                ):
-                    seen[n.name] = n
-        return list(seen.values())
+        if id(trie) not in self._segments:
+            seen: dict[str, fx.Node] = {}
+            for p in trie.paths:
+                for n in p.program.graph.nodes:
+                    if n.op in ("placeholder", "output", "get_attr") or n.name in seen:
+                        continue
+                    if p.segment[n.name] == trie.depth and n.target is not _aten.item.default:
+                        seen[n.name] = n
+            self._segments[id(trie)] = list(seen.values())
+        return self._segments[id(trie)]
 
-    def free_names(self, trie: _Trie, memo: dict[int, list[str]]) -> list[str]:
-        """Values (node names, or '@weight') the subtree reads from outside itself, ordered."""
-        if id(trie) in memo:
-            return memo[id(trie)]
-        defined = set()
+    def specs(self, trie: _Trie) -> dict[str, M.Spec]:
+        """Spec of every value named in the trie node's paths (names agree on the prefix)."""
+        if id(trie) not in self._specs:
+            out: dict[str, M.Spec] = {}
+            for p in trie.paths:
+                for n in p.program.graph.nodes:
+                    if n.op not in ("get_attr", "output"):
+                        out.setdefault(n.name, M.spec(n))
+            self._specs[id(trie)] = out
+        return self._specs[id(trie)]
+
+    def free_names(self, trie: _Trie) -> list[str]:
+        """Values the subtree reads from outside itself, in first-use order."""
+        if id(trie) in self._free:
+            return self._free[id(trie)]
+        defined: set[str] = set()
         needed: dict[str, None] = {}
 
-        def use(a: fx.Node) -> None:
-            name = f"@{a.target}" if a.op == "get_attr" else a.name
+        def use(name: str) -> None:
             if name not in defined:
                 needed.setdefault(name, None)
 
         for n in self.segment_nodes(trie):
             for a in n.all_input_nodes:
-                use(a)
+                use(_key(a))
             defined.add(n.name)
         if trie.children:
-            item = trie.paths[0].items[trie.depth]
-            use(_strip_bool_test(item.args[0]))
-            for child in trie.children.values():
-                for name in self.free_names(child, memo):
-                    if name not in defined:
-                        needed.setdefault(name, None)
+            use(_key(self._pred_source(trie)))
+            for name in self.child_operands(trie):
+                use(name)
         else:
-            out = trie.paths[0].program.graph.find_nodes(op="output")[0]
-            for a in out.args[0][: self.n_out]:
-                use(a)
-        memo[id(trie)] = list(needed)
-        return memo[id(trie)]
+            for a in self._outputs(trie.paths[0]):
+                use(_key(a))
+        self._free[id(trie)] = list(needed)
+        return self._free[id(trie)]
 
-    def build(
-        self, trie: _Trie, params: list[str] | None, memo: dict[int, list[str]]
-    ) -> fx.GraphModule | fx.Graph:
-        """The graph of ``trie``; ``params`` are its placeholders (None: the top graph)."""
-        graph = fx.Graph()
-        env: dict[str, fx.Node] = {}
-        rep = trie.paths[0].program
-        spec_of: dict[str, M.Spec] = {}
-        for p in trie.paths:
-            for n in p.program.graph.nodes:
-                if n.op not in ("get_attr", "output"):
-                    spec_of.setdefault(n.name, M.spec(n))
-        if params is None:
-            for n in rep.graph.nodes:
-                if n.op == "placeholder":
-                    env[n.name] = graph.node_copy(n)
-        else:
-            for name in params:
-                ph = graph.placeholder(_ph_name(name))
-                M.set_spec(ph, self._weight_spec(name) if name.startswith("@") else spec_of[name])
-                M.set_loc(ph, M.UNKNOWN_LOC)
-                env[name] = ph
-
-        def arg(a: fx.Node) -> fx.Node:
-            if a.op == "get_attr":
-                key = f"@{a.target}"
-                if key not in env:
-                    if params is not None:
-                        raise AssertionError(f"weight {a.target} is not an operand")
-                    env[key] = graph.get_attr(a.target)
-                    M.set_spec(env[key], self._weight_spec(key))
-                    M.set_loc(env[key], M.UNKNOWN_LOC)
-                return env[key]
-            return env[a.name]
-
-        for n in self.segment_nodes(trie):
-            env[n.name] = graph.node_copy(n, arg)
-        subgraphs: dict[str, fx.GraphModule] = {}
-        if trie.children:
-            item = trie.paths[0].items[trie.depth]
-            pred_src = arg(_strip_bool_test(item.args[0]))
-            decision = trie.decision
-            assert decision is not None
-            operands = self.free_names_children(trie, memo)
-            results = self._cond_chain(
-                graph, trie, decision, pred_src, operands, arg, subgraphs, memo
-            )
-            graph.output(tuple(results))
-        else:
-            out = rep.graph.find_nodes(op="output")[0]
-            vals = tuple(arg(a) for a in out.args[0][: self.n_out])
-            graph.output(vals)
-        if params is None:
-            return graph, subgraphs  # type: ignore[return-value]
-        return build_graph_module(graph, {}, subgraphs, class_name="SubGraph")
-
-    def free_names_children(self, trie: _Trie, memo: dict[int, list[str]]) -> list[str]:
+    def child_operands(self, trie: _Trie) -> list[str]:
+        """The operands of the trie node's cond: what any of its children reads."""
         names: dict[str, None] = {}
         for child in trie.children.values():
-            for name in self.free_names(child, memo):
-                names.setdefault(name, None)
+            names.update(dict.fromkeys(self.free_names(child)))
         return list(names)
 
-    def _cond_chain(self, graph, trie, decision, pred_src, operands, arg, subgraphs, memo):
+    def build(self, trie: _Trie, params: list[str] | None) -> Any:
+        """The graph of ``trie``; ``params`` are its placeholders' names.
+
+        Returns a sub-graph's GraphModule, or for the top graph (``params`` None, the
+        program's inputs as placeholders and weights as get_attr) ``(graph, subgraphs)``.
+        """
+        graph = fx.Graph()
+        if params is None:
+            env = {
+                n.name: graph.node_copy(n)
+                for n in trie.paths[0].program.graph.nodes
+                if n.op == "placeholder"
+            }
+        else:
+            env = self._placeholders(graph, params, trie)
+
+        def value(name: str) -> fx.Node:
+            if name not in env and name.startswith("@") and params is None:
+                env[name] = graph.get_attr(name[1:])
+                M.set_spec(env[name], self._weight_spec(name))
+                M.set_loc(env[name], M.UNKNOWN_LOC)
+            return env[name]
+
+        for n in self.segment_nodes(trie):
+            env[n.name] = graph.node_copy(n, lambda a: value(_key(a)))
+        subgraphs: dict[str, fx.GraphModule] = {}
+        if trie.children:
+            decision = trie.decision
+            assert decision is not None
+            pred_src = value(_key(self._pred_source(trie)))
+            results = self._cond_chain(
+                graph, trie, decision, pred_src, self.child_operands(trie), value, subgraphs
+            )
+        else:
+            results = [value(_key(a)) for a in self._outputs(trie.paths[0])]
+        graph.output(tuple(results))
+        if params is None:
+            return graph, subgraphs
+        return build_graph_module(graph, {}, subgraphs, class_name="SubGraph")
+
+    def _cond_chain(
+        self,
+        graph: fx.Graph,
+        trie: _Trie,
+        decision: Decision,
+        pred_src: fx.Node,
+        operands: list[str],
+        value: Callable[[str], fx.Node],
+        subgraphs: dict[str, fx.GraphModule],
+    ) -> list[fx.Node]:
         """cond(pred, then, else) for a bool decision; a chain of idx == k for an index."""
         loc = _site_loc(decision.site)
 
-        def operand_nodes() -> tuple[fx.Node, ...]:
-            out = []
-            for name in operands:
-                if name.startswith("@"):
-                    out.append(arg(_FakeAttr(name[1:])))
-                else:
-                    out.append(arg(_FakeNode(name)))
-            return tuple(out)
-
         def sub(child: _Trie) -> fx.Node:
-            name = f"branch_{self._sub}"
-            self._sub += 1
-            subgraphs[name] = self.build(child, operands, memo)  # type: ignore[assignment]
-            ref = graph.get_attr(name)
-            M.set_spec(ref, M.GraphRefSpec(name))
-            M.set_loc(ref, loc)
-            return ref
+            return self._ref(graph, subgraphs, self.build(child, operands), loc)
 
-        ops = operand_nodes()
+        ops = tuple(value(name) for name in operands)
         if decision.domain == (False, True):
             pred = pred_src
             then_ref, else_ref = sub(trie.children[True]), sub(trie.children[False])
         else:
-            values = list(decision.domain)
-            first, rest = values[0], values[1:]
+            first, *rest = decision.domain
             pred = graph.call_function(_aten.eq.Scalar, (pred_src, first))
             M.set_spec(pred, M.TensorSpec(M.tensor_spec(pred_src).shape, torch.bool))
             M.set_loc(pred, loc)
@@ -479,11 +464,10 @@ class _Builder:
                 else_ref = sub(trie.children[rest[0]])
             else:
                 # the rest of the chain is a graph of its own: the same operands and the index
-                else_ref = self._chain_rest(
-                    graph, trie, decision, rest, operands, pred_src, subgraphs, memo, loc
-                )
+                chain = self._chain_rest(trie, decision, tuple(rest), operands, pred_src)
+                else_ref = self._ref(graph, subgraphs, chain, loc)
                 ops = (*ops, pred_src)
-                then_ref = self._widen(then_ref, subgraphs, pred_src)
+                _add_placeholder(subgraphs[then_ref.target], "index", M.spec(pred_src))
         cond = graph.call_function(torch.ops.higher_order.cond, (pred, then_ref, else_ref, ops))
         specs = self._out_specs(trie)
         M.set_spec(cond, M.TupleSpec(tuple(specs)))
@@ -496,59 +480,58 @@ class _Builder:
             results.append(g)
         return results
 
-    def _chain_rest(self, graph, trie, decision, rest, operands, pred_src, subgraphs, memo, loc):
-        """A sub-graph (operands..., idx) -> cond(idx == rest[0], ...) chain over ``rest``."""
+    def _chain_rest(
+        self,
+        trie: _Trie,
+        decision: Decision,
+        rest: tuple[Any, ...],
+        operands: list[str],
+        pred_src: fx.Node,
+    ) -> fx.GraphModule:
+        """A sub-graph (operands..., index) -> cond(index == rest[0], ...) chain over ``rest``."""
         inner = fx.Graph()
-        env: dict[str, fx.Node] = {}
-        spec_of = {}
-        for p in trie.paths:
-            for n in p.program.graph.nodes:
-                if n.op not in ("get_attr", "output"):
-                    spec_of.setdefault(n.name, M.spec(n))
-        for name in operands:
-            ph = inner.placeholder(_ph_name(name))
-            M.set_spec(ph, self._weight_spec(name) if name.startswith("@") else spec_of[name])
-            M.set_loc(ph, M.UNKNOWN_LOC)
-            env[name] = ph
+        env = self._placeholders(inner, operands, trie)
         idx = inner.placeholder("index")
         M.set_spec(idx, M.spec(pred_src))
         M.set_loc(idx, M.UNKNOWN_LOC)
-        inner_subs: dict[str, fx.GraphModule] = {}
-
-        def arg(a: Any) -> fx.Node:
-            key = f"@{a.target}" if getattr(a, "op", None) == "get_attr" else a.name
-            return env[key]
-
-        sub_decision = Decision(decision.site, tuple(rest), decision.value)
-        results = self._cond_chain(inner, trie, sub_decision, idx, operands, arg, inner_subs, memo)
+        subs: dict[str, fx.GraphModule] = {}
+        sub_decision = Decision(decision.site, rest, decision.value)
+        results = self._cond_chain(inner, trie, sub_decision, idx, operands, env.__getitem__, subs)
         inner.output(tuple(results))
+        return build_graph_module(inner, {}, subs, class_name="SubGraph")
+
+    def _placeholders(self, graph: fx.Graph, names: list[str], trie: _Trie) -> dict[str, fx.Node]:
+        specs = self.specs(trie)
+        env: dict[str, fx.Node] = {}
+        for name in names:
+            ph = graph.placeholder(_ph_name(name))
+            M.set_spec(ph, self._weight_spec(name) if name.startswith("@") else specs[name])
+            M.set_loc(ph, M.UNKNOWN_LOC)
+            env[name] = ph
+        return env
+
+    def _ref(
+        self, graph: fx.Graph, subgraphs: dict[str, fx.GraphModule], gm: fx.GraphModule, loc: M.Loc
+    ) -> fx.Node:
+        """Register ``gm`` as a new branch sub-graph and read it with a get_attr node."""
         name = f"branch_{self._sub}"
         self._sub += 1
-        subgraphs[name] = build_graph_module(inner, {}, inner_subs, class_name="SubGraph")
+        subgraphs[name] = gm
         ref = graph.get_attr(name)
         M.set_spec(ref, M.GraphRefSpec(name))
         M.set_loc(ref, loc)
         return ref
 
-    def _widen(
-        self, ref: fx.Node, subgraphs: dict[str, fx.GraphModule], pred_src: fx.Node
-    ) -> fx.Node:
-        """Give a branch sub-graph one more (unused) trailing placeholder: cond passes the
-        same operands to both branches, and the chain's else branch also takes the index."""
-        gm = subgraphs[ref.target]
-        last = list(gm.graph.find_nodes(op="placeholder"))[-1]
-        with gm.graph.inserting_after(last):
-            ph = gm.graph.placeholder("index")
-        M.set_spec(ph, M.spec(pred_src))
-        M.set_loc(ph, M.UNKNOWN_LOC)
-        gm.recompile()
-        return ref
+    def _pred_source(self, trie: _Trie) -> fx.Node:
+        return _strip_bool_test(trie.paths[0].items[trie.depth].args[0])
+
+    def _outputs(self, path: _Path) -> list[fx.Node]:
+        return list(path.program.graph.find_nodes(op="output")[0].args[0][: self.n_out])
 
     def _out_specs(self, trie: _Trie) -> list[M.Spec]:
         specs: list[M.Spec] | None = None
         for p in trie.paths:
-            out = p.program.graph.find_nodes(op="output")[0]
-            s = [M.spec(a) for a in out.args[0][: self.n_out]]
+            s = [M.spec(a) for a in self._outputs(p)]
             if specs is None:
                 specs = s
             elif s != specs:
@@ -567,16 +550,20 @@ class _Builder:
         return M.TensorSpec(tuple(t.shape), t.dtype)
 
 
-@dataclass(frozen=True)
-class _FakeNode:
-    name: str
-    op: str = "placeholder"
+def _key(n: fx.Node) -> str:
+    """The builder's name for a value: ``@weight`` for a weight read, else the node name."""
+    return f"@{n.target}" if n.op == "get_attr" else n.name
 
 
-@dataclass(frozen=True)
-class _FakeAttr:
-    target: str
-    op: str = "get_attr"
+def _add_placeholder(gm: fx.GraphModule, name: str, spec: M.Spec) -> None:
+    """Append an (unused) placeholder: cond passes the same operands to both branches, and
+    an index chain's else branch also takes the index."""
+    last = list(gm.graph.find_nodes(op="placeholder"))[-1]
+    with gm.graph.inserting_after(last):
+        ph = gm.graph.placeholder(name)
+    M.set_spec(ph, spec)
+    M.set_loc(ph, M.UNKNOWN_LOC)
+    gm.recompile()
 
 
 _getitem = operator.getitem
@@ -643,8 +630,7 @@ def capture_dynamic(
         for w, k in p.program.weight_kinds.items():
             weights.setdefault(w, (p.program.get_weight(w), k))
     trie = _build_trie(paths)
-    builder = _Builder(paths, weights)
-    graph, subgraphs = builder.build(trie, None, {})  # type: ignore[misc]
+    graph, subgraphs = _Builder(paths[0].n_out, weights).build(trie, None)
     used = {n.target for n in graph.find_nodes(op="get_attr")} - set(subgraphs)
     gm = build_graph_module(
         graph,

@@ -39,7 +39,7 @@ import torch.fx as fx
 
 from splice.errors import PassError
 from splice.ir import meta as M
-from splice.ir.program import Program, build_graph_module, get_attr_path
+from splice.ir.program import Program, build_graph_module, get_attr_path, iter_graphs
 from splice.passes.base import Pass, PassContext, PassResult
 from splice.passes.registry import register_pass
 
@@ -68,22 +68,12 @@ def is_part_call(node: fx.Node) -> bool:
 
 def has_control_flow(program: Program) -> bool:
     """True if the program (or any sub-graph) has a ``cond`` node."""
-    return any(is_cond(n) for g in _all_graphs(program.graph_module) for n in g.nodes)
+    return any(is_cond(n) for _, gm in iter_graphs(program) for n in gm.graph.nodes)
 
 
 def is_split(program: Program) -> bool:
     """True if the program is in split form (it calls parts)."""
-    return any(is_part_call(n) for g in _all_graphs(program.graph_module) for n in g.nodes)
-
-
-def _all_graphs(gm: fx.GraphModule) -> list[fx.Graph]:
-    out = [gm.graph]
-    for n in gm.graph.nodes:
-        if n.op == "get_attr":
-            child = get_attr_path(gm, n.target)
-            if isinstance(child, fx.GraphModule):
-                out += _all_graphs(child)
-    return out
+    return any(is_part_call(n) for _, gm in iter_graphs(program) for n in gm.graph.nodes)
 
 
 @dataclass
@@ -133,21 +123,12 @@ class _Splitter:
         segment: list[fx.Node] = []
 
         def const_node(name: str) -> fx.Node:
-            if top:
-                node = host.get_attr(name)
-            else:
+            if not top:
                 if name not in extra:
                     extra.append(name)
-                node = next(
-                    (n for n in host.nodes if n.op == "placeholder" and n.name == _cname(name)),
-                    None,
-                )
-                if node is None:
-                    last = [n for n in host.nodes if n.op == "placeholder"][-1]
-                    with host.inserting_after(last):
-                        node = host.placeholder(_cname(name))
-            t = self.st.weights[name][0]
-            M.set_spec(node, M.TensorSpec(tuple(t.shape), t.dtype))
+                return self._const_placeholder(host, name)
+            node = host.get_attr(name)
+            M.set_spec(node, self._const_spec(name))
             M.set_loc(node, M.UNKNOWN_LOC.with_pass("branches"))
             return node
 
@@ -201,25 +182,14 @@ class _Splitter:
         # both branches take the same operands: every constant either of them needs
         needed = list(dict.fromkeys(extras[0] + extras[1]))
         for target, g, child_subs in results:
-            have = [p.name for p in g.nodes if p.op == "placeholder"]
-            last = [p for p in g.nodes if p.op == "placeholder"][-1]
+            # order: the original operands, then the constants in `needed` order
+            anchor = list(g.find_nodes(op="placeholder"))[len(operands) - 1] if operands else None
             for name in needed:
-                if _cname(name) in have:
-                    continue
-                with g.inserting_after(last):
-                    last = g.placeholder(_cname(name))
-                t = self.st.weights[name][0]
-                M.set_spec(last, M.TensorSpec(tuple(t.shape), t.dtype))
-                M.set_loc(last, M.UNKNOWN_LOC.with_pass("branches"))
-            # order: original operands, then the constants in `needed` order
-            phs = [p for p in g.nodes if p.op == "placeholder"]
-            n_orig = len(operands)
-            tail = {p.name: p for p in phs[n_orig:]}
-            anchor = phs[n_orig - 1] if n_orig else None
-            for name in needed:
-                p = tail[_cname(name)]
+                p = self._const_placeholder(g, name)
                 if anchor is not None:
                     anchor.append(p)
+                else:
+                    next(iter(g.nodes)).prepend(p)
                 anchor = p
             subs[target] = build_graph_module(g, {}, child_subs, class_name="SubGraph")
             new_ref = host.get_attr(target)
@@ -231,6 +201,23 @@ class _Splitter:
         cond.meta.update(n.meta)
         env[n] = cond
         self.st.branches += 1
+
+    def _const_spec(self, name: str) -> M.Spec:
+        t = self.st.weights[name][0]
+        return M.TensorSpec(tuple(t.shape), t.dtype)
+
+    def _const_placeholder(self, g: fx.Graph, name: str) -> fx.Node:
+        """The placeholder of hoisted constant ``name`` in sub-graph ``g`` (appended if new)."""
+        for p in g.find_nodes(op="placeholder"):
+            if p.name == _cname(name):
+                return p
+        phs = list(g.find_nodes(op="placeholder"))
+        where = g.inserting_after(phs[-1]) if phs else g.inserting_before(next(iter(g.nodes)))
+        with where:
+            p = g.placeholder(_cname(name))
+        M.set_spec(p, self._const_spec(name))
+        M.set_loc(p, M.UNKNOWN_LOC.with_pass("branches"))
+        return p
 
     # -- parts ----------------------------------------------------------------------------
     def _emit(self, host, segment, env, weight_of, subs, const_node) -> None:
@@ -397,23 +384,18 @@ def split_program(program: Program) -> tuple[Program, dict[str, Any]]:
     weights = {w: (program.get_weight(w), k) for w, k in program.weight_kinds.items()}
     st = _State(weights)
     host, subs, _ = _Splitter(st).split(program.graph_module, None)
+    # hoisted constants are read at the top too: as get_attr, or as cond operands
     used = {n.target for n in host.nodes if n.op == "get_attr"} - set(subs)
-    gm = build_graph_module(
-        host,
-        {w: st.weights[w] for w in st.weights if w in used or w.startswith("branches.")},
-        subs,
-        class_name=f"Program_{program.name}",
-    )
-    kinds = {w: st.weights[w][1] for w in st.weights if w in used or w.startswith("branches.")}
+    kept = {w: st.weights[w] for w in st.weights if w in used}
+    gm = build_graph_module(host, kept, subs, class_name=f"Program_{program.name}")
     out = Program(
         gm,
         output_names=program.output_names,
-        weight_kinds=kinds,
+        weight_kinds={w: k for w, (_, k) in kept.items()},
         symbols=program.symbols,
         name=program.name,
         attrs=program.attrs,
     )
-    # weights read only inside branches reach them as cond operands from the top graph
     stats = {
         "parts": len(st.parts),
         "part_calls": st.calls,

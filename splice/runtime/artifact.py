@@ -154,7 +154,7 @@ class CompiledModel:
             from splice.runtime.host import HostProgram
 
             host = json.loads((self.path / self.manifest["host"]).read_text())
-            self._host = HostProgram(host, {k: v.__call__ for k, v in self.parts.items()}, weights)
+            self._host = HostProgram(host, dict(self.parts), weights)
         self._bounds = {
             i["name"]: int(i["index_bound"]) for i in self.manifest["inputs"] if "index_bound" in i
         }

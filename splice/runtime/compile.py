@@ -30,6 +30,7 @@ from splice.runtime.artifact import (
     SAMPLES,
     WEIGHTS,
     Artifact,
+    is_foreign,
     spec_json,
     write_samples,
 )
@@ -62,7 +63,6 @@ def compile(
     :func:`splice.passes.lowrank.set_rank`): the stored directions are ordered by importance,
     so this needs no refactoring, and the artifact reads only the kept prefix.
     """
-    from splice import __version__
 
     if backend != "tvm":
         raise LoweringError(f"unknown backend {backend!r}", hint="backends: tvm")
@@ -94,69 +94,109 @@ def compile(
     ex, param_names, report = tvm_backend.lower(
         program, target, trials=tune, fast_math=fast_math, progress=progress
     )
-    tdict = tvm_backend.tvm_target_dict(target)
-    import tvm
-
-    if output is None:
-        output = Path(tempfile.mkdtemp(prefix="splice-")) / f"{program.name}.artifact"
-    output = Path(output)
+    output = _output_path(output, program)
     with atomic_dir(output) as tmp:
         tvm_backend.export_library(ex, tmp / "main.so", target)
-        from safetensors.torch import save_file
-
-        from splice.ir.printer import print_ir
-        from splice.ir.serialize import _weights_for_safetensors
-
-        save_file(_weights_for_safetensors(program), str(tmp / WEIGHTS))
-        (tmp / PROGRAM).write_text(print_ir(program, locations=True))
-        files = ["main.so", WEIGHTS, PROGRAM]
-        if samples:
-            write_samples(tmp / SAMPLES, program.input_names, samples)
-            files.append(SAMPLES)
+        files = ["main.so", *_write_program_files(tmp, program, samples)]
         index_bounds = _index_bounds(program)
-        required: list[str] = []
-        if target.name == "host":
-            from splice.target import _cpu_flags
-
-            required = [f for f in CHECKED_FEATURES if f in set(_cpu_flags())]
         report.seconds["total"] = time.perf_counter() - t0
-        manifest: dict[str, Any] = {
-            "format": FORMAT,
-            "splice_version": __version__,
-            "backend": backend,
-            "tvm_version": tvm.__version__,
-            "program": program.name,
-            "target": {**target.to_json(), "tvm": tdict},
-            "required_features": required,
-            "inputs": [
-                {"name": n, **spec_json(s), **index_bounds.get(n, {})}
-                for n, s in zip(program.input_names, program.input_specs)
-            ],
-            "outputs": [
-                {"name": n, **spec_json(s)}
-                for n, s in zip(program.output_names, program.output_specs)
-            ],
-            "parts": [
+        manifest = _manifest(
+            program,
+            target,
+            index_bounds=index_bounds,
+            parts=[
                 {
                     "name": "main",
-                    "backend": "tvm",
+                    "backend": backend,
                     "library": "main.so",
                     "entry": "main",
                     "params": param_names,
                 }
             ],
-            "host": None,
-            "options": {
+            host=None,
+            options={
                 "tune": tune,
                 "prepare": PREPARE_PIPELINE if prepare else None,
                 "fast_math": fast_math,
                 "lowrank_rank": lowrank_rank,
             },
-            "lowering": report.to_json(),
-            "files": {f: sha256_file(tmp / f) for f in files},
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+            lowering=report.to_json(),
+        )
+        _write_manifest(tmp, manifest, files)
     return Artifact(output)
+
+
+def _output_path(output: str | Path | None, program: Program) -> Path:
+    if output is None:
+        return Path(tempfile.mkdtemp(prefix="splice-")) / f"{program.name}.artifact"
+    return Path(output)
+
+
+def _write_program_files(
+    tmp: Path, program: Program, samples: Sequence[Sequence[torch.Tensor]] | None
+) -> list[str]:
+    """Weights, the program's text IR and the samples, into the artifact folder ``tmp``."""
+    from safetensors.torch import save_file
+
+    from splice.ir.printer import print_ir
+    from splice.ir.serialize import _weights_for_safetensors
+
+    save_file(_weights_for_safetensors(program), str(tmp / WEIGHTS))
+    (tmp / PROGRAM).write_text(print_ir(program, locations=True))
+    files = [WEIGHTS, PROGRAM]
+    if samples:
+        write_samples(tmp / SAMPLES, program.input_names, samples)
+        files.append(SAMPLES)
+    return files
+
+
+def _manifest(
+    program: Program,
+    target: Target,
+    *,
+    parts: list[dict[str, Any]],
+    host: str | None,
+    options: dict[str, Any],
+    lowering: dict[str, Any],
+    index_bounds: dict[str, dict[str, int]] | None = None,
+) -> dict[str, Any]:
+    """The manifest of an artifact (``files`` is added by :func:`_write_manifest`)."""
+    import tvm
+
+    from splice import __version__
+    from splice.runtime.backends.tvm import tvm_target_dict
+
+    bounds = index_bounds or {}
+    required: list[str] = []
+    if target.name == "host":
+        from splice.target import _cpu_flags
+
+        required = [f for f in CHECKED_FEATURES if f in set(_cpu_flags())]
+    return {
+        "format": FORMAT,
+        "splice_version": __version__,
+        "backend": "tvm",
+        "tvm_version": tvm.__version__,
+        "program": program.name,
+        "target": {**target.to_json(), "tvm": tvm_target_dict(target)},
+        "required_features": required,
+        "inputs": [
+            {"name": n, **spec_json(s), **bounds.get(n, {})}
+            for n, s in zip(program.input_names, program.input_specs)
+        ],
+        "outputs": [
+            {"name": n, **spec_json(s)} for n, s in zip(program.output_names, program.output_specs)
+        ],
+        "parts": parts,
+        "host": host,
+        "options": options,
+        "lowering": lowering,
+    }
+
+
+def _write_manifest(tmp: Path, manifest: dict[str, Any], files: list[str]) -> None:
+    manifest["files"] = {f: sha256_file(tmp / f) for f in files}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
 
 
 def _compile_split(
@@ -177,7 +217,6 @@ def _compile_split(
     runs (in PyTorch) on the first sample, every branch forced both ways, and each compiled
     part is checked against PyTorch on them (``check_max_abs_diff`` in the manifest).
     """
-    from splice import __version__
     from splice.passes import parse_pipeline
     from splice.passes.branches import is_split, split_program
     from splice.runtime import host as H
@@ -203,20 +242,12 @@ def _compile_split(
         )
     examples = H.explore_part_inputs(runner, first)
     t0 = time.perf_counter()
-    import tvm
-
-    if output is None:
-        output = Path(tempfile.mkdtemp(prefix="splice-")) / f"{program.name}.artifact"
-    output = Path(output)
+    output = _output_path(output, program)
     entries: list[dict[str, Any]] = []
     reports: dict[str, Any] = {}
+    runnable = target.kind != "cuda" and not is_foreign({"target": target.to_json()})
     with atomic_dir(output) as tmp:
-        from safetensors.torch import save_file
-
-        from splice.ir.printer import print_ir
-        from splice.ir.serialize import _weights_for_safetensors
-
-        files = [WEIGHTS, PROGRAM, "host.json"]
+        files = []
         for i, (name, info) in enumerate(sorted(parts.items())):
             say(f"compiling {name}", i, len(parts))
             part = info.program(weights)
@@ -229,7 +260,7 @@ def _compile_split(
             tvm_backend.export_library(ex, tmp / lib, target)
             files.append(lib)
             diff = None
-            if name in examples and not is_foreign_target(target):
+            if name in examples and runnable:
                 compiled = tvm_backend.TVMPart(tmp / lib, [tensors[w] for w in param_names])
                 got = compiled(*examples[name])
                 want = eager[name](*examples[name])
@@ -251,56 +282,24 @@ def _compile_split(
             )
             reports[name] = report.to_json()
         say("compiled parts", len(parts), len(parts))
-        save_file(_weights_for_safetensors(program), str(tmp / WEIGHTS))
-        (tmp / PROGRAM).write_text(print_ir(program, locations=True))
         (tmp / "host.json").write_text(json.dumps(host, indent=1) + "\n")
-        if samples:
-            write_samples(tmp / SAMPLES, program.input_names, samples)
-            files.append(SAMPLES)
-        required: list[str] = []
-        if target.name == "host":
-            from splice.target import _cpu_flags
-
-            required = [f for f in CHECKED_FEATURES if f in set(_cpu_flags())]
-        manifest: dict[str, Any] = {
-            "format": FORMAT,
-            "splice_version": __version__,
-            "backend": "tvm",
-            "tvm_version": tvm.__version__,
-            "program": program.name,
-            "target": {**target.to_json(), "tvm": tvm_backend.tvm_target_dict(target)},
-            "required_features": required,
-            "inputs": [
-                {"name": n, **spec_json(s)}
-                for n, s in zip(program.input_names, program.input_specs)
-            ],
-            "outputs": [
-                {"name": n, **spec_json(s)}
-                for n, s in zip(program.output_names, program.output_specs)
-            ],
-            "parts": entries,
-            "host": "host.json",
-            "branches": H.branch_count(host),
-            "options": {
+        files += ["host.json", *_write_program_files(tmp, program, samples)]
+        manifest = _manifest(
+            program,
+            target,
+            parts=entries,
+            host="host.json",
+            options={
                 "tune": tune,
                 "prepare": PREPARE_PIPELINE if prepare else None,
                 "fast_math": fast_math,
                 "lowrank_rank": None,
             },
-            "lowering": {"parts": reports, "seconds": time.perf_counter() - t0},
-            "files": {f: sha256_file(tmp / f) for f in files},
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+            lowering={"parts": reports, "seconds": time.perf_counter() - t0},
+        )
+        manifest["branches"] = H.branch_count(host)
+        _write_manifest(tmp, manifest, files)
     return Artifact(output)
-
-
-def is_foreign_target(target: Target) -> bool:
-    """True when the compiled code cannot run in this process (another architecture, cuda)."""
-    import platform
-
-    return target.kind == "cuda" or (
-        target.name != "host" and platform.machine() not in target.triple
-    )
 
 
 def _index_bounds(program: Program) -> dict[str, dict[str, int]]:
