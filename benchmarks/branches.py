@@ -64,7 +64,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import cpu_model, git_state, lscpu, version, write_marked_section
+from common import (
+    busy_seconds,
+    cpu_model,
+    error_text,
+    flat_outputs,
+    git_state,
+    log,
+    lscpu,
+    max_abs_diff,
+    other_cores,
+    version,
+    write_marked_section,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import splice
@@ -81,15 +93,6 @@ DYCL = (
     "DyCL (Chen et al., ISSTA 2023) reports 1.12×–20.21× over PyTorch for its rewritten "
     "dynamic models, measured on NVIDIA Jetson boards with TVM 0.11"
 )
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _error(e: BaseException) -> str:
-    text = " ".join(str(e).strip().split())
-    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
 
 
 # -- results ------------------------------------------------------------------------------
@@ -153,25 +156,6 @@ class ModelResult:
 # -- helpers ------------------------------------------------------------------------------
 
 
-def _flat(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _flat(o)]
-    raise TypeError(f"unexpected output type {type(out).__name__}")
-
-
-def max_abs_diff(got: Any, ref: Sequence[torch.Tensor]) -> float:
-    outs = _flat(got)
-    assert len(outs) == len(ref), f"{len(outs)} outputs, expected {len(ref)}"
-    worst = 0.0
-    for i, (x, y) in enumerate(zip(outs, ref, strict=True)):
-        assert tuple(x.shape) == tuple(y.shape), f"output {i}: shape {x.shape} != {y.shape}"
-        if x.numel():
-            worst = max(worst, (x.double() - y.double()).abs().max().item())
-    return worst
-
-
 class _CountOps(TorchDispatchMode):
     """Counts the aten ops eager PyTorch dispatches (its per-op overhead is paid per op)."""
 
@@ -200,20 +184,6 @@ def count_part_calls(host: dict[str, Any], trace: Sequence[tuple[str, bool]]) ->
     return walk(host["main"])
 
 
-def _busy_seconds() -> tuple[float, float]:
-    """(CPU seconds all processes were busy since boot, CPU seconds of this process)."""
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    hz = os.sysconf("SC_CLK_TCK")
-    t = os.times()
-    return (user + nice + system + irq + softirq + steal) / hz, t.user + t.system
-
-
-def _other_cores(start: tuple[float, float], wall: float) -> float:
-    end = _busy_seconds()
-    return ((end[0] - start[0]) - (end[1] - start[1])) / max(wall, 1e-9)
-
-
 # -- peers --------------------------------------------------------------------------------
 
 
@@ -228,7 +198,7 @@ def setup_torch_compile(
             reason = " ".join(str(ex.break_reasons[0].reason).split())
             res.break_reason = reason[:120]
     except Exception as e:
-        res.explain_error = _error(e)
+        res.explain_error = error_text(e, 200)
     torch._dynamo.reset()
     peer = Peer("torch.compile")
     try:
@@ -240,7 +210,7 @@ def setup_torch_compile(
         peer.max_abs_diff = max(diffs)
         peer.fn = compiled
     except Exception as e:
-        peer.error = _error(e)
+        peer.error = error_text(e, 200)
     return peer
 
 
@@ -276,7 +246,7 @@ def setup_splice(
         check_traces(res, case, traces)
         peer.fn = cm
     except Exception as e:
-        peer.error = _error(e)
+        peer.error = error_text(e, 200)
     return peer
 
 
@@ -310,7 +280,7 @@ def run_model(name: str, args: argparse.Namespace, tmp: Path) -> ModelResult:
         return res
     model, inputs = case.model.eval(), case.branch_inputs
     with torch.inference_mode():
-        refs = [[t.clone() for t in _flat(model(*x))] for x in inputs]
+        refs = [[t.clone() for t in flat_outputs(model(*x))] for x in inputs]
         counts = []
         for x in inputs:
             with _CountOps() as c:
@@ -644,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     os.environ.setdefault("TVM_NUM_THREADS", str(threads))  # before TVM's pool starts
     load = os.getloadavg()
-    busy = _busy_seconds()
+    busy = busy_seconds()
     t_start = time.perf_counter()
 
     results: list[ModelResult] = []
@@ -654,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(run_model(name, args, Path(d)))
 
     wall = time.perf_counter() - t_start
-    text = section(results, args, command, load, _other_cores(busy, wall))
+    text = section(results, args, command, load, other_cores(busy, wall))
     print(text)
     log(f"(benchmark wall time {wall:.0f} s)")
 

@@ -1,5 +1,6 @@
 """What the benchmark scripts share: describing the machine and the software, a torch STREAM
-triad, and replacing one benchmark's section of RESULTS.md.
+triad, comparing outputs, measuring other jobs' CPU use during a run, and replacing one
+benchmark's section of RESULTS.md.
 
 Benchmarks run as scripts (``python benchmarks/x.py``), so this module is imported as
 ``common`` from their folder.
@@ -7,10 +8,14 @@ Benchmarks run as scripts (``python benchmarks/x.py``), so this module is import
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -112,3 +117,51 @@ def write_marked_section(path: Path, heading: str, begin: str, end: str, text: s
 
 
 __all__ = ["cpu_model", "git_state", "lscpu", "torch_triad_gbs", "version", "write_marked_section"]
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def error_text(e: BaseException, limit: int = 240) -> str:
+    """An exception as one line: its type and the first ``limit`` characters of its text."""
+    text = " ".join(str(e).strip().split())
+    return f"{type(e).__name__}: {text[:limit]}" if text else type(e).__name__
+
+
+def flat_outputs(out: Any) -> list[torch.Tensor]:
+    """A peer's outputs as a flat list of torch tensors (numpy arrays are wrapped)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in flat_outputs(o)]
+    if type(out).__module__ == "numpy":
+        return [torch.from_numpy(out)]
+    raise TypeError(f"unexpected output type {type(out).__name__}")
+
+
+def max_abs_diff(got: Any, ref: Sequence[torch.Tensor]) -> float:
+    """Largest absolute difference over all outputs (shapes and counts must agree)."""
+    outs = flat_outputs(got)
+    assert len(outs) == len(ref), f"{len(outs)} outputs, expected {len(ref)}"
+    worst = 0.0
+    for i, (x, y) in enumerate(zip(outs, ref, strict=True)):
+        assert tuple(x.shape) == tuple(y.shape), f"output {i}: shape {x.shape} != {y.shape}"
+        if x.numel():
+            worst = max(worst, (x.double() - y.double()).abs().max().item())
+    return worst
+
+
+def busy_seconds() -> tuple[float, float]:
+    """(CPU seconds all processes were busy since boot, CPU seconds of this process)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    hz = os.sysconf("SC_CLK_TCK")
+    t = os.times()
+    return (user + nice + system + irq + softirq + steal) / hz, t.user + t.system
+
+
+def other_cores(start: tuple[float, float], wall: float) -> float:
+    """Cores other processes kept busy on average since ``start`` (a busy_seconds())."""
+    end = busy_seconds()
+    return ((end[0] - start[0]) - (end[1] - start[1])) / max(wall, 1e-9)

@@ -76,10 +76,22 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
-from common import cpu_model, git_state, lscpu, torch_triad_gbs, version, write_marked_section
+from common import (
+    busy_seconds,
+    cpu_model,
+    error_text,
+    flat_outputs,
+    git_state,
+    log,
+    lscpu,
+    max_abs_diff,
+    other_cores,
+    torch_triad_gbs,
+    version,
+    write_marked_section,
+)
 from torch import nn
 
 import splice
@@ -105,10 +117,6 @@ LLAMA_SHAPE: dict[str, int] = {
     "vocab": 4096,
     "seq": 128,
 }
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # -- workloads ----------------------------------------------------------------------------
@@ -349,28 +357,6 @@ class CaseResult:
     peers: dict[str, PeerResult] = field(default_factory=dict)
 
 
-def _flat(out: Any) -> list[torch.Tensor]:
-    """A peer's outputs as a flat list of torch tensors (numpy arrays are wrapped)."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _flat(o)]
-    if type(out).__module__ == "numpy":
-        return [torch.from_numpy(out)]
-    raise TypeError(f"unexpected output type {type(out).__name__}")
-
-
-def max_abs_diff(got: Any, ref: Sequence[torch.Tensor]) -> float:
-    outs = _flat(got)
-    assert len(outs) == len(ref), f"{len(outs)} outputs, expected {len(ref)}"
-    worst = 0.0
-    for i, (x, y) in enumerate(zip(outs, ref, strict=True)):
-        assert tuple(x.shape) == tuple(y.shape), f"output {i}: shape {x.shape} != {y.shape}"
-        if x.numel():
-            worst = max(worst, (x.double() - y.double()).abs().max().item())
-    return worst
-
-
 def time_calls(fn: Callable[[], object], warmup: int, repeats: int) -> Timing:
     for _ in range(warmup):
         fn()
@@ -383,14 +369,9 @@ def time_calls(fn: Callable[[], object], warmup: int, repeats: int) -> Timing:
     return Timing.of(times)
 
 
-def _error(e: BaseException) -> str:
-    text = " ".join(str(e).strip().split())
-    return f"{type(e).__name__}: {text[:240]}" if text else type(e).__name__
-
-
 def run_eager(case: Case, warmup: int, repeats: int) -> tuple[PeerResult, list[torch.Tensor]]:
     with torch.inference_mode():
-        ref = [t.clone() for t in _flat(case.model(*case.inputs))]
+        ref = [t.clone() for t in flat_outputs(case.model(*case.inputs))]
         timing = time_calls(lambda: case.model(*case.inputs), warmup, repeats)
     return PeerResult("eager", timing, 0.0), ref
 
@@ -406,7 +387,7 @@ def run_torch_compile(case: Case, ref: list[torch.Tensor], warmup: int, repeats:
             diff = max_abs_diff(out, ref)
             timing = time_calls(lambda: compiled(*case.inputs), warmup, repeats)
     except Exception as e:
-        return PeerResult("torch.compile", error=_error(e))
+        return PeerResult("torch.compile", error=error_text(e))
     return PeerResult("torch.compile", timing, diff, setup)
 
 
@@ -427,7 +408,7 @@ def _onnx_export(case: Case, path: Path) -> str:
                 )
             return "dynamo exporter" if dynamo else "legacy TorchScript exporter"
         except Exception as e:
-            log(f"    onnx export ({'dynamo' if dynamo else 'legacy'}) failed: {_error(e)}")
+            log(f"    onnx export ({'dynamo' if dynamo else 'legacy'}) failed: {error_text(e)}")
             first = first or e
     assert first is not None
     raise first
@@ -439,7 +420,7 @@ def run_onnxruntime(
     try:
         import onnxruntime as ort
     except ImportError as e:
-        return PeerResult("onnxruntime", error=f"{_error(e)} (pip install -e '.[onnx]')")
+        return PeerResult("onnxruntime", error=f"{error_text(e)} (pip install -e '.[onnx]')")
     try:
         t0 = time.perf_counter()
         path = tmp / f"{case.name}.onnx"
@@ -459,7 +440,7 @@ def run_onnxruntime(
         diff = max_abs_diff(sess.run(None, feeds), ref)
         timing = time_calls(lambda: sess.run(None, feeds), warmup, repeats)
     except Exception as e:
-        return PeerResult("onnxruntime", error=_error(e))
+        return PeerResult("onnxruntime", error=error_text(e))
     return PeerResult("onnxruntime", timing, diff, setup, note=exporter)
 
 
@@ -484,7 +465,7 @@ def run_splice(
         diff = max_abs_diff(m(*case.inputs), ref)
         timing = time_calls(lambda: m(*case.inputs), warmup, repeats)
     except Exception as e:
-        return PeerResult("splice", error=_error(e))
+        return PeerResult("splice", error=error_text(e))
     return PeerResult("splice", timing, diff, setup)
 
 
@@ -686,23 +667,12 @@ def section(
     return "\n".join(parts)
 
 
-def _busy_seconds() -> tuple[float, float]:
-    """(CPU seconds all processes were busy, CPU seconds of this process) since boot/start."""
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    hz = os.sysconf("SC_CLK_TCK")
-    t = os.times()
-    return (user + nice + system + irq + softirq + steal) / hz, t.user + t.system
-
-
 def _load_warning(start: tuple[float, float], wall: float) -> list[str]:
     """A caveat when other jobs shared the CPU: OpenMP peers (eager, torch.compile) then show
     bimodal, up to 20x slower medians, since a preempted thread stalls every barrier.
 
     Other jobs' CPU time = all busy CPU time minus this process's, over the run."""
-    end = _busy_seconds()
-    others = (end[0] - start[0]) - (end[1] - start[1])
-    cores = others / max(wall, 1e-9)
+    cores = other_cores(start, wall)
     if cores < 0.2:
         return []
     return [
@@ -743,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     os.environ.setdefault("TVM_NUM_THREADS", str(threads))  # before TVM's pool starts
     load = os.getloadavg()
-    busy_start = _busy_seconds()
+    busy_start = busy_seconds()
     t_start = time.perf_counter()
 
     log("measuring the machine (STREAM triad, matmul peak)…")

@@ -72,7 +72,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import cpu_model, git_state, lscpu, torch_triad_gbs, version, write_marked_section
+from common import (
+    cpu_model,
+    git_state,
+    log,
+    lscpu,
+    torch_triad_gbs,
+    version,
+    write_marked_section,
+)
 from torch import nn
 
 import splice
@@ -96,10 +104,6 @@ SHAPE: dict[str, int] = {
     "vocab": 1024,
 }
 TARGETS = "model.layers.*"
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # -- the model ------------------------------------------------------------------------------
