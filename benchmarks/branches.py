@@ -19,8 +19,9 @@ that together take every outcome of every decision. Three peers run them:
   splits it into branch-free parts, each compiled by TVM, and a host program that decides
   between them) → ``splice.load``.
 
-``shape_branch`` (a branch on the input's width) is listed but not run: capture_dynamic
-bakes one input shape, so it cannot capture a branch on shapes yet.
+``shape_branch`` (a branch on the input's width) is captured once per input shape
+(``capture_dynamic(..., signatures=...)``, a SignatureSet); its host program picks the
+capture by the input's shape, and the chosen signature counts as its branch decision.
 
 Method
 ------
@@ -88,7 +89,7 @@ END = "<!-- branches:end -->"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 ATOL = 1e-3
 PEERS = ("eager", "eager-1t", "torch.compile", "splice")
-UNSUPPORTED = {"shape_branch": "not supported: shape-dependent branch"}
+UNSUPPORTED: dict[str, str] = {}
 DYCL = (
     "DyCL (Chen et al., ISSTA 2023) reports 1.12×–20.21× over PyTorch for its rewritten "
     "dynamic models, measured on NVIDIA Jetson boards with TVM 0.11"
@@ -168,8 +169,11 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_part_calls(host: dict[str, Any], trace: Sequence[tuple[str, bool]]) -> int:
-    """How many compiled parts the host program called on a run with branch ``trace``."""
+def count_part_calls(
+    host: dict[str, Any], trace: Sequence[tuple[str, bool]], signature: int | None = None
+) -> int:
+    """How many compiled parts the host program called on a run with branch ``trace`` (and
+    input ``signature``, for a program captured per input shape)."""
     taken: Iterator[tuple[str, bool]] = iter(trace)
 
     def walk(block: dict[str, Any]) -> int:
@@ -179,6 +183,8 @@ def count_part_calls(host: dict[str, Any], trace: Sequence[tuple[str, bool]]) ->
                 n += 1
             elif step["op"] == "branch":
                 n += walk(step["then"] if next(taken)[1] else step["else"])
+            elif step["op"] == "signature":
+                n += walk(step["cases"][signature or 0]["block"])
         return n
 
     return walk(host["main"])
@@ -222,16 +228,18 @@ def setup_splice(
     peer = Peer("splice")
     try:
         t0 = time.perf_counter()
-        program = capture_dynamic(case.model, case.example)
+        # one capture per distinct input shape among the branch inputs (shape_branch)
+        program = capture_dynamic(case.model, case.example, signatures=case.branch_inputs)
         t1 = time.perf_counter()
         art = splice.compile(
-            program, "host", samples=[case.example], output=tmp / f"{case.name}.artifact"
+            program, "host", samples=case.branch_inputs, output=tmp / f"{case.name}.artifact"
         )
         cm = splice.load(art.path)
         t2 = time.perf_counter()
         res.capture_s, res.compile_s = t1 - t0, t2 - t1
         peer.setup_s = t2 - t0
-        res.paths = program.attrs.get("paths")
+        members = list(program) if isinstance(program, splice.SignatureSet) else [program]
+        res.paths = sum(p.attrs.get("paths", 1) for p in members)
         res.parts = len(cm.manifest["parts"])
         res.host_branches = cm.manifest["branches"]
         host = cm._host.host if cm._host is not None else {"main": {"body": []}}
@@ -239,8 +247,8 @@ def setup_splice(
         with torch.inference_mode():
             for x, r in zip(case.branch_inputs, refs):
                 diffs.append(max_abs_diff(cm(*x), r))
-                traces.append(tuple(cm.last_trace))
-                calls.append(count_part_calls(host, cm.last_trace))
+                traces.append((cm.last_signature, *cm.last_trace))
+                calls.append(count_part_calls(host, cm.last_trace, cm.last_signature))
         peer.max_abs_diff = max(diffs)
         res.part_calls = statistics.fmean(calls)
         check_traces(res, case, traces)

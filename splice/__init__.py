@@ -19,6 +19,7 @@ from splice.errors import (
 )
 from splice.ir import Program, capture, compose, parse_ir, print_ir, save, verify
 from splice.ir.explore import capture_dynamic
+from splice.ir.signatures import SignatureSet
 from splice.runtime import Artifact, CompiledModel, compile, load
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "PassError",
     "PipelineError",
     "Program",
+    "SignatureSet",
     "SpliceError",
     "VerificationError",
     "__version__",

@@ -96,3 +96,33 @@ def test_cli_runs_aarch64_artifacts_under_qemu(gpt2_pair, capsys):
     assert "under qemu" in out and "ok: within 0.0001 of the PyTorch reference" in out
     assert main(["bench", str(arm.path)]) == 1  # timings under emulation are refused
     assert "cannot benchmark a aarch64-linux-gnu artifact" in capsys.readouterr().err
+
+
+def test_host_programs_run_under_qemu(tmp_path):
+    """Artifacts with a host program (data branches; one capture per input shape) run on the
+    edge runner, which interprets host.json with numpy + the TVM runtime only."""
+    _need_edge()
+    from splice import models_dynamic as Z
+    from splice.ir.explore import cond_trace, eager_decisions
+
+    case = Z.ZOO["early_exit"]()
+    program = splice.capture_dynamic(case.model, case.example)
+    arm = splice.compile(program, "aarch64-linux", output=tmp_path / "exit.artifact")
+    x = max(case.branch_inputs, key=lambda x: len(eager_decisions(case.model, x)))
+    run = edge.run_under_qemu(arm.path, x)
+    with torch.no_grad():
+        want = case.model(*x).numpy()
+    np.testing.assert_allclose(run.outputs[0], want, rtol=0, atol=1e-5 * abs(want).max())
+    eager = cond_trace(eager_decisions(case.model, x))
+    assert len(eager) == 2 and [t[2] for t in run.trace] == eager
+    assert all(t[0] == "branch" and "models_dynamic.py:" in t[1] for t in run.trace)
+
+    case = Z.ZOO["shape_branch"]()
+    sset = splice.capture_dynamic(case.model, case.example, signatures=case.branch_inputs[1:])
+    arm = splice.compile(sset, "aarch64-linux", output=tmp_path / "shape.artifact")
+    x = case.branch_inputs[1]
+    run = edge.run_under_qemu(arm.path, x)
+    with torch.no_grad():
+        want = case.model(*x).numpy()
+    np.testing.assert_allclose(run.outputs[0], want, rtol=1e-5, atol=1e-6)
+    assert run.trace == [("signature", 1)]

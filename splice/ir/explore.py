@@ -58,6 +58,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from splice.errors import CaptureError
 from splice.ir import meta as M
 from splice.ir.program import Program, build_graph_module
+from splice.ir.signatures import SignatureSet, signature_of_values
 
 _aten = torch.ops.aten
 _INDEX_PRODUCERS = {_aten.argmax.default, _aten.argmin.default}
@@ -596,18 +597,44 @@ def capture_dynamic(
     model: nn.Module,
     example_inputs: Any,
     *,
+    signatures: Sequence[Any] | None = None,
     max_paths: int = 64,
     max_decisions: int = 64,
     name: str | None = None,
-) -> Program:
+) -> Program | SignatureSet:
     """Capture ``model`` with every path of its data-dependent control flow (module docs).
 
     Returns a Program whose branches are ``torch.cond`` nodes in tail form; a model with no
     data-dependent decision gives the same Program as :func:`splice.capture`.
-    """
-    from splice.ir.capture import _ident, _split_inputs
 
-    args, kwargs = _split_inputs(example_inputs)
+    ``signatures``: more example inputs, one per other input shape the model must accept.
+    Shapes are constants in a capture, so a branch on a shape (``if x.shape[-1] > 16``) is
+    decided while tracing; with ``signatures`` the model is captured once per distinct
+    signature and the result is a :class:`~splice.ir.signatures.SignatureSet`, which picks
+    the capture by the inputs' shapes (in the artifact too: the host program's
+    ``signature`` step).
+    """
+    examples = [example_inputs, *(signatures or [])]
+    if len(examples) > 1:
+        programs: list[Program] = []
+        seen: set[Any] = set()
+        for ex in examples:
+            args, _ = _split_inputs_of(ex)
+            sig = signature_of_values(args)
+            if sig in seen:
+                continue
+            seen.add(sig)
+            programs.append(
+                capture_dynamic(
+                    model, ex, max_paths=max_paths, max_decisions=max_decisions, name=name
+                )
+            )
+        if len(programs) > 1:
+            return SignatureSet(programs, name=programs[0].name)
+        return programs[0]
+    from splice.ir.capture import _ident
+
+    args, kwargs = _split_inputs_of(example_inputs)
     if kwargs:
         raise CaptureError(
             "capture of data-dependent control flow takes positional tensor inputs only",
@@ -646,6 +673,12 @@ def capture_dynamic(
     )
     program.attrs["paths"] = len(paths)
     return program
+
+
+def _split_inputs_of(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    from splice.ir.capture import _split_inputs
+
+    return _split_inputs(example_inputs)
 
 
 __all__ = ["Decision", "capture_dynamic", "cond_trace", "eager_decisions"]

@@ -35,6 +35,7 @@ import torch.fx as fx
 from splice.ir import meta as M
 from splice.ir.program import Program, get_attr_path
 from splice.ir.shape_prop import PY_OP_NAMES
+from splice.ir.signatures import SignatureSet, format_signature_set
 
 HEADER = "# splice IR v1"
 
@@ -158,8 +159,13 @@ def _format_return(node: fx.Node, output_names: list[str] | None) -> str:
     return f"return {format_arg(val)}"
 
 
-def print_ir(program: Program, locations: bool = False) -> str:
-    """The text form of ``program`` (see the module docstring for the grammar)."""
+def print_ir(program: Program | SignatureSet, locations: bool = False) -> str:
+    """The text form of ``program`` (see the module docstring for the grammar).
+
+    A :class:`~splice.ir.signatures.SignatureSet` prints as its members' texts, each under a
+    comment naming its input signature."""
+    if isinstance(program, SignatureSet):
+        return format_signature_set(program, lambda p: print_ir(p, locations))
     out = [HEADER]
     for name, info in program.symbols.items():
         hi = "inf" if info.max is None else str(info.max)

@@ -359,6 +359,16 @@ class Program:
         del self._weight_kinds[name]
         self.bump_version()
 
+    def rename_weight(self, old: str, new: str) -> None:
+        """Give weight ``old`` the name ``new``; every read of it follows."""
+        if self._name_taken(new):
+            raise ValueError(f"cannot rename @{old} to @{new}: the name is taken")
+        kind = self.weight_kind(old)
+        self.add_weight(new, self.get_weight(old), kind)
+        for n in self._weight_getters(old):
+            n.target = new
+        self.remove_weight(old)
+
     def _weight_getters(self, name: str) -> list[fx.Node]:
         return [n for n in self.graph.find_nodes(op="get_attr") if n.target == name]
 

@@ -10,7 +10,9 @@
       program.ir            the program's text IR: the PyTorch reference for `splice run --check`
                             and `splice bench`
       samples.safetensors   optional sample inputs
-      host.json             (later) the host program that dispatches between split parts
+      host.json             the host program that dispatches between split parts (programs
+                            with branches, and SignatureSets: then program.s1.ir, ... hold
+                            the text IR of the other signatures)
 
 The folder is written to a temporary name and renamed into place. Loading checks every
 checksum and that this machine can run the target (architecture and CPU features) and
@@ -158,9 +160,13 @@ class CompiledModel:
         self._bounds = {
             i["name"]: int(i["index_bound"]) for i in self.manifest["inputs"] if "index_bound" in i
         }
-        self._specs = [
-            (tuple(i["shape"]), M.dtype_from_name(i["dtype"])) for i in self.manifest["inputs"]
+        #: the input signatures this artifact accepts: one, or one per SignatureSet member
+        self.signatures = [
+            [(tuple(i["shape"]), M.dtype_from_name(i["dtype"])) for i in sig["inputs"]]
+            for sig in self.manifest.get("signatures") or [{"inputs": self.manifest["inputs"]}]
         ]
+        #: the signature the last run took (an index into ``signatures``)
+        self.last_signature: int | None = None
 
     def run(self, *args: Any, **kwargs: Any) -> list[Any]:
         values = list(args)
@@ -174,18 +180,15 @@ class CompiledModel:
             )
         as_numpy = any(type(v).__module__ == "numpy" for v in values)
         tensors = []
-        for name, v, (shape, dtype) in zip(self.input_names, values, self._specs):
+        for name, v in zip(self.input_names, values):
             t = torch.from_numpy(v) if type(v).__module__ == "numpy" else v
             if not isinstance(t, torch.Tensor):
                 raise TypeError(
                     f"input {name!r} must be a tensor or numpy array, got {type(v).__name__}"
                 )
-            if tuple(t.shape) != shape or t.dtype != dtype:
-                raise ArtifactError(
-                    f"input {name!r} is {M.TensorSpec(tuple(t.shape), t.dtype)}, the artifact was compiled for "
-                    f"{M.TensorSpec(shape, dtype)}",
-                    hint="compile the program for this shape",
-                )
+            tensors.append(t)
+        self.last_signature = self._signature(tensors)
+        for name, t in zip(self.input_names, tensors):
             bound = self._bounds.get(name)
             if bound is not None and t.numel() and (int(t.min()) < 0 or int(t.max()) >= bound):
                 raise ArtifactError(
@@ -193,13 +196,36 @@ class CompiledModel:
                     f"[0, {bound}) (the rows of the embedding table it indexes)",
                     hint="token ids must be below the vocabulary size",
                 )
-            tensors.append(t)
         if self._host is not None:
             outs = self._host(*tensors)
             self.last_trace = list(self._host.trace)
         else:
             outs = self._main(*tensors)
         return [o.numpy() for o in outs] if as_numpy else outs
+
+    def _signature(self, tensors: Sequence[torch.Tensor]) -> int:
+        have = [(tuple(t.shape), t.dtype) for t in tensors]
+        for k, sig in enumerate(self.signatures):
+            if have == sig:
+                return k
+        if len(self.signatures) == 1:
+            for name, (shape, dtype), t in zip(self.input_names, self.signatures[0], tensors):
+                if (tuple(t.shape), t.dtype) != (shape, dtype):
+                    raise ArtifactError(
+                        f"input {name!r} is {M.TensorSpec(tuple(t.shape), t.dtype)}, the "
+                        f"artifact was compiled for {M.TensorSpec(shape, dtype)}",
+                        hint="compile the program for this shape",
+                    )
+        text = "; ".join(
+            "(" + ", ".join(str(M.TensorSpec(s, d)) for s, d in sig) + ")"
+            for sig in self.signatures
+        )
+        got = "(" + ", ".join(str(M.TensorSpec(s, d)) for s, d in have) + ")"
+        raise ArtifactError(
+            f"inputs {got} match none of the signatures the artifact was compiled for: {text}",
+            hint="capture the model with an example of this shape too "
+            "(capture_dynamic(..., signatures=[...])) and compile again",
+        )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         outs = self.run(*args, **kwargs)
@@ -248,11 +274,25 @@ class Artifact:
 
 
 def read_reference(path: Path):
+    """The program an artifact was compiled from (a SignatureSet for several signatures)."""
     from safetensors.torch import load_file
 
     from splice.ir.parser import parse_ir
+    from splice.ir.signatures import SignatureSet
 
-    return parse_ir((path / PROGRAM).read_text(), load_file(str(path / WEIGHTS)))
+    weights = load_file(str(path / WEIGHTS))
+    sigs = read_manifest(path).get("signatures")
+    if not sigs:
+        return parse_ir((path / PROGRAM).read_text(), weights)
+    members = []
+    for sig in sigs:
+        text = (path / sig["program"]).read_text()
+        members.append(parse_ir(text, {w: weights[w] for w in _weight_names(text)}))
+    return SignatureSet(members, name=read_manifest(path).get("program"))
+
+
+def _weight_names(text: str) -> list[str]:
+    return [line.split()[1][1:] for line in text.splitlines() if line.startswith("weight @")]
 
 
 def read_samples(path: Path, names: Sequence[str]) -> list[tuple[torch.Tensor, ...]]:

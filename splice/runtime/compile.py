@@ -12,6 +12,7 @@ import json
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from splice.errors import LoweringError
 from splice.ir import meta as M
 from splice.ir.program import Program
 from splice.ir.serialize import atomic_dir, sha256_file
+from splice.ir.signatures import SignatureSet
 from splice.ir.verify import verify
 from splice.runtime.artifact import (
     CHECKED_FEATURES,
@@ -40,7 +42,7 @@ PREPARE_PIPELINE = "cse,fold-constants,dce"
 
 
 def compile(
-    program: Program,
+    program: Program | SignatureSet,
     target: Target | str = "host",
     *,
     tune: int = 0,
@@ -62,6 +64,9 @@ def compile(
     each stored rank, one rank for all, or ``{layer: rank}``; see
     :func:`splice.passes.lowrank.set_rank`): the stored directions are ordered by importance,
     so this needs no refactoring, and the artifact reads only the kept prefix.
+
+    A program with branches, or a :class:`~splice.ir.signatures.SignatureSet` (one program
+    per input shape), compiles into parts and a host program that dispatches between them.
     """
 
     if backend != "tvm":
@@ -70,10 +75,12 @@ def compile(
         target = get_target(target)
     if not isinstance(tune, int) or tune < 0:
         raise LoweringError(f"tune must be a number of trials >= 0, got {tune!r}")
-    verify(program)
     from splice.passes.branches import has_control_flow, is_split
 
-    if has_control_flow(program) or is_split(program):
+    members = list(program) if isinstance(program, SignatureSet) else [program]
+    for p in members:
+        verify(p)
+    if isinstance(program, SignatureSet) or has_control_flow(program) or is_split(program):
         if lowrank_rank is not None:
             raise LoweringError("lowrank_rank= is not supported for programs with branches yet")
         return _compile_split(
@@ -126,24 +133,33 @@ def compile(
     return Artifact(output)
 
 
-def _output_path(output: str | Path | None, program: Program) -> Path:
+def _output_path(output: str | Path | None, program: Program | SignatureSet) -> Path:
     if output is None:
         return Path(tempfile.mkdtemp(prefix="splice-")) / f"{program.name}.artifact"
     return Path(output)
 
 
 def _write_program_files(
-    tmp: Path, program: Program, samples: Sequence[Sequence[torch.Tensor]] | None
+    tmp: Path, program: Program | SignatureSet, samples: Sequence[Sequence[torch.Tensor]] | None
 ) -> list[str]:
-    """Weights, the program's text IR and the samples, into the artifact folder ``tmp``."""
+    """Weights, the program's text IR and the samples, into the artifact folder ``tmp``.
+
+    A SignatureSet writes one text IR per member (:func:`_member_file`) and the union of
+    their weights (their names are disjoint or name the same tensor)."""
     from safetensors.torch import save_file
 
     from splice.ir.printer import print_ir
     from splice.ir.serialize import _weights_for_safetensors
 
-    save_file(_weights_for_safetensors(program), str(tmp / WEIGHTS))
-    (tmp / PROGRAM).write_text(print_ir(program, locations=True))
-    files = [WEIGHTS, PROGRAM]
+    members = list(program) if isinstance(program, SignatureSet) else [program]
+    weights: dict[str, torch.Tensor] = {}
+    files = [WEIGHTS]
+    for i, p in enumerate(members):
+        for w, t in _weights_for_safetensors(p).items():
+            weights.setdefault(w, t)
+        (tmp / _member_file(i)).write_text(print_ir(p, locations=True))
+        files.append(_member_file(i))
+    save_file(weights, str(tmp / WEIGHTS))
     if samples:
         write_samples(tmp / SAMPLES, program.input_names, samples)
         files.append(SAMPLES)
@@ -199,8 +215,55 @@ def _write_manifest(tmp: Path, manifest: dict[str, Any], files: list[str]) -> No
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
 
 
+@dataclass
+class _Split:
+    """A split program ready for lowering: host program, parts, weights, part examples."""
+
+    program: Program
+    host: dict[str, Any]
+    parts: dict[str, Any]  # name -> host.PartInfo
+    weights: dict[str, tuple[torch.Tensor, str]]
+    eager: dict[str, Callable[..., list[torch.Tensor]]]
+    examples: dict[str, tuple[torch.Tensor, ...]]
+
+
+def _first_sample(
+    program: Program, samples: Sequence[Sequence[torch.Tensor]] | None
+) -> tuple[torch.Tensor, ...]:
+    """The first of ``samples`` with ``program``'s input shapes, else a seeded random one."""
+    want = [(tuple(s.shape), s.dtype) for s in program.input_specs]
+    for sample in samples or ():
+        if [(tuple(t.shape), t.dtype) for t in sample] == want:
+            return tuple(sample)
+    g = torch.Generator().manual_seed(0)
+    return tuple(
+        torch.randn(s.shape, generator=g, dtype=s.dtype)
+        if s.dtype.is_floating_point
+        else torch.zeros(s.shape, dtype=s.dtype)
+        for s in program.input_specs
+    )
+
+
+def _split(program: Program, samples: Sequence[Sequence[torch.Tensor]] | None) -> _Split:
+    """Split ``program`` (the ``branches`` pass) and find every part's example inputs: what
+    its predecessors produce when the host program runs (in PyTorch) on the first sample,
+    every branch forced both ways. A program without branches becomes one part."""
+    from splice.passes.branches import is_split, split_program
+    from splice.runtime import host as H
+
+    if not is_split(program):
+        program, _ = split_program(program)
+    host, parts = H.build_host(program)
+    weights = {w: (program.get_weight(w), k) for w, k in program.weight_kinds.items()}
+    tensors = {w: t for w, (t, _) in weights.items()}
+    eager = {name: H.eager_part(info, tensors) for name, info in parts.items()}
+    runner = H.HostProgram(host, eager, tensors)
+    examples = H.explore_part_inputs(runner, _first_sample(program, samples))
+    return _Split(program, host, parts, weights, eager, examples)
+
+
 def _compile_split(
-    program: Program,
+    program: Program | SignatureSet,
     target: Target,
     *,
     tune: int,
@@ -210,39 +273,38 @@ def _compile_split(
     samples: Sequence[Sequence[torch.Tensor]] | None,
     progress: Callable[[str, int, int], None] | None,
 ) -> Artifact:
-    """A program with data-dependent branches: one library per part, and ``host.json``.
+    """A program with data-dependent branches, or one program per input signature: one
+    library per part, and ``host.json``.
 
-    The program is split first if it is not (the ``branches`` pass). Each part is compiled
-    on its own; its example inputs are what its predecessors produce when the host program
-    runs (in PyTorch) on the first sample, every branch forced both ways, and each compiled
-    part is checked against PyTorch on them (``check_max_abs_diff`` in the manifest).
+    Each part is compiled on its own, with its predecessors' outputs as example inputs
+    (:func:`_split`), and each compiled part is checked against PyTorch on them
+    (``check_max_abs_diff`` in the manifest). A :class:`SignatureSet` is split member by
+    member; its host program starts with a ``signature`` step that picks the member by the
+    inputs' shapes, and parts and weights keep one namespace (a member's part names get the
+    prefix ``s<k>_``; a weight whose name another member uses for a different tensor is
+    renamed ``s<k>.<name>``).
     """
     from splice.passes import parse_pipeline
-    from splice.passes.branches import is_split, split_program
     from splice.runtime import host as H
     from splice.runtime.backends import tvm as tvm_backend
 
     say = progress or (lambda message, done, total: None)
-    if not is_split(program):
-        program, _ = split_program(program)
-    host, parts = H.build_host(program)
-    weights = {w: (program.get_weight(w), k) for w, k in program.weight_kinds.items()}
-    tensors = {w: t for w, (t, _) in weights.items()}
-    eager = {name: H.eager_part(info, tensors) for name, info in parts.items()}
-    runner = H.HostProgram(host, eager, tensors)
-    if samples:
-        first = tuple(samples[0])
-    else:
-        g = torch.Generator().manual_seed(0)
-        first = tuple(
-            torch.randn(s.shape, generator=g, dtype=s.dtype)
-            if s.dtype.is_floating_point
-            else torch.zeros(s.shape, dtype=s.dtype)
-            for s in program.input_specs
+    if isinstance(program, SignatureSet):
+        members = _disjoint_weights(program)
+        splits = [_split(p, samples) for p in members]
+        host, parts, eager, examples = H.signature_host(
+            [(p.input_specs, sp.host) for p, sp in zip(members, splits)],
+            [(sp.parts, sp.eager, sp.examples) for sp in splits],
         )
-    examples = H.explore_part_inputs(runner, first)
+        weights = {w: wk for sp in splits for w, wk in sp.weights.items()}
+        reference: Program | SignatureSet = SignatureSet(members, name=program.name)
+    else:
+        sp = _split(program, samples)
+        host, parts, eager, examples, weights = sp.host, sp.parts, sp.eager, sp.examples, sp.weights
+        reference = sp.program
+    tensors = {w: t for w, (t, _) in weights.items()}
     t0 = time.perf_counter()
-    output = _output_path(output, program)
+    output = _output_path(output, reference)
     entries: list[dict[str, Any]] = []
     reports: dict[str, Any] = {}
     runnable = target.kind != "cuda" and not is_foreign({"target": target.to_json()})
@@ -283,9 +345,10 @@ def _compile_split(
             reports[name] = report.to_json()
         say("compiled parts", len(parts), len(parts))
         (tmp / "host.json").write_text(json.dumps(host, indent=1) + "\n")
-        files += ["host.json", *_write_program_files(tmp, program, samples)]
+        files += ["host.json", *_write_program_files(tmp, reference, samples)]
+        first = reference[0] if isinstance(reference, SignatureSet) else reference
         manifest = _manifest(
-            program,
+            first,
             target,
             parts=entries,
             host="host.json",
@@ -298,8 +361,55 @@ def _compile_split(
             lowering={"parts": reports, "seconds": time.perf_counter() - t0},
         )
         manifest["branches"] = H.branch_count(host)
+        if isinstance(reference, SignatureSet):
+            manifest["program"] = reference.name
+            manifest["signatures"] = [
+                {
+                    "inputs": [spec_json(s) for s in p.input_specs],
+                    "outputs": [spec_json(s) for s in p.output_specs],
+                    "program": _member_file(i),
+                }
+                for i, p in enumerate(reference)
+            ]
         _write_manifest(tmp, manifest, files)
     return Artifact(output)
+
+
+def _member_file(i: int) -> str:
+    """The text IR file of signature ``i`` in an artifact (``program.ir`` for the first)."""
+    return PROGRAM if i == 0 else f"program.s{i}.ir"
+
+
+def _disjoint_weights(sset: SignatureSet) -> list[Program]:
+    """The members of ``sset``, with weights renamed where two members use one name for
+    different tensors (so that the artifact can hold all weights in one namespace)."""
+    seen: dict[str, torch.Tensor] = {}
+    out = []
+    for i, p in enumerate(sset):
+        clash = [
+            w
+            for w in p.weight_kinds
+            if w in seen
+            and not (
+                seen[w] is p.get_weight(w)
+                or (
+                    seen[w].shape == p.get_weight(w).shape
+                    and seen[w].dtype == p.get_weight(w).dtype
+                    and torch.equal(seen[w], p.get_weight(w))
+                )
+            )
+        ]
+        if clash:
+            p = p.copy()
+            for w in clash:
+                new = p.unique_weight_name(f"s{i}.{w}")
+                while new in seen:
+                    new = p.unique_weight_name(f"{new}_")
+                p.rename_weight(w, new)
+        for w in p.weight_kinds:
+            seen.setdefault(w, p.get_weight(w))
+        out.append(p)
+    return out
 
 
 def _index_bounds(program: Program) -> dict[str, dict[str, int]]:

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +181,8 @@ class EdgeRun:
     import_s: float  # importing TVM under emulation
     run_s: float  # one call of the model under emulation
     wall_s: float
+    #: host-program decisions: ("branch", site, taken) and ("signature", index) entries
+    trace: list[tuple] = field(default_factory=list)
 
 
 def run_under_qemu(
@@ -207,13 +209,14 @@ def run_under_qemu(
     specs = manifest["inputs"]
     if len(inputs) != len(specs):
         raise ArtifactError(f"{art} takes {len(specs)} inputs, got {len(inputs)}")
+    shapes = [[i["shape"] for i in s["inputs"]] for s in manifest.get("signatures") or []]
     runner = Path(__file__).with_name("edge_runner.py")
     with tempfile.TemporaryDirectory(prefix="splice-edge-") as tmp:
         in_dir, out_dir = Path(tmp) / "in", Path(tmp) / "out"
         in_dir.mkdir()
         for spec, value in zip(specs, inputs):
             arr = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
-            if list(arr.shape) != list(spec["shape"]):
+            if list(arr.shape) != list(spec["shape"]) and not shapes:
                 raise ArtifactError(
                     f"input {spec['name']!r} has shape {list(arr.shape)}, the artifact expects "
                     f"{spec['shape']}"
@@ -248,7 +251,8 @@ def run_under_qemu(
             )
         outs = [np.load(out_dir / f"{o['name']}.npy") for o in manifest["outputs"]]
         timing = json.loads((out_dir / "timing.json").read_text())
-    return EdgeRun(outs, timing["import_s"], timing["run_s"], wall)
+        trace = json.loads((out_dir / "trace.json").read_text())
+    return EdgeRun(outs, timing["import_s"], timing["run_s"], wall, [tuple(t) for t in trace])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

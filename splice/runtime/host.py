@@ -14,16 +14,24 @@ Format ``splice-host/1``::
           | {"op": "const", "weight": "branches.const_0", "result": value}
           | {"op": "branch", "pred": value, "site": "model.py:42",
              "args": [value...], "then": BLOCK, "else": BLOCK, "results": [value...]}
+          | {"op": "signature", "args": [value...],
+             "cases": [{"inputs": [{"shape": [...], "dtype": "f32"}...], "block": BLOCK}...],
+             "results": [value...]}
 
 Values are names (``v12``) in one flat namespace; a branch binds its chosen block's
 ``params`` to its ``args`` and its ``results`` to the block's results. Weights are not
 values: each part lists the weights it reads (``parts`` below), bound once at load time.
 ``site`` is the model source line whose condition the branch decides; a run records
 ``(site, taken)`` per branch, the *branch trace*, which tests compare with eager PyTorch's.
+A ``signature`` step (the first and only step of ``main`` for a
+:class:`~splice.ir.signatures.SignatureSet`) runs the case whose input shapes and dtypes its
+arguments have, and records the case's index as the run's ``signature``; arguments that
+match no case are an error.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -209,10 +217,12 @@ class HostProgram:
         self.parts = parts
         self.constants = constants or {}
         self.trace: list[tuple[str, bool]] = []
+        self.signature: int | None = None
         self._force: list[bool] = []
 
     def __call__(self, *inputs: torch.Tensor, force: Sequence[bool] = ()) -> list[torch.Tensor]:
         self.trace = []
+        self.signature = None
         self._force = list(force)
         main = self.host["main"]
         if len(inputs) != len(main["params"]):
@@ -241,9 +251,84 @@ class HostProgram:
                 outs = self._run(sub, inner)
                 for r, o in zip(step["results"], outs, strict=True):
                     env[r] = o
+            elif op == "signature":
+                args = [env[a] for a in step["args"]]
+                k = _match_signature(step["cases"], args)
+                self.signature = k
+                sub = step["cases"][k]["block"]
+                inner = dict(env)
+                inner.update(zip(sub["params"], args, strict=True))
+                outs = self._run(sub, inner)
+                for r, o in zip(step["results"], outs, strict=True):
+                    env[r] = o
             else:
                 raise ArtifactError(f"unknown host step {op!r}")
         return [env[r] for r in block["results"]]
+
+
+def _match_signature(cases: Sequence[dict[str, Any]], args: Sequence[torch.Tensor]) -> int:
+    have = [(list(a.shape), M.dtype_name(a.dtype)) for a in args]
+    for k, case in enumerate(cases):
+        if [(list(i["shape"]), i["dtype"]) for i in case["inputs"]] == have:
+            return k
+    known = "; ".join(
+        "(" + ", ".join(_spec_text(i) for i in case["inputs"]) + ")" for case in cases
+    )
+    got = "(" + ", ".join(f"{d}{s}" for s, d in have) + ")"
+    raise ArtifactError(
+        f"inputs {got} match none of the compiled signatures: {known}",
+        hint="capture and compile the model with an example of this shape too",
+    )
+
+
+def signature_host(
+    hosts: Sequence[tuple[Sequence[M.Spec], dict[str, Any]]],
+    members: Sequence[tuple[dict[str, PartInfo], dict[str, Any], dict[str, Any]]],
+) -> tuple[dict[str, Any], dict[str, PartInfo], dict[str, Any], dict[str, Any]]:
+    """One host program over the host programs of a SignatureSet's members.
+
+    ``hosts``: each member's input specs and host program; ``members``: each member's parts,
+    eager parts and part example inputs (all keyed by part name). Member ``k``'s parts are
+    renamed ``s<k>_<name>``. Returns the host program and the merged parts, eager parts and
+    examples."""
+    from splice.runtime.artifact import spec_json
+
+    parts: dict[str, PartInfo] = {}
+    eager: dict[str, Any] = {}
+    examples: dict[str, Any] = {}
+    cases = []
+    for k, ((specs, host), (m_parts, m_eager, m_examples)) in enumerate(zip(hosts, members)):
+
+        def new(name: str, k: int = k) -> str:
+            return f"s{k}_{name}"
+
+        for name, info in m_parts.items():
+            parts[new(name)] = dataclasses.replace(info, name=new(name))
+            eager[new(name)] = m_eager[name]
+            if name in m_examples:
+                examples[new(name)] = m_examples[name]
+        cases.append(
+            {"inputs": [spec_json(s) for s in specs], "block": _rename_parts(host["main"], new)}
+        )
+    first = hosts[0][1]["main"]
+    params = list(first["params"])
+    results = [f"r{i}" for i in range(len(first["results"]))]
+    step = {"op": "signature", "args": params, "cases": cases, "results": results}
+    main = {"params": params, "body": [step], "results": results}
+    return {"format": HOST_FORMAT, "main": main}, parts, eager, examples
+
+
+def _rename_parts(block: dict[str, Any], new: Callable[[str], str]) -> dict[str, Any]:
+    body = []
+    for s in block["body"]:
+        s = dict(s)
+        if s["op"] == "call":
+            s["part"] = new(s["part"])
+        elif s["op"] == "branch":
+            s["then"] = _rename_parts(s["then"], new)
+            s["else"] = _rename_parts(s["else"], new)
+        body.append(s)
+    return {**block, "body": body}
 
 
 def format_host(host: dict[str, Any], parts: Sequence[dict[str, Any]] = ()) -> str:
@@ -262,6 +347,17 @@ def format_host(host: dict[str, Any], parts: Sequence[dict[str, Any]] = ()) -> s
                 )
             elif s["op"] == "const":
                 lines.append(f"{indent}{s['result']} = @{s['weight']}")
+            elif s["op"] == "signature":
+                res = ", ".join(s["results"])
+                lines.append(f"{indent}{res} = match shapes of ({', '.join(s['args'])}):")
+                for k, case in enumerate(s["cases"]):
+                    sub = case["block"]
+                    specs = ", ".join(
+                        f"{p}: {_spec_text(i)}" for p, i in zip(sub["params"], case["inputs"])
+                    )
+                    lines.append(f"{indent}  signature {k} ({specs}):")
+                    block(sub, indent + "    ")
+                    lines.append(f"{indent}    yield {', '.join(sub['results'])}")
             else:
                 res = ", ".join(s["results"])
                 lines.append(f"{indent}{res} = if {s['pred']}:  # {s.get('site') or '?'}")
@@ -285,10 +381,16 @@ def _spec_text(s: dict[str, Any]) -> str:
 
 
 def branch_count(host: dict[str, Any]) -> int:
+    """The number of data-dependent branches (over all signatures)."""
+
     def count(block: dict[str, Any]) -> int:
-        return sum(
-            1 + count(s["then"]) + count(s["else"]) for s in block["body"] if s["op"] == "branch"
-        )
+        n = 0
+        for s in block["body"]:
+            if s["op"] == "branch":
+                n += 1 + count(s["then"]) + count(s["else"])
+            elif s["op"] == "signature":
+                n += sum(count(c["block"]) for c in s["cases"])
+        return n
 
     return count(host["main"])
 
@@ -346,4 +448,5 @@ __all__ = [
     "eager_part",
     "explore_part_inputs",
     "format_host",
+    "signature_host",
 ]
