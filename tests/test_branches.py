@@ -277,3 +277,31 @@ def test_splice_show_prints_the_host_program_and_parts(compiled, capsys):
     assert "if " in out and "then(" in out and "else(" in out
     assert "models_dynamic.py:" in out  # each branch names the model line it decides
     assert "program @" in out  # then the split program's text IR
+
+
+def test_switch_chain_compares_run_in_the_host():
+    """``modules[argmax]`` becomes a chain of cond(idx == k); the compares are host steps,
+    so each path calls two parts (router, chosen expert), not one more part per level."""
+    case = Z.routed_moe()
+    split, stats = split_program(capture_dynamic(case.model, case.example))
+    host, parts = H.build_host(split)
+    text = json.dumps(host)
+    assert text.count('"op": "eq"') == 2  # levels 1 and 2 (level 0 compares inside part_0)
+    assert stats["parts"] == len(parts) == 5  # router (+ first compare) and 4 experts
+    calls: list[str] = []
+
+    def counted(name: str):
+        run = H.eager_part(parts[name], split.weights)
+
+        def call(*args):
+            calls.append(name)
+            return run(*args)
+
+        return call
+
+    runner = H.HostProgram(host, {n: counted(n) for n in parts}, split.weights)
+    for x in case.branch_inputs:
+        calls.clear()
+        with torch.no_grad():
+            assert close(runner(*x)[0], case.model(*x))
+        assert len(calls) == 2

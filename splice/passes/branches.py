@@ -20,7 +20,15 @@ host: an output that is a live-in passed through identity ops (``clone``, ``alia
 on weights and literals only is evaluated once and stored as a constant weight. A segment
 left with no outputs is not a part at all (a skipped block's "else" branch costs no call).
 Parts that are the same computation on the same weights (the tail after a gate, reached
-through many paths) are one part, called from several places.
+through many paths) are one part, called from several places. A comparison of a host
+integer scalar with a literal (``eq(idx, k)`` in the switch chain of an index decision, or
+a run-time configuration number) is host code too: the host evaluates it itself instead of
+calling a part for one comparison.
+
+A node whose ``meta["part_start"]`` is set starts a new part even inside a branch-free
+segment. Passes that build programs from repeated pieces (``stitch`` routes made of the
+same blocks) mark where a piece starts, so that the same piece on different paths becomes
+one shared part instead of being compiled into every path's part.
 
 Invariants (tests): the split program equals the input on every path (``exact``); parts
 contain no control flow and export with ``torch.export`` with no graph break; each part's
@@ -60,6 +68,22 @@ _IDENTITY = {
 
 def is_cond(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is COND
+
+
+def is_host_compare(node: fx.Node) -> bool:
+    """``eq(v, k)`` of a one-element integer or bool tensor ``v`` with an integer literal ``k``:
+    host code."""
+    if node.op != "call_function" or node.target is not torch.ops.aten.eq.Scalar:
+        return False
+    v, k = node.args[:2]
+    spec = M.get_spec(v) if isinstance(v, fx.Node) else None
+    return (
+        isinstance(k, int)
+        and isinstance(spec, M.TensorSpec)
+        and all(d == 1 for d in spec.shape)
+        and not spec.dtype.is_floating_point
+        and not spec.dtype.is_complex
+    )
 
 
 def is_part_call(node: fx.Node) -> bool:
@@ -164,6 +188,11 @@ class _Splitter:
                     where=f"node %{n.name}",
                     hint="run branches once",
                 )
+            if is_host_compare(n) and n.args[0] in env:
+                env[n] = host.node_copy(n, env.__getitem__)
+                continue
+            if n.meta.get("part_start"):
+                flush()
             segment.append(n)
         return host, subs, extra
 
@@ -426,4 +455,12 @@ class Branches(Pass):
         return PassResult(out, True, stats)
 
 
-__all__ = ["Branches", "has_control_flow", "is_cond", "is_part_call", "is_split", "split_program"]
+__all__ = [
+    "Branches",
+    "has_control_flow",
+    "is_cond",
+    "is_host_compare",
+    "is_part_call",
+    "is_split",
+    "split_program",
+]

@@ -151,8 +151,15 @@ def _run_block(block, env, parts, weights, consts, trace, dev) -> list:
                 consts[w] = tvm.runtime.tensor(weights[w], dev)
             env[step["result"]] = consts[w]
             continue
+        elif op == "eq":
+            v = env[step["arg"]]
+            env[step["result"]] = np.asarray(
+                (v.numpy() if hasattr(v, "numpy") else v) == step["value"]
+            )
+            continue
         elif op == "branch":
-            taken = bool(env[step["pred"]].numpy())
+            v = env[step["pred"]]
+            taken = bool(v.numpy() if hasattr(v, "numpy") else v)
             trace.append(["branch", step.get("site"), taken])
             sub = step["then"] if taken else step["else"]
             inner = dict(env)

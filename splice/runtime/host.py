@@ -12,6 +12,7 @@ Format ``splice-host/1``::
     BLOCK = {"params": [value...], "body": [STEP...], "results": [value...]}
     STEP  = {"op": "call", "part": "part_0", "args": [value...], "results": [value...]}
           | {"op": "const", "weight": "branches.const_0", "result": value}
+          | {"op": "eq", "arg": value, "value": 3, "result": value}   (integer scalar == k)
           | {"op": "branch", "pred": value, "site": "model.py:42",
              "args": [value...], "then": BLOCK, "else": BLOCK, "results": [value...]}
           | {"op": "signature", "args": [value...],
@@ -43,6 +44,7 @@ import torch.fx as fx
 from splice.errors import ArtifactError
 from splice.ir import meta as M
 from splice.ir.program import Program, build_graph_module, get_attr_path
+from splice.passes.branches import is_host_compare
 
 HOST_FORMAT = "splice-host/1"
 COND = torch.ops.higher_order.cond
@@ -191,9 +193,17 @@ def _block(
         if n.target is operator.getitem:
             env[n] = env[n.args[0]][n.args[1]]
             continue
+        if is_host_compare(n):
+            result = ctx.fresh()
+            body.append(
+                {"op": "eq", "arg": value(env[n.args[0]]), "value": n.args[1], "result": result}
+            )
+            env[n] = ("value", result)
+            continue
         raise ArtifactError(
             f"node %{n.name} ({n.target}) is host code that the host program cannot run",
-            hint="host graphs hold only part calls, cond and getitem: run the branches pass",
+            hint="host graphs hold only part calls, cond, getitem and scalar compares: run "
+            "the branches pass",
         )
     raise ArtifactError("a host graph has no output")
 
@@ -241,6 +251,8 @@ class HostProgram:
                     env[r] = o
             elif op == "const":
                 env[step["result"]] = self.constants[step["weight"]]
+            elif op == "eq":
+                env[step["result"]] = torch.as_tensor(env[step["arg"]] == step["value"])
             elif op == "branch":
                 k = len(self.trace)
                 taken = self._force[k] if k < len(self._force) else bool(env[step["pred"]])
@@ -347,6 +359,8 @@ def format_host(host: dict[str, Any], parts: Sequence[dict[str, Any]] = ()) -> s
                 )
             elif s["op"] == "const":
                 lines.append(f"{indent}{s['result']} = @{s['weight']}")
+            elif s["op"] == "eq":
+                lines.append(f"{indent}{s['result']} = {s['arg']} == {s['value']}")
             elif s["op"] == "signature":
                 res = ", ".join(s["results"])
                 lines.append(f"{indent}{res} = match shapes of ({', '.join(s['args'])}):")
