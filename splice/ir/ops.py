@@ -186,7 +186,218 @@ lowrank_linear = define_op(
 )
 
 
+# ---------------------------------------------------------------------------------------
+# splice::moe_ffn
+
+#: activations ``splice::moe_ffn`` knows, by the name its ``act`` argument takes
+MOE_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": torch.relu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda h: torch.nn.functional.gelu(h, approximate="tanh"),
+    "silu": torch.nn.functional.silu,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "quick_gelu": lambda h: h * torch.sigmoid(1.702 * h),
+    "relu2": lambda h: torch.relu(h).square(),
+}
+MOE_SCALES = ("none", "e_over_k")
+
+
+def moe_gates(
+    x2: torch.Tensor,
+    router_w: torch.Tensor,
+    router_b: torch.Tensor | None,
+    top_k: int,
+    top_p: float,
+    scale: str,
+    weighted: bool,
+) -> torch.Tensor:
+    """The routing of ``splice::moe_ffn`` for rows ``x2`` [N, d]: gates [N, E], 0 where an
+    expert is not selected (every backend computes exactly this rule).
+
+    * logits = (x / max(‖x‖, 1e-12)) · router_wᵀ + router_b; P = softmax(logits);
+    * rank(e) = #experts with a larger logit, or an equal logit and a lower index (ties go to
+      the lower index, so the order is total and the same on every backend);
+    * ``top_k > 0``: e is selected iff rank(e) < top_k;
+    * else top-p: e is selected iff the probability of the experts ranked before it is
+      ≤ ``top_p`` (i.e. keep experts through the first whose cumulative probability exceeds
+      p; at least one; all when p ≥ 1);
+    * gate = 1 (``weighted=False``: a hard mask, MoEfication/FactorLLM) or P(e)
+      (``weighted=True``: the raw softmax probability, not renormalised, as in top-p
+      routing); ``scale="e_over_k"`` multiplies it by E / (experts selected in that row).
+    """
+    E = router_w.shape[0]
+    xn = x2 / torch.linalg.vector_norm(x2, dim=-1, keepdim=True).clamp_min(1e-12)
+    logits = torch.nn.functional.linear(xn, router_w, router_b)
+    sel, probs = moe_select(logits, top_k, top_p)
+    gates = torch.where(sel, probs if weighted else torch.ones_like(probs), 0.0)
+    if scale == "e_over_k":
+        gates = gates * (E / sel.sum(-1, keepdim=True).to(gates.dtype))
+    return gates.to(x2.dtype)
+
+
+def moe_select(logits: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(selected [.., E] bool, softmax probabilities) for router ``logits`` [.., E]: the
+    top-k / top-p rule of :func:`moe_gates` (ties to the lower index)."""
+    E = logits.shape[-1]
+    li = logits.unsqueeze(-1)  # [.., E, 1]: expert e
+    lj = logits.unsqueeze(-2)  # [.., 1, E]: expert e'
+    idx = torch.arange(E, device=logits.device)
+    before = (lj > li) | ((lj == li) & (idx[None, :] < idx[:, None]))  # [.., e, e']
+    probs = torch.softmax(logits, dim=-1)
+    if top_k > 0:
+        sel = before.sum(-1) < top_k
+    elif top_p >= 1.0:
+        sel = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
+    else:
+        mass_before = (probs.unsqueeze(-2) * before.to(probs.dtype)).sum(-1)
+        sel = mass_before <= top_p
+    return sel, probs
+
+
+def _moe_ffn_ref(
+    x: torch.Tensor,
+    router_w: torch.Tensor,
+    router_b: torch.Tensor | None,
+    w_in: torch.Tensor,
+    b_in: torch.Tensor | None,
+    w_gate: torch.Tensor | None,
+    b_gate: torch.Tensor | None,
+    w_out: torch.Tensor,
+    b_out: torch.Tensor | None,
+    act: str,
+    top_k: int = 0,
+    top_p: float = 0.0,
+    scale: str = "none",
+    weighted: bool = False,
+) -> torch.Tensor:
+    """A routed FFN whose E experts are disjoint neuron slices of one dense FFN.
+
+    Shapes: x [.., d]; router_w [E, d], router_b [E]; w_in, w_gate [E, s, d] (expert e's
+    rows of W_in / W_gate), b_in, b_gate [E, s]; w_out [E, s, d_out] (expert e's columns of
+    W_out, transposed); b_out [d_out]. Expert e computes
+    ``a_e = act(x w_inₑᵀ + b_inₑ)`` (plain) or ``a_e = act(x w_gateₑᵀ + b_gateₑ) ⊙
+    (x w_inₑᵀ + b_inₑ)`` (gated: SwiGLU/GeGLU), and the op returns
+    ``y = Σ_e gate_e(x) · a_e w_outₑ + b_out`` with the gates of :func:`moe_gates` (exactly
+    one of ``top_k > 0`` / ``0 < top_p``). The output bias is added once, outside the
+    experts. With every expert selected and unit gates this is the dense FFN.
+
+    This reference evaluates every expert and weights it by its gate (0 when unselected):
+    the ground truth, not a fast path; the backends compute only the selected experts.
+    """
+    d = x.shape[-1]
+    E, s, d_out = w_out.shape
+    x2 = x.reshape(-1, d)
+    gates = moe_gates(x2, router_w, router_b, top_k, top_p, scale, weighted)  # [N, E]
+    h = torch.nn.functional.linear(
+        x2, w_in.reshape(E * s, d), None if b_in is None else b_in.reshape(E * s)
+    )
+    if w_gate is not None:
+        g = torch.nn.functional.linear(
+            x2, w_gate.reshape(E * s, d), None if b_gate is None else b_gate.reshape(E * s)
+        )
+        a = MOE_ACTIVATIONS[act](g) * h
+    else:
+        a = MOE_ACTIVATIONS[act](h)
+    a = (a.view(-1, E, s) * gates.unsqueeze(-1)).reshape(-1, E * s)
+    y = a @ w_out.reshape(E * s, d_out)
+    if b_out is not None:
+        y = y + b_out
+    return y.reshape(*x.shape[:-1], d_out)
+
+
+def _moe_ffn_fake(
+    x: torch.Tensor,
+    router_w: torch.Tensor,
+    router_b: torch.Tensor | None,
+    w_in: torch.Tensor,
+    b_in: torch.Tensor | None,
+    w_gate: torch.Tensor | None,
+    b_gate: torch.Tensor | None,
+    w_out: torch.Tensor,
+    b_out: torch.Tensor | None,
+    act: str,
+    top_k: int = 0,
+    top_p: float = 0.0,
+    scale: str = "none",
+    weighted: bool = False,
+) -> torch.Tensor:
+    torch._check(
+        w_in.dim() == 3 and w_out.dim() == 3, lambda: "moe_ffn: w_in and w_out are [E, s, .]"
+    )
+    E, s, d = w_in.shape
+    torch._check(
+        tuple(w_out.shape[:2]) == (E, s),
+        lambda: f"moe_ffn: w_in is {tuple(w_in.shape)}, w_out is {tuple(w_out.shape)}",
+    )
+    torch._check(
+        tuple(router_w.shape) == (E, d),
+        lambda: f"moe_ffn: router_w is {tuple(router_w.shape)}, expected {(E, d)}",
+    )
+    torch._check(
+        x.shape[-1] == d, lambda: f"moe_ffn: x has {x.shape[-1]} features, the experts take {d}"
+    )
+    torch._check(
+        w_gate is None or tuple(w_gate.shape) == (E, s, d),
+        lambda: f"moe_ffn: w_gate must be {(E, s, d)}",
+    )
+    torch._check(act in MOE_ACTIVATIONS, lambda: f"moe_ffn: unknown activation {act!r}")
+    torch._check(
+        (top_k > 0) != (top_p > 0), lambda: "moe_ffn: give exactly one of top_k > 0, top_p > 0"
+    )
+    torch._check(top_k <= E, lambda: f"moe_ffn: top_k={top_k} > {E} experts")
+    torch._check(scale in MOE_SCALES, lambda: f"moe_ffn: scale must be one of {MOE_SCALES}")
+    return x.new_empty((*x.shape[:-1], w_out.shape[2]))
+
+
+def _moe_ffn_cost(
+    x: Any,
+    router_w: Any,
+    router_b: Any,
+    w_in: Any,
+    b_in: Any,
+    w_gate: Any,
+    b_gate: Any,
+    w_out: Any,
+    b_out: Any,
+    act: Any = "relu",
+    top_k: Any = 0,
+    top_p: Any = 0.0,
+    scale: Any = "none",
+    weighted: Any = False,
+) -> OpCost:
+    """Per row: the router (2·E·d) and k experts (2·s·(d·(1 + gated) + d_out)); top-p
+    counts all E experts (its upper bound). Bytes: the router and the weights of at most
+    min(E, rows·k) experts (a decode step reads only its k experts)."""
+    rows = _numel(x.shape[:-1])
+    E, s, d = (int(v) for v in w_in.shape)
+    d_out = int(w_out.shape[2])
+    k = int(top_k) if top_k and int(top_k) > 0 else E
+    n_in = 2 if w_gate is not None else 1
+    item = x.element_size() if hasattr(x, "element_size") else 4
+    per_expert = s * (n_in * d + d_out) + (s * n_in if b_in is not None else 0)
+    flops = rows * (2 * E * d + k * 2 * per_expert)
+    read = item * (
+        rows * d + E * d + min(E, rows * k) * per_expert + (d_out if b_out is not None else 0)
+    )
+    return OpCost(flops, read, item * rows * d_out)
+
+
+moe_ffn = define_op(
+    "moe_ffn",
+    "(Tensor x, Tensor router_w, Tensor? router_b, Tensor w_in, Tensor? b_in, Tensor? w_gate, "
+    "Tensor? b_gate, Tensor w_out, Tensor? b_out, str act, int top_k=0, float top_p=0., "
+    'str scale="none", bool weighted=False) -> Tensor',
+    reference=_moe_ffn_ref,
+    fake=_moe_ffn_fake,
+    cost=_moe_ffn_cost,
+    differentiable=(0, 1, 2, 3, 4, 5, 6, 7, 8),
+)
+
+
 __all__ = [
+    "MOE_ACTIVATIONS",
+    "MOE_SCALES",
     "NAMESPACE",
     "OPS",
     "OpCost",
@@ -194,5 +405,8 @@ __all__ = [
     "define_op",
     "is_splice_op",
     "lowrank_linear",
+    "moe_ffn",
+    "moe_gates",
+    "moe_select",
     "op_def",
 ]

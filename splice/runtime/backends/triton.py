@@ -100,8 +100,38 @@ def register_ops() -> dict[torch._ops.OpOverload, torch._ops.OpOverload]:
     torch.library.triton_op(qual, lowrank_linear, mutates_args=(), schema=_LOWRANK_SCHEMA)
     # gradients as the splice op's: the vjp of the reference (the kernel is forward-only)
     _register_vjp(qual, _lowrank_linear_ref, (0, 1, 2, 3))
+
+    from splice.ir.ops import _moe_ffn_ref
+    from splice.ir.ops import moe_ffn as moe_ffn_def
+    from splice.runtime.kernels.moe_ffn import moe_ffn_triton
+
+    def moe_ffn(
+        x: torch.Tensor,
+        router_w: torch.Tensor,
+        router_b: torch.Tensor | None,
+        w_in: torch.Tensor,
+        b_in: torch.Tensor | None,
+        w_gate: torch.Tensor | None,
+        b_gate: torch.Tensor | None,
+        w_out: torch.Tensor,
+        b_out: torch.Tensor | None,
+        act: str,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        scale: str = "none",
+        weighted: bool = False,
+    ) -> torch.Tensor:
+        return moe_ffn_triton(
+            x, router_w, router_b, w_in, b_in, w_gate, b_gate, w_out, b_out, act,
+            top_k, top_p, scale, weighted,
+        )  # fmt: skip
+
+    qual = f"{NAMESPACE}::moe_ffn"
+    torch.library.triton_op(qual, moe_ffn, mutates_args=(), schema=moe_ffn_def.schema)
+    _register_vjp(qual, _moe_ffn_ref, tuple(range(9)))
     return {
         torch.ops.splice.lowrank_linear.default: torch.ops.splice_triton.lowrank_linear.default,
+        torch.ops.splice.moe_ffn.default: torch.ops.splice_triton.moe_ffn.default,
     }
 
 
@@ -141,9 +171,9 @@ def use_triton_kernels(obj: Any) -> Any:
     """A copy of a Program or ``fx.GraphModule`` whose splice ops run as Triton kernels.
 
     Every ``call_function`` node whose target is a splice op with a Triton kernel (today
-    ``splice::lowrank_linear``) calls the ``splice_triton`` op instead; the arguments are
-    unchanged (same schema). Sub-graphs (control-flow branches) are converted too. The
-    original is not modified; weights are shared.
+    ``splice::lowrank_linear`` and ``splice::moe_ffn``) calls the ``splice_triton`` op
+    instead; the arguments are unchanged (same schema). Sub-graphs (control-flow branches)
+    are converted too. The original is not modified; weights are shared.
     """
     table = register_ops()
     if isinstance(obj, Program):

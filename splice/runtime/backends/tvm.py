@@ -311,8 +311,17 @@ def _numel(shape: Sequence[int]) -> int:
     return out
 
 
+def _convert_moe_ffn(node: Any, importer: Any) -> Any:
+    """``splice::moe_ffn``: the sparse kernel of :mod:`.tvm_moe` (only the selected experts'
+    weights are read) when rows·k ≤ E — a decode step always —, else the dense formula."""
+    from splice.runtime.backends.tvm_moe import convert_moe_ffn
+
+    return convert_moe_ffn(node, importer)
+
+
 CONVERT_MAP: dict[str, Callable[[Any, Any], Any]] = {
     "lowrank_linear.default": _convert_lowrank_linear,
+    "moe_ffn.default": _convert_moe_ffn,
 }
 """splice dialect op (``op.overload``) -> Relax converter. Each op's issue adds its own."""
 
@@ -398,6 +407,25 @@ def native_stderr_into(sink: list[str]) -> Iterator[None]:
                     sink.append(msg)
 
 
+def check_no_opaque_experts(program: Program) -> None:
+    """Raise a LoweringError naming the first opaque grouped-matmul node (the routed experts
+    of transformers' Mixtral/Qwen2-MoE, ``transformers::grouped_mm_fallback``, or
+    ``aten._grouped_mm``): TVM has no lowering for it, and the generic import error would
+    not say where it is or what to do."""
+    for n in program.graph.nodes:
+        name = str(n.target) if n.op == "call_function" else ""
+        if "grouped_mm" in name:
+            raise LoweringError(
+                f"program {program.name!r} computes routed experts with an opaque grouped "
+                f"matmul, %{n.name} ({name.removesuffix('.default')}), which the TVM backend "
+                "cannot lower",
+                where=str(M.loc(n)) or None,
+                hint="capture the model with its experts in plain ATen ops (gather + bmm): "
+                "set model.config._experts_implementation = 'batched_mm' before "
+                "splice.capture (transformers 5); or run the program eagerly",
+            )
+
+
 def lower(
     program: Program,
     target: Target,
@@ -416,6 +444,7 @@ def lower(
 
     report = LoweringReport()
     say = progress or (lambda message, done, total: None)
+    check_no_opaque_experts(program)
     t0 = time.perf_counter()
     say("exporting", 0, 4)
     ep, param_names = export_program(program)
@@ -573,6 +602,7 @@ class TVMPart:
 __all__ = [
     "CONVERT_MAP",
     "TVMPart",
+    "check_no_opaque_experts",
     "export_library",
     "export_program",
     "lower",

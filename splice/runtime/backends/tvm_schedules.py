@@ -28,7 +28,9 @@ One function is recognised by its attribute rather than its shape: the fused
 converter emits for decode, marked ``splice.kernel = "lowrank_linear"``, gets the
 ``lowrank`` rule (:func:`schedule_lowrank`): both products tiled like the matmul rule's GEMV
 from panels packed at load time, each phase parallel over its output panels, ``x Bᵀ``
-kept in a buffer local to the call.
+kept in a buffer local to the call. Likewise the sparse ``splice::moe_ffn`` kernel
+(``tvm_moe.py``, ``splice.kernel = "moe_ffn"``) is written already scheduled and kept as it
+is (rule ``moe_ffn``).
 
 Each rule returns ``None`` when it does not apply, and the next rule is tried; a function
 no rule accepts stays unscheduled (correct, slow) and is reported. Matmul tile sizes are a
@@ -685,6 +687,16 @@ def schedule_module(
                 }
             except Exception as e:  # left to the generic rules (correct, slow)
                 errors.append(f"lowrank: {_first_line(e)}")
+        if func.attrs is not None and func.attrs.get("splice.kernel", None) == "moe_ffn":
+            # the sparse moe_ffn kernel (tvm_moe.py) is written scheduled: kept as it is
+            new, rule = func, "moe_ffn"
+            matmuls[name] = {
+                "kernel": "moe_ffn",
+                **{
+                    key: int(func.attrs[f"splice.{key}"])
+                    for key in ("rows", "d", "experts", "s", "d_out", "slots", "top_k")
+                },
+            }
         info = analyse_matmul(func) if new is None else None
         if info is not None:
             cfg = choose(name, func, info) if choose is not None else default_matmul_config(info)
