@@ -34,6 +34,13 @@ def _captured(name: str):
     return splice.capture(model, args)
 
 
+@functools.cache
+def _captured_batch(name: str, batch: int):
+    """(Program, example inputs) of an architecture captured at batch size ``batch``."""
+    model, args = models.FACTORIES[name](batch=batch)
+    return splice.capture(model, args), args
+
+
 @pytest.fixture
 def arch_model():
     """(name) -> (eager model, example inputs); cached per session."""

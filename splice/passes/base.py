@@ -46,12 +46,15 @@ class PassResult:
 
     ``sample_inputs_for_new_inputs`` lets a pass that adds program inputs (``hyper`` adds
     ``cond``) give NumericCheck values for them, so the check can still run.
+    ``bound_inputs`` names the inputs a pass removed by fixing their value (``specialize``
+    folds ``cond``) with that value, so NumericCheck runs the program before it with it.
     """
 
     program: Program
     changed: bool
     stats: dict[str, Any] = field(default_factory=dict)
     sample_inputs_for_new_inputs: dict[str, Any] = field(default_factory=dict)
+    bound_inputs: dict[str, Any] = field(default_factory=dict)
 
 
 class PassContext:

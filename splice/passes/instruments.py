@@ -90,7 +90,11 @@ class Timing(Instrument):
 
 
 class PrintIR(Instrument):
-    """Print the IR before and/or after passes (``only_changed`` skips passes that changed nothing)."""
+    """Print the IR before and/or after passes (``only_changed`` skips passes that changed nothing).
+
+    A pass's ``stats["remarks"]`` (e.g. why an FFN candidate did not match ``experts``) are
+    printed as ``// remark:`` comments after it — also when it changed nothing.
+    """
 
     def __init__(
         self,
@@ -114,6 +118,13 @@ class PrintIR(Instrument):
             print(print_ir(program, self.locations), file=self._out())
 
     def after_pass(self, p, before, result, ctx, index):
+        # a pass's ``stats["remarks"]`` (why candidates did not match...) print as comments,
+        # also when only changes are printed and the pass changed nothing
+        remarks = (result.stats.get("remarks") or []) if self.after else []
+        if remarks and not result.changed and self.only_changed:
+            print(f"// ----- remarks of {p} (no change) -----", file=self._out())
+        for r in remarks:
+            print(f"// remark: {r}", file=self._out())
         if self.after and (result.changed or not self.only_changed):
             print(
                 f"// ----- IR after {p}{'' if result.changed else ' (no change)'} -----",
@@ -207,7 +218,9 @@ class NumericCheck(Instrument):
     An ``exact`` pass must agree within ``atol + rtol·max|ref|`` (1e-5 each by default) or
     the check raises :class:`PassError`; an ``approximate`` pass has its error reported in
     ``reports``. Inputs and outputs are matched by name, so passes that add inputs (with
-    sample values in ``PassResult.sample_inputs_for_new_inputs``) or outputs are checked too.
+    sample values in ``PassResult.sample_inputs_for_new_inputs``, kept for the later passes)
+    or outputs are checked too; a pass that binds an input (``PassResult.bound_inputs``) is
+    checked against the program before it run with the bound value.
     """
 
     def __init__(
@@ -225,6 +238,10 @@ class NumericCheck(Instrument):
         self.max_samples = max_samples
         self.reports: list[dict[str, Any]] = []
         self._ref_cache: dict[int, list[dict[str, Any]]] = {}
+        self._added: dict[str, Any] = {}  # values of inputs that earlier passes added
+
+    def before_pipeline(self, pipeline, program, ctx):
+        self._added = {}
 
     def _samples(self, ctx: PassContext) -> list[tuple[Any, ...]]:
         s = self.sample_inputs if self.sample_inputs is not None else ctx.sample_inputs
@@ -241,7 +258,7 @@ class NumericCheck(Instrument):
             record["skipped"] = "no sample inputs"
             self.reports.append(record)
             return
-        named = [dict(zip(before.input_names, s)) for s in samples]
+        named = [{**self._added, **dict(zip(before.input_names, s))} for s in samples]
         after = result.program
         missing = [
             n
@@ -252,9 +269,12 @@ class NumericCheck(Instrument):
             record["skipped"] = f"the pass added inputs {missing} without sample values"
             self.reports.append(record)
             return
-        if before.version not in self._ref_cache:
-            self._ref_cache = {before.version: self._run(before, named)}
-        ref = self._ref_cache[before.version]
+        if result.bound_inputs:
+            ref = self._run(before, [{**s, **result.bound_inputs} for s in named])
+        else:
+            if before.version not in self._ref_cache:
+                self._ref_cache = {before.version: self._run(before, named)}
+            ref = self._ref_cache[before.version]
         extended = [{**s, **result.sample_inputs_for_new_inputs} for s in named]
         try:
             out = self._run(after, extended)
@@ -283,6 +303,9 @@ class NumericCheck(Instrument):
         )
         record["ok"] = metrics["max_abs"] <= self.atol + self.rtol * scale
         self._ref_cache = {after.version: out}
+        self._added.update(result.sample_inputs_for_new_inputs)
+        for n in result.bound_inputs:
+            self._added.pop(n, None)
         self.reports.append(record)
         if p.semantics == "exact" and not record["ok"]:
             raise PassError(

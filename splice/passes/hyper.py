@@ -1,0 +1,887 @@
+"""``hyper``: replace chosen weights by the output of a hypernetwork fed by a new program input.
+
+Papers: Magnitude Invariant Parametrizations Improve Hypernetwork Learning (MIP; Ortiz,
+Guttag, Dalca, ICLR 2024; its authors' library is ``hyperlight``), von Oswald et al.,
+"Continual learning with hypernetworks" (ICLR 2020; ``hypnettorch``'s chunked hypernetwork),
+HyperCRL (Huang et al., 2021: the same construction for continual model-based RL).
+
+hyperlight hypernetizes by swapping hand-picked ``nn.Module`` classes; here it is a graph
+pass, so it applies to any captured program. For the parameters matching ``targets`` (globs
+over state_dict names, ``|``-separated; ``exclude`` removes names):
+
+* a program input ``cond`` (option ``input``) is added: shape ``[d]`` (``cond_dim=d``), one
+  weight set for the whole batch; or ``[B, d]`` with ``per_sample=true``, one weight set per
+  sample (B = dim 0 of the program's first input, which must be static);
+* the input is encoded: ``encoding=mip`` gives E(γ) = [cos(πγ/2), sin(πγ/2)] (width 2d,
+  ‖E(γ)‖ = √d for every γ — MIP's magnitude-invariant input), ``identity`` gives E(γ) = γ;
+* a hypernetwork — an MLP with ``hidden`` widths (``hidden=[64,64]``), LeakyReLU(0.01)
+  between layers and a bias-free output head — maps E(γ) to Δθ, one value per element of
+  every target (output width Σ numel(targets));
+* every read of a target becomes θ = θ0 + Δθ(E(γ)), sliced and reshaped to the target's
+  shape, where θ0 (the weight ``{prefix}.theta0``) holds the original values flattened in
+  target order. This is MIP's residual form: in hyperlight θ0 is the bias of the output
+  layer (``HyperNet.from_existing``); here it is a separate weight, so it can be frozen
+  (``to_module(..., freeze_original=True)``, hyperlight's ``freeze_independent_weights``).
+
+The targets leave the parameter list; the hypernetwork's weights are new program parameters,
+named as an ``nn.Sequential`` would name them: ``{prefix}.net.0.weight``, ``.net.0.bias``,
+``.net.2.weight`` … and the head ``{prefix}.net.{2·len(hidden)}.weight``.
+
+Initialisation (seeded by ``seed``): hidden layers follow hyperlight — kaiming-normal with
+``mode=fan_out`` for LeakyReLU, zero biases. ``init=preserve`` zeroes the head, so Δθ = 0 and
+the program equals the original for every γ (the pass is then ``exact``); the first
+gradient reaches only the head. ``init=fanout`` is MIP's: the head is initialised as one
+kaiming fan-out block per target (``HyperNet._init_output_split``), zero for targets named
+``*.bias`` — the program then changes (``approximate``).
+
+Chunking (``chunk_size=c``, hypnettorch's ``ChunkedHMLP``): the flat target vector is cut
+into C = ⌈N/c⌉ chunks; chunk j gets a learned embedding ``{prefix}.chunk_emb[j]`` (width
+``chunk_emb``, normal(0, 1)), concatenated to E(γ); one shared MLP emits c values per chunk,
+and the surplus of the last chunk is dropped. The head is [c, hidden[-1]] instead of
+[N, hidden[-1]]: far fewer hypernetwork parameters for large targets.
+
+Per-sample weights (``per_sample=true``) rewrite each use of a target into a batched form:
+``linear``/``addmm``/``mm``/``matmul`` (GPT-2's Conv1D, LLaMA's projections) become
+``bmm`` over [B, rows, in]; ``conv1d/2d/3d``/``convolution`` become one grouped convolution
+over [1, B·C, …] (groups·B); ``embedding`` reads one [B·V, D] table at indices offset by
+b·V; ``layer_norm``/``batch_norm`` apply the per-sample affine after
+normalising; pointwise ops broadcast [B, 1…, *shape]; ``t``/``transpose``/``permute``/
+``view``/… of a target stay per-sample. A 2-D activation [N, in] must be a batch-major
+flattening (a view) of a tensor whose dim 0 is the batch, or have N = B. Any other use
+(a reduction over a weight, say) raises :class:`PassError` naming the node.
+
+The pass records what it did in ``program.attrs["hyper"][prefix]`` (input, targets with
+offsets and the nodes that compute them), which :mod:`splice.passes.specialize` and
+:func:`to_module` read.
+
+Invariants (tests/test_hyper.py): ``init=preserve`` equals the original for random γ
+(1e-6); ‖E(γ)‖ is constant; the head has Σ numel(targets) rows; targets leave the parameter
+list and other weights are untouched (the same tensors); a batched cond equals a per-sample
+loop; ``num_chunks == ⌈N/c⌉``; ``specialize`` at γ equals the conditioned program at γ.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from splice.errors import PassError, PipelineError
+from splice.ir import meta as M
+from splice.ir.program import Program, weight_getters
+from splice.ir.rewriter import Rewriter
+from splice.passes.base import Pass, PassContext, PassResult
+from splice.passes.registry import register_pass
+
+aten = torch.ops.aten
+Encoding = Literal["mip", "identity"]
+Init = Literal["preserve", "fanout"]
+NEGATIVE_SLOPE = 0.01  # nn.LeakyReLU's default, as hyperlight uses it
+ATTR = "hyper"
+
+
+# ---------------------------------------------------------------------------------------
+# reference pieces (plain torch; the graph the pass builds computes the same)
+
+
+def encode(cond: torch.Tensor, encoding: str = "mip") -> torch.Tensor:
+    """E(γ): ``[cos(πγ/2), sin(πγ/2)]`` along the last dim for ``mip``, γ for ``identity``."""
+    if encoding == "identity":
+        return cond
+    if encoding == "mip":
+        z = cond * (math.pi / 2)
+        return torch.cat([torch.cos(z), torch.sin(z)], dim=-1)
+    raise PassError(f"hyper: unknown encoding {encoding!r}", hint="encodings: mip, identity")
+
+
+def matches(name: str, targets: str, exclude: str) -> bool:
+    inc = [p for p in targets.split("|") if p]
+    exc = [p for p in exclude.split("|") if p]
+    return any(fnmatch.fnmatchcase(name, p) for p in inc) and not any(
+        fnmatch.fnmatchcase(name, p) for p in exc
+    )
+
+
+@dataclass
+class Target:
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def init_hypernet(
+    in_width: int,
+    hidden: Sequence[int],
+    out_width: int,
+    *,
+    init: str,
+    blocks: Sequence[tuple[str, int]] | None,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """The MLP's tensors by ``nn.Sequential`` name (``net.0.weight`` …), initialised as in
+    the module docstring. ``blocks`` lists (target name, numel) in head-row order for the
+    per-target fan-out init of the head; None initialises the head as one block."""
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    width = in_width
+    for i, h in enumerate(hidden):
+        w = torch.empty(h, width, dtype=torch.float64)
+        nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="leaky_relu", generator=g)
+        out[f"net.{2 * i}.weight"] = w.to(dtype)
+        out[f"net.{2 * i}.bias"] = torch.zeros(h, dtype=dtype)
+        width = h
+    head = torch.zeros(out_width, width, dtype=torch.float64)
+    if init == "fanout":
+        offset = 0
+        for name, n in blocks or [("", out_width)]:
+            if not name.endswith(".bias"):
+                nn.init.kaiming_normal_(
+                    head[offset : offset + n], mode="fan_out", nonlinearity="leaky_relu",
+                    generator=g,
+                )  # fmt: skip
+            offset += n
+    out[f"net.{2 * len(hidden)}.weight"] = head.to(dtype)
+    return out
+
+
+def hypernet_module(hidden: Sequence[int], in_width: int, out_width: int) -> nn.Sequential:
+    """An ``nn.Sequential`` whose state_dict names match the pass's ``{prefix}.net.*``."""
+    layers: list[nn.Module] = []
+    width = in_width
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.LeakyReLU(NEGATIVE_SLOPE)]
+        width = h
+    layers.append(nn.Linear(width, out_width, bias=False))
+    return nn.Sequential(*layers)
+
+
+# ---------------------------------------------------------------------------------------
+# the pass
+
+
+@register_pass
+@dataclass(frozen=True)
+class Hyper(Pass):
+    """Hypernetwork weight injection, MIP form (see the module docstring)."""
+
+    name = "hyper"
+    semantics = "exact"  # init=fanout instances are "approximate" (set in validate)
+    summary = (
+        "replace chosen weights by θ0 + Δθ(E(cond)) from a hypernetwork fed by a new input "
+        "`cond` (MIP encoding, residual form, optional chunking, per-sample weights); exact "
+        "with init=preserve, approximate with init=fanout"
+    )
+
+    targets: str = ""
+    exclude: str = ""
+    cond_dim: int = 1
+    hidden: tuple[int, ...] = (64, 64)
+    encoding: Encoding = "mip"
+    init: Init = "preserve"
+    chunk_size: int | None = None
+    chunk_emb: int = 8
+    per_sample: bool = False
+    input: str = "cond"
+    prefix: str = "hyper"
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not self.targets:
+            raise PipelineError(
+                "hyper needs targets=GLOB (parameter names, `|`-separated)",
+                hint="e.g. hyper{targets=*.mlp.*.weight,cond_dim=2}",
+            )
+        if self.cond_dim < 1:
+            raise PipelineError(f"hyper: cond_dim must be >= 1, got {self.cond_dim}")
+        if any(h < 1 for h in self.hidden):
+            raise PipelineError(
+                f"hyper: hidden widths must be >= 1, got {list(self.hidden)}",
+                hint="e.g. hidden=[64,64]; hidden=[] is a linear hypernetwork",
+            )
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise PipelineError(f"hyper: chunk_size must be >= 1, got {self.chunk_size}")
+        if self.chunk_emb < 1:
+            raise PipelineError(f"hyper: chunk_emb must be >= 1, got {self.chunk_emb}")
+        if not self.input.isidentifier():
+            raise PipelineError(f"hyper: input must be an identifier, got {self.input!r}")
+        if not all(p.isidentifier() for p in self.prefix.split(".")):
+            raise PipelineError(f"hyper: prefix must be a dotted identifier, got {self.prefix!r}")
+        # a per-instance override of the class attribute: a fanout head changes the function
+        object.__setattr__(self, "semantics", "exact" if self.init == "preserve" else "approximate")
+
+    # -- selecting ---------------------------------------------------------------------
+    def _select(self, program: Program) -> tuple[list[Target], list[dict[str, str]]]:
+        chosen: list[Target] = []
+        skipped: list[dict[str, str]] = []
+        offset = 0
+        for name, kind in program.weight_kinds.items():
+            if not matches(name, self.targets, self.exclude):
+                continue
+            t = program.get_weight(name)
+            if kind != "param":
+                skipped.append({"weight": name, "reason": f"a {kind}, not a parameter"})
+                continue
+            if not t.dtype.is_floating_point:
+                skipped.append({"weight": name, "reason": f"dtype {t.dtype} is not floating"})
+                continue
+            chosen.append(Target(name, tuple(int(d) for d in t.shape), offset))
+            offset += t.numel()
+        if not chosen:
+            params = list(program.named_parameters())
+            listing = ", ".join(params[:8]) + (", …" if len(params) > 8 else "")
+            raise PassError(
+                f"hyper: no parameter of program {program.name!r} matches "
+                f"targets={self.targets!r}"
+                + (f" exclude={self.exclude!r}" if self.exclude else ""),
+                hint=f"globs match state_dict names; parameters: {listing or '(none)'}",
+            )
+        dtypes = {program.get_weight(t.name).dtype for t in chosen}
+        if len(dtypes) > 1:
+            raise PassError(
+                f"hyper: targets have different dtypes {sorted(map(str, dtypes))}",
+                hint="one hypernetwork emits one dtype; target one dtype per hyper pass",
+            )
+        return chosen, skipped
+
+    def _batch(self, program: Program) -> int | None:
+        if not self.per_sample:
+            return None
+        for n in program.input_nodes:
+            s = M.get_spec(n)
+            if isinstance(s, M.TensorSpec) and s.rank >= 1:
+                if not isinstance(s.shape[0], int):
+                    raise PassError(
+                        f"hyper{{per_sample=true}}: the batch dimension of input %{n.name} is "
+                        f"symbolic ({s.shape[0]})",
+                        hint="capture with a static batch size for per-sample weights, or use "
+                        "per_sample=false (one cond for the whole batch)",
+                    )
+                return int(s.shape[0])
+        raise PassError(
+            "hyper{per_sample=true}: the program has no tensor input with a batch dimension"
+        )
+
+    # -- running -----------------------------------------------------------------------
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        existing = program.attrs.get(ATTR, {})
+        if self.prefix in existing:
+            raise PassError(
+                f"hyper: program {program.name!r} already has a hypernetwork {self.prefix!r}",
+                hint="give the second one another prefix= (and input=)",
+            )
+        if any(w == self.prefix or w.startswith(self.prefix + ".") for w in program.weight_kinds):
+            raise PassError(
+                f"hyper: program {program.name!r} already has weights under {self.prefix!r}",
+                hint="choose another prefix=",
+            )
+        if any(n.name == self.input for n in program.graph.nodes):
+            raise PassError(
+                f"hyper: program {program.name!r} already has a value named %{self.input}",
+                hint="choose another input= name",
+            )
+        targets, skipped = self._select(program)
+        batch = self._batch(program)
+        dtype = program.get_weight(targets[0].name).dtype
+        total = sum(t.numel for t in targets)
+        chunked = self.chunk_size is not None
+        num_chunks = math.ceil(total / self.chunk_size) if chunked else None
+        enc_width = self.cond_dim * (2 if self.encoding == "mip" else 1)
+        in_width = enc_width + (self.chunk_emb if chunked else 0)
+        out_width = self.chunk_size if chunked else total
+        tensors = init_hypernet(
+            in_width, self.hidden, out_width, init=self.init,
+            blocks=None if chunked else [(t.name, t.numel) for t in targets],
+            seed=self.seed, dtype=dtype,
+        )  # fmt: skip
+        if chunked:
+            g = torch.Generator().manual_seed(self.seed + 1)
+            tensors["chunk_emb"] = torch.randn(num_chunks, self.chunk_emb, generator=g).to(dtype)
+        theta0 = torch.cat([program.get_weight(t.name).detach().reshape(-1) for t in targets])
+
+        rw = Rewriter(program, self.name)
+        lead = [] if batch is None else [batch]
+        cond = rw.add_input(self.input, M.TensorSpec((*lead, self.cond_dim), dtype))
+        loc = M.Loc(module_path=self.prefix, from_passes=(self.name,))
+        first = cond.next  # placeholders may follow get_attr nodes: insert after the input
+        names: dict[str, str] = {}
+        with rw.at(first):
+            nodes = {}
+            for k, v in tensors.items():
+                nodes[k] = rw.add_weight(f"{self.prefix}.{k}", v)
+                names[k] = f"{self.prefix}.{k}"
+            th0 = rw.add_weight(f"{self.prefix}.theta0", theta0.to(dtype).contiguous())
+
+            def call(op: Any, *args: Any, name: str | None = None) -> fx.Node:
+                return rw.call(op, args, name=name, loc=loc)
+
+            h = cond
+            if self.encoding == "mip":
+                z = call(aten.mul.Tensor, cond, math.pi / 2)
+                h = call(
+                    aten.cat.default, [call(aten.cos.default, z), call(aten.sin.default, z)], -1
+                )
+            if chunked:
+                h = call(aten.unsqueeze.default, h, -2)  # [*lead, 1, enc]
+                h = call(aten.expand.default, h, [*lead, num_chunks, enc_width])
+                emb = nodes["chunk_emb"]
+                if lead:
+                    emb = call(aten.expand.default, emb, [*lead, num_chunks, self.chunk_emb])
+                h = call(aten.cat.default, [h, emb], -1)
+            for i in range(len(self.hidden)):
+                h = call(
+                    aten.linear.default, h, nodes[f"net.{2 * i}.weight"], nodes[f"net.{2 * i}.bias"]
+                )
+                h = call(aten.leaky_relu.default, h, NEGATIVE_SLOPE)
+            delta = call(
+                aten.linear.default,
+                h,
+                nodes[f"net.{2 * len(self.hidden)}.weight"],
+                name=f"{self.prefix}_delta",
+            )
+            if chunked:
+                delta = call(aten.view.default, delta, [*lead, num_chunks * self.chunk_size])
+                if num_chunks * self.chunk_size != total:
+                    delta = call(aten.slice.Tensor, delta, len(lead), 0, total)
+            flat = call(aten.add.Tensor, delta, th0, name=f"{self.prefix}_theta")
+            values: dict[str, fx.Node] = {}
+            for t in targets:
+                part = call(aten.slice.Tensor, flat, len(lead), t.offset, t.offset + t.numel)
+                values[t.name] = call(
+                    aten.view.default, part, [*lead, *t.shape], name=f"{self.prefix}_w"
+                )
+
+        getters = weight_getters(program)
+        if batch is None:
+            for t in targets:
+                for g in getters.get(t.name, []):
+                    rw.replace(g, values[t.name])
+        else:
+            _PerSample(program, rw, batch, cond).rewrite(
+                {g: values[t.name] for t in targets for g in getters.get(t.name, [])}
+            )
+        getters = weight_getters(program)
+        for t in targets:  # only the targets leave: other (even unread) weights are untouched
+            for g in getters.get(t.name, []):
+                rw.erase(g)
+            program.remove_weight(t.name)
+
+        info = {
+            "input": self.input,
+            "cond_dim": self.cond_dim,
+            "per_sample": batch is not None,
+            "batch": batch,
+            "encoding": self.encoding,
+            "init": self.init,
+            "hidden": list(self.hidden),
+            "chunk_size": self.chunk_size,
+            "num_chunks": num_chunks,
+            "theta0": f"{self.prefix}.theta0",
+            "hypernet": [*names.values()],
+            "targets": [
+                {"name": t.name, "shape": list(t.shape), "offset": t.offset, "value": values[t.name].name}
+                for t in targets
+            ],
+        }  # fmt: skip
+        program.attrs[ATTR] = {**existing, self.prefix: info}
+        program.bump_version()
+        hyper_params = sum(int(v.numel()) for v in tensors.values())
+        stats: dict[str, Any] = {
+            "changed": True,
+            "input": f"{self.input}: {M.TensorSpec((*lead, self.cond_dim), dtype)}",
+            "targets": [
+                {"name": t.name, "shape": list(t.shape), "numel": t.numel} for t in targets
+            ],
+            "target_params": total,
+            "hypernet_params": hyper_params,
+            "output_width": out_width,
+            "num_chunks": num_chunks,
+            "encoding": self.encoding,
+            "init": self.init,
+            "per_sample": batch is not None,
+            "skipped": skipped,
+        }
+        g = torch.Generator().manual_seed(self.seed)
+        sample = torch.rand((*lead, self.cond_dim), generator=g).to(dtype)
+        return PassResult(program, True, stats, sample_inputs_for_new_inputs={self.input: sample})
+
+
+# ---------------------------------------------------------------------------------------
+# per-sample rewriting
+
+_VIEW_LIKE = {
+    aten.alias.default, aten.clone.default, aten.detach.default, aten.contiguous.default,
+    aten.lift_fresh_copy.default,
+}  # fmt: skip
+_TO = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as.default}
+_CONVS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3}
+for _op, _k in list(_CONVS.items()):
+    _pad = getattr(getattr(aten, _op._schema.name.split("::")[-1]), "padding", None)
+    if _pad is not None:
+        _CONVS[_pad] = _k
+_FLATTENING = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+               aten.flatten.using_ints}  # fmt: skip
+
+
+class _PerSample:
+    """Rewrites the uses of per-sample weights ([B, *shape] values) into batched forms."""
+
+    def __init__(self, program: Program, rw: Rewriter, batch: int, cond: fx.Node):
+        self.program, self.rw, self.B, self.cond = program, rw, batch, cond
+
+    def rewrite(self, roots: dict[fx.Node, fx.Node]) -> None:
+        # values that vary with the program's inputs (activations); the rest are constants
+        live: set[fx.Node] = set()
+        values = set(roots.values())
+        for n in self.program.graph.nodes:
+            is_input = n.op == "placeholder" and n is not self.cond
+            if is_input or any(a in live for a in n.all_input_nodes):
+                live.add(n)
+        self.live = live
+        self.batched: dict[fx.Node, fx.Node] = dict(roots)
+        for node in list(self.program.graph.nodes):
+            if node in values or node in self.batched or node.op != "call_function":
+                if node.op == "output" and any(a in self.batched for a in node.all_input_nodes):
+                    raise PassError(
+                        "hyper{per_sample=true}: a target weight is a program output",
+                        where=str(M.loc(node)),
+                        hint="use per_sample=false",
+                    )
+                continue
+            if not any(a in self.batched for a in node.all_input_nodes):
+                continue
+            with self.rw.at(node):
+                if node in live:
+                    new = self._consumer(node)
+                    self.rw.replace(node, new)
+                else:
+                    self.batched[node] = self._weight_op(node)
+        for node in reversed(list(self.batched)):
+            if node not in roots and not node.users:
+                self.rw.erase(node)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def call(self, op: Any, *args: Any) -> fx.Node:
+        return self.rw.call(op, args)
+
+    def shape(self, n: fx.Node) -> tuple[int, ...]:
+        return tuple(M.tensor_spec(n).shape)  # type: ignore[arg-type]
+
+    def error(self, node: fx.Node, why: str) -> PassError:
+        from splice.ir.printer import format_target
+
+        return PassError(
+            f"hyper{{per_sample=true}}: %{node.name} ({format_target(node)}) reads a target "
+            f"weight and {why}",
+            where=str(M.loc(node)),
+            hint="per-sample weights support linear/addmm/mm/matmul, conv, embedding, "
+            "layer_norm, batch_norm and pointwise uses; exclude= this weight, or use "
+            "per_sample=false (one cond for the whole batch)",
+        )
+
+    def align(self, wb: fx.Node, rank: int, node: fx.Node) -> fx.Node:
+        """[B, *s] -> [B, 1…, *s] with ``rank`` dims (broadcasts against [B, …] values)."""
+        s = list(self.shape(wb))
+        pad = rank - len(s)
+        if pad < 0 and all(d == 1 for d in s[1 : 1 - pad]):
+            # the value has the batch's dim already, as 1 (broadcast over the batch): drop it
+            return self.call(aten.view.default, wb, [s[0], *s[1 - pad :]])
+        if pad < 0:
+            raise self.error(node, f"broadcasts a weight of rank {len(s) - 1} into rank {rank - 1}")
+        if pad == 0:
+            return wb
+        return self.call(aten.view.default, wb, [s[0], *([1] * pad), *s[1:]])
+
+    def rows(self, x: fx.Node, node: fx.Node) -> fx.Node:
+        """An activation [..., in] as [B, R, in]: rows grouped by sample."""
+        B = self.B
+        s = self.shape(x)
+        if len(s) == 2:
+            src = x
+            for _ in range(4):  # a batch-major flattening: view(t [B, ...], [-1, in])
+                if src.op != "call_function" or src.target not in _FLATTENING:
+                    break
+                src = src.args[0]
+                ss = self.shape(src)
+                if len(ss) >= 2 and ss[0] == B and math.prod(ss) == math.prod(s):
+                    return self.call(aten.reshape.default, x, [B, s[0] // B, s[1]])
+        if len(s) >= 2 and s[0] == B:
+            return self.call(aten.reshape.default, x, [B, math.prod(s[1:-1]), s[-1]])
+        raise self.error(
+            node,
+            f"its input %{x.name} {M.spec(x)} has no batch dimension of size {B} "
+            "(dim 0, or a batch-major flattening of a [B, …] value)",
+        )
+
+    # -- weight-only ops: stay per-sample ------------------------------------------------------
+    def _weight_op(self, node: fx.Node) -> fx.Node:
+        t = node.target
+        a0 = node.args[0] if node.args else None
+        b = self.batched.get(a0) if isinstance(a0, fx.Node) else None
+        rank = len(self.shape(node)) if isinstance(M.get_spec(node), M.TensorSpec) else None
+
+        def dim(d: int, r: int) -> int:
+            return (d % r) + 1
+
+        if b is not None and all(a not in self.batched for a in node.all_input_nodes[1:]):
+            r0 = len(self.shape(a0))
+            if t is aten.t.default:
+                return self.call(aten.transpose.int, b, 1, 2) if r0 == 2 else b
+            if t is aten.transpose.int:
+                return self.call(
+                    aten.transpose.int, b, dim(node.args[1], r0), dim(node.args[2], r0)
+                )
+            if t is aten.permute.default:
+                return self.call(aten.permute.default, b, [0, *(dim(d, r0) for d in node.args[1])])
+            if t in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+                return self.call(aten.reshape.default, b, [self.B, *self.shape(node)])
+            if t is aten.unsqueeze.default:
+                return self.call(aten.unsqueeze.default, b, dim(node.args[1], r0 + 1))
+            if t in _VIEW_LIKE:
+                return b
+            if t in _TO:
+                return self.rw.call(t, (b, *node.args[1:]), dict(node.kwargs))
+            if t is aten.embedding.default:  # a table read at constant indices (positions)
+                return self._embedding(node, live_ids=False)
+        if (
+            isinstance(t, torch._ops.OpOverload)
+            and torch.Tag.pointwise in t.tags
+            and rank is not None
+        ):
+            return self._pointwise(node, rank + 1, batched_out=True)
+        raise self.error(node, "has no per-sample form")
+
+    def _pointwise(self, node: fx.Node, rank: int, *, batched_out: bool) -> fx.Node:
+        args = [
+            self.align(self.batched[a], rank, node) if a in self.batched else a for a in node.args
+        ]
+        if not batched_out:
+            for a in node.args:
+                if (
+                    isinstance(a, fx.Node)
+                    and isinstance(M.get_spec(a), M.TensorSpec)
+                    and a in self.live
+                ):
+                    s = self.shape(a)
+                    if len(s) != rank or s[0] != self.B:
+                        raise self.error(
+                            node, f"its input %{a.name} {M.spec(a)} is not a [B={self.B}, …] value"
+                        )
+        kwargs = {k: self.batched.get(v, v) for k, v in node.kwargs.items()}
+        return self.rw.call(node.target, args, kwargs)
+
+    # -- consumers: activations meet per-sample weights ------------------------------------------
+    def _consumer(self, node: fx.Node) -> fx.Node:
+        t = node.target
+        bt = self.batched
+        out_shape = list(self.shape(node))
+        args = list(node.args)
+        if t is aten.linear.default:
+            x, w = args[0], args[1]
+            b = args[2] if len(args) > 2 else node.kwargs.get("bias")
+            return self._matmul(node, x, w, b, weight_is_out_in=True, out_shape=out_shape)
+        if t is aten.addmm.default:
+            if any(v != 1 for v in node.kwargs.values()):
+                raise self.error(node, "has beta/alpha != 1")
+            return self._matmul(
+                node, args[1], args[2], args[0], weight_is_out_in=False, out_shape=out_shape
+            )
+        if t in (aten.mm.default, aten.matmul.default):
+            if args[0] in bt:
+                raise self.error(node, "multiplies by the weight from the left")
+            if len(self.shape(args[1])) != 2:
+                raise self.error(node, "is a batched matmul of a weight")
+            return self._matmul(
+                node, args[0], args[1], None, weight_is_out_in=False, out_shape=out_shape
+            )
+        if t in _CONVS or t is aten.convolution.default:
+            return self._conv(node, out_shape)
+        if t is aten.layer_norm.default:
+            x, shape = args[0], args[1]
+            w = args[2] if len(args) > 2 else None
+            b = args[3] if len(args) > 3 else None
+            rest = args[4:]
+            if x in bt:
+                raise self.error(node, "normalises a weight")
+            y = self.call(aten.layer_norm.default, x, shape, None, None, *rest)
+            return self._affine(node, y, w, b, channel_dim=None)
+        if t is aten.embedding.default:
+            return self._embedding(node, live_ids=True)
+        if t is aten.batch_norm.default:
+            x, w, b = args[0], args[1], args[2]
+            if x in bt or args[3] in bt or args[4] in bt:
+                raise self.error(node, "normalises with per-sample statistics")
+            y = self.call(aten.batch_norm.default, x, None, None, *args[3:])
+            return self._affine(node, y, w, b, channel_dim=1)
+        if isinstance(t, torch._ops.OpOverload) and torch.Tag.pointwise in t.tags:
+            if out_shape and out_shape[0] == self.B:
+                return self._pointwise(node, len(out_shape), batched_out=False)
+            raise self.error(node, f"produces {M.spec(node)}, which has no batch dimension")
+        raise self.error(node, "has no per-sample form")
+
+    def _matmul(
+        self, node: fx.Node, x: Any, w: Any, b: Any, *, weight_is_out_in: bool, out_shape: list[int]
+    ) -> fx.Node:
+        """x·W (+ b) with W [in, out] (or [out, in] when ``weight_is_out_in``), per sample."""
+        bt = self.batched
+        if x in bt:
+            raise self.error(node, "multiplies two weights")
+        x3 = self.rows(x, node)
+        if w in bt:
+            wb = bt[w]
+            if weight_is_out_in:
+                wb = self.call(aten.transpose.int, wb, 1, 2)
+            y = self.call(aten.bmm.default, x3, wb)
+        elif weight_is_out_in:
+            y = self.call(aten.linear.default, x3, w)
+        else:
+            y = self.call(aten.matmul.default, x3, w)
+        if b is not None:
+            if b in bt:
+                bb = bt[b]
+                if len(self.shape(bb)) != 2:
+                    raise self.error(node, "has a bias that is not a vector")
+                y = self.call(aten.add.Tensor, y, self.call(aten.unsqueeze.default, bb, 1))
+            else:
+                y = self.call(aten.add.Tensor, y, b)
+        return self.call(aten.view.default, y, out_shape)
+
+    def _conv(self, node: fx.Node, out_shape: list[int]) -> fx.Node:
+        bt, B = self.batched, self.B
+        t = node.target
+        args = list(node.args)
+        if t is aten.convolution.default:
+            x, w, b, stride, padding, dilation, transposed, _out_pad, groups = args
+            if transposed:
+                raise self.error(node, "is a transposed convolution")
+            k = len(self.shape(w)) - 2
+            op = {1: aten.conv1d.default, 2: aten.conv2d.default, 3: aten.conv3d.default}[k]
+        else:
+            k = _CONVS[t]
+            defaults = [None, None, None, [1] * k, [0] * k, [1] * k, 1]
+            full = args + defaults[len(args) :]
+            for i, key in enumerate(
+                ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
+            ):
+                if key in node.kwargs:
+                    full[i] = node.kwargs[key]
+            x, w, b, stride, padding, dilation, groups = full
+            op = t
+        if x in bt:
+            raise self.error(node, "convolves a weight")
+        xs = self.shape(x)
+        if len(xs) != len(out_shape) or xs[0] != B:
+            raise self.error(
+                node, f"its input %{x.name} {M.spec(x)} has no batch dimension of size {B}"
+            )
+        if w in bt:
+            wb = bt[w]
+            ws = self.shape(wb)  # [B, O, C/g, *k]
+            xr = self.call(aten.reshape.default, x, [1, B * xs[1], *xs[2:]])
+            wr = self.call(aten.reshape.default, wb, [B * ws[1], *ws[2:]])
+            y = self.call(op, xr, wr, None, stride, padding, dilation, B * groups)
+            y = self.call(aten.view.default, y, out_shape)
+        else:
+            y = self.call(op, x, w, None, stride, padding, dilation, groups)
+        if b is not None:
+            y = self._add_channel(y, b, 1, len(out_shape))
+        return y
+
+    def _embedding(self, node: fx.Node, *, live_ids: bool) -> fx.Node:
+        """Rows of a per-sample table [B, V, D]: one [B·V, D] table, sample b's indices + b·V.
+
+        ``padding_idx`` only masks the gradient of the original table's padding row; it is
+        not carried over (the table is generated, its gradient flows to the hypernetwork)."""
+        w, ids = node.args[0], node.args[1]
+        if ids in self.batched or w not in self.batched:
+            raise self.error(node, "indexes with a weight")
+        B, V, D = self.shape(self.batched[w])
+        table = self.call(aten.reshape.default, self.batched[w], [B * V, D])
+        s = self.shape(ids)
+        if live_ids and (not s or s[0] != B):
+            raise self.error(node, f"its indices %{ids.name} {M.spec(ids)} have no batch dim {B}")
+        tail = len(s) - 1 if live_ids else len(s)
+        dtype = M.tensor_spec(ids).dtype
+        off = self.rw.call(aten.arange.start_step, (0, B * V, V), {"dtype": dtype})
+        off = self.call(aten.view.default, off, [B, *([1] * tail)])
+        return self.call(aten.embedding.default, table, self.call(aten.add.Tensor, ids, off))
+
+    def _add_channel(self, y: fx.Node, b: fx.Node, channel_dim: int, rank: int) -> fx.Node:
+        """y + b along ``channel_dim`` of [B, C, *sp] (b [C] shared or [B, C] per sample)."""
+        tail = [1] * (rank - channel_dim - 1)
+        if b in self.batched:
+            bb = self.batched[b]
+            bs = self.shape(bb)
+            bv = self.call(aten.view.default, bb, [bs[0], bs[1], *tail])
+        else:
+            bv = self.call(aten.view.default, b, [self.shape(b)[0], *tail])
+        return self.call(aten.add.Tensor, y, bv)
+
+    def _affine(
+        self, node: fx.Node, y: fx.Node, w: Any, b: Any, *, channel_dim: int | None
+    ) -> fx.Node:
+        """y·w + b for a normalisation's affine part, w/b per sample or shared."""
+        rank = len(self.shape(node))
+        for p, op in ((w, aten.mul.Tensor), (b, aten.add.Tensor)):
+            if p is None:
+                continue
+            if channel_dim is None:  # layer_norm: w/b over the trailing dims
+                pv = self.align(self.batched[p], rank, node) if p in self.batched else p
+                y = self.call(op, y, pv)
+            else:
+                tail = [1] * (rank - channel_dim - 1)
+                if p in self.batched:
+                    ps = self.shape(self.batched[p])
+                    pv = self.call(aten.view.default, self.batched[p], [ps[0], ps[1], *tail])
+                else:
+                    pv = self.call(aten.view.default, p, [self.shape(p)[0], *tail])
+                y = self.call(op, y, pv)
+        return y
+
+
+# ---------------------------------------------------------------------------------------
+# reading a transformed program
+
+
+def hyper_info(program: Program, prefix: str | None = None) -> tuple[str, dict[str, Any]]:
+    """(prefix, record) of the hypernetwork ``prefix`` (default: the only one) of ``program``."""
+    nets = program.attrs.get(ATTR) or {}
+    if not nets:
+        raise PassError(
+            f"program {program.name!r} has no hypernetwork", hint="run the hyper pass first"
+        )
+    if prefix is None:
+        if len(nets) > 1:
+            raise PassError(
+                f"program {program.name!r} has {len(nets)} hypernetworks ({', '.join(nets)})",
+                hint="name one with prefix=",
+            )
+        prefix = next(iter(nets))
+    if prefix not in nets:
+        raise PassError(
+            f"program {program.name!r} has no hypernetwork {prefix!r}",
+            hint=f"hypernetworks: {', '.join(nets)}",
+        )
+    return prefix, nets[prefix]
+
+
+def hypernet_weight_names(program: Program, prefix: str | None = None) -> list[str]:
+    """The hypernetwork's own trainable weights (MLP and chunk embeddings; not θ0)."""
+    _, info = hyper_info(program, prefix)
+    return list(info["hypernet"])
+
+
+def value_nodes(program: Program, prefix: str | None = None) -> dict[str, fx.Node]:
+    """Target name -> the node computing its generated value (θ0 + Δθ, reshaped)."""
+    p, info = hyper_info(program, prefix)
+    by_name = {n.name: n for n in program.graph.nodes}
+    out = {}
+    for t in info["targets"]:
+        node = by_name.get(t["value"])
+        if node is None:
+            raise PassError(
+                f"hypernetwork {p!r}: the value %{t['value']} of {t['name']} is missing from "
+                f"program {program.name!r}",
+                hint="a later pass removed or renamed it; run specialize right after hyper",
+            )
+        out[t["name"]] = node
+    return out
+
+
+def generated_weights(
+    program: Program, cond: Any, prefix: str | None = None
+) -> dict[str, torch.Tensor]:
+    """The weights the hypernetwork generates for ``cond`` ([d] or [B, d] per the program),
+    by target name; differentiable in the hypernetwork's parameters."""
+    p, info = hyper_info(program, prefix)
+    values = value_nodes(program, p)
+    sub = program.extract([info["input"]], [n.name for n in values.values()], name=f"{p}_weights")
+    node = next(n for n in program.input_nodes if n.name == info["input"])
+    cond = torch.as_tensor(cond, dtype=M.tensor_spec(node).dtype)
+    outs = sub.run(cond)
+    return dict(zip(values, outs))
+
+
+class HyperModule(nn.Module):
+    """A hypernetwork-conditioned program as a trainable ``nn.Module``.
+
+    ``forward(*inputs)`` runs the program (``cond`` positionally last, or by keyword). Its
+    weights are copies of the program's; :meth:`to_program` returns a Program with the
+    trained values (for :mod:`~splice.passes.specialize`, ``splice.compile`` or ``save``).
+    """
+
+    def __init__(
+        self, program: Program, *, prefix: str | None = None, freeze_original: bool = True
+    ):
+        super().__init__()
+        self.prefix, self.info = hyper_info(program, prefix)
+        prog = program.copy()
+        for name, kind in prog.weight_kinds.items():
+            prog.add_weight(name, prog.get_weight(name).detach().clone(), kind)
+        self._program = prog
+        self.graph_module = prog.to_module()
+        self.hyper_names = list(self.info["hypernet"])
+        for name, p in self.named_program_parameters().items():
+            p.requires_grad_(
+                p.is_floating_point() and (name in self.hyper_names or not freeze_original)
+            )
+
+    @property
+    def program(self) -> Program:
+        return self._program
+
+    def named_program_parameters(self) -> dict[str, nn.Parameter]:
+        return self._program.named_parameters()  # type: ignore[return-value]
+
+    def hypernet_parameters(self) -> list[nn.Parameter]:
+        params = self.named_program_parameters()
+        return [params[n] for n in self.hyper_names]
+
+    def forward(self, *inputs: Any, **named: Any) -> Any:
+        return self._program(*inputs, **named)
+
+    def generated_weights(self, cond: Any) -> dict[str, torch.Tensor]:
+        return generated_weights(self._program, cond, self.prefix)
+
+    def to_program(self) -> Program:
+        """A Program with the current weight values (detached copies)."""
+        out = self._program.copy()
+        for name, kind in out.weight_kinds.items():
+            out.add_weight(name, out.get_weight(name).detach().clone(), kind)
+        return out
+
+
+def to_module(
+    program: Program, *, freeze_original: bool = True, prefix: str | None = None
+) -> HyperModule:
+    """A trainable :class:`HyperModule` of a program transformed by ``hyper``.
+
+    The hypernetwork's parameters (``{prefix}.net.*``, ``{prefix}.chunk_emb``) require
+    gradients; with ``freeze_original`` every other weight — θ0 and the untargeted original
+    weights — is frozen (MIP's ``freeze_independent_weights``). The program is not changed.
+    """
+    return HyperModule(program, prefix=prefix, freeze_original=freeze_original)
+
+
+__all__ = [
+    "Hyper",
+    "HyperModule",
+    "encode",
+    "generated_weights",
+    "hyper_info",
+    "hypernet_module",
+    "hypernet_weight_names",
+    "init_hypernet",
+    "to_module",
+    "value_nodes",
+]
