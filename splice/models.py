@@ -214,6 +214,40 @@ def convnet(width: int = 16, image: int = 32, batch: int = 1):
     return model.eval(), (torch.randn(batch, 3, image, image, generator=g),)
 
 
+class ConvFamily(nn.Module):
+    """A plain residual conv net: stem, ``depth`` same-width blocks (``blocks.*``), pool, head.
+
+    Members of one family differ in ``width`` (and ``depth``); the stitch pass joins them at
+    block boundaries with 1x1 convolutions."""
+
+    def __init__(self, width: int = 16, depth: int = 4, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
+        self.blocks = nn.ModuleList(_Block(width, width) for _ in range(depth))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(torch.flatten(self.pool(x), 1))
+
+
+def conv_family(width: int = 16, depth: int = 4, image: int = 16, batch: int = 1, seed: int = 0):
+    """A member of the :class:`ConvFamily` (seeded random weights, non-trivial BN stats)."""
+    torch.manual_seed(seed)
+    model = ConvFamily(width, depth)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    g = torch.Generator().manual_seed(0)
+    return model.eval(), (torch.randn(batch, 3, image, image, generator=g),)
+
+
 class MLP(nn.Module):
     def __init__(self, d: int = 768, hidden: int = 3072):
         super().__init__()

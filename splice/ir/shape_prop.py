@@ -71,6 +71,8 @@ class FakeRunner:
             return self.env.fake(M.spec(node))
         args = fx.node.map_arg(node.args, value_of)
         kwargs = fx.node.map_arg(node.kwargs, value_of)
+        if node.op == "call_function" and node.target is torch.ops.higher_order.cond:
+            return self._cond(node, args, gm)
         with self.env.mode:
             if node.op == "call_function":
                 return node.target(*args, **kwargs)
@@ -79,6 +81,33 @@ class FakeRunner:
             if node.op == "call_method":
                 return getattr(args[0], node.target)(*args[1:], **kwargs)
         raise ValueError(f"cannot fake-run node %{node.name} (op {node.op})")
+
+    def _cond(self, node: fx.Node, args: tuple, gm: fx.GraphModule) -> tuple:
+        """A ``cond`` from its branches' stored specs, without tracing them.
+
+        torch's fake ``cond`` traces both branches, and each nested ``cond`` in them again,
+        so a chain of k conds costs exponentially many traces. Each branch graph is checked
+        on its own (the verifier visits every graph), so here it is enough that the operands
+        match both branches' inputs and that the branches return the same specs."""
+        _pred, t_ref, f_ref, operands = node.args
+        have = [self.env.spec_of(v) for v in args[3]]
+        outs = []
+        for ref in (t_ref, f_ref):
+            sub = get_attr_path(gm, ref.target)
+            phs = [p for p in sub.graph.nodes if p.op == "placeholder"]
+            want = [M.spec(p) for p in phs]
+            if want != have:
+                raise ValueError(
+                    f"cond %{node.name}: branch {ref.target} takes {want}, operands are {have}"
+                )
+            out = next(iter(sub.graph.find_nodes(op="output"))).args[0]
+            outs.append([M.spec(o) for o in out])
+        if outs[0] != outs[1]:
+            raise ValueError(
+                f"cond %{node.name}: branches return different specs {outs[0]} and {outs[1]}"
+            )
+        del operands
+        return tuple(self.env.fake(s) for s in outs[0])
 
     def infer(self, node: fx.Node, gm: fx.GraphModule | None = None) -> M.Spec:
         """The spec of ``node``, running it on fakes of its inputs' stored specs.

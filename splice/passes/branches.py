@@ -150,10 +150,11 @@ class _Splitter:
             if not top:
                 if name not in extra:
                     extra.append(name)
-                return self._const_placeholder(host, name)
-            node = host.get_attr(name)
-            M.set_spec(node, self._const_spec(name))
-            M.set_loc(node, M.UNKNOWN_LOC.with_pass("branches"))
+                node = self._const_placeholder(host, name)
+            else:
+                node = host.get_attr(name)
+                M.set_spec(node, self._const_spec(name))
+                M.set_loc(node, M.UNKNOWN_LOC.with_pass("branches"))
             return node
 
         def flush() -> None:
@@ -275,6 +276,7 @@ class _Splitter:
             if self._is_constant(root, inside, weight_of):
                 name = self._fold(root, inside, weight_of)
                 env[o] = const_node(name)
+                weight_of[o] = name  # later parts read it as a weight, not a run-time value
                 self.st.hoisted_constant += 1
                 continue
             alias[o] = root
@@ -357,10 +359,23 @@ class _Splitter:
             args, kwargs = fx.node.map_arg((n.args, n.kwargs), values.__getitem__)
             with torch.no_grad():
                 values[n] = n.target(*args, **kwargs)
+        value = values[node]
+        for name, (t, kind) in self.st.weights.items():
+            # the same constant folded on another path (or another route) is one weight,
+            # so that parts reading it stay structurally identical and are shared
+            if (
+                kind == "constant"
+                and name.startswith("branches.const_")
+                and isinstance(value, torch.Tensor)
+                and t.shape == value.shape
+                and t.dtype == value.dtype
+                and torch.equal(t, value)
+            ):
+                return name
         name = f"branches.const_{self.st.hoisted_constant}"
         while name in self.st.weights:
             name += "_"
-        self.st.weights[name] = (values[node], "constant")
+        self.st.weights[name] = (value, "constant")
         return name
 
 

@@ -14,7 +14,15 @@ from importlib.metadata import entry_points
 from splice.errors import PipelineError
 from splice.passes.base import Pass
 
-BUILTIN_MODULES = ("splice.passes.branches", "splice.passes.cleanup", "splice.passes.lowrank")
+BUILTIN_MODULES = (
+    "splice.passes.branches",
+    "splice.passes.cleanup",
+    "splice.passes.experts",
+    "splice.passes.lowrank",
+    "splice.passes.hyper",
+    "splice.passes.specialize",
+    "splice.passes.stitch",
+)
 ENTRY_POINT_GROUP = "splice.passes"
 
 _REGISTRY: dict[str, type[Pass]] = {}

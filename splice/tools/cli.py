@@ -10,6 +10,7 @@
     splice compile IN [-t TARGET] [--tune N] -o A  compile into an artifact (host, aarch64-linux, cuda)
     splice run A [--check]                       run an artifact (aarch64 ones under qemu)
     splice bench A [--torch-compile]             time an artifact against its PyTorch reference
+    splice stitch-table MODEL MODEL... [--plot P] stitch a model family: FLOPs, latency, fidelity
     splice passes                                the registered passes and their options
     splice demo                                  the whole path on all-MiniLM-L6-v2
 
@@ -365,6 +366,12 @@ def _op_counts(program: Any) -> Counter[str]:
     )
 
 
+def cmd_stitch_table(a: argparse.Namespace) -> int:
+    from splice.tools.stitch_table import main_stitch_table
+
+    return main_stitch_table(a)
+
+
 def cmd_passes(a: argparse.Namespace) -> int:
     from rich.table import Table
 
@@ -460,6 +467,28 @@ def build_parser() -> argparse.ArgumentParser:
     from splice.tools.cli_compile import add_commands
 
     add_commands(sub, model_arg)
+
+    sp = sub.add_parser(
+        "stitch-table",
+        help="stitch a model family (SN-Net) and tabulate its configurations",
+        description="Stitch the models (package.module:factory, one family) and print per "
+        "configuration FLOPs, parameters, latency after compile and fidelity to the largest.",
+    )
+    sp.add_argument(
+        "models",
+        nargs="+",
+        help="two or more package.module:factory[?key=value&...] (arguments per member)",
+    )
+    sp.add_argument("--window", type=int, default=2)
+    sp.add_argument("--stride", type=int, default=1)
+    sp.add_argument("--kind", default="linear", help="linear | conv1x1 | lora")
+    sp.add_argument("--calib", type=int, default=16, help="calibration inputs (random, seeded)")
+    sp.add_argument("--eval", type=int, default=8, help="inputs the fidelity is measured on")
+    sp.add_argument("-t", "--target", default="host")
+    sp.add_argument("--no-latency", action="store_true", help="skip compiling and timing")
+    sp.add_argument("-o", "--output", help="also write the table (Markdown) here")
+    sp.add_argument("--plot", help="write the FLOPs / fidelity Pareto plot (PNG) here")
+    sp.set_defaults(fn=cmd_stitch_table)
 
     sp = sub.add_parser("passes", help="list the registered passes and their options")
     sp.set_defaults(fn=cmd_passes)
