@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if switch_note:
         lines.append(switch_note)
-    text = "\n".join(lines) + "\n"
+    text = "\n".join([SECTION, BEGIN, *lines, END]) + "\n"
     if args.no_results:
         return 0
     plot(rows, PLOT, title="all-MiniLM-L6-v2 ⟷ low-rank: stitch configurations")
