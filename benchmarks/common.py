@@ -119,6 +119,43 @@ def write_marked_section(path: Path, heading: str, begin: str, end: str, text: s
 __all__ = ["cpu_model", "git_state", "lscpu", "torch_triad_gbs", "version", "write_marked_section"]
 
 
+def batched(ids: torch.Tensor, mask: torch.Tensor, size: int) -> list[tuple[torch.Tensor, ...]]:
+    """(ids, attention mask) rows in batches of ``size``: a tokenizer's output as inputs."""
+    return [(ids[i : i + size], mask[i : i + size]) for i in range(0, len(ids), size)]
+
+
+#: the LLaMA-shaped decoder of the decode benchmarks (lowrank_decode.py, experts.py)
+LLAMA_DECODE_SHAPE: dict[str, int] = {
+    "layers": 4,
+    "hidden": 2048,
+    "inter": 5632,
+    "heads": 16,
+    "kv_heads": 16,
+    "vocab": 1024,
+}
+
+
+def llama_lm(layers: int, shape: dict[str, int]) -> Any:
+    """A LlamaForCausalLM of ``shape`` with seeded random weights, in eval mode."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        num_hidden_layers=layers,
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["inter"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"],
+        vocab_size=shape["vocab"],
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 

@@ -55,9 +55,11 @@ from typing import Any
 
 import torch
 from common import (
+    LLAMA_DECODE_SHAPE,
     busy_seconds,
     cpu_model,
     git_state,
+    llama_lm,
     log,
     lscpu,
     other_cores,
@@ -75,29 +77,12 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 ATOL = 1e-3
 GOAL = 2.5
 POOL = 64
-SHAPE = {"layers": 4, "hidden": 2048, "inter": 5632, "heads": 16, "kv_heads": 16, "vocab": 1024}
+SHAPE: dict[str, int] = dict(LLAMA_DECODE_SHAPE)  # lowrank_decode.py's shape
 VARIANTS = [("dense", None), ("top-2/8", 2), ("top-1/8", 1)]
 
 
 def build_model(layers: int) -> Any:
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    s = SHAPE
-    cfg = transformers.LlamaConfig(
-        num_hidden_layers=layers,
-        hidden_size=s["hidden"],
-        intermediate_size=s["inter"],
-        num_attention_heads=s["heads"],
-        num_key_value_heads=s["kv_heads"],
-        vocab_size=s["vocab"],
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return llama_lm(layers, SHAPE)
 
 
 @dataclass

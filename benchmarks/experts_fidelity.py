@@ -38,17 +38,13 @@ import time
 from pathlib import Path
 
 import torch
-from common import busy_seconds, cpu_model, log, other_cores, write_marked_section
+from common import batched, busy_seconds, cpu_model, log, other_cores, write_marked_section
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## experts fidelity: all-MiniLM-L6-v2, 8 experts per FFN, top-2 and top-4"
 BEGIN, END = "<!-- experts-fidelity:begin -->", "<!-- experts-fidelity:end -->"
-
-
-def batched(ids: torch.Tensor, mask: torch.Tensor, size: int) -> list[tuple[torch.Tensor, ...]]:
-    return [(ids[i : i + size], mask[i : i + size]) for i in range(0, len(ids), size)]
 
 
 def main(argv: list[str] | None = None) -> int:

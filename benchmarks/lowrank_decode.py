@@ -73,8 +73,10 @@ from typing import Any
 
 import torch
 from common import (
+    LLAMA_DECODE_SHAPE,
     cpu_model,
     git_state,
+    llama_lm,
     log,
     lscpu,
     torch_triad_gbs,
@@ -95,14 +97,7 @@ GOAL_RATIO = 0.6
 GOAL_BANDWIDTH = 0.7
 COLD_L3_MULTIPLE = 8  # cold kernel timing: instances' weights exceed 8× the reported L3
 
-SHAPE: dict[str, int] = {
-    "layers": 4,
-    "hidden": 2048,
-    "inter": 5632,
-    "heads": 16,
-    "kv_heads": 16,
-    "vocab": 1024,
-}
+SHAPE: dict[str, int] = dict(LLAMA_DECODE_SHAPE)
 TARGETS = "model.layers.*"
 
 
@@ -110,24 +105,7 @@ TARGETS = "model.layers.*"
 
 
 def build_model(layers: int) -> tuple[nn.Module, torch.Tensor]:
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    s = SHAPE
-    cfg = transformers.LlamaConfig(
-        num_hidden_layers=layers,
-        hidden_size=s["hidden"],
-        intermediate_size=s["inter"],
-        num_attention_heads=s["heads"],
-        num_key_value_heads=s["kv_heads"],
-        vocab_size=s["vocab"],
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    lm = transformers.LlamaForCausalLM(cfg).eval()
+    lm = llama_lm(layers, SHAPE)
     ids = torch.tensor([[17]])
     return lm, ids  # splice.capture adds use_cache=False; the program returns the logits
 

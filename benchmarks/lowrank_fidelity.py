@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import cpu_model, write_marked_section
+from common import batched, cpu_model, write_marked_section
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -46,10 +46,6 @@ BEGIN, END = "<!-- lowrank-fidelity:begin -->", "<!-- lowrank-fidelity:end -->"
 
 def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def batched(ids: torch.Tensor, mask: torch.Tensor, size: int) -> list[tuple[torch.Tensor, ...]]:
-    return [(ids[i : i + size], mask[i : i + size]) for i in range(0, len(ids), size)]
 
 
 def main(argv: list[str] | None = None) -> int:

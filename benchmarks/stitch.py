@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import busy_seconds, cpu_model, log, other_cores, write_marked_section
+from common import batched, busy_seconds, cpu_model, log, other_cores, write_marked_section
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     sentences = models.corpus(args.calib + args.eval, seed=11)
     ids, mask = models.minilm_tokenize(sentences, max_length=32)
-    samples = [(ids[i : i + 1], mask[i : i + 1]) for i in range(len(sentences))]
+    samples = batched(ids, mask, 1)
     calib, evals = samples[: args.calib], samples[args.calib :]
     model, _ = models.minilm(sentences[:1], max_length=32)
     log("capturing all-MiniLM-L6-v2 and its low-rank version…")
