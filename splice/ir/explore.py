@@ -614,12 +614,14 @@ def capture_dynamic(
     the capture by the inputs' shapes (in the artifact too: the host program's
     ``signature`` step).
     """
+    from splice.ir.capture import _ident, _split_inputs
+
     examples = [example_inputs, *(signatures or [])]
     if len(examples) > 1:
         programs: list[Program] = []
         seen: set[Any] = set()
         for ex in examples:
-            args, _ = _split_inputs_of(ex)
+            args, _ = _split_inputs(ex)
             sig = signature_of_values(args)
             if sig in seen:
                 continue
@@ -632,9 +634,7 @@ def capture_dynamic(
         if len(programs) > 1:
             return SignatureSet(programs, name=programs[0].name)
         return programs[0]
-    from splice.ir.capture import _ident
-
-    args, kwargs = _split_inputs_of(example_inputs)
+    args, kwargs = _split_inputs(example_inputs)
     if kwargs:
         raise CaptureError(
             "capture of data-dependent control flow takes positional tensor inputs only",
@@ -673,12 +673,6 @@ def capture_dynamic(
     )
     program.attrs["paths"] = len(paths)
     return program
-
-
-def _split_inputs_of(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    from splice.ir.capture import _split_inputs
-
-    return _split_inputs(example_inputs)
 
 
 __all__ = ["Decision", "capture_dynamic", "cond_trace", "eager_decisions"]

@@ -89,7 +89,7 @@ class FakeRunner:
         so a chain of k conds costs exponentially many traces. Each branch graph is checked
         on its own (the verifier visits every graph), so here it is enough that the operands
         match both branches' inputs and that the branches return the same specs."""
-        _pred, t_ref, f_ref, operands = node.args
+        _pred, t_ref, f_ref, _operands = node.args
         have = [self.env.spec_of(v) for v in args[3]]
         outs = []
         for ref in (t_ref, f_ref):
@@ -106,7 +106,6 @@ class FakeRunner:
             raise ValueError(
                 f"cond %{node.name}: branches return different specs {outs[0]} and {outs[1]}"
             )
-        del operands
         return tuple(self.env.fake(s) for s in outs[0])
 
     def infer(self, node: fx.Node, gm: fx.GraphModule | None = None) -> M.Spec:

@@ -257,25 +257,22 @@ class HostProgram:
                 k = len(self.trace)
                 taken = self._force[k] if k < len(self._force) else bool(env[step["pred"]])
                 self.trace.append((step["site"], taken))
-                sub = step["then"] if taken else step["else"]
-                inner = dict(env)
-                inner.update(zip(sub["params"], (env[a] for a in step["args"]), strict=True))
-                outs = self._run(sub, inner)
-                for r, o in zip(step["results"], outs, strict=True):
-                    env[r] = o
+                self._enter(step["then"] if taken else step["else"], step, env)
             elif op == "signature":
-                args = [env[a] for a in step["args"]]
-                k = _match_signature(step["cases"], args)
+                k = _match_signature(step["cases"], [env[a] for a in step["args"]])
                 self.signature = k
-                sub = step["cases"][k]["block"]
-                inner = dict(env)
-                inner.update(zip(sub["params"], args, strict=True))
-                outs = self._run(sub, inner)
-                for r, o in zip(step["results"], outs, strict=True):
-                    env[r] = o
+                self._enter(step["cases"][k]["block"], step, env)
             else:
                 raise ArtifactError(f"unknown host step {op!r}")
         return [env[r] for r in block["results"]]
+
+    def _enter(self, sub: dict[str, Any], step: dict[str, Any], env: dict[str, Any]) -> None:
+        """Run block ``sub`` with its params bound to ``step``'s args; bind its results."""
+        inner = dict(env)
+        inner.update(zip(sub["params"], (env[a] for a in step["args"]), strict=True))
+        outs = self._run(sub, inner)
+        for r, o in zip(step["results"], outs, strict=True):
+            env[r] = o
 
 
 def _match_signature(cases: Sequence[dict[str, Any]], args: Sequence[torch.Tensor]) -> int:
