@@ -3,7 +3,10 @@
 Checked, in order, for the program graph and each sub-graph:
 
 1. structure — every input of a node is a node of the same graph defined before it (no
-   dangling or forward uses), there is exactly one output, and ``fx`` lint passes;
+   dangling or forward uses), there is exactly one output, output names are distinct,
+   no value is named like something the generated Python code needs (a keyword, a
+   builtin, ``self``, ``torch``...; see :func:`reserved_name_reason`), and ``fx`` lint
+   passes;
 2. ops — only known ops: ``torch.ops`` overloads (ATen, the splice dialect, registered
    custom ops), torch's higher-order control-flow ops, and a fixed table of Python
    callables on sizes; ``call_module`` only on sub-graphs; arguments fit the op's schema;
@@ -17,6 +20,8 @@ and its source line.
 
 from __future__ import annotations
 
+import builtins
+import keyword
 import re
 from typing import Any
 
@@ -30,6 +35,36 @@ from splice.ir.shape_prop import PY_OP_NAMES, FakeRunner
 
 _SYMBOL_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SYMPY_FUNCS = {"Max", "Min", "FloorDiv", "Mod", "CeilDiv", "floor", "ceiling", "sqrt", "oo"}
+
+
+def _fx_builtin_names() -> frozenset[str]:
+    """Names torch.fx's generated code binds as globals (torch, device, inf, nan, ...)."""
+    try:
+        from torch.fx.graph import _custom_builtins
+
+        return frozenset(_custom_builtins)
+    except ImportError:  # private in torch.fx; this is its list in torch 2.x
+        return frozenset({"NoneType", "device", "fx_pytree", "inf", "nan", "pytree", "torch"})
+
+
+_FX_BUILTINS = _fx_builtin_names()
+
+
+def reserved_name_reason(name: str) -> str | None:
+    """Why a value may not be called ``name`` (None if it may).
+
+    torch.fx generates Python code for ``forward(self, ...)``: a value named like a keyword,
+    a builtin or a global that code uses would be renamed by fx or would shadow what the
+    code needs (``self`` breaks every later weight read)."""
+    if keyword.iskeyword(name):
+        return "is a Python keyword"
+    if name == "self":
+        return "is the name of the module inside the generated forward() code"
+    if name in _FX_BUILTINS:
+        return f"is a name the generated code uses for {name!r}"
+    if name in builtins.__dict__:
+        return "shadows a Python builtin that the generated code may call"
+    return None
 
 
 def verify(program: Program, *, propagate: bool = True) -> None:
@@ -65,6 +100,13 @@ def _check_structure(program: Program, gm: fx.GraphModule, top: bool) -> None:
     seen: set[fx.Node] = set()
     outputs = 0
     for node in graph.nodes:
+        reason = reserved_name_reason(node.name) if node.op != "get_attr" else None
+        if reason is not None:
+            raise _err(
+                f"value name %{node.name} {reason}",
+                node,
+                hint="rename the value (torch.fx generates Python code that needs that name)",
+            )
         for inp in node.all_input_nodes:
             if inp.graph is not graph:
                 raise _err(
@@ -83,6 +125,13 @@ def _check_structure(program: Program, gm: fx.GraphModule, top: bool) -> None:
         vals = program.output_values
         if len(vals) != len(program.output_names):
             raise _err(f"{len(vals)} output values but {len(program.output_names)} output names")
+        dupes = sorted({n for n in program.output_names if program.output_names.count(n) > 1})
+        if dupes:
+            raise _err(
+                f"output name(s) {', '.join(map(repr, dupes))} appear more than once",
+                program.output_node,
+                hint="outputs are looked up by name, so one would be dropped; rename one",
+            )
         for v in vals:
             if not isinstance(v, fx.Node):
                 raise _err(f"program output {v!r} is not a value", program.output_node)
@@ -250,4 +299,4 @@ def _fresh(d: M.Dim | None, symbols: set[str]) -> bool:
     return isinstance(d, str) and bool(set(_SYMBOL_RE.findall(d)) - symbols - _SYMPY_FUNCS)
 
 
-__all__ = ["verify"]
+__all__ = ["reserved_name_reason", "verify"]

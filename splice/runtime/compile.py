@@ -21,7 +21,7 @@ import torch
 from splice.errors import LoweringError
 from splice.ir import meta as M
 from splice.ir.program import Program
-from splice.ir.serialize import atomic_dir, sha256_file
+from splice.ir.serialize import atomic_dir, check_output_path, sha256_file
 from splice.ir.signatures import SignatureSet
 from splice.ir.verify import verify
 from splice.runtime.artifact import (
@@ -53,8 +53,13 @@ def compile(
     samples: Sequence[Sequence[torch.Tensor]] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     lowrank_rank: float | int | dict[str, int] | None = None,
+    overwrite: bool = False,
 ) -> Artifact:
     """Compile ``program`` for ``target`` into an artifact folder (``output``, or a new temp dir).
+
+    ``output`` must not exist, or be an empty folder or a splice program or artifact;
+    ``overwrite=True`` replaces anything else (checked before compiling; see
+    :func:`splice.ir.serialize.atomic_dir`).
 
     ``tune``: 0 uses tuned tile sizes from the on-disk database where it has them and
     defaults elsewhere; N > 0 also measures up to N candidates for each matmul kernel the
@@ -75,6 +80,8 @@ def compile(
         target = get_target(target)
     if not isinstance(tune, int) or tune < 0:
         raise LoweringError(f"tune must be a number of trials >= 0, got {tune!r}")
+    if output is not None:
+        check_output_path(output, overwrite=overwrite)
     from splice.passes.branches import has_control_flow, is_split
 
     members = list(program) if isinstance(program, SignatureSet) else [program]
@@ -85,7 +92,7 @@ def compile(
             raise LoweringError("lowrank_rank= is not supported for programs with branches yet")
         return _compile_split(
             program, target, tune=tune, output=output, prepare=prepare, fast_math=fast_math,
-            samples=samples, progress=progress,
+            samples=samples, progress=progress, overwrite=overwrite,
         )  # fmt: skip
     if lowrank_rank is not None:
         from splice.passes.lowrank import set_rank
@@ -102,7 +109,7 @@ def compile(
         program, target, trials=tune, fast_math=fast_math, progress=progress
     )
     output = _output_path(output, program)
-    with atomic_dir(output) as tmp:
+    with atomic_dir(output, overwrite=overwrite) as tmp:
         tvm_backend.export_library(ex, tmp / "main.so", target)
         files = ["main.so", *_write_program_files(tmp, program, samples)]
         index_bounds = _index_bounds(program)
@@ -272,6 +279,7 @@ def _compile_split(
     fast_math: bool,
     samples: Sequence[Sequence[torch.Tensor]] | None,
     progress: Callable[[str, int, int], None] | None,
+    overwrite: bool = False,
 ) -> Artifact:
     """A program with data-dependent branches, or one program per input signature: one
     library per part, and ``host.json``.
@@ -308,7 +316,7 @@ def _compile_split(
     entries: list[dict[str, Any]] = []
     reports: dict[str, Any] = {}
     runnable = target.kind != "cuda" and not is_foreign({"target": target.to_json()})
-    with atomic_dir(output) as tmp:
+    with atomic_dir(output, overwrite=overwrite) as tmp:
         files = []
         for i, (name, info) in enumerate(sorted(parts.items())):
             say(f"compiling {name}", i, len(parts))

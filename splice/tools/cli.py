@@ -143,7 +143,7 @@ def cmd_capture(a: argparse.Namespace) -> int:
     from splice.ir.serialize import save
 
     loaded = load_input(a.model, _parse_factory_args(a.arg))
-    save(loaded.program, a.output, samples=loaded.samples)
+    save(loaded.program, a.output, samples=loaded.samples, overwrite=a.force)
     _console().print(f"captured {loaded.program!r}\nwrote {a.output}")
     return 0
 
@@ -195,7 +195,7 @@ def cmd_opt(a: argparse.Namespace) -> int:
     if check:
         con.print(check.report())
     if a.output:
-        save(result.program, a.output, samples=loaded.samples)
+        save(result.program, a.output, samples=loaded.samples, overwrite=a.force)
         con.print(f"wrote {a.output}")
     elif not (a.print_ir_after_all or a.print_ir_after_change):
         from splice.ir.printer import print_ir
@@ -419,15 +419,24 @@ def build_parser() -> argparse.ArgumentParser:
             help="argument for the model factory",
         )
 
+    def force_arg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--force",
+            action="store_true",
+            help="replace OUTPUT even if it is not a splice program or artifact",
+        )
+
     sp = sub.add_parser("capture", help="capture a model into a saved program")
     model_arg(sp, "model", "MODEL as package.module:factory")
     sp.add_argument("-o", "--output", required=True, help="program folder to write")
+    force_arg(sp)
     sp.set_defaults(fn=cmd_capture)
 
     sp = sub.add_parser("opt", help="run a pass pipeline")
     model_arg(sp)
     sp.add_argument("-p", "--pipeline", required=True, help='e.g. "cse,fold-constants,dce"')
     sp.add_argument("-o", "--output", help="program folder to write (default: print the IR)")
+    force_arg(sp)
     sp.add_argument("--print-ir-before-all", action="store_true")
     sp.add_argument("--print-ir-after-all", action="store_true")
     sp.add_argument("--print-ir-after-change", action="store_true")

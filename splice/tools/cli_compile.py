@@ -41,6 +41,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
         samples=loaded.samples or None,
         progress=_progress_printer(),
         lowrank_rank=_rank_option(a.lowrank_rank),
+        overwrite=a.force,
     )
     seconds = time.perf_counter() - t0
     m = art.manifest
@@ -250,6 +251,11 @@ def add_commands(sub: Any, model_arg: Any) -> None:
         help="lower the rank of lowrank layers: a fraction (0.5) of each stored rank, or a rank",
     )
     sp.add_argument("-o", "--output", required=True, help="artifact folder to write")
+    sp.add_argument(
+        "--force",
+        action="store_true",
+        help="replace OUTPUT even if it is not a splice program or artifact",
+    )
     sp.set_defaults(fn=cmd_compile)
 
     def input_args(sp: argparse.ArgumentParser) -> None:
