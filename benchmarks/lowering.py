@@ -11,8 +11,13 @@ the same input tensors:
   fails the error is recorded instead of a time;
 * ``onnxruntime`` — ``torch.onnx.export`` (the dynamo exporter, falling back to the legacy
   TorchScript one), CPU execution provider, ``intra_op_num_threads = torch.get_num_threads()``;
-* ``splice`` — ``splice.capture`` → ``splice.compile(p, "host", tune=N)`` (TVM) →
-  ``Artifact.load()``; the loaded ``CompiledModel`` is called on torch tensors.
+* ``splice`` — ``splice.capture`` → ``splice.compile(p, "host")`` (TVM) → ``splice.load``;
+  the loaded ``CompiledModel`` is called on torch tensors. Defaults of the public API
+  throughout: no tuning unless ``--tune N``, no ``TVM_NUM_THREADS``, the thread count the
+  loaded model picks itself;
+* ``splice v3`` — the same for the target ``x86-64-v3`` (AVX2/FMA), which runs on any
+  x86-64 CPU with AVX2, so an AVX-512 machine measures both its own ISA and AVX2's (x86
+  machines with AVX2 only).
 
 Every peer's outputs are checked against eager's (max abs diff over all outputs, printed);
 a difference above 1e-3 fails the run (exit status 1, RESULTS.md left alone).
@@ -47,7 +52,7 @@ For each peer: ``--warmup`` calls (5), then ``--repeats`` timed calls (30) with
 step, the memory-bandwidth lower bound is the bytes of weights one step must read (every
 parameter except the embedding table, of which only the token's row; the lm_head
 included) divided by the higher of the two measured bandwidths; ``fraction`` = bound /
-time. TVM's thread pool gets ``TVM_NUM_THREADS = torch.get_num_threads()`` unless it is set.
+time. Nothing sets TVM's threads: the loaded model uses every core, as a user gets it.
 
 Run from the repository root (needs ``pip install -e '.[onnx]'`` for onnxruntime)::
 
@@ -55,8 +60,8 @@ Run from the repository root (needs ``pip install -e '.[onnx]'`` for onnxruntime
     python benchmarks/lowering.py --quick            # smoke run: 3 repeats, no write
     python benchmarks/lowering.py --repeats 3 --models mlp1,gpt2 --no-results
 
-Tuning results are cached on disk (``~/.cache/splice/tvm_tuning.json``), so a second run
-compiles without re-tuning.
+RESULTS.md keeps one section per kind of CPU (model name and vector ISA): a run replaces
+only its own machine's section.
 """
 
 from __future__ import annotations
@@ -100,11 +105,10 @@ from splice import models
 SECTION = (
     "## Lowering: splice→TVM against eager, torch.compile and ONNX Runtime (benchmarks/lowering.py)"
 )
-BEGIN = "<!-- lowering:begin -->"
-END = "<!-- lowering:end -->"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 ATOL = 1e-3
-PEERS = ("eager", "torch.compile", "onnxruntime", "splice")
+PEERS = ("eager", "torch.compile", "onnxruntime", "splice", "splice v3")
+SPLICE_TARGETS = {"splice": "host", "splice v3": "x86-64-v3"}
 ALL_MODELS = ("mlp1", "mlp32", "gpt2", "llama-decode", "llama-prefill")
 
 GPT2_SHAPE: dict[str, int] = {"hidden": 768, "heads": 12, "seq": 128}
@@ -445,28 +449,48 @@ def run_onnxruntime(
 
 
 def run_splice(
-    case: Case, ref: list[torch.Tensor], warmup: int, repeats: int, tune: int, tmp: Path
+    case: Case,
+    ref: list[torch.Tensor],
+    warmup: int,
+    repeats: int,
+    tune: int,
+    tmp: Path,
+    peer: str = "splice",
 ) -> PeerResult:
     last = [""]
+    target = SPLICE_TARGETS[peer]
 
     def progress(message: str, done: int, total: int) -> None:
         if message != last[0]:  # one line per stage / per tuned kernel
             last[0] = message
-            log(f"    splice: {message} ({done}/{total})")
+            log(f"    {peer}: {message} ({done}/{total})")
 
     try:
         t0 = time.perf_counter()
         program = splice.capture(case.model, case.inputs, name=case.name.replace("-", "_"))
         art = splice.compile(
-            program, "host", tune=tune, output=tmp / f"{case.name}.artifact", progress=progress
+            program,
+            target,
+            tune=tune,
+            output=tmp / f"{case.name}-{target}.artifact",
+            progress=progress,
         )
-        m = art.load(num_threads=int(os.environ["TVM_NUM_THREADS"]))
+        m = splice.load(art.path)
         setup = time.perf_counter() - t0
         diff = max_abs_diff(m(*case.inputs), ref)
         timing = time_calls(lambda: m(*case.inputs), warmup, repeats)
     except Exception as e:
-        return PeerResult("splice", error=error_text(e))
-    return PeerResult("splice", timing, diff, setup)
+        return PeerResult(peer, error=error_text(e))
+    return PeerResult(peer, timing, diff, setup)
+
+
+def splice_peers() -> list[str]:
+    """``splice`` always; ``splice v3`` on x86 machines that can run AVX2 code."""
+    from splice.target import X86_LEVELS, host_target
+
+    host = host_target(measure=False)
+    v3 = set(X86_LEVELS["x86-64-v3"][0]) <= set(host.features)
+    return ["splice", *(["splice v3"] if v3 else [])]
 
 
 def run_case(case: Case, args: argparse.Namespace, threads: int) -> CaseResult:
@@ -482,9 +506,14 @@ def run_case(case: Case, args: argparse.Namespace, threads: int) -> CaseResult:
         res.peers["onnxruntime"] = run_onnxruntime(
             case, ref, args.warmup, args.repeats, threads, tmp
         )
-        log(f"compiling {case.name}: splice (tune={args.tune})…")
-        res.peers["splice"] = run_splice(case, ref, args.warmup, args.repeats, args.tune, tmp)
+        for peer in splice_peers():
+            log(f"compiling {case.name}: {peer} ({SPLICE_TARGETS[peer]}, tune={args.tune})…")
+            res.peers[peer] = run_splice(
+                case, ref, args.warmup, args.repeats, args.tune, tmp, peer
+            )
     for peer in PEERS:
+        if peer not in res.peers:
+            continue
         r = res.peers[peer]
         if r.error is not None:
             log(f"  {case.name:<14} {peer:<14} FAILED: {r.error}")
@@ -519,27 +548,38 @@ def _diff(r: PeerResult) -> str:
 
 
 def table(results: list[CaseResult]) -> str:
+    v3 = any("splice v3" in res.peers for res in results)
     out = [
         "| model | eager ms | torch.compile ms | ORT ms | splice ms | eager/splice | ORT/splice "
-        "| max abs diff vs eager (compile / ORT / splice) |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|",
+        + ("| splice v3 ms | eager/v3 | ORT/v3 " if v3 else "")
+        + "| max abs diff vs eager (compile / ORT / splice"
+        + (" / v3" if v3 else "")
+        + ") |",
+        "|---|--:|--:|--:|--:|--:|--:|" + ("--:|--:|--:|" if v3 else "") + "--:|",
     ]
+    missing = PeerResult("splice v3", error="not run")
     for res in results:
         p = res.peers
-        diffs = " / ".join(_diff(p[k]) for k in ("torch.compile", "onnxruntime", "splice"))
-        out.append(
+        keys = ["torch.compile", "onnxruntime", "splice", *(["splice v3"] if v3 else [])]
+        diffs = " / ".join(_diff(p.get(k, missing)) for k in keys)
+        row = (
             f"| {res.case.name} | {_ms(p['eager'])} | {_ms(p['torch.compile'])} "
             f"| {_ms(p['onnxruntime'])} | {_ms(p['splice'])} "
             f"| {_ratio(p['eager'], p['splice'])} | {_ratio(p['onnxruntime'], p['splice'])} "
-            f"| {diffs} |"
         )
+        if v3:
+            q = p.get("splice v3", missing)
+            row += (
+                f"| {_ms(q)} | {_ratio(p['eager'], q)} | {_ratio(p['onnxruntime'], q)} "
+            )
+        out.append(row + f"| {diffs} |")
     return "\n".join(out)
 
 
 def setup_table(results: list[CaseResult]) -> str:
     out = [
-        "| model | torch.compile first call s | ORT export + session s | splice capture + compile + load s |",
-        "|---|--:|--:|--:|",
+        "| model | torch.compile first call s | ORT export + session s | splice capture + compile + load s | splice v3 s |",
+        "|---|--:|--:|--:|--:|",
     ]
 
     def s(r: PeerResult) -> str:
@@ -547,9 +587,10 @@ def setup_table(results: list[CaseResult]) -> str:
 
     for res in results:
         p = res.peers
+        v3 = p.get("splice v3", PeerResult("splice v3"))
         out.append(
             f"| {res.case.name} | {s(p['torch.compile'])} | {s(p['onnxruntime'])} "
-            f"| {s(p['splice'])} |"
+            f"| {s(p['splice'])} | {s(v3)} |"
         )
     return "\n".join(out)
 
@@ -563,7 +604,9 @@ def bandwidth_lines(results: list[CaseResult], machine: Machine) -> list[str]:
             continue
         bound = c.weight_bytes / bw
         fracs = []
-        for peer in PEERS[:-1]:  # splice is the headline
+        for peer in ("eager", "torch.compile", "onnxruntime", "splice v3"):  # splice: headline
+            if peer not in res.peers:
+                continue
             t = res.peers[peer].timing
             fracs.append(f"{peer} {bound / t.median_s:.2f}" if t else f"{peer} —")
         sp = res.peers["splice"].timing
@@ -591,6 +634,37 @@ def l3_text() -> str:
     return lscpu("L3") or "unknown"
 
 
+def isa_text() -> str:
+    from splice.target import host_target
+
+    t = host_target(measure=False)
+    return f"{t.isa}, {t.vector_bits}-bit vectors, {t.vector_registers} registers"
+
+
+def tvm_threads() -> str:
+    return os.environ.get("TVM_NUM_THREADS", "unset")
+
+
+def cpu_kind() -> str:
+    """The key of this machine's RESULTS.md section: CPU model name and vector ISA."""
+    from splice.target import host_target
+
+    return f"{cpu_model()}, {host_target(measure=False).isa}"
+
+
+def markers() -> tuple[str, str, str]:
+    """Heading and markers of this CPU kind's section."""
+    import re
+
+    kind = cpu_kind()
+    slug = re.sub(r"[^a-z0-9]+", "-", kind.lower()).strip("-")
+    return (
+        f"{SECTION} — {kind}",
+        f"<!-- lowering:{slug}:begin -->",
+        f"<!-- lowering:{slug}:end -->",
+    )
+
+
 def section(
     results: list[CaseResult],
     machine: Machine,
@@ -610,13 +684,15 @@ def section(
     ]
     exporters = sorted({r.note for res in results for r in res.peers.values() if r.note})
     L = LLAMA_SHAPE
+    heading, begin, end = markers()
     parts = [
-        SECTION,
-        BEGIN,
+        heading,
+        begin,
         "",
         f"- date: {dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- machine: {cpu_model()}, {os.cpu_count()} cores, L3 {l3_text()}; threads: torch "
-        f"{threads}, TVM {os.environ.get('TVM_NUM_THREADS')}, ORT intra-op {threads}; 1-min load "
+        f"- machine: {cpu_model()} ({isa_text()}), {os.cpu_count()} cores, L3 {l3_text()}; "
+        f"threads: torch {threads}, TVM {tvm_threads()} (splice.load's default), ORT intra-op "
+        f"{threads}; 1-min load "
         f"average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after the run",
         f"- measured: STREAM triad {machine.triad_numpy_gbs:.1f} GB/s "
         f"(`splice.target.measure_host`: numpy, two single-threaded passes) and "
@@ -630,7 +706,8 @@ def section(
         f"- method: fp32, eval, random weights (seed 0); per peer {args.warmup} warm-up calls, "
         f"then the median of {args.repeats} timed calls (time.perf_counter), with the 10th–90th "
         f"percentile in brackets; ratios are of medians (> 1: splice faster); splice compiled "
-        f"with tune={args.tune} (tuning database on disk); ONNX via "
+        f"with `splice.compile(p, target, tune={args.tune})` for `host` and `x86-64-v3` and "
+        f"loaded with `splice.load(path)` (defaults); ONNX via "
         f"{', '.join(exporters) or 'n/a'}, CPU execution provider",
         f"- LLaMA: {L['layers']} layers, hidden {L['hidden']}, FFN {L['inter']}, {L['heads']} "
         f"heads, {L['kv_heads']} KV heads, vocab {L['vocab']}, untied lm_head "
@@ -662,7 +739,7 @@ def section(
         *failures,
         *_load_warning(busy_start, wall),
         "",
-        END,
+        end,
     ]
     return "\n".join(parts)
 
@@ -691,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per peer (30)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed calls before timing (5)")
-    ap.add_argument("--tune", type=int, default=8, help="splice.compile tune= trials (8)")
+    ap.add_argument("--tune", type=int, default=0, help="splice.compile tune= trials (0, the default)")
     ap.add_argument(
         "--models",
         default=",".join(ALL_MODELS),
@@ -711,7 +788,6 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers/pytree chatter
     threads = torch.get_num_threads()
-    os.environ.setdefault("TVM_NUM_THREADS", str(threads))  # before TVM's pool starts
     load = os.getloadavg()
     busy_start = busy_seconds()
     t_start = time.perf_counter()
@@ -741,17 +817,22 @@ def main(argv: list[str] | None = None) -> int:
         for peer, r in res.peers.items()
         if r.max_abs_diff is not None and r.max_abs_diff > ATOL
     ]
-    splice_failed = [res.case.name for res in results if res.peers["splice"].error is not None]
+    splice_failed = [
+        (res.case.name, peer, r.error)
+        for res in results
+        for peer, r in res.peers.items()
+        if peer.startswith("splice") and r.error is not None
+    ]
     if mismatches or splice_failed:
         for m in mismatches:
             log(f"ERROR: output mismatch: {m}")
-        for res in results:
-            if res.peers["splice"].error is not None:
-                log(f"ERROR: splice failed on {res.case.name}: {res.peers['splice'].error}")
+        for name, peer, err in splice_failed:
+            log(f"ERROR: {peer} failed on {name}: {err}")
         log(f"not writing {args.results}")
         return 1
     if write:
-        write_marked_section(args.results, SECTION, BEGIN, END, text)
+        heading, begin, end = markers()
+        write_marked_section(args.results, heading, begin, end, text)
         log(f"wrote {args.results}")
     return 0
 

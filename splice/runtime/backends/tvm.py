@@ -71,12 +71,15 @@ def tvm_target_dict(target: Target) -> dict[str, Any]:
     if target.kind == "cuda":
         return {"kind": "cuda", "host": {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}}
     if target.triple.startswith("aarch64"):
-        return {
+        d_arm: dict[str, Any] = {
             "kind": "llvm",
             "mtriple": "aarch64-linux-gnu",
             "mattr": ["+neon"],
             "num-cores": target.cores,
         }
+        if target.cpu and target.cpu != "native":
+            d_arm["mcpu"] = target.cpu
+        return d_arm
     d: dict[str, Any] = {
         "kind": "llvm",
         "mtriple": f"{target.triple.split('-')[0]}-linux-gnu",
@@ -369,6 +372,9 @@ class LoweringReport:
     unscheduled: dict[str, str] = field(default_factory=dict)
     tuning: dict[str, dict[str, Any]] = field(default_factory=dict)
     tvm_warnings: list[str] = field(default_factory=list)
+    # object files linked into the library (splice's C GEMM kernels, tvm_gemm.py)
+    objects: list[str] = field(default_factory=list)
+    target: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         rules: dict[str, int] = {}
@@ -381,6 +387,7 @@ class LoweringReport:
             "unscheduled": self.unscheduled,
             "tuning": self.tuning,
             "tvm_warnings": self.tvm_warnings,
+            "target": self.target,
         }
 
 
@@ -466,6 +473,23 @@ def lower(
         ) from e
     mod, _ = relax.frontend.detach_params(mod)
     report.seconds["import"] = time.perf_counter() - t0
+    report.target = {
+        "isa": target.isa,
+        "vector_lanes": target.vector_lanes,
+        "vector_registers": target.vector_registers,
+        "l1d_bytes": target.l1d_bytes,
+        "l2_bytes": target.l2_bytes,
+        "cores": target.cores,
+    }
+    if target.kind != "cuda":
+        from splice.runtime.backends.tvm_gemm import compile_kernel, rewrite_gemms
+
+        mod, sites = rewrite_gemms(mod, target)
+        for site in sites:
+            report.matmuls[site.name] = site.to_json()
+            obj = str(compile_kernel(site.plan, target))
+            if obj not in report.objects:
+                report.objects.append(obj)
 
     t0 = time.perf_counter()
     say("optimising", 2, 4)
@@ -491,11 +515,8 @@ def lower(
             )(mod)
         if target.kind != "cuda":
             mod, sched = schedule_module(mod, tuner)
-            report.schedules, report.matmuls, report.unscheduled = (
-                sched.rules,
-                sched.matmuls,
-                sched.failures,
-            )
+            report.schedules, report.unscheduled = sched.rules, sched.failures
+            report.matmuls.update(sched.matmuls)
         mod = tvm.transform.Sequential(
             [
                 relax.transform.SplitLayoutRewritePreproc(),
@@ -531,13 +552,17 @@ def lower(
     return ex, param_names, report
 
 
-def export_library(ex: Any, path: Path, target: Target) -> None:
+def export_library(
+    ex: Any, path: Path, target: Target, objects: Sequence[str] = ()
+) -> None:
+    """Link the built module (and ``objects``: splice's C kernels) into one shared library."""
     fcompile = cross_compiler(target)
+    addons = [str(o) for o in objects] or None
     try:
         if fcompile is None:
-            ex.export_library(str(path))
+            ex.export_library(str(path), addons=addons)
         else:
-            ex.export_library(str(path), fcompile=fcompile)
+            ex.export_library(str(path), fcompile=fcompile, addons=addons)
     except LoweringError:
         raise
     except Exception as e:
@@ -558,6 +583,37 @@ def _first(e: BaseException) -> str:
 # run time
 
 
+_pool_threads: list[int] = []  # the thread count TVM's pool was last configured with
+
+
+def _prepare_thread_pool(num_threads: int | None) -> int:
+    """The threads a loaded part runs on: ``num_threads``, else every core of this machine.
+
+    TVM sizes its thread pool once per process, when it is first used, from
+    ``TVM_NUM_THREADS`` — and without it assumes hyper-threading on x86 and takes half of the
+    logical CPUs (one thread on a 2-vCPU machine, where it halves GEMM throughput). So,
+    unless the user set ``TVM_NUM_THREADS`` (or ``OMP_NUM_THREADS``) themselves, the pool is
+    created with every core; each part then runs with its own count (:func:`_use_threads`),
+    within that pool, so two models loaded with different counts do not change each other.
+    """
+    cores = os.cpu_count() or 1
+    if "TVM_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["TVM_NUM_THREADS"] = str(max(cores, num_threads or 0))
+    if num_threads is not None and num_threads < 1:
+        raise LoweringError(f"num_threads must be at least 1, got {num_threads}")
+    return num_threads or cores
+
+
+def _use_threads(n: int) -> None:
+    """Configure TVM's pool for ``n`` threads, if it is not already (cheap when unchanged)."""
+    if _pool_threads and _pool_threads[0] == n:
+        return
+    import tvm_ffi
+
+    tvm_ffi.get_global_func("runtime.config_threadpool")(1, n)  # 1: kBig, all equal cores here
+    _pool_threads[:] = [n]
+
+
 class TVMPart:
     """A compiled part loaded from its ``.so``: weights repacked once, then callable."""
 
@@ -569,11 +625,10 @@ class TVMPart:
         entry: str = "main",
         num_threads: int | None = None,
     ):
+        self.num_threads = _prepare_thread_pool(num_threads)
         tvm = require_tvm()
         from tvm import relax
 
-        if num_threads is not None:
-            os.environ["TVM_NUM_THREADS"] = str(num_threads)
         self._tvm = tvm
         self.device = tvm.cpu(0)
         lib = tvm.runtime.load_module(str(library))
@@ -594,6 +649,7 @@ class TVMPart:
 
     def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
         args = [self._to_tvm(x.contiguous()) for x in inputs]
+        _use_threads(self.num_threads)
         out = self._main(*args, *self.params)
         outs = list(out) if isinstance(out, (tuple, list)) or hasattr(out, "__len__") else [out]
         return [torch.from_dlpack(o) for o in outs]
