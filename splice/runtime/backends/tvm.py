@@ -514,7 +514,7 @@ def lower(
                 ]
             )(mod)
         if target.kind != "cuda":
-            mod, sched = schedule_module(mod, tuner)
+            mod, sched = schedule_module(mod, tuner, target=target)
             report.schedules, report.unscheduled = sched.rules, sched.failures
             report.matmuls.update(sched.matmuls)
         mod = tvm.transform.Sequential(

@@ -35,6 +35,14 @@ is (rule ``moe_ffn``).
 Each rule returns ``None`` when it does not apply, and the next rule is tried; a function
 no rule accepts stays unscheduled (correct, slow) and is reported. Matmul tile sizes are a
 :class:`MatmulConfig`; :func:`matmul_candidates` lists the ones the tuner tries.
+
+Vector lanes and the register budget are the target's (:class:`CpuShape`, from
+``Target.vector_lanes`` / ``Target.vector_registers``), so one code path serves AVX2,
+AVX-512 and NEON. GEMMs on a weight with 8 rows or more do not reach these rules: they
+are rewritten earlier into calls of splice's C kernel (:mod:`.tvm_gemm`); the matmul rule
+keeps decode GEMVs, activation × activation products (attention) and convolutions. The
+fused lowrank and moe kernels keep their AVX2-sized plans (memory-bound decode kernels,
+whose speed is the weight stream's, not the tile's).
 """
 
 from __future__ import annotations
@@ -44,7 +52,27 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-VECTOR_LANES = 8  # fp32 lanes of a 256-bit vector; the packed panel width is a multiple
+VECTOR_LANES = 8  # fp32 lanes of a 256-bit vector: the default when no target is given
+
+
+@dataclass(frozen=True)
+class CpuShape:
+    """What the rules read of a CPU target: fp32 lanes per vector register and the number
+    of vector registers (AVX2 8/16, AVX-512 16/32, NEON 4/32). A register tile may use
+    three quarters of the registers for accumulators; the rest hold operands."""
+
+    lanes: int = VECTOR_LANES
+    registers: int = 16
+
+    @property
+    def accumulators(self) -> int:
+        return 3 * self.registers // 4
+
+    @staticmethod
+    def of(target: Any) -> CpuShape:
+        if target is None:
+            return CpuShape()
+        return CpuShape(target.vector_lanes, target.vector_registers)
 
 
 @dataclass(frozen=True)
@@ -248,24 +276,32 @@ def _mentions(expr: Any, var: Any) -> bool:
     return expr.same_as(var) or any(v.same_as(var) for v in undefined_vars(expr))
 
 
-def default_matmul_config(info: MatmulInfo) -> MatmulConfig | None:
-    """The tile sizes used without tuning: wide panels for decode, 4×16 tiles otherwise."""
-    cands = matmul_candidates(info)
+def default_matmul_config(info: MatmulInfo, cpu: CpuShape | None = None) -> MatmulConfig | None:
+    """The tile sizes used without tuning: wide panels for decode, 4 rows × two vectors
+    otherwise (4×16 on AVX2, 4×32 on AVX-512, 4×8 on NEON)."""
+    cpu = cpu or CpuShape()
+    cands = matmul_candidates(info, cpu)
     if not cands:
         return None
     if info.m <= 2:
         wide = [c for c in cands if c.mi == info.m]
         return max(wide, key=lambda c: c.nb) if wide else cands[0]
+    two = 2 * cpu.lanes
     pref = (
-        [c for c in cands if c.nb == 16 and c.mi == 4] or [c for c in cands if c.nb == 16] or cands
+        [c for c in cands if c.nb == two and c.mi == 4]
+        or [c for c in cands if c.nb == two]
+        or cands
     )
     return pref[0]
 
 
-def matmul_candidates(info: MatmulInfo) -> list[MatmulConfig]:
-    """Tile sizes the tuner tries: ``nb`` dividing N, ``mi`` dividing the innermost row extent."""
-    nbs = [nb for nb in (32, 16, 8) if info.n % nb == 0]
-    if not nbs and info.n <= 32:
+def matmul_candidates(info: MatmulInfo, cpu: CpuShape | None = None) -> list[MatmulConfig]:
+    """Tile sizes the tuner tries: ``nb`` of 4, 2 or 1 vectors dividing N, ``mi`` dividing
+    the innermost row extent, with ``mi × nb / lanes`` accumulators fitting the registers."""
+    cpu = cpu or CpuShape()
+    lanes = cpu.lanes
+    nbs = [nb for nb in (4 * lanes, 2 * lanes, lanes) if info.n % nb == 0]
+    if not nbs and info.n <= 4 * lanes:
         nbs = [info.n]
     if not nbs:
         return []
@@ -277,7 +313,7 @@ def matmul_candidates(info: MatmulInfo) -> list[MatmulConfig]:
     out = []
     for nb in nbs:
         for mi in mis:
-            if mi * -(-nb // VECTOR_LANES) <= 12:  # accumulators must fit in 16 vector registers
+            if mi * -(-nb // lanes) <= cpu.accumulators:
                 out.append(MatmulConfig(nb, mi))
     return out
 
@@ -393,7 +429,7 @@ def _parallel_injective(sch: Any, block: Any) -> None:
             sch.parallel(loops[0])
 
 
-def schedule_rows(func: Any) -> Any | None:
+def schedule_rows(func: Any, lanes: int = VECTOR_LANES) -> Any | None:
     """Reductions and normalisations: all blocks computed per row of the output, in parallel."""
     _, s_tir, _ = _tvm()
     sch = s_tir.Schedule(func)
@@ -427,13 +463,13 @@ def schedule_rows(func: Any) -> Any | None:
     if not _is_reduction(sch, last) and len(spatial) > 1:
         inner = sch.get_loops(last)[-1]
         e = _extent(sch, inner)
-        if e is not None and e % VECTOR_LANES == 0:
-            _, vi = sch.split(inner, [None, VECTOR_LANES])
+        if e is not None and e % lanes == 0:
+            _, vi = sch.split(inner, [None, lanes])
             sch.vectorize(vi)
     return sch.mod["main"]
 
 
-def schedule_injective(func: Any, chunk: int = 1024) -> Any | None:
+def schedule_injective(func: Any, chunk: int = 1024, lanes: int = VECTOR_LANES) -> Any | None:
     """Element-wise/layout blocks: each root block fused, parallel over chunks, vectorised."""
     _, s_tir, _ = _tvm()
     sch = s_tir.Schedule(func)
@@ -454,10 +490,10 @@ def schedule_injective(func: Any, chunk: int = 1024) -> Any | None:
         if ext >= 2 * chunk:
             outer, inner = sch.split(fused, [None, chunk])
             sch.parallel(outer)
-            _, vec = sch.split(inner, [None, VECTOR_LANES])
+            _, vec = sch.split(inner, [None, lanes])
             sch.vectorize(vec)
-        elif ext % VECTOR_LANES == 0 and ext >= VECTOR_LANES:
-            _, vec = sch.split(fused, [None, VECTOR_LANES])
+        elif ext % lanes == 0 and ext >= lanes:
+            _, vec = sch.split(fused, [None, lanes])
             sch.vectorize(vec)
     return sch.mod["main"]
 
@@ -657,13 +693,17 @@ class ScheduleReport:
 def schedule_module(
     mod: Any,
     choose: Callable[[str, Any, MatmulInfo], MatmulConfig | None] | None = None,
+    target: Any = None,
 ) -> tuple[Any, ScheduleReport]:
-    """Schedule every unscheduled PrimFunc of ``mod``.
+    """Schedule every unscheduled PrimFunc of ``mod`` for ``target`` (a
+    :class:`splice.target.Target`: its vector lanes and registers shape the tiles; AVX2's
+    when None).
 
     ``choose(name, func, info)`` picks the matmul tile sizes (the tuner); by default
     :func:`default_matmul_config`.
     """
     _, _, tirx = _tvm()
+    cpu = CpuShape.of(target)
     rules: dict[str, str] = {}
     matmuls: dict[str, dict[str, Any]] = {}
     failures: dict[str, str] = {}
@@ -699,7 +739,11 @@ def schedule_module(
             }
         info = analyse_matmul(func) if new is None else None
         if info is not None:
-            cfg = choose(name, func, info) if choose is not None else default_matmul_config(info)
+            cfg = (
+                choose(name, func, info)
+                if choose is not None
+                else default_matmul_config(info, cpu)
+            )
             if cfg is not None:
                 try:
                     new, rule = schedule_matmul(func, info, cfg), "matmul"
@@ -714,8 +758,8 @@ def schedule_module(
                 except Exception as e:  # fall through to the generic rules
                     errors.append(f"matmul: {_first_line(e)}")
         for rule_name, fn in (
-            ("row", schedule_rows),
-            ("injective", schedule_injective),
+            ("row", lambda f: schedule_rows(f, cpu.lanes)),
+            ("injective", lambda f: schedule_injective(f, lanes=cpu.lanes)),
             ("fallback", schedule_fallback),
         ):
             if new is not None:
@@ -749,6 +793,7 @@ def iter_prim_funcs(mod: Any) -> Iterable[tuple[str, Any]]:
 
 __all__ = [
     "LOWRANK_KERNEL",
+    "CpuShape",
     "LowRankPlan",
     "MatmulConfig",
     "MatmulInfo",
