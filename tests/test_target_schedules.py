@@ -96,7 +96,14 @@ def _x86_targets() -> list[str]:
 @pytest.mark.parametrize("level", ["x86-64-v3", "x86-64-v4"])
 @pytest.mark.parametrize(
     "m,n,k,tasks",
-    [(1, 1, 1, 1), (5, 7, 3, 2), (13, 33, 17, 3), (37, 100, 150, 2), (64, 257, 300, 5), (3, 16, 64, 4)],
+    [
+        (1, 1, 1, 1),
+        (5, 7, 3, 2),
+        (13, 33, 17, 3),
+        (37, 100, 150, 2),
+        (64, 257, 300, 5),
+        (3, 16, 64, 4),
+    ],
 )
 def test_c_kernel_matches_torch_on_edge_shapes(level, m, n, k, tasks, tmp_path):
     if level not in _x86_targets():
@@ -111,7 +118,9 @@ def test_c_kernel_matches_torch_on_edge_shapes(level, m, n, k, tasks, tmp_path):
     c = torch.full((m, n), float("nan"))
     work = torch.empty(tasks * plan.mc * plan.kc)
     for t in range(tasks):
-        assert fn(a.data_ptr(), bp.data_ptr(), c.data_ptr(), work.data_ptr(), m, n, k, t, tasks) == 0
+        assert (
+            fn(a.data_ptr(), bp.data_ptr(), c.data_ptr(), work.data_ptr(), m, n, k, t, tasks) == 0
+        )
     # fp32 sums in another order than the float64 reference: error grows like sqrt(k)·eps·|x|
     want = (a.double() @ w.double().T).float()
     torch.testing.assert_close(c, want, rtol=1e-5, atol=1e-5 * max(1.0, k**0.5))
@@ -136,9 +145,7 @@ def mlp_artifacts(tmp_path_factory):
 
 def _gemm_plans(art) -> dict[str, dict]:
     manifest = json.loads((art.path / "manifest.json").read_text())
-    return {
-        k: v for k, v in manifest["lowering"]["matmuls"].items() if v.get("kernel") == "gemm"
-    }
+    return {k: v for k, v in manifest["lowering"]["matmuls"].items() if v.get("kernel") == "gemm"}
 
 
 def test_each_target_gets_its_own_plan_and_matches_eager(mlp_artifacts):
@@ -148,7 +155,10 @@ def test_each_target_gets_its_own_plan_and_matches_eager(mlp_artifacts):
     for name, art in arts.items():
         plans = _gemm_plans(art)
         target = get_target(name)
-        assert sorted((p["m"], p["n"], p["k"]) for p in plans.values()) == [(16, 40, 200), (16, 200, 96)]
+        assert sorted((p["m"], p["n"], p["k"]) for p in plans.values()) == [
+            (16, 40, 200),
+            (16, 200, 96),
+        ]
         for p in plans.values():
             expected = G.gemm_plan(target, p["m"], p["n"], p["k"]).to_json()
             assert {key: p[key] for key in expected} == expected

@@ -148,7 +148,9 @@ def compile_kernel(plan: GemmPlan, target: Target) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".o", dir=out.parent)
     os.close(fd)
     try:
-        r = subprocess.run([cc, *flags, "-c", str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        r = subprocess.run(
+            [cc, *flags, "-c", str(SOURCE), "-o", tmp], capture_output=True, text=True
+        )
         if r.returncode != 0:
             raise LoweringError(
                 f"compiling splice's GEMM kernel with {cc} failed: {r.stderr.strip()[:400]}",
@@ -186,7 +188,9 @@ def gemm_prim_func(plan: GemmPlan, m: int, n: int, k: int) -> Any:
                 buf = T.alloc_buffer((work,), "float32")
                 for t in T.parallel(tasks):
                     T.evaluate(
-                        T.call_extern("int32", fn, a.data, b.data, c.data, buf.data, m, n, k, t, tasks)
+                        T.call_extern(
+                            "int32", fn, a.data, b.data, c.data, buf.data, m, n, k, t, tasks
+                        )
                     )
 
     return splice_gemm
@@ -218,7 +222,9 @@ def _static_shape(expr: Any) -> tuple[list[int], str] | None:
     return dims, str(sinfo.dtype)
 
 
-def rewrite_gemms(mod: Any, target: Target, *, min_rows: int = MIN_ROWS) -> tuple[Any, list[GemmSite]]:
+def rewrite_gemms(
+    mod: Any, target: Target, *, min_rows: int = MIN_ROWS
+) -> tuple[Any, list[GemmSite]]:
     """Replace the weight GEMMs of ``mod["main"]`` by calls of the C kernel (see the module
     docstring). Returns the module and the sites replaced; the kernels' object files come
     from :func:`compile_kernel` with each site's plan."""
