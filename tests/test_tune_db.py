@@ -8,13 +8,13 @@ from pathlib import Path
 from splice.runtime.backends.tvm_schedules import MatmulConfig
 from splice.runtime.backends.tvm_tuner import TuningDatabase, file_lock
 
-RECORDS = 300  # per process; saved one by one, so the two writers interleave often
+RECORDS = 300  # per process, each by its own short-lived database (like 300 compiles)
 
 
 def _writer(path: str, who: int, start: mp.synchronize.Event) -> None:
-    db = TuningDatabase(path)
     start.wait()
     for i in range(RECORDS):
+        db = TuningDatabase(path)
         db.put(f"{who}-{i}", MatmulConfig(16, 4), {"us": float(i)})
         db.save()
 
