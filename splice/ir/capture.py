@@ -32,7 +32,7 @@ from torch import nn
 
 from splice.errors import CaptureError
 from splice.ir import meta as M
-from splice.ir.program import Program, build_graph_module, get_attr_path
+from splice.ir.program import Program, build_graph_module, get_attr_path, weight_name_problem
 
 _INLINE_HOPS = ("wrap_with_set_grad_enabled", "wrap_with_autocast")
 _DROP_OPS = {"aten._assert_tensor_metadata.default"}
@@ -57,6 +57,7 @@ def capture(
             f"capture expects an nn.Module, got {type(model).__name__}",
             hint="wrap a function in an nn.Module whose forward calls it",
         )
+    _check_weight_names(model)
     args, kwargs = _split_inputs(example_inputs)
     user_kwargs = set(kwargs)
     kwargs = _transformers_kwargs(model, kwargs)
@@ -71,6 +72,29 @@ def capture(
     finally:
         model.train(was_training)
     return _to_program(ep, args, kwargs, dims_by_name, name or type(model).__name__)
+
+
+def _check_weight_names(model: nn.Module) -> None:
+    """Raise CaptureError when a parameter or buffer has a name a Program cannot hold.
+
+    A Program keeps state_dict names as attribute paths of its GraphModule, so a name part
+    that GraphModule or nn.Module already uses (``graph``, ``code``, ``meta``, ``forward``,
+    ``to``...), a keyword or a non-identifier would break capture, the text IR or running.
+    """
+    named = [("parameter", n) for n, _ in model.named_parameters(remove_duplicate=False)]
+    named += [("buffer", n) for n, _ in model.named_buffers(remove_duplicate=False)]
+    for kind, name in named:
+        problem = weight_name_problem(name)
+        if problem is None:
+            continue
+        owner = name.rpartition(".")[0]
+        raise CaptureError(
+            f"cannot capture {type(model).__name__}: {kind} {name!r} has a name a splice "
+            f"Program cannot hold ({problem})",
+            where=f"module {owner!r}" if owner else "the model itself",
+            hint="rename that attribute or submodule in the model (e.g. with a trailing "
+            "underscore) and capture again",
+        )
 
 
 def _dims_by_input_name(model: nn.Module, args: tuple, dynamic_shapes: Any) -> dict[str, Any]:

@@ -22,7 +22,10 @@ its storage, so :meth:`Program.copy` shares weight tensors and costs only a grap
 from __future__ import annotations
 
 import copy as _copy
+import functools
 import itertools
+import keyword
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -39,6 +42,81 @@ _uids = itertools.count()
 # Versions are drawn from one counter for all programs: two programs with the same version
 # are a program and its unedited copy, so (version) alone keys analysis caches.
 _versions = itertools.count(1)
+
+
+# ---------------------------------------------------------------------------------------
+# weight names
+#
+# A weight is an attribute path of the program's GraphModule (``h.0.attn.c_attn.weight``):
+# the first part is an attribute of the GraphModule itself, the others of the plain
+# nn.Modules that hold them. A part that is already an attribute there (``to``, ``forward``,
+# ``graph``, ``code``, ``meta``, ``training``), a Python keyword (FX writes ``self.a.def``)
+# or not an identifier/number cannot be a weight name. :func:`weight_name_problem` says why
+# a name is unusable; :func:`safe_weight_name` turns any text into a usable name and
+# :meth:`Program.unique_weight_name` into a fresh one — the one helper passes and capture
+# use for the weight names splice generates.
+
+
+@functools.cache
+def _module_reserved() -> frozenset[str]:
+    """Attribute names every nn.Module has (methods, properties, instance state)."""
+    return frozenset(dir(nn.Module)) | frozenset(vars(nn.Module()))
+
+
+@functools.cache
+def _root_reserved() -> frozenset[str]:
+    """Attribute names a Program's GraphModule has (nn.Module's and GraphModule's own)."""
+    g = fx.Graph()
+    g.output(g.placeholder("x"))
+    names = set(_module_reserved())
+    for cls in (fx.GraphModule, _graph_module_cls()):
+        names |= set(dir(cls))
+        gm = cls(nn.Module(), g)
+        names |= set(vars(gm))
+        gm.recompile()
+        names |= set(vars(gm))
+    return frozenset(names)
+
+
+_PART = re.compile(r"[A-Za-z0-9_]+")  # FX reads non-identifier parts (`0`, `0_1`) by getattr
+
+
+def weight_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a weight of a Program, or None when it can.
+
+    Parts are dot-separated; each must be made of ASCII letters, digits and ``_`` (FX reads
+    a part that is not an identifier, ``0`` or ``0_1``, with getattr), not a Python keyword, and not an attribute that the GraphModule (first part) or an nn.Module (the
+    other parts) already has.
+    """
+    if not name:
+        return "the name is empty"
+    for i, part in enumerate(name.split(".")):
+        if not part:
+            return "it has an empty part (`..`, or a leading or trailing dot)"
+        if not _PART.fullmatch(part):
+            return f"part {part!r} has characters other than letters, digits and '_'"
+        if keyword.iskeyword(part):
+            return f"part {part!r} is a Python keyword"
+        if i == 0 and part in _root_reserved():
+            return f"part {part!r} is an attribute of torch.fx.GraphModule"
+        if i > 0 and part in _module_reserved():
+            return f"part {part!r} is an attribute of torch.nn.Module"
+    return None
+
+
+def safe_weight_name(base: str) -> str:
+    """A usable weight name close to ``base`` (not necessarily fresh; see
+    :meth:`Program.unique_weight_name`): empty parts are dropped, other characters become
+    ``_``, and parts that clash with attributes or keywords get a trailing ``_``."""
+    parts = [p for p in base.split(".") if p]
+    out: list[str] = []
+    for i, part in enumerate(parts):
+        part = re.sub(r"[^A-Za-z0-9_]", "_", part)
+        reserved = _root_reserved() if i == 0 else _module_reserved()
+        while keyword.iskeyword(part) or part in reserved:
+            part += "_"
+        out.append(part)
+    return ".".join(out) or "w"
 
 
 # ---------------------------------------------------------------------------------------
@@ -274,6 +352,9 @@ class Program:
         raise KeyError(f"program {self.name!r} has no input {name!r}; inputs: {self.input_names}")
 
     def _set_outputs(self, values: list[Any], names: list[str]) -> None:
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"program {self.name!r}: output names {dup} would appear twice")
         out = self.output_node
         out.args = (tuple(values),)
         self._output_names = list(names)
@@ -347,6 +428,11 @@ class Program:
             raise ValueError(f"weight kind {kind!r} is not one of {WEIGHT_KINDS}")
         if not name or any(not p.isidentifier() and not p.isdigit() for p in name.split(".")):
             raise ValueError(f"{name!r} is not a valid weight name (dotted identifiers)")
+        if name not in self._weight_kinds and (problem := weight_name_problem(name)):
+            raise ValueError(
+                f"{name!r} cannot name a weight: {problem}; "
+                f"use Program.unique_weight_name({name!r}) for a usable name"
+            )
         set_weight_attr(self._gm, name, value, kind)
         self._weight_kinds[name] = kind
         self.bump_version()
@@ -386,6 +472,10 @@ class Program:
         return True
 
     def unique_weight_name(self, base: str) -> str:
+        """A fresh weight name close to ``base``: made safe by :func:`safe_weight_name`
+        (no clash with GraphModule/nn.Module attributes or keywords), then suffixed
+        ``_1``, ``_2``... until no weight or attribute of the program has it."""
+        base = safe_weight_name(base)
         if not self._name_taken(base):
             return base
         for i in itertools.count(1):
@@ -697,5 +787,7 @@ __all__ = [
     "build_graph_module",
     "compose",
     "iter_graphs",
+    "safe_weight_name",
     "weight_getters",
+    "weight_name_problem",
 ]

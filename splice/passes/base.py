@@ -140,7 +140,26 @@ class Pass(ABC):
         """Transform ``program`` (a private copy; edit it in place) and return the result."""
 
     def __post_init__(self) -> None:
+        self._check_finite_floats()
         self.validate()
+
+    def _check_finite_floats(self) -> None:
+        """Every float in the options (also inside tuples/lists) must be finite: no pass
+        means anything by nan or inf, and nan slips through range checks (``nan < 0`` is
+        False). Raises PipelineError naming the option."""
+        import math
+
+        from splice.errors import PipelineError
+
+        for f in self.options():
+            v = getattr(self, f.name)
+            items = v if isinstance(v, (list, tuple)) else (v,)
+            for x in items:
+                if isinstance(x, float) and not math.isfinite(x):
+                    raise PipelineError(
+                        f"{self.name}: option {f.name} must be a finite number, got {v!r}",
+                        hint=f"give {f.name} a finite value",
+                    )
 
     def validate(self) -> None:  # noqa: B027 - an optional hook, not abstract
         """Check option values; raise PipelineError naming the bad option. Override as needed."""

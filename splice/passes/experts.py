@@ -890,9 +890,12 @@ class Experts(Pass):
         w_gate = stack(W_gate) if W_gate is not None else None
         w_out = stack(W_out.T)  # columns S_e of W_out, transposed: [E, s, d_out]
         prefix = f"{m.name}.experts"
+        # operands as the graph has them now: an FFN fed by an FFN replaced before it reads
+        # that FFN's new output, not its erased down Linear (``m.x`` is from recognition)
+        x_now = m.up.current_x()
         with rw.at(m.down.node):
             args = [
-                m.x,
+                x_now,
                 rw.add_weight(f"{prefix}.router_w", R.contiguous(), unique=True),
                 rw.add_weight(f"{prefix}.router_b", Rb.contiguous(), unique=True)
                 if Rb is not None else None,
@@ -905,7 +908,7 @@ class Experts(Pass):
                     f"{prefix}.b_gate", b_gate[perm].reshape(E, s).contiguous(), unique=True
                 ) if b_gate is not None else None,
                 rw.add_weight(f"{prefix}.w_out", w_out, unique=True),
-                m.down.bias,
+                m.down.current_bias(),
                 m.act,
                 self.top_k or 0,
                 float(self.top_p or 0.0),

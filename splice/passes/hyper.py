@@ -74,7 +74,7 @@ from torch import nn
 
 from splice.errors import PassError, PipelineError
 from splice.ir import meta as M
-from splice.ir.program import Program, weight_getters
+from splice.ir.program import Program, weight_getters, weight_name_problem
 from splice.ir.rewriter import Rewriter
 from splice.passes.base import Pass, PassContext, PassResult
 from splice.passes.registry import register_pass
@@ -217,6 +217,12 @@ class Hyper(Pass):
             raise PipelineError(f"hyper: input must be an identifier, got {self.input!r}")
         if not all(p.isidentifier() for p in self.prefix.split(".")):
             raise PipelineError(f"hyper: prefix must be a dotted identifier, got {self.prefix!r}")
+        problem = weight_name_problem(f"{self.prefix}.theta0")
+        if problem is not None:  # its weights are named {prefix}.theta0, {prefix}.net.0.weight...
+            raise PipelineError(
+                f"hyper: prefix {self.prefix!r} cannot name weights: {problem}",
+                hint="choose another prefix=, e.g. prefix=hyper",
+            )
         # a per-instance override of the class attribute: a fanout head changes the function
         object.__setattr__(self, "semantics", "exact" if self.init == "preserve" else "approximate")
 

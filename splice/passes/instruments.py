@@ -189,8 +189,15 @@ class VerifyEach(Instrument):
 
 
 def compare_outputs(ref: Sequence[Any], out: Sequence[Any]) -> dict[str, float]:
-    """Max abs error, max relative error (to the reference's max magnitude), min cosine."""
+    """Max abs error, max relative error (to the reference's max magnitude), min cosine.
+
+    A NaN or infinity in ``out`` that the reference does not have at the same place is an
+    infinite error (``max`` would otherwise skip NaN and report 0); values that are the
+    same NaN/inf in both are left out of the comparison. ``nonfinite`` counts the NaN/inf
+    values of ``out``, so an output that is NaN in both programs is still reported.
+    """
     max_abs, max_rel, cos = 0.0, 0.0, 1.0
+    nonfinite = 0
     for a, b in zip(ref, out):
         if not isinstance(a, torch.Tensor):
             if a != b:
@@ -200,7 +207,19 @@ def compare_outputs(ref: Sequence[Any], out: Sequence[Any]) -> dict[str, float]:
         if a64.numel() == 0:
             continue
         if a64.shape != b64.shape:
-            return {"max_abs": math.inf, "max_rel": math.inf, "cosine": -1.0}
+            return {"max_abs": math.inf, "max_rel": math.inf, "cosine": -1.0,
+                    "nonfinite": nonfinite}  # fmt: skip
+        fa, fb = torch.isfinite(a64), torch.isfinite(b64)
+        nonfinite += int((~fb).sum())
+        if not bool(fa.all() and fb.all()):
+            same = ~fa & ~fb & ((a64 == b64) | (torch.isnan(a64) & torch.isnan(b64)))
+            if bool(((~fa | ~fb) & ~same).any()):
+                max_abs = max_rel = math.inf
+                cos = -1.0
+                continue
+            a64, b64 = a64[fa], b64[fa]
+            if a64.numel() == 0:
+                continue
         diff = (a64 - b64).abs()
         ma = float(diff.max())
         scale = float(a64.abs().max())
@@ -209,7 +228,7 @@ def compare_outputs(ref: Sequence[Any], out: Sequence[Any]) -> dict[str, float]:
         na, nb = float(a64.norm()), float(b64.norm())
         c = float(a64 @ b64) / (na * nb) if na > 0 and nb > 0 else (1.0 if na == nb else 0.0)
         cos = min(cos, c)
-    return {"max_abs": max_abs, "max_rel": max_rel, "cosine": cos}
+    return {"max_abs": max_abs, "max_rel": max_rel, "cosine": cos, "nonfinite": nonfinite}
 
 
 class NumericCheck(Instrument):
@@ -320,9 +339,10 @@ class NumericCheck(Instrument):
             if "skipped" in r:
                 lines.append(f"{r['pass']}: not checked ({r['skipped']})")
             else:
+                nan = f", {r['nonfinite']} NaN/inf outputs" if r.get("nonfinite") else ""
                 lines.append(
                     f"{r['pass']} [{r['semantics']}]: max abs {r['max_abs']:.3g}, max rel {r['max_rel']:.3g}, "
-                    f"cosine {r['cosine']:.6f} {'ok' if r['ok'] else 'DIFFERS'}"
+                    f"cosine {r['cosine']:.6f}{nan} {'ok' if r['ok'] else 'DIFFERS'}"
                 )
         return "\n".join(lines)
 

@@ -68,7 +68,13 @@ Method = Literal["svd", "asvd", "whitened"]
 
 @dataclass
 class LinearSite:
-    """One linear node: y = x Wᵀ + b with W read from parameter ``weight``."""
+    """One linear node: y = x Wᵀ + b with W read from parameter ``weight``.
+
+    ``x`` and ``bias`` are the operands when the site was found. Rewriting one site can
+    replace the operand of another (a Linear feeding a Linear: the second one's ``x`` is the
+    first one's node, erased when it is replaced), so code that edits the graph reads the
+    operands through :meth:`current_x` / :meth:`current_bias`, which follow ``node.args``.
+    """
 
     node: fx.Node
     x: fx.Node
@@ -80,6 +86,19 @@ class LinearSite:
     @property
     def name(self) -> str:
         return self.layer
+
+    def current_x(self) -> fx.Node:
+        """The input operand as the graph has it now (see the class docstring)."""
+        return self.node.args[1] if self.node.target is aten.addmm.default else self.node.args[0]
+
+    def current_bias(self) -> Any:
+        """The bias operand as the graph has it now (None for matmul/mm sites)."""
+        t = self.node.target
+        if t is aten.addmm.default:
+            return self.node.args[0]
+        if t is aten.linear.default:
+            return self.node.args[2] if len(self.node.args) > 2 else self.node.kwargs.get("bias")
+        return None
 
 
 def _param_of(program: Program, a: Any) -> fx.Node | None:
@@ -514,7 +533,9 @@ class LowRank(Pass):
             a_node = rw.add_weight(f"{s.layer}.lowrank_A", A, unique=True)
             b_node = rw.add_weight(f"{s.layer}.lowrank_B", B, unique=True)
             new = rw.call(
-                lowrank_linear.overload, (s.x, a_node, b_node, s.bias), name="lowrank_linear"
+                lowrank_linear.overload,
+                (s.current_x(), a_node, b_node, s.current_bias()),
+                name="lowrank_linear",
             )
         rw.replace(s.node, new)
         rows = _rows(s.x)

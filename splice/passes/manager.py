@@ -10,6 +10,23 @@ For each pass the manager
 4. on any failure calls ``after_pass_failed`` (CrashReproducer writes its folder) and
    raises :class:`~splice.errors.PassError` (or the SpliceError the pass raised).
 
+**The result is verified.** By default (``verify=True``) the pipeline's result goes
+through :func:`splice.ir.verify` (and must have distinct output names) before it is
+returned: a pass cannot hand back a program that does not run. When it fails, the manager
+finds the first pass whose output fails (every intermediate program is kept until the
+end) and raises :class:`~splice.errors.PassError` naming that pass and the node; an input
+program that already fails raises :class:`~splice.errors.VerificationError`. With a
+``VerifyEach`` instrument every result is already verified and the final check is not
+repeated. ``verify=False`` turns the check off (for a program you will inspect, not run).
+The caller's program is never changed, whatever fails.
+
+**Sample inputs follow the program.** ``ctx.sample_inputs`` (and ``calibration_inputs``)
+are tuples of the *current* program's inputs: when a pass adds inputs with sample values
+(``PassResult.sample_inputs_for_new_inputs``, as ``hyper`` adds ``cond``) they are inserted
+in every tuple, and inputs a pass binds (``bound_inputs``) are removed, so a later
+calibrating pass (``lowrank{method=whitened}`` after ``hyper``) runs the program it sees.
+The caller's lists are restored when the run ends.
+
 The pipeline's :class:`~splice.passes.base.PassResult` carries one record per pass in
 ``stats["passes"]``: name, changed, seconds, stats, and ``skipped_by`` where it applies.
 """
@@ -20,11 +37,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from splice.errors import PassError, SpliceError
+from splice.errors import PassError, SpliceError, VerificationError
 from splice.ir.program import Program
+from splice.ir.verify import verify as verify_program
 from splice.passes.base import Pass, PassContext, PassResult
 from splice.passes.instruments import Instrument, VerifyEach
-from splice.passes.pipeline import Pipeline, parse_pipeline
+from splice.passes.pipeline import Pipeline, PipelineEntry, parse_pipeline
 
 
 class PassManager:
@@ -36,13 +54,17 @@ class PassManager:
         instruments: Sequence[Instrument] = (),
         *,
         verify_each: bool = False,
+        verify: bool = True,
     ):
+        """``verify_each`` adds a VerifyEach instrument (every pass's result is verified);
+        ``verify`` (default True) verifies the pipeline's result (see the module docstring)."""
         if isinstance(passes, str):
             passes = parse_pipeline(passes)
         elif not isinstance(passes, Pipeline):
             passes = Pipeline(list(passes))
         self.pipeline: Pipeline = passes
         self.instruments: list[Instrument] = list(instruments)
+        self.verify = verify
         if verify_each and not any(isinstance(i, VerifyEach) for i in self.instruments):
             self.instruments.insert(0, VerifyEach())
 
@@ -53,14 +75,24 @@ class PassManager:
         *,
         sample_inputs: Sequence[Sequence[Any]] | None = None,
     ) -> PassResult:
+        """Run the pipeline on a copy of ``program`` (see the module docstring)."""
         if ctx is None:
             ctx = PassContext(sample_inputs)
         elif sample_inputs is not None:
             ctx.sample_inputs = [tuple(s) for s in sample_inputs]
+        saved = (ctx.sample_inputs, ctx.calibration_inputs)
+        try:
+            return self._run(program, ctx)
+        finally:
+            ctx.sample_inputs, ctx.calibration_inputs = saved
+
+    def _run(self, program: Program, ctx: PassContext) -> PassResult:
         for inst in self.instruments:
             inst.before_pipeline(self.pipeline, program, ctx)
         current = program
         records: list[dict[str, Any]] = []
+        # (index, entry, program after it): kept to blame the right pass if the result fails
+        history: list[tuple[int, PipelineEntry, Program]] = []
         any_changed = False
         for index, entry in enumerate(self.pipeline.entries):
             p = entry.pass_
@@ -92,11 +124,11 @@ class PassManager:
                 for inst in self.instruments:
                     inst.after_pass(p, current, result, ctx, index)
             except Exception as e:
-                for inst in self.instruments:
-                    try:
-                        inst.after_pass_failed(p, current, ctx, index, e, self.pipeline)
-                    except Exception as inner:  # an instrument must not hide the real failure
-                        e.add_note(f"(instrument {type(inst).__name__} also failed: {inner})")
+                if self.verify and history and _problem(current) is not None:
+                    # the pass choked on a broken program an earlier pass returned: blame that
+                    e.add_note(f"(pass {str(entry)!r} then failed on it: {type(e).__name__})")
+                    self._verify_result(program, history, ctx, cause=e)
+                self._failed(p, current, ctx, index, e)
                 if isinstance(e, SpliceError):
                     raise
                 raise PassError(
@@ -112,10 +144,111 @@ class PassManager:
                 }
             )
             any_changed |= result.changed
+            _follow_samples(ctx, current, result)
             current = result.program
+            history.append((index, entry, current))
+        if self.verify and not any(isinstance(i, VerifyEach) for i in self.instruments):
+            self._verify_result(program, history, ctx)
         for inst in self.instruments:
             inst.after_pipeline(self.pipeline, current, ctx)
         return PassResult(current, any_changed, {"passes": records})
+
+    def _failed(
+        self, p: Pass, before: Program, ctx: PassContext, index: int, error: BaseException
+    ) -> None:
+        """Tell every instrument that ``p`` failed (CrashReproducer writes its folder)."""
+        for inst in self.instruments:
+            try:
+                inst.after_pass_failed(p, before, ctx, index, error, self.pipeline)
+            except Exception as inner:  # an instrument must not hide the real failure
+                error.add_note(f"(instrument {type(inst).__name__} also failed: {inner})")
+
+    def _verify_result(
+        self,
+        program: Program,
+        history: list[tuple[int, PipelineEntry, Program]],
+        ctx: PassContext,
+        *,
+        cause: BaseException | None = None,
+    ) -> None:
+        """Verify the last program of ``history``; on failure blame the first pass whose
+        output fails (PassError), or the input (VerificationError) if it already fails.
+        ``cause``: a later pass's failure that led here (mentioned in the message)."""
+        if not history:
+            return
+        if cause is None and _problem(history[-1][2]) is None:
+            return
+        input_problem = _problem(program)
+        if input_problem is not None:
+            raise VerificationError(
+                f"the input program is invalid: {input_problem.message}",
+                node=input_problem.node,
+                loc=input_problem.loc,
+                hint="fix the input program (splice.ir.verify says the same), or run the "
+                "pipeline with verify=False to skip verification",
+            )
+        before = program
+        for index, entry, after in history:
+            problem = _problem(after)
+            if problem is not None:
+                later = (
+                    f" (the next pass then failed on it: {type(cause).__name__}: {cause})"
+                    if cause is not None else ""
+                )  # fmt: skip
+                err = PassError(
+                    f"pass {str(entry)!r} returned a program that does not verify: "
+                    f"{problem.message}{later}",
+                    where=problem.where,
+                    hint="this is a bug in the pass; the program you passed in is unchanged. "
+                    "`splice opt --crash-dir D` writes a reproducer; verify=False returns the "
+                    "broken program for inspection",
+                )
+                err.node = problem.node  # type: ignore[attr-defined]
+                self._failed(entry.pass_, before, ctx, index, err)
+                raise err from problem
+            before = after
+
+
+def _problem(program: Program) -> VerificationError | None:
+    """Why ``program`` is not a valid result (verify, distinct output names), or None."""
+    names = program.output_names
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        return VerificationError(
+            f"output names {dup} appear more than once", hint="give every output its own name"
+        )
+    try:
+        verify_program(program)
+    except VerificationError as e:
+        return e
+    return None
+
+
+def _follow_samples(ctx: PassContext, before: Program, result: PassResult) -> None:
+    """Make ctx's sample and calibration tuples fit ``result.program``'s inputs.
+
+    Values are matched by input name; inputs the pass added take the values it gave in
+    ``sample_inputs_for_new_inputs``, inputs it bound (``bound_inputs``) are dropped. An
+    added input without a value leaves the tuples as they are: a calibrating pass then
+    reports which input has no sample (``calibrate`` checks the arity).
+    """
+    after = result.program
+    if after.input_names == before.input_names:
+        return
+
+    def follow(batches: list[tuple[Any, ...]] | None) -> list[tuple[Any, ...]] | None:
+        if not batches:
+            return batches
+        out = []
+        for b in batches:
+            named = {**dict(zip(before.input_names, b)), **result.sample_inputs_for_new_inputs}
+            if len(b) != len(before.input_names) or any(n not in named for n in after.input_names):
+                return batches
+            out.append(tuple(named[n] for n in after.input_names))
+        return out
+
+    ctx.sample_inputs = follow(ctx.sample_inputs) or []
+    ctx.calibration_inputs = follow(ctx.calibration_inputs)
 
 
 __all__ = ["PassManager"]

@@ -17,6 +17,7 @@ exists.
 from __future__ import annotations
 
 import json
+import math
 import re
 import types
 import typing
@@ -74,13 +75,18 @@ class Pipeline:
         instruments=(),
         ctx: PassContext | None = None,
         verify_each: bool = False,
+        verify: bool = True,
     ) -> PassResult:
-        """Run the passes through a :class:`~splice.passes.manager.PassManager`."""
+        """Run the passes through a :class:`~splice.passes.manager.PassManager`.
+
+        The result is verified unless ``verify=False``; ``verify_each`` verifies after
+        every pass (see :mod:`splice.passes.manager`).
+        """
         from splice.passes.manager import PassManager
 
-        return PassManager(self, instruments=instruments, verify_each=verify_each).run(
-            program, ctx=ctx, sample_inputs=sample_inputs
-        )
+        return PassManager(
+            self, instruments=instruments, verify_each=verify_each, verify=verify
+        ).run(program, ctx=ctx, sample_inputs=sample_inputs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -204,7 +210,26 @@ def parse_pipeline(text: str) -> Pipeline:
                 if cur.accept("}"):
                     break
                 cur.expect(",")
-        entries.append(PipelineEntry(_build(cls, raw, cur), tuple(raw)))
+        # check what follows before building: `lowrank}ratio=0.5` is a stray brace, not a
+        # lowrank without options
+        nxt = cur.peek()
+        if nxt not in ("", ","):
+            hint = (
+                f"options go in braces right after the pass name: {name}{{key=value,...}}"
+                if nxt in "}=" else "separate passes with ','"
+            )  # fmt: skip
+            raise cur.error(f"unexpected {nxt!r} after pass {name!r}", hint=hint)
+        end = cur.pos
+        try:
+            entries.append(PipelineEntry(_build(cls, raw, cur), tuple(raw)))
+        except PipelineError as e:
+            if "at column" in e.message or e.where:
+                raise
+            # the pass's own validation: its message stays, `where` points at the pass
+            raise PipelineError(
+                e.message, where=f"pass {name!r} at column {start + 1} of {text!r}", hint=e.hint
+            ) from None
+        cur.pos = end
         if cur.peek() == "":
             break
         cur.expect(",")
@@ -294,6 +319,8 @@ def convert_option(val: Any, tp: Any) -> Any:
                 return convert_option(val, a)
             except ValueError as e:
                 errors.append(str(e))
+        if len(errors) == 1:  # `float | None`: the float's own reason ("not a finite number")
+            raise ValueError(errors[0] + (" (or none)" if type(None) in args else ""))
         raise ValueError(f"{_show(val)} is not a {_type_name(tp)}")
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -323,9 +350,12 @@ def convert_option(val: Any, tp: Any) -> Any:
             raise ValueError(f"{_show(val)} is not an int") from None
     if tp is float:
         try:
-            return float(s)
+            f = float(s)
         except ValueError:
             raise ValueError(f"{_show(val)} is not a float") from None
+        if not math.isfinite(f):
+            raise ValueError(f"{_show(val)} is not a finite number")
+        return f
     if tp is str or tp is Any:
         return str(val)
     raise ValueError(f"unsupported option type {tp}")

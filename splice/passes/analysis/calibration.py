@@ -75,6 +75,16 @@ def calibrate(
             "calibration needs sample inputs, and none were given",
             hint="pass sample_inputs=[...] to the pipeline run (or --calib-samples on the CLI)",
         )
+    names = program.input_names
+    for batch in data:
+        if len(batch) != len(names):
+            raise PassError(
+                f"calibration: a sample gives {len(batch)} values, but program "
+                f"{program.name!r} has {len(names)} inputs {names}",
+                hint="give one value per program input; an input an earlier pass added "
+                "(hyper's `cond`, stitch's `config`) needs a sample value from that pass "
+                "(PassResult.sample_inputs_for_new_inputs), or calibrate before adding it",
+            )
     probe = program.copy()
     by_name = {n.name: n for n in probe.graph.nodes}
     extra = []
