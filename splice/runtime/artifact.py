@@ -14,25 +14,48 @@
                             with branches, and SignatureSets: then program.s1.ir, ... hold
                             the text IR of the other signatures)
 
-The folder is written to a temporary name and renamed into place. Loading checks every
-checksum and that this machine can run the target (architecture and CPU features) and
-raises :class:`~splice.errors.ArtifactError` otherwise. Nothing is unpickled: the parts are
-native libraries, the weights safetensors, the rest JSON and text.
+The folder is written to a temporary name and renamed into place. Nothing is unpickled:
+the parts are native libraries, the weights safetensors, the rest JSON and text.
+
+An artifact is native code, so loading trusts nothing in it that it can check first, and
+raises :class:`~splice.errors.ArtifactError` (never a crash, KeyError or TVM error) on:
+
+- a manifest that breaks the schema (:func:`validate_manifest` names the field);
+- a file that is not a plain file of the folder itself (absolute paths, ``..``, folders,
+  symbolic links), is missing, or does not have its recorded sha256;
+- a target this machine cannot run (architecture, CPU features);
+- a manifest that disagrees with ``program.ir`` (inputs, outputs, weights) or an integer
+  input that feeds an embedding without an ``index_bound`` at most the table's rows
+  (recomputed from ``program.ir``; TVM's ``take`` reads out of bounds otherwise);
+- a library that is not a complete ELF shared object for the target (a truncated one would
+  fault in the loader), that is not bound to this artifact (``compile`` appends to each
+  library the sha256 of the program files it was compiled from: a library copied from
+  another artifact names other files), or whose own parameter checks disagree with the
+  manifest's inputs and weights (read from the Relax executable before its first call).
+
+``sha256=`` (:func:`splice.load`, :class:`CompiledModel`) pins a whole artifact: it is the
+sha256 of ``manifest.json`` (``Artifact.sha256``, ``sha256sum manifest.json``), which lists
+every other file's sha256; a mismatch is refused before anything else is read. None of
+this makes a hostile artifact safe: a consistent forgery of every file passes every check,
+so load only artifacts you trust, and pin them. The file-level checks are shared with the
+edge runner (:mod:`splice.runtime.edge_runner`, which cannot import splice).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import platform
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from splice.errors import ArtifactError
+from splice.errors import ArtifactError, SpliceError
 from splice.ir import meta as M
-from splice.ir.serialize import check_files as _check_files
-from splice.ir.serialize import read_manifest_file
+from splice.runtime import edge_runner as E
 
 FORMAT = "splice.artifact/1"
 MANIFEST = "manifest.json"
@@ -63,17 +86,79 @@ def spec_json(spec: M.Spec) -> dict[str, Any]:
     return {"shape": list(spec.shape), "dtype": M.dtype_name(spec.dtype)}
 
 
+def _manifest_bytes(root: Path) -> bytes:
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise ArtifactError(
+            f"{root} is not a splice artifact (no {MANIFEST})",
+            hint="create one with splice.compile(program, target, output=...) or `splice compile`",
+        )
+    try:
+        return mpath.read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"{mpath} cannot be read: {e.strerror}") from None
+
+
+def _parse_manifest(root: Path, data: bytes) -> dict[str, Any]:
+    try:
+        manifest = json.loads(data)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ArtifactError(f"{root / MANIFEST} is not valid JSON: {e}", hint=E.REBUILD) from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(
+            f"{MANIFEST} must be a JSON object, got {E.kind_of(manifest)}",
+            where=str(root),
+            hint=E.REBUILD,
+        )
+    return manifest
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
+    """``path/manifest.json`` as a dict (of an artifact or a saved program; not validated).
+
+    ArtifactError if it is missing, not JSON, or not a JSON object."""
     root = Path(path)
-    return read_manifest_file(
-        root,
-        missing=f"{root} is not a splice artifact (no {MANIFEST})",
-        hint="create one with splice.compile(program, target, output=...) or `splice compile`",
-    )
+    return _parse_manifest(root, _manifest_bytes(root))
+
+
+def _error(e: E.Invalid, root: Path) -> ArtifactError:
+    return ArtifactError(e.message, where=str(root), hint=e.hint)
+
+
+def validate_manifest(manifest: Any, root: str | Path = ".") -> dict[str, Any]:
+    """``manifest`` if it has the schema of an artifact's manifest; otherwise one
+    ArtifactError naming the first bad field (its path, e.g. ``inputs[0].shape``)."""
+    try:
+        return E.check_manifest(manifest)
+    except E.Invalid as e:
+        raise _error(e, Path(root)) from None
 
 
 def check_files(root: Path, manifest: dict[str, Any]) -> None:
-    _check_files(root, manifest, hint="rebuild the artifact; never edit its files")
+    """Every file the manifest lists is a plain file of ``root`` with its recorded sha256."""
+    try:
+        E.check_files(root, manifest)
+    except E.Invalid as e:
+        raise _error(e, root) from None
+
+
+def check_pin(root: Path, data: bytes, sha256: str | None) -> None:
+    """Raise ArtifactError unless ``sha256(data)`` (the manifest's bytes) is ``sha256``."""
+    if sha256 is None:
+        return
+    if not isinstance(sha256, str) or not re.fullmatch(r"(sha256:)?[0-9a-fA-F]{64}", sha256):
+        raise ArtifactError(
+            f"sha256= must be 64 hex digits, got {sha256!r}",
+            hint="take it from Artifact.sha256 or `sha256sum ART/manifest.json`",
+        )
+    have, want = hashlib.sha256(data).hexdigest(), sha256.lower().removeprefix("sha256:")
+    if have != want:
+        raise ArtifactError(
+            f"the artifact's sha256 is {have}, not the pinned {want}",
+            where=str(root),
+            hint="the artifact changed since it was pinned: rebuild it or pin the new one "
+            "only if you trust it",
+        )
 
 
 def is_foreign(manifest: dict[str, Any]) -> bool:
@@ -117,45 +202,45 @@ class CompiledModel:
     """A loaded artifact: call it with torch tensors or numpy arrays, positionally or by name.
 
     Returns the same kind it was given (numpy in, numpy out), one value for a one-output
-    model and a tuple otherwise.
+    model and a tuple otherwise. ``sha256``: the artifact's pin (:attr:`Artifact.sha256`);
+    loading refuses an artifact whose manifest has another one. Every check of the module
+    docstring runs here, before any library is called.
     """
 
-    def __init__(self, path: str | Path, *, num_threads: int | None = None):
+    def __init__(
+        self, path: str | Path, *, num_threads: int | None = None, sha256: str | None = None
+    ):
         self.path = Path(path)
-        self.manifest = read_manifest(self.path)
-        if self.manifest.get("format") != FORMAT:
-            raise ArtifactError(
-                f"{self.path}: unknown format {self.manifest.get('format')!r}, expected {FORMAT!r}"
-            )
+        data = _manifest_bytes(self.path)
+        check_pin(self.path, data, sha256)
+        #: the sha256 of manifest.json: what ``sha256=`` pins
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        self.manifest = validate_manifest(_parse_manifest(self.path, data), self.path)
         check_files(self.path, self.manifest)
         check_target(self.manifest)
         self.input_names = [i["name"] for i in self.manifest["inputs"]]
         self.output_names = [o["name"] for o in self.manifest["outputs"]]
-        from safetensors.torch import load_file
-
-        weights = load_file(str(self.path / WEIGHTS))
-        self.parts = {}
-        for part in self.manifest["parts"]:
-            if part.get("backend", "tvm") != "tvm":
-                raise ArtifactError(f"part {part['name']}: unknown backend {part.get('backend')!r}")
-            from splice.runtime.backends.tvm import TVMPart
-
-            params = [weights[n] for n in part["params"]]
-            self.parts[part["name"]] = TVMPart(
-                self.path / part["library"],
-                params,
-                entry=part.get("entry", "main"),
-                num_threads=num_threads,
-            )
+        weights = _load_weights(self.path)
+        check_against_program(self.path, self.manifest, weights)
+        self.parts = {
+            part["name"]: _load_part(self.path, self.manifest, part, weights, num_threads)
+            for part in self.manifest["parts"]
+        }
         self._main = self.parts[self.manifest["parts"][0]["name"]]
         self._host = None
         self.last_trace: list[tuple[str, bool]] = []
         if self.manifest.get("host"):
-            import json
+            from splice.runtime.host import HostProgram, validate_host
 
-            from splice.runtime.host import HostProgram
-
-            host = json.loads((self.path / self.manifest["host"]).read_text())
+            host = _read_json(self.path, self.manifest["host"])
+            arity = {
+                p["name"]: (
+                    len(p["inputs"]) if "inputs" in p else None,
+                    len(p["outputs"]) if "outputs" in p else None,
+                )
+                for p in self.manifest["parts"]
+            }
+            validate_host(host, arity, weights, len(self.input_names), where=str(self.path))
             self._host = HostProgram(host, dict(self.parts), weights)
         self._bounds = {
             i["name"]: int(i["index_bound"]) for i in self.manifest["inputs"] if "index_bound" in i
@@ -165,25 +250,46 @@ class CompiledModel:
             [(tuple(i["shape"]), M.dtype_from_name(i["dtype"])) for i in sig["inputs"]]
             for sig in self.manifest.get("signatures") or [{"inputs": self.manifest["inputs"]}]
         ]
+        self._outputs = [
+            [(tuple(o["shape"]), M.dtype_from_name(o["dtype"])) for o in sig["outputs"]]
+            for sig in self.manifest.get("signatures") or [{"outputs": self.manifest["outputs"]}]
+        ]
         #: the signature the last run took (an index into ``signatures``)
         self.last_signature: int | None = None
 
-    def run(self, *args: Any, **kwargs: Any) -> list[Any]:
-        values = list(args)
-        for n in self.input_names[len(args) :]:
-            if n not in kwargs:
-                raise TypeError(f"missing input {n!r} (inputs: {self.input_names})")
-            values.append(kwargs.pop(n))
-        if kwargs or len(values) != len(self.input_names):
-            raise TypeError(
-                f"expected inputs {self.input_names}, got {len(values)} and {sorted(kwargs)}"
+    def _inputs(self, args: Sequence[Any], kwargs: dict[str, Any]) -> list[Any]:
+        """The positional and named inputs in the artifact's order; ArtifactError naming
+        what was expected and what came when they do not fit."""
+        expected = f"{len(self.input_names)} inputs ({', '.join(self.input_names)})"
+        if len(args) > len(self.input_names):
+            raise ArtifactError(
+                f"expected {expected}, got {len(args)} positional inputs",
+                where=str(self.path),
             )
+        unknown = sorted(set(kwargs) - set(self.input_names))
+        twice = sorted(set(kwargs) & set(self.input_names[: len(args)]))
+        missing = [n for n in self.input_names[len(args) :] if n not in kwargs]
+        if unknown or twice or missing:
+            what = "; ".join(
+                text
+                for text in (
+                    f"unknown inputs {unknown}" if unknown else "",
+                    f"inputs given twice {twice}" if twice else "",
+                    f"missing inputs {missing}" if missing else "",
+                )
+                if text
+            )
+            raise ArtifactError(f"expected {expected}, got {what}", where=str(self.path))
+        return list(args) + [kwargs[n] for n in self.input_names[len(args) :]]
+
+    def run(self, *args: Any, **kwargs: Any) -> list[Any]:
+        values = self._inputs(args, kwargs)
         as_numpy = any(type(v).__module__ == "numpy" for v in values)
         tensors = []
         for name, v in zip(self.input_names, values):
             t = torch.from_numpy(v) if type(v).__module__ == "numpy" else v
             if not isinstance(t, torch.Tensor):
-                raise TypeError(
+                raise ArtifactError(
                     f"input {name!r} must be a tensor or numpy array, got {type(v).__name__}"
                 )
             tensors.append(t)
@@ -201,7 +307,20 @@ class CompiledModel:
             self.last_trace = list(self._host.trace)
         else:
             outs = self._main(*tensors)
+        self._check_outputs(outs)
         return [o.numpy() for o in outs] if as_numpy else outs
+
+    def _check_outputs(self, outs: Sequence[torch.Tensor]) -> None:
+        want = self._outputs[self.last_signature or 0]
+        have = [(tuple(o.shape), o.dtype) for o in outs]
+        if have != want:
+            text = ", ".join(str(M.TensorSpec(s, d)) for s, d in have)
+            wanted = ", ".join(str(M.TensorSpec(s, d)) for s, d in want)
+            raise ArtifactError(
+                f"the compiled library returned ({text}), the manifest says ({wanted})",
+                where=str(self.path),
+                hint=E.REBUILD,
+            )
 
     def _signature(self, tensors: Sequence[torch.Tensor]) -> int:
         have = [(tuple(t.shape), t.dtype) for t in tensors]
@@ -246,15 +365,189 @@ class CompiledModel:
         return f"CompiledModel({str(self.path)!r}, target={t.get('name')!r}, inputs={self.input_names})"
 
 
+def _read_json(root: Path, name: str) -> Any:
+    try:
+        return json.loads(E.inside(root, name).read_text())
+    except E.Invalid as e:
+        raise _error(e, root) from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ArtifactError(f"{name} is not valid JSON: {e}", where=str(root)) from None
+
+
+def _load_weights(root: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(root / WEIGHTS))
+    except Exception as e:  # safetensors raises its own error types on a bad header
+        raise ArtifactError(
+            f"{WEIGHTS} cannot be read: {type(e).__name__}: {e}", where=str(root), hint=E.REBUILD
+        ) from None
+
+
+def _programs(root: Path, manifest: dict[str, Any], weights: dict[str, torch.Tensor]) -> list:
+    """The Programs of ``program.ir`` (and of each further signature), parsed."""
+    from splice.ir.parser import parse_ir
+
+    files = [s["program"] for s in manifest.get("signatures") or []] or [PROGRAM]
+    out = []
+    for f in files:
+        text = (root / f).read_text()
+        names = _weight_names(text)
+        missing = [w for w in names if w not in weights]
+        if missing:
+            raise ArtifactError(
+                f"{f} uses weights {missing[:5]} that {WEIGHTS} lacks", where=str(root)
+            )
+        try:
+            out.append(parse_ir(text, {w: weights[w] for w in names}))
+        except SpliceError as e:
+            raise ArtifactError(
+                f"{f} is not a valid program: {e.message}", where=str(root), hint=E.REBUILD
+            ) from None
+    return out
+
+
+def _specs_of(names: Sequence[str] | None, specs: Sequence[M.Spec]) -> list[dict[str, Any]]:
+    out = [spec_json(s) for s in specs]
+    return [{"name": n, **s} for n, s in zip(names, out)] if names is not None else out
+
+
+def check_against_program(
+    root: Path, manifest: dict[str, Any], weights: dict[str, torch.Tensor]
+) -> None:
+    """The manifest agrees with the program(s) it was compiled from: inputs, outputs,
+    signatures, the weights its parts read, and an ``index_bound`` at most the embedding's
+    rows on every integer input that indexes one (recomputed as compile does)."""
+    from splice.runtime.compile import _index_bounds
+
+    programs = _programs(root, manifest, weights)
+    first = programs[0]
+    strip = [{k: v for k, v in i.items() if k != "index_bound"} for i in manifest["inputs"]]
+    checks = [
+        ("inputs", strip, _specs_of(first.input_names, first.input_specs)),
+        ("outputs", manifest["outputs"], _specs_of(first.output_names, first.output_specs)),
+    ]
+    for k, (sig, p) in enumerate(zip(manifest.get("signatures") or [], programs)):
+        checks.append((f"signatures[{k}].inputs", sig["inputs"], _specs_of(None, p.input_specs)))
+        checks.append((f"signatures[{k}].outputs", sig["outputs"], _specs_of(None, p.output_specs)))
+    if manifest.get("signatures") and len(manifest["signatures"]) != len(programs):
+        checks.append(("signatures", len(manifest["signatures"]), len(programs)))
+    for field, have, want in checks:
+        if have != want:
+            raise ArtifactError(
+                f"manifest.json: field {field!r} says {have}, the program it was compiled from "
+                f"({PROGRAM}) has {want}",
+                where=str(root),
+                hint=E.REBUILD,
+            )
+    known = {w for p in programs for w in p.weight_kinds}
+    for part in manifest["parts"]:
+        unknown = [w for w in part["params"] if w not in known]
+        if unknown:
+            raise ArtifactError(
+                f"manifest.json: part {part['name']!r} reads weights {unknown[:5]} that the "
+                f"program does not have",
+                where=str(root),
+                hint=E.REBUILD,
+            )
+    rows: dict[str, int] = {}
+    for p in programs:
+        for name, b in _index_bounds(p).items():
+            rows[name] = min(rows.get(name, b["index_bound"]), b["index_bound"])
+    for spec in manifest["inputs"]:
+        need, bound = rows.get(spec["name"]), spec.get("index_bound")
+        if need is not None and (bound is None or bound > need):
+            have = "no index_bound" if bound is None else f"index_bound {bound}"
+            raise ArtifactError(
+                f"manifest.json: input {spec['name']!r} indexes an embedding of {need} rows "
+                f"but has {have} (out-of-range ids would read out of bounds)",
+                where=str(root),
+                hint=E.REBUILD,
+            )
+
+
+def _load_part(
+    root: Path,
+    manifest: dict[str, Any],
+    part: dict[str, Any],
+    weights: dict[str, torch.Tensor],
+    num_threads: int | None,
+) -> Any:
+    """One part's library, loaded after the checks that need no call into it: complete ELF,
+    bound to this artifact, and its own parameter checks agree with the manifest."""
+    from splice.runtime.backends.tvm import TVMPart, require_tvm
+
+    tvm = require_tvm()
+    name, entry = part["library"], part.get("entry", "main")
+    missing = [w for w in part["params"] if w not in weights]
+    if missing:
+        raise ArtifactError(
+            f"part {part['name']!r} reads weights {missing[:5]} that {WEIGHTS} lacks",
+            where=str(root),
+            hint=E.REBUILD,
+        )
+    params = [weights[w] for w in part["params"]]
+    specs = part["inputs"] if "inputs" in part else manifest["inputs"]
+    try:
+        path = E.check_library(root, manifest, part)
+        try:
+            lib = tvm.runtime.load_module(str(path))
+            stats = str(lib["stats"]()) if lib.implements_function("stats") else ""
+        except Exception as e:
+            raise E.Invalid(
+                f"{name} cannot be loaded: {type(e).__name__}: {_last_line(e)}"
+            ) from None
+        E.check_signature(
+            name,
+            stats,
+            entry,
+            [(list(s["shape"]), s["dtype"]) for s in specs],
+            [(list(w.shape), M.dtype_name(w.dtype)) for w in params],
+        )
+    except E.Invalid as e:
+        raise _error(e, root) from None
+    try:
+        compiled = TVMPart(path, params, entry=entry, num_threads=num_threads)
+        arity = compiled.vm._get_function_arity(entry)
+    except Exception as e:  # TVM's own checks of the weights' count, shapes and dtypes
+        raise ArtifactError(
+            f"part {part['name']!r}: {name} does not accept the manifest's weights: "
+            f"{type(e).__name__}: {_last_line(e)}",
+            where=str(root),
+            hint=E.REBUILD,
+        ) from None
+    if arity != len(specs) + len(compiled.params):
+        raise ArtifactError(
+            f"part {part['name']!r}: {entry} of {name} takes {arity} arguments, the manifest "
+            f"gives {len(specs)} inputs and {len(compiled.params)} weights",
+            where=str(root),
+            hint=E.REBUILD,
+        )
+    return compiled
+
+
+def _last_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:300]
+
+
 class Artifact:
-    """A compiled artifact on disk (what :func:`splice.compile` returns)."""
+    """A compiled artifact on disk (what :func:`splice.compile` returns).
+
+    The manifest is read and validated against the schema here; files, libraries and the
+    program are checked when it is loaded (:meth:`load`)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.manifest = read_manifest(self.path)
+        data = _manifest_bytes(self.path)
+        #: sha256 of manifest.json, which lists every file's sha256: pass it to
+        #: ``splice.load(path, sha256=...)`` to load exactly this artifact
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        self.manifest = validate_manifest(_parse_manifest(self.path, data), self.path)
 
-    def load(self, *, num_threads: int | None = None) -> CompiledModel:
-        return CompiledModel(self.path, num_threads=num_threads)
+    def load(self, *, num_threads: int | None = None, sha256: str | None = None) -> CompiledModel:
+        return CompiledModel(self.path, num_threads=num_threads, sha256=sha256)
 
     def reference(self):
         """The program this artifact was compiled from, run by PyTorch (the reference)."""
@@ -321,4 +614,13 @@ def write_samples(
     save_file(flat, str(path))
 
 
-__all__ = ["FORMAT", "Artifact", "CompiledModel", "check_target", "is_foreign", "read_manifest"]
+__all__ = [
+    "FORMAT",
+    "Artifact",
+    "CompiledModel",
+    "check_pin",
+    "check_target",
+    "is_foreign",
+    "read_manifest",
+    "validate_manifest",
+]

@@ -218,8 +218,24 @@ def _manifest(
 
 
 def _write_manifest(tmp: Path, manifest: dict[str, Any], files: list[str]) -> None:
+    """Bind every part's library to the program files (:func:`_bind_libraries`), then write
+    the manifest with the sha256 of every file."""
+    _bind_libraries(tmp, manifest, files)
     manifest["files"] = {f: sha256_file(tmp / f) for f in files}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+
+
+def _bind_libraries(tmp: Path, manifest: dict[str, Any], files: list[str]) -> None:
+    """Append to each part's library the sha256 of the files it was compiled with (all but
+    libraries and samples: program text, weights, host program), so that loading can refuse
+    a library copied from another artifact (see :mod:`splice.runtime.artifact`)."""
+    from splice.runtime import edge_runner as E
+
+    libs = {p["library"] for p in manifest["parts"]}
+    bound = {f: sha256_file(tmp / f) for f in files if f not in libs and f != SAMPLES}
+    for part in manifest["parts"]:
+        with open(tmp / part["library"], "ab") as f:
+            f.write(E.binding_bytes(part["name"], bound))
 
 
 @dataclass
@@ -358,6 +374,7 @@ def _compile_split(
         manifest = _manifest(
             first,
             target,
+            index_bounds=_merged_index_bounds(reference),
             parts=entries,
             host="host.json",
             options={
@@ -420,6 +437,18 @@ def _disjoint_weights(sset: SignatureSet) -> list[Program]:
     return out
 
 
+def _merged_index_bounds(program: Program | SignatureSet) -> dict[str, dict[str, int]]:
+    """:func:`_index_bounds` over every member of a SignatureSet (the smallest per input).
+
+    Embeddings inside the parts of a split program are not seen (a known gap)."""
+    bounds: dict[str, dict[str, int]] = {}
+    for p in program if isinstance(program, SignatureSet) else [program]:
+        for name, b in _index_bounds(p).items():
+            old = bounds.get(name, b)["index_bound"]
+            bounds[name] = {"index_bound": min(old, b["index_bound"])}
+    return bounds
+
+
 def _index_bounds(program: Program) -> dict[str, dict[str, int]]:
     """Integer inputs used directly as embedding indices -> {"index_bound": rows}.
 
@@ -460,12 +489,16 @@ def _index_bounds(program: Program) -> dict[str, dict[str, int]]:
     return bounds
 
 
-def load(path: str | Path) -> Any:
+def load(path: str | Path, *, sha256: str | None = None) -> Any:
     """Load a saved program (a :class:`~splice.ir.program.Program`) or a compiled artifact
-    (a :class:`~splice.runtime.artifact.CompiledModel`); both are callables over tensors."""
+    (a :class:`~splice.runtime.artifact.CompiledModel`); both are callables over tensors.
+
+    ``sha256`` pins what is loaded: the sha256 of its ``manifest.json``, which lists every
+    file's sha256 (``Artifact.sha256``, ``sha256sum PATH/manifest.json``); a different one
+    raises ArtifactError before anything else is read."""
     from splice.errors import ArtifactError
     from splice.ir import serialize
-    from splice.runtime.artifact import CompiledModel, read_manifest
+    from splice.runtime.artifact import CompiledModel, check_pin
 
     root = Path(path)
     if not (root / MANIFEST).is_file():
@@ -473,12 +506,15 @@ def load(path: str | Path) -> Any:
             f"{root} is neither a saved program nor a compiled artifact (no {MANIFEST})",
             hint="save programs with splice.save, compile artifacts with splice.compile",
         )
-    fmt = read_manifest(root).get("format")
+    data = (root / MANIFEST).read_bytes()
+    check_pin(root, data, sha256)
+    try:
+        fmt = json.loads(data).get("format")
+    except (UnicodeDecodeError, ValueError, AttributeError):
+        fmt = None  # not a JSON object: CompiledModel says what is wrong
     if fmt == serialize.FORMAT:
         return serialize.load(root)
-    if fmt == FORMAT:
-        return CompiledModel(root)
-    raise ArtifactError(f"{root}: unknown format {fmt!r}")
+    return CompiledModel(root, sha256=sha256)  # its schema check names a wrong format
 
 
 __all__ = ["PREPARE_PIPELINE", "compile", "load"]

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -273,6 +273,119 @@ class HostProgram:
         outs = self._run(sub, inner)
         for r, o in zip(step["results"], outs, strict=True):
             env[r] = o
+
+
+def validate_host(
+    host: Any,
+    parts: dict[str, tuple[int | None, int | None]],
+    weights: Collection[str],
+    n_inputs: int,
+    *,
+    where: str | None = None,
+) -> None:
+    """Raise ArtifactError unless ``host`` (a parsed host.json) is a well-formed host program:
+    known steps with fields of the right types, every value defined before it is used,
+    calls only of ``parts`` (name -> (inputs, outputs), None where unknown) with that many
+    arguments and results, constants only of ``weights``, and ``n_inputs`` inputs. Running
+    a validated program cannot fail with a KeyError or TypeError."""
+
+    def bad(path: str, what: str) -> ArtifactError:
+        return ArtifactError(
+            f"host.json: {path} {what}",
+            where=where,
+            hint="rebuild the artifact; never edit its files",
+        )
+
+    def names(v: Any, path: str) -> list[str]:
+        if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+            raise bad(path, "must be a list of value names")
+        return v
+
+    def used(v: Any, path: str, env: set[str]) -> list[str]:
+        vs = names(v, path)
+        undefined = [x for x in vs if x not in env]
+        if undefined:
+            raise bad(path, f"uses {undefined[0]!r} before it is defined")
+        return vs
+
+    def block(b: Any, path: str, env: set[str], n_params: int, n_results: int | None) -> int:
+        if not isinstance(b, dict):
+            raise bad(path, "must be an object with params, body and results")
+        params = names(b.get("params"), f"{path}.params")
+        if len(params) != n_params:
+            raise bad(f"{path}.params", f"has {len(params)} values, its caller passes {n_params}")
+        env = env | set(params)
+        body = b.get("body")
+        if not isinstance(body, list):
+            raise bad(f"{path}.body", "must be a list of steps")
+        for i, st in enumerate(body):
+            env |= step(st, f"{path}.body[{i}]", env)
+        results = used(b.get("results"), f"{path}.results", env)
+        if n_results is not None and len(results) != n_results:
+            raise bad(f"{path}.results", f"has {len(results)} values, its caller takes {n_results}")
+        return len(results)
+
+    def step(st: Any, path: str, env: set[str]) -> set[str]:
+        if not isinstance(st, dict):
+            raise bad(path, "must be an object")
+        op = st.get("op")
+        if op not in ("call", "const", "eq", "branch", "signature"):
+            raise bad(f"{path}.op", f"is unknown: {op!r} (call, const, eq, branch, signature)")
+        if op == "const":
+            if not isinstance(st.get("weight"), str) or st["weight"] not in weights:
+                raise bad(
+                    f"{path}.weight", f"names no weight of the artifact: {st.get('weight')!r}"
+                )
+            return set(names([st.get("result")], f"{path}.result"))
+        if op == "eq":
+            used([st.get("arg")], f"{path}.arg", env)
+            value = st.get("value")
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise bad(f"{path}.value", "must be an integer")
+            return set(names([st.get("result")], f"{path}.result"))
+        args = used(st.get("args"), f"{path}.args", env)
+        results = names(st.get("results"), f"{path}.results")
+        if op == "call":
+            part = st.get("part")
+            if not isinstance(part, str) or part not in parts:
+                raise bad(f"{path}.part", f"names no part of the artifact: {part!r}")
+            n_in, n_out = parts[part]
+            if n_in is not None and len(args) != n_in:
+                raise bad(f"{path}.args", f"passes {len(args)} values, part {part} takes {n_in}")
+            if n_out is not None and len(results) != n_out:
+                raise bad(f"{path}.results", f"takes {len(results)}, part {part} returns {n_out}")
+        elif op == "branch":
+            used([st.get("pred")], f"{path}.pred", env)
+            if not isinstance(st.get("site", ""), (str, type(None))):
+                raise bad(f"{path}.site", "must be a string")
+            for key in ("then", "else"):
+                block(st.get(key), f"{path}.{key}", env, len(args), len(results))
+        elif op == "signature":
+            cases = st.get("cases")
+            if not isinstance(cases, list) or not cases:
+                raise bad(f"{path}.cases", "must be a non-empty list")
+            for k, case in enumerate(cases):
+                cp = f"{path}.cases[{k}]"
+                specs = case.get("inputs") if isinstance(case, dict) else None
+                if (
+                    not isinstance(specs, list)
+                    or len(specs) != len(args)
+                    or not all(
+                        isinstance(i, dict)
+                        and isinstance(i.get("shape"), list)
+                        and all(isinstance(d, int) for d in i["shape"])
+                        and isinstance(i.get("dtype"), str)
+                        for i in specs
+                    )
+                ):
+                    raise bad(f"{cp}.inputs", f"must be {len(args)} specs (shape, dtype)")
+                block(case.get("block"), f"{cp}.block", env, len(args), len(results))
+        return set(results)
+
+    if not isinstance(host, dict) or host.get("format") != HOST_FORMAT:
+        got = host.get("format") if isinstance(host, dict) else type(host).__name__
+        raise bad("format", f"must be {HOST_FORMAT!r}, got {got!r}")
+    block(host.get("main"), "main", set(), n_inputs, None)
 
 
 def _match_signature(cases: Sequence[dict[str, Any]], args: Sequence[torch.Tensor]) -> int:
