@@ -441,3 +441,23 @@ def test_duplicate_output_names_are_rejected():
     dup = Program(p.graph_module, output_names=["out", "out"], weight_kinds=p.weight_kinds)
     with pytest.raises(VerificationError, match="output name\\(s\\) 'out' appear more than once"):
         splice.verify(dup)
+
+
+def test_load_can_pin_the_manifest_and_read_program_and_samples_together(tmp_path):
+    x = torch.randn(2, 4)
+    folder = splice.save(small(), tmp_path / "p.splice", samples=[(x,)])
+    digest = hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()
+    program, samples = serialize.load_with_samples(folder, sha256=f"sha256:{digest}")
+    assert torch.equal(samples[0][0], x) and program.input_names == ["x"]
+    splice.save(small(), folder, samples=[(x,)])  # new weights: a new manifest
+    with pytest.raises(ArtifactError, match=f"not the pinned {digest}"):
+        serialize.load(folder, sha256=digest)
+    with pytest.raises(ArtifactError, match="sha256= must be 64 hex digits, got 'abc'"):
+        serialize.load(folder, sha256="abc")
+
+
+def test_output_names_must_be_identifiers():
+    p = small()
+    p.rename_output("out", "a-b")
+    with pytest.raises(VerificationError, match="output name 'a-b' is not an identifier"):
+        splice.verify(p)

@@ -292,21 +292,39 @@ def save(
     return Path(path)
 
 
-def load(path: str | os.PathLike[str]) -> Program:
+def load(path: str | os.PathLike[str], *, sha256: str | None = None) -> Program:
     """Read and verify a program saved by :func:`save`.
 
     Raises :class:`ArtifactError` if the folder is missing, damaged or changed,
     :class:`ParseError` if its text is not a program, and :class:`VerificationError` if the
-    program breaks an IR invariant; in each case nothing is returned, so nothing runs."""
+    program breaks an IR invariant; in each case nothing is returned, so nothing runs.
+    ``sha256`` pins the program: the sha256 of its ``manifest.json`` (which lists the
+    sha256 of every file), checked on the bytes that are then used."""
+    root, files = _read_files(path, sha256)
+    return _program(root, files)
+
+
+def load_with_samples(
+    path: str | os.PathLike[str], *, sha256: str | None = None
+) -> tuple[Program, list[tuple[torch.Tensor, ...]]]:
+    """:func:`load` and :func:`load_samples` from one read of the folder, so both come from
+    the same version even while another process replaces it."""
+    root, files = _read_files(path, sha256)
+    return _program(root, files), _samples(root, files)
+
+
+def _program(root: Path, files: dict[str, bytes]) -> Program:
+    return _parse_and_verify(root, _text(root, files), _tensors(root, files, WEIGHTS_FILE))
+
+
+def _tensors(root: Path, files: dict[str, bytes], name: str) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load as load_safetensors
 
-    root, files = _read_files(path)
     try:
-        weights = load_safetensors(files[WEIGHTS_FILE])
+        return load_safetensors(files[name])
     except SafetensorError as e:
-        raise ArtifactError(f"{root / WEIGHTS_FILE} is not a safetensors file: {e}") from e
-    return _parse_and_verify(root, _text(root, files), weights)
+        raise ArtifactError(f"{root / name} is not a safetensors file: {e}") from e
 
 
 def _text(root: Path, files: dict[str, bytes]) -> str:
@@ -343,16 +361,14 @@ def _parse_and_verify(root: Path, text: str, weights: dict[str, torch.Tensor]) -
 
 def load_samples(path: str | os.PathLike[str]) -> list[tuple[torch.Tensor, ...]]:
     """The sample inputs saved with a program (empty if none were saved)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load as load_safetensors
-
     root, files = _read_files(path)
+    return _samples(root, files)
+
+
+def _samples(root: Path, files: dict[str, bytes]) -> list[tuple[torch.Tensor, ...]]:
     if SAMPLES_FILE not in files:
         return []
-    try:
-        flat = load_safetensors(files[SAMPLES_FILE])
-    except SafetensorError as e:
-        raise ArtifactError(f"{root / SAMPLES_FILE} is not a safetensors file: {e}") from e
+    flat = _tensors(root, files, SAMPLES_FILE)
     order = _input_order(_text(root, files))
     out: list[tuple[torch.Tensor, ...]] = []
     while order and all(f"{len(out)}.{n}" in flat for n in order):
@@ -360,10 +376,14 @@ def load_samples(path: str | os.PathLike[str]) -> list[tuple[torch.Tensor, ...]]
     return out
 
 
-def _read_files(path: str | os.PathLike[str]) -> tuple[Path, dict[str, bytes]]:
+def _read_files(
+    path: str | os.PathLike[str], sha256: str | None = None
+) -> tuple[Path, dict[str, bytes]]:
     """Every file of a saved program, read through one handle on its folder and checked
-    against the manifest; retried when a writer swaps the folder while it is read."""
+    against the manifest (and the manifest against ``sha256``, if given); retried when a
+    writer swaps the folder while it is read."""
     root = Path(path)
+    pin = _pin(sha256)
     for _ in range(_RETRIES):
         try:
             dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
@@ -373,7 +393,7 @@ def _read_files(path: str | os.PathLike[str]) -> tuple[Path, dict[str, bytes]]:
         except OSError as e:
             raise ArtifactError(f"cannot read {root}: {e.strerror}") from e
         try:
-            return root, _read_snapshot(root, dir_fd)
+            return root, _read_snapshot(root, dir_fd, pin)
         except _Swapped:
             continue
         finally:
@@ -388,7 +408,20 @@ class _Swapped(Exception):
     """A file vanished because a writer replaced the folder while it was read."""
 
 
-def _read_snapshot(root: Path, dir_fd: int) -> dict[str, bytes]:
+def _pin(sha256: str | None) -> str | None:
+    """The pinned manifest digest in lower-case hex (``sha256:`` prefix allowed)."""
+    if sha256 is None:
+        return None
+    digest = sha256.lower().removeprefix("sha256:") if isinstance(sha256, str) else ""
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ArtifactError(
+            f"sha256= must be 64 hex digits, got {sha256!r}",
+            hint="take it from `sha256sum PATH/manifest.json`",
+        )
+    return digest
+
+
+def _read_snapshot(root: Path, dir_fd: int, pin: str | None) -> dict[str, bytes]:
     def read(name: str) -> bytes | None:
         try:
             fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
@@ -401,7 +434,15 @@ def _read_snapshot(root: Path, dir_fd: int) -> dict[str, bytes]:
         with os.fdopen(fd, "rb") as f:
             return f.read()
 
-    manifest = _program_manifest(root, read(MANIFEST_FILE))
+    raw = read(MANIFEST_FILE)
+    if pin is not None and raw is not None and hashlib.sha256(raw).hexdigest() != pin:
+        raise ArtifactError(
+            f"the program's sha256 is {hashlib.sha256(raw).hexdigest()}, not the pinned {pin}",
+            where=str(root),
+            hint="the program changed since it was pinned: save it again or pin the new one "
+            "only if you trust it",
+        )
+    manifest = _program_manifest(root, raw)
     out: dict[str, bytes] = {}
     for fname, digest in manifest["files"].items():
         data = read(fname)
@@ -504,6 +545,7 @@ __all__ = [
     "is_saved_program",
     "load",
     "load_samples",
+    "load_with_samples",
     "save",
     "sha256_file",
 ]

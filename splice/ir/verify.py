@@ -34,6 +34,7 @@ from splice.ir.program import Program, get_attr_path, iter_graphs
 from splice.ir.shape_prop import PY_OP_NAMES, FakeRunner
 
 _SYMBOL_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_IDENT_RE = _SYMBOL_RE
 _SYMPY_FUNCS = {"Max", "Min", "FloorDiv", "Mod", "CeilDiv", "floor", "ceiling", "sqrt", "oo"}
 
 
@@ -125,6 +126,13 @@ def _check_structure(program: Program, gm: fx.GraphModule, top: bool) -> None:
         vals = program.output_values
         if len(vals) != len(program.output_names):
             raise _err(f"{len(vals)} output values but {len(program.output_names)} output names")
+        for name in program.output_names:
+            if not isinstance(name, str) or not _IDENT_RE.fullmatch(name):
+                raise _err(
+                    f"output name {name!r} is not an identifier, so the text form cannot name it",
+                    program.output_node,
+                    hint="rename the output (Program.rename_output)",
+                )
         dupes = sorted({n for n in program.output_names if program.output_names.count(n) > 1})
         if dupes:
             raise _err(
