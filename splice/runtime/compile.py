@@ -513,7 +513,7 @@ def load(path: str | Path, *, sha256: str | None = None) -> Any:
     except (UnicodeDecodeError, ValueError, AttributeError):
         fmt = None  # not a JSON object: CompiledModel says what is wrong
     if fmt == serialize.FORMAT:
-        return serialize.load(root)
+        return serialize.load(root, sha256=sha256)  # pinned again on the bytes it reads
     return CompiledModel(root, sha256=sha256)  # its schema check names a wrong format
 
 
