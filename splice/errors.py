@@ -27,6 +27,20 @@ class SpliceError(Exception):
             parts.append(f"  hint: {hint}")
         super().__init__("\n".join(parts))
 
+    def one_line(self) -> str:
+        """The message, where and hint on one line (what the command line prints)."""
+        text = one_line(self.message)
+        if self.where:
+            text += f" (at {one_line(self.where)})"
+        if self.hint:
+            text += f"; hint: {one_line(self.hint)}"
+        return text
+
+
+def one_line(text: str) -> str:
+    """``text`` with its lines stripped and joined by "; " (no newline left)."""
+    return "; ".join(s for s in (line.strip() for line in str(text).splitlines()) if s)
+
 
 class CaptureError(SpliceError):
     """A model could not be captured into a Program."""

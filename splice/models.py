@@ -40,6 +40,23 @@ def _transformers():
     return transformers
 
 
+def _sizes(factory: str, sizes: dict[str, Any], **multiples: tuple[str, str]) -> None:
+    """Check a factory's arguments before building anything: every size a positive int,
+    and ``name=(a, b)`` that ``a`` is a multiple of ``b`` (hidden of heads, ...)."""
+    for name, v in sizes.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise CaptureError(
+                f"{factory}: {name} must be a positive integer, got {v!r}",
+                hint=f"e.g. -a {name}=4",
+            )
+    for a, b in multiples.values():
+        if sizes[a] % sizes[b]:
+            raise CaptureError(
+                f"{factory}: {a}={sizes[a]} is not a multiple of {b}={sizes[b]}",
+                hint=f"choose {a} and {b} so that {b} divides {a}",
+            )
+
+
 def _ids(vocab: int, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=g)
@@ -53,6 +70,7 @@ def gpt2(
     seq: int = 8,
     batch: int = 1,
 ):
+    _sizes("gpt2", locals(), heads=("hidden", "heads"))
     T = _transformers()
     torch.manual_seed(0)
     cfg = T.GPT2Config(
@@ -77,6 +95,7 @@ def llama(
     seq: int = 8,
     batch: int = 1,
 ):
+    _sizes("llama", locals(), heads=("hidden", "heads"), kv=("heads", "kv_heads"))
     T = _transformers()
     torch.manual_seed(0)
     cfg = T.LlamaConfig(
@@ -102,6 +121,7 @@ def bert(
     seq: int = 8,
     batch: int = 1,
 ):
+    _sizes("bert", locals(), heads=("hidden", "heads"))
     T = _transformers()
     torch.manual_seed(0)
     cfg = T.BertConfig(
@@ -125,6 +145,11 @@ def vit(
     patch: int = 8,
     batch: int = 1,
 ):
+    _sizes("vit", locals(), heads=("hidden", "heads"))
+    if patch > image:
+        raise CaptureError(
+            f"vit: patch={patch} is larger than image={image}", hint="choose patch <= image"
+        )
     T = _transformers()
     torch.manual_seed(0)
     cfg = T.ViTConfig(
@@ -151,6 +176,11 @@ def mixtral(
     seq: int = 8,
     batch: int = 1,
 ):
+    _sizes("mixtral", locals(), heads=("hidden", "heads"), kv=("heads", "kv_heads"))
+    if top_k > experts:
+        raise CaptureError(
+            f"mixtral: top_k={top_k} is more than experts={experts}", hint="choose top_k <= experts"
+        )
     T = _transformers()
     torch.manual_seed(0)
     cfg = T.MixtralConfig(
@@ -203,6 +233,7 @@ class _Block(nn.Module):
 
 
 def convnet(width: int = 16, image: int = 32, batch: int = 1):
+    _sizes("convnet", locals())
     torch.manual_seed(0)
     model = ConvNet(width)
     # non-trivial batch-norm statistics, so that folding and numerics are exercised
@@ -238,6 +269,7 @@ class ConvFamily(nn.Module):
 
 def conv_family(width: int = 16, depth: int = 4, image: int = 16, batch: int = 1, seed: int = 0):
     """A member of the :class:`ConvFamily` (seeded random weights, non-trivial BN stats)."""
+    _sizes("conv_family", {"width": width, "depth": depth, "image": image, "batch": batch})
     torch.manual_seed(seed)
     model = ConvFamily(width, depth)
     for m in model.modules():
@@ -260,6 +292,7 @@ class MLP(nn.Module):
 
 
 def mlp(d: int = 768, hidden: int = 3072, batch: int = 1):
+    _sizes("mlp", locals())
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     return MLP(d, hidden).eval(), (torch.randn(batch, d, generator=g),)

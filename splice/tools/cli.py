@@ -16,7 +16,12 @@
 
 IN is a saved program folder or a MODEL. MODEL is ``package.module:factory`` naming a
 function that returns ``(model, example_inputs)``; ``-a key=value`` passes arguments to it.
-Errors print as one message (what, where, what to do) and exit with status 1.
+A MODEL spec imports your module and calls your function: name only code you trust (see
+:func:`load_model_spec` for what is refused before anything runs; it is not a sandbox).
+
+Errors print as one line on stderr (what, where, what to do) and exit with status 1; an
+unexpected exception (a bug) prints one line too, and its traceback when the environment
+variable SPLICE_DEBUG=1 is set.
 """
 
 from __future__ import annotations
@@ -25,14 +30,25 @@ import argparse
 import contextlib
 import difflib
 import importlib
+import inspect
+import math
 import os
 import sys
+import tempfile
 import time
+import traceback
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from splice.errors import SpliceError
+from splice._quiet import quiet_torch_logs
+from splice.errors import CaptureError, SpliceError
+
+MODEL_HELP = (
+    "MODEL is package.module:factory, a function returning (model, example_inputs); "
+    "MODEL specs import and call your code, so name only code you trust"
+)
 
 
 def _console(stderr: bool = False):
@@ -72,15 +88,23 @@ def _parse_factory_args(items: list[str] | None) -> dict[str, Any]:
 
 
 def load_model_spec(spec: str, factory_args: dict[str, Any] | None = None) -> tuple[Any, Any]:
-    """``package.module:factory`` -> (model, example_inputs)."""
-    from splice.errors import CaptureError
+    """``package.module:factory`` -> (model, example_inputs).
 
-    if ":" not in spec:
+    This imports ``package.module`` and calls ``factory``: a MODEL spec runs your code, and
+    this is not a sandbox (a module runs code when imported; a factory can do anything).
+    What is refused before anything runs: a module of Python's standard library (no model
+    factory lives there, and some modules act on import); after the import, an attribute
+    that is not a Python function (``os:system``, a class, a builtin), a function defined
+    in the standard library (``shutil:rmtree``), and ``-a`` arguments that the function
+    does not take or whose type does not fit its default. What the factory raises becomes
+    one :class:`CaptureError`.
+    """
+    mod_name, fn_name = _split_spec(spec)
+    if _is_stdlib(mod_name):
         raise CaptureError(
-            f"{spec!r} is neither a saved program folder nor a MODEL",
-            hint="name a model as package.module:factory, e.g. splice.models:gpt2",
+            f"{spec}: {mod_name} is part of Python's standard library, not a model factory",
+            hint="name your own function, e.g. mypackage.models:build (MODEL specs run it)",
         )
-    mod_name, fn_name = spec.split(":", 1)
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as e:
@@ -89,17 +113,131 @@ def load_model_spec(spec: str, factory_args: dict[str, Any] | None = None) -> tu
         ) from e
     fn = getattr(mod, fn_name, None)
     if fn is None or not callable(fn):
-        names = [n for n in dir(mod) if not n.startswith("_") and callable(getattr(mod, n))]
+        names = [
+            n for n in dir(mod) if not n.startswith("_") and inspect.isfunction(getattr(mod, n))
+        ]
         raise CaptureError(
             f"{mod_name} has no factory {fn_name!r}",
-            hint=f"callables there: {', '.join(names[:20])}",
+            hint=f"functions there: {', '.join(names[:20])}",
         )
-    result = fn(**(factory_args or {}))
+    _check_factory(spec, fn)
+    kwargs = _fit_factory_args(spec, fn, factory_args or {})
+    result = _call_factory(spec, fn, kwargs)
     if not (isinstance(result, tuple) and len(result) == 2):
         raise CaptureError(
             f"{spec} must return (model, example_inputs), got {type(result).__name__}"
         )
     return result
+
+
+def _split_spec(spec: str) -> tuple[str, str]:
+    mod_name, _, fn_name = spec.partition(":")
+    if not mod_name or not fn_name or not fn_name.isidentifier():
+        raise CaptureError(
+            f"{spec!r} is neither a saved program folder nor a MODEL",
+            hint="name a model as package.module:factory, e.g. splice.models:gpt2",
+        )
+    return mod_name, fn_name
+
+
+def _is_stdlib(module: str) -> bool:
+    top = module.split(".", 1)[0]
+    return top in sys.stdlib_module_names or top in sys.builtin_module_names
+
+
+def _check_factory(spec: str, fn: Any) -> None:
+    """Refuse what cannot be a model factory before calling it (see load_model_spec)."""
+    target = inspect.unwrap(fn)
+    if not inspect.isfunction(target):
+        kind = "a class" if inspect.isclass(target) else f"a {type(target).__name__}"
+        raise CaptureError(
+            f"{spec} is {kind}, not a Python function returning (model, example_inputs)",
+            hint="MODEL names a factory function defined in your own module",
+        )
+    module = getattr(target, "__module__", None) or ""
+    if _is_stdlib(module):
+        raise CaptureError(
+            f"{spec} is {module}.{target.__qualname__} from Python's standard library, "
+            "not a model factory",
+            hint="name your own function, e.g. mypackage.models:build (MODEL specs run it)",
+        )
+
+
+_SCALAR_TYPES: dict[str, type] = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _expected_type(param: inspect.Parameter) -> type | None:
+    if param.default is not inspect.Parameter.empty and param.default is not None:
+        t = type(param.default)
+        return t if t in (int, float, bool, str) else None
+    ann = param.annotation
+    if isinstance(ann, str):
+        return _SCALAR_TYPES.get(ann)
+    return ann if ann in (int, float, bool, str) else None
+
+
+def _fit_factory_args(spec: str, fn: Any, args: dict[str, Any]) -> dict[str, Any]:
+    """``args`` checked against ``fn``'s signature and converted to its defaults' types."""
+    sig = inspect.signature(fn)
+    takes = [
+        p.name
+        for p in sig.parameters.values()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    try:
+        sig.bind(**args)
+    except TypeError as e:
+        raise CaptureError(
+            f"-a arguments do not fit {spec}: {e}",
+            hint=f"its arguments: {', '.join(takes) or 'none'}",
+        ) from None
+    out = dict(args)
+    for name, value in args.items():
+        param = sig.parameters.get(name)
+        want = _expected_type(param) if param is not None else None
+        if want is not None:
+            out[name] = _convert_arg(spec, name, value, want, param)
+    return out
+
+
+def _convert_arg(spec: str, name: str, value: Any, want: type, param: inspect.Parameter) -> Any:
+    if want is str:
+        return str(value)
+    if want is bool and str(value).lower() in ("1", "true", "yes", "0", "false", "no"):
+        return str(value).lower() in ("1", "true", "yes")
+    if want is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if want is int and isinstance(value, int):
+        return value
+    default = "" if param.default is inspect.Parameter.empty else f" (default {param.default!r})"
+    raise CaptureError(
+        f"-a {name}={value}: {spec} takes {want.__name__} for {name!r}{default}",
+        hint=f"pass e.g. -a {name}={param.default if default else '...'}",
+    )
+
+
+def _call_factory(spec: str, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+    try:
+        return fn(**kwargs)
+    except SpliceError:
+        raise
+    except Exception as e:
+        raise CaptureError(
+            f"{spec} raised {type(e).__name__}: {e}",
+            where=_frame_in(e, inspect.unwrap(fn)),
+            hint="check the -a arguments, or fix the factory (SPLICE_DEBUG=1 prints the traceback)",
+        ) from e
+
+
+def _frame_in(e: BaseException, fn: Any) -> str | None:
+    """``file:line`` of the deepest frame of ``e`` in ``fn``'s source file (else the deepest)."""
+    frames = traceback.extract_tb(e.__traceback__)
+    if not frames:
+        return None
+    code = getattr(fn, "__code__", None)
+    mine = [f for f in frames if code is not None and f.filename == code.co_filename]
+    f = (mine or frames)[-1]
+    return f"{f.filename}:{f.lineno} in {f.name}"
 
 
 def load_input(path_or_model: str, factory_args: dict[str, Any] | None = None) -> Loaded:
@@ -136,12 +274,105 @@ def _status(message: str):
 
 
 # ---------------------------------------------------------------------------------------
+# checking options before the work starts
+
+
+def _nearest_existing(p: Path) -> Path:
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _check_parent(path: str, option: str, create: bool) -> None:
+    parent = Path(path).resolve().parent
+    found = _nearest_existing(parent) if create else parent
+    if not found.exists():
+        raise SpliceError(
+            f"{option} {path}: the folder {parent} does not exist", hint="create it first"
+        )
+    if not found.is_dir():
+        raise SpliceError(
+            f"{option} {path}: {found} is a file, not a folder", hint="choose another path"
+        )
+    try:  # the one reliable test of writability (root, read-only mounts, /proc)
+        os.rmdir(tempfile.mkdtemp(prefix=".splice-probe-", dir=found))
+    except OSError as e:
+        raise SpliceError(
+            f"{option} {path}: cannot write into {found} ({e.strerror})",
+            hint="choose a path in a folder you can write to",
+        ) from None
+
+
+def check_output_folder(path: str, option: str = "-o") -> None:
+    """A folder splice will write (created with its parents): not the current folder or
+    one above it, and inside a writable folder. Whether an existing ``path`` may be
+    replaced is decided by the writer (splice programs and artifacts only, or --force)."""
+    p = Path(path)
+    resolved, cwd = p.resolve(), Path.cwd().resolve()
+    if p.name in ("", ".", "..") or resolved == cwd or resolved in cwd.parents:
+        raise SpliceError(
+            f"{option} {path}: that is the current folder or a folder above it",
+            hint=f"name a new folder, e.g. {option} out.splice",
+        )
+    _check_parent(path, option, create=True)
+
+
+def check_output_file(path: str, option: str) -> None:
+    """A file splice will write: its folder exists and ``path`` is not a folder."""
+    if Path(path).is_dir():
+        raise SpliceError(f"{option} {path}: that is a folder", hint="name a file in it")
+    _check_parent(path, option, create=False)
+
+
+def check_dump_folder(path: str, option: str) -> None:
+    """A folder splice writes files into (--dump-dir, --crash-dir): not a file."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise SpliceError(
+            f"{option} {path}: that is a file, not a folder", hint="name a folder to write into"
+        )
+    _check_parent(path, option, create=True)
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def float_at_least(low: float) -> Callable[[str], float]:
+    """An argparse type: a finite number >= ``low``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low:
+            raise argparse.ArgumentTypeError(f"must be a finite number >= {low:g}, got {text}")
+        return value
+
+    parse.__name__ = f"number >= {low:g}"
+    return parse
+
+
+# ---------------------------------------------------------------------------------------
 # commands
 
 
 def cmd_capture(a: argparse.Namespace) -> int:
     from splice.ir.serialize import save
 
+    check_output_folder(a.output)
     loaded = load_input(a.model, _parse_factory_args(a.arg))
     save(loaded.program, a.output, samples=loaded.samples, overwrite=a.force)
     _console().print(f"captured {loaded.program!r}\nwrote {a.output}")
@@ -163,6 +394,11 @@ def cmd_opt(a: argparse.Namespace) -> int:
     )
 
     pipeline = parse_pipeline(a.pipeline)
+    if a.output:
+        check_output_folder(a.output)
+    for option, folder in (("--dump-dir", a.dump_dir), ("--crash-dir", a.crash_dir)):
+        if folder:
+            check_dump_folder(folder, option)
     loaded = load_input(a.input, _parse_factory_args(a.arg))
     instruments: list[Any] = []
     timing = Timing() if a.time_passes else None
@@ -396,11 +632,21 @@ def cmd_demo(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr and exit status 1, like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"error: {self.prog}: {message}; see `{self.prog} --help`\n")
+        raise SystemExit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from splice import __version__
 
-    p = argparse.ArgumentParser(
-        prog="splice", description="A compiler for the structure of neural networks."
+    p = _Parser(
+        prog="splice",
+        description="A compiler for the structure of neural networks.",
+        epilog=MODEL_HELP + ".",
     )
     p.add_argument("--version", action="version", version=f"splice {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -410,7 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
         name: str = "input",
         help: str = "saved program folder or MODEL",
     ):
-        sp.add_argument(name, help=help)
+        sp.add_argument(name, help=f"{help} (MODEL specs import and call your code)")
+        sp.epilog = MODEL_HELP + "."
         sp.add_argument(
             "-a",
             "--arg",
@@ -462,7 +709,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("stats", help="parameters, FLOPs and bytes by module")
     model_arg(sp)
     sp.add_argument(
-        "--depth", type=int, default=2, help="module path depth of the table (default 2)"
+        "--depth",
+        type=int_at_least(0),
+        default=2,
+        help="module path depth of the table (default 2)",
     )
     sp.set_defaults(fn=cmd_stats)
 
@@ -482,17 +732,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="stitch a model family (SN-Net) and tabulate its configurations",
         description="Stitch the models (package.module:factory, one family) and print per "
         "configuration FLOPs, parameters, latency after compile and fidelity to the largest.",
+        epilog=MODEL_HELP + ".",
     )
     sp.add_argument(
         "models",
         nargs="+",
-        help="two or more package.module:factory[?key=value&...] (arguments per member)",
+        help="two or more package.module:factory[?key=value&...] (arguments per member; "
+        "MODEL specs import and call your code)",
     )
-    sp.add_argument("--window", type=int, default=2)
-    sp.add_argument("--stride", type=int, default=1)
+    sp.add_argument("--window", type=int_at_least(1), default=2)
+    sp.add_argument("--stride", type=int_at_least(1), default=1)
     sp.add_argument("--kind", default="linear", help="linear | conv1x1 | lora")
-    sp.add_argument("--calib", type=int, default=16, help="calibration inputs (random, seeded)")
-    sp.add_argument("--eval", type=int, default=8, help="inputs the fidelity is measured on")
+    sp.add_argument(
+        "--calib", type=int_at_least(1), default=16, help="calibration inputs (random, seeded)"
+    )
+    sp.add_argument(
+        "--eval", type=int_at_least(1), default=8, help="inputs the fidelity is measured on"
+    )
     sp.add_argument("-t", "--target", default="host")
     sp.add_argument("--no-latency", action="store_true", help="skip compiling and timing")
     sp.add_argument("-o", "--output", help="also write the table (Markdown) here")
@@ -505,7 +761,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("demo", help="capture all-MiniLM-L6-v2 and run a pipeline on it")
     sp.add_argument("-p", "--pipeline", default="cse,fold-constants,dce")
     sp.add_argument(
-        "--sentences", type=int, default=8, help="number of sample sentences (default 8)"
+        "--sentences",
+        type=int_at_least(1),
+        default=8,
+        help="number of sample sentences (default 8)",
     )
     sp.add_argument(
         "--no-lowrank", action="store_true", help="skip the low-rank part (lowrank + TVM)"
@@ -515,25 +774,62 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every error ends in one line on stderr and exit status 1."""
     parser = build_parser()
-    a = parser.parse_args(argv)
     try:
-        return int(a.fn(a) or 0)
-    except SpliceError as e:
-        con = _console(stderr=True)
-        con.print("error:", style="bold red", end=" ")
-        con.print(f"{type(e).__name__}: {e.message}")
-        if e.where:
-            con.print(f"  at: {e.where}")
-        if e.hint:
-            con.print(f"  hint: {e.hint}")
-        return 1
+        a = parser.parse_args(argv)
+    except SystemExit as e:  # --help / --version (0), or a usage error already printed (1)
+        return e.code if isinstance(e.code, int) else 1
+    debug = _debug()
+    try:
+        with quiet_torch_logs(enabled=not debug):
+            return int(a.fn(a) or 0)
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        if debug:
+            traceback.print_exception(e)
+        _console(stderr=True).print(f"error: {error_line(e, debug)}")
+        return 1
+
+
+def _debug() -> bool:
+    return os.environ.get("SPLICE_DEBUG", "") not in ("", "0")
+
+
+def error_line(e: BaseException, debug: bool = False) -> str:
+    """One line for ``e``: a SpliceError's what, where and hint; an OSError's file and
+    reason; anything else named as a possible bug, with how to see its traceback."""
+    from splice.errors import one_line
+
+    if isinstance(e, SpliceError):
+        return f"{type(e).__name__}: {e.one_line()}"
+    if isinstance(e, OSError) and e.strerror:
+        where = " ".join(f"'{f}'" for f in (e.filename, e.filename2) if f is not None)
+        return (
+            f"{type(e).__name__}: {e.strerror}{': ' + where if where else ''}; "
+            "hint: check the path and its permissions"
+        )
+    text = f"{type(e).__name__}: {one_line(str(e)) or '(no message)'}"
+    if debug:
+        return f"{text} (an unexpected error: the traceback is above)"
+    return f"{text} (an unexpected error, maybe a bug: run with SPLICE_DEBUG=1 for the traceback)"
 
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
 
-__all__ = ["build_parser", "load_input", "load_model_spec", "main", "stats_table"]
+__all__ = [
+    "build_parser",
+    "check_dump_folder",
+    "check_output_file",
+    "check_output_folder",
+    "error_line",
+    "float_at_least",
+    "int_at_least",
+    "load_input",
+    "load_model_spec",
+    "main",
+    "stats_table",
+]

@@ -27,8 +27,15 @@ from splice.errors import ArtifactError
 
 def cmd_compile(a: argparse.Namespace) -> int:
     import splice
-    from splice.tools.cli import _console, _parse_factory_args, _progress_printer, load_input
+    from splice.tools.cli import (
+        _console,
+        _parse_factory_args,
+        _progress_printer,
+        check_output_folder,
+        load_input,
+    )
 
+    check_output_folder(a.output)
     loaded = load_input(a.input, _parse_factory_args(a.arg))
     con = _console()
     t0 = time.perf_counter()
@@ -79,26 +86,42 @@ def _rank_option(v: str | None) -> float | int | None:
         ) from None
 
 
-def _read_inputs(path: str, names: list[str]) -> tuple[torch.Tensor, ...]:
+def _read_inputs(path: str, specs: list[dict[str, Any]]) -> tuple[torch.Tensor, ...]:
+    """The tensors of ``path`` (safetensors or .npz) named like ``specs``."""
     p = Path(path)
     if not p.is_file():
-        raise ArtifactError(f"input file {path} does not exist")
-    if p.suffix == ".npz":
-        import numpy as np
-
-        with np.load(p, allow_pickle=False) as z:
-            flat = {k: torch.from_numpy(z[k]) for k in z.files}
-    else:
-        from safetensors.torch import load_file
-
-        flat = load_file(str(p))
+        what = "a folder" if p.is_dir() else "no such file"
+        raise ArtifactError(f"--inputs {path}: {what}", hint="name a safetensors or .npz file")
+    flat = _load_tensor_file(p)
+    names = [s["name"] for s in specs]
     missing = [n for n in names if n not in flat]
     if missing:
         raise ArtifactError(
             f"{path} lacks inputs {missing} (it has {sorted(flat)})",
             hint="key the tensors by the artifact's input names",
         )
-    return tuple(flat[n] for n in names)
+    return tuple(flat[n] for n in names)  # shapes and dtypes: checked by the runtime
+
+
+def _load_tensor_file(p: Path) -> dict[str, torch.Tensor]:
+    try:
+        if p.suffix == ".npz":
+            import numpy as np
+
+            with np.load(p, allow_pickle=False) as z:
+                return {k: torch.from_numpy(z[k]) for k in z.files}
+        from safetensors.torch import load_file
+
+        return load_file(str(p))
+    except OSError:
+        raise
+    except Exception as e:  # numpy, zipfile and safetensors raise their own types
+        kind = ".npz" if p.suffix == ".npz" else "safetensors"
+        raise ArtifactError(
+            f"--inputs {p}: not a readable {kind} file ({type(e).__name__}: {e})",
+            hint="write it with safetensors.torch.save_file or numpy.savez "
+            "(.npz, no object arrays)",
+        ) from e
 
 
 def _random_inputs(manifest: dict[str, Any]) -> tuple[torch.Tensor, ...]:
@@ -119,7 +142,7 @@ def _random_inputs(manifest: dict[str, Any]) -> tuple[torch.Tensor, ...]:
 
 def _inputs_for(a: argparse.Namespace, art: Any, names: list[str]) -> tuple[str, tuple]:
     if a.inputs:
-        return a.inputs, _read_inputs(a.inputs, names)
+        return a.inputs, _read_inputs(a.inputs, art.manifest["inputs"])
     samples = art.samples()
     if samples:
         return "the artifact's sample", samples[0]
@@ -128,8 +151,10 @@ def _inputs_for(a: argparse.Namespace, art: Any, names: list[str]) -> tuple[str,
 
 def cmd_run(a: argparse.Namespace) -> int:
     from splice.runtime.artifact import Artifact, is_foreign
-    from splice.tools.cli import _console
+    from splice.tools.cli import _console, check_output_file
 
+    if a.save:
+        check_output_file(a.save, "--save")
     art = Artifact(a.artifact)
     m = art.manifest
     names = [i["name"] for i in m["inputs"]]
@@ -230,12 +255,14 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any, model_arg: Any) -> None:
+    from splice.tools.cli import float_at_least, int_at_least
+
     sp = sub.add_parser("compile", help="compile a program into an artifact for a target")
     model_arg(sp)
     sp.add_argument("-t", "--target", default="host", help="host (default), aarch64-linux or cuda")
     sp.add_argument(
         "--tune",
-        type=int,
+        type=int_at_least(0),
         default=0,
         metavar="N",
         help="measure up to N tile configurations per new matmul kernel (cached)",
@@ -273,15 +300,17 @@ def add_commands(sub: Any, model_arg: Any) -> None:
         action="store_true",
         help="compare with the PyTorch reference; exit 1 beyond --atol",
     )
-    sp.add_argument("--atol", type=float, default=1e-4)
+    sp.add_argument("--atol", type=float_at_least(0.0), default=1e-4, help="default 1e-4 (>= 0)")
     sp.add_argument("--save", metavar="FILE", help="write the outputs to a safetensors file")
     sp.set_defaults(fn=cmd_run)
 
     sp = sub.add_parser("bench", help="time an artifact against its PyTorch reference")
     input_args(sp)
-    sp.add_argument("--repeats", type=int, default=30)
-    sp.add_argument("--warmup", type=int, default=5)
-    sp.add_argument("--threads", type=int, default=None, help="TVM threads (default: all cores)")
+    sp.add_argument("--repeats", type=int_at_least(1), default=30)
+    sp.add_argument("--warmup", type=int_at_least(0), default=5)
+    sp.add_argument(
+        "--threads", type=int_at_least(1), default=None, help="TVM threads (default: all cores)"
+    )
     sp.add_argument("--torch-compile", action="store_true", help="also time torch.compile")
     sp.set_defaults(fn=cmd_bench)
 

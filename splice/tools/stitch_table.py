@@ -172,8 +172,11 @@ def calibration_inputs(
 def main_stitch_table(args: Any) -> int:
     """``splice stitch-table MODEL MODEL... [options]`` (see cli.py)."""
     import splice
-    from splice.tools.cli import _parse_factory_args, load_model_spec
+    from splice.tools.cli import _parse_factory_args, check_output_file, load_model_spec
 
+    for option, path in (("-o", args.output), ("--plot", args.plot)):
+        if path:
+            check_output_file(path, option)
     anchors, example = [], None
     for spec in args.models:
         # package.module:factory?key=value&key=value (each member its own arguments)
