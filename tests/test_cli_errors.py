@@ -131,6 +131,8 @@ CASES = [
     ("arg-zero", ["capture", "splice.models:mlp", "-a", "hidden=0", "-o", "o"], "hidden must"),
     ("arg-heads", ["capture", "splice.models:gpt2", "-a", "heads=3", "-o", "o"], "heads=3"),
     ("arg-no-equals", ["capture", "splice.models:mlp", "-a", "d", "-o", "o"], "'d'"),
+    ("arg-empty-key", ["capture", "splice.models:mlp", "-a", "=5", "-o", "o"], "'=5'"),
+    ("arg-float-for-int", ["capture", "splice.models:mlp", "-a", "d=4.5", "-o", "o"], "d=4.5"),
     ("factory-raises", ["capture", "userfac:boom", "-o", "o"], "factory exploded"),
     ("factory-not-tuple", ["capture", "userfac:notuple", "-o", "o"], "(model, example_inputs)"),
     ("stdlib-module", ["capture", "os:system", "-a", "command=touch ran", "-o", "o"], "os"),
@@ -230,6 +232,13 @@ def test_torch_logs_do_not_precede_the_message(ws, command):
     line = _one_line(r.stderr)
     assert "VerificationError" in line and "%linear" in line
     assert "fake_tensor" not in r.stderr
+
+
+def test_a_stdlib_module_is_refused_before_it_is_imported(in_ws, capfd):
+    sys.modules.pop("antigravity", None)
+    assert main(["show", "antigravity:fly"]) == 1  # importing it would open a web browser
+    assert "antigravity" not in sys.modules
+    assert "standard library" in _one_line(capfd.readouterr().err)
 
 
 def test_splice_debug_shows_the_traceback(in_ws, capfd, monkeypatch):

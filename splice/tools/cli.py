@@ -73,9 +73,11 @@ class Loaded:
 def _parse_factory_args(items: list[str] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items or []:
-        if "=" not in item:
-            raise SpliceError(f"factory argument {item!r} is not key=value")
-        k, v = item.split("=", 1)
+        k, eq, v = item.partition("=")
+        if not eq or not k.isidentifier():
+            raise SpliceError(
+                f"factory argument {item!r} is not key=value", hint="e.g. -a layers=2"
+            )
         val: Any = v
         for conv in (int, float):
             try:
@@ -786,6 +788,10 @@ def main(argv: list[str] | None = None) -> int:
             return int(a.fn(a) or 0)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `splice show ... | head`: the reader left, nothing to report
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Exception as e:
         if debug:
             traceback.print_exception(e)
