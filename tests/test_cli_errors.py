@@ -297,6 +297,14 @@ def test_real_factories_still_load(in_ws, capfd):
         assert x.shape == (1, 4)
     _, (x,) = load_model_spec("userfac:tiny", {"d": 3})
     assert x.shape == (1, 3)
+    # a user's module whose name shadows a stdlib module (test.py) is still the user's
+    (in_ws / "pkg" / "test.py").write_text(USER_MODULE)
+    sys.modules.pop("test", None)
+    try:
+        _, (x,) = load_model_spec("test:tiny")
+    finally:
+        sys.modules.pop("test", None)
+    assert x.shape == (1, 4)
     assert main(["show", "userfac:tiny", "-a", "d=2"]) == 0
     assert "f32[1,2]" in capfd.readouterr().out
 

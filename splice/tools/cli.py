@@ -143,8 +143,22 @@ def _split_spec(spec: str) -> tuple[str, str]:
 
 
 def _is_stdlib(module: str) -> bool:
+    """Whether ``module`` belongs to Python's standard library, found without importing it
+    (a user's own ``test.py`` or ``code.py`` that shadows a stdlib name is not refused)."""
+    import importlib.util
+    import sysconfig
+
     top = module.split(".", 1)[0]
-    return top in sys.stdlib_module_names or top in sys.builtin_module_names
+    if top not in sys.stdlib_module_names and top not in sys.builtin_module_names:
+        return False
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return True
+    if spec is None or spec.origin in (None, "built-in", "frozen"):
+        return True
+    stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    return stdlib in Path(spec.origin).resolve().parents
 
 
 def _check_factory(spec: str, fn: Any) -> None:
