@@ -110,7 +110,7 @@ def compile(
     )
     output = _output_path(output, program)
     with atomic_dir(output, overwrite=overwrite) as tmp:
-        tvm_backend.export_library(ex, tmp / "main.so", target)
+        tvm_backend.export_library(ex, tmp / "main.so", target, report.objects)
         files = ["main.so", *_write_program_files(tmp, program, samples)]
         index_bounds = _index_bounds(program)
         report.seconds["total"] = time.perf_counter() - t0
@@ -191,10 +191,12 @@ def _manifest(
 
     bounds = index_bounds or {}
     required: list[str] = []
-    if target.name == "host":
+    if target.kind != "cuda" and target.triple.startswith("x86_64"):
         from splice.target import _cpu_flags
 
-        required = [f for f in CHECKED_FEATURES if f in set(_cpu_flags())]
+        # host: what this CPU has (LLVM may use all of it); a named ISA level: its features
+        have = set(_cpu_flags()) if target.name == "host" else set(target.features)
+        required = [f for f in CHECKED_FEATURES if f in have]
     return {
         "format": FORMAT,
         "splice_version": __version__,
@@ -343,7 +345,7 @@ def _compile_split(
                 part, target, trials=tune, fast_math=fast_math
             )
             lib = f"{name}.so"
-            tvm_backend.export_library(ex, tmp / lib, target)
+            tvm_backend.export_library(ex, tmp / lib, target, report.objects)
             files.append(lib)
             diff = None
             if name in examples and runnable:

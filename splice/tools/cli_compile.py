@@ -259,7 +259,13 @@ def add_commands(sub: Any, model_arg: Any) -> None:
 
     sp = sub.add_parser("compile", help="compile a program into an artifact for a target")
     model_arg(sp)
-    sp.add_argument("-t", "--target", default="host", help="host (default), aarch64-linux or cuda")
+    sp.add_argument(
+        "-t",
+        "--target",
+        default="host",
+        help="host (default), x86-64-v3 (AVX2), x86-64-v4 (AVX-512), aarch64-linux[:CORE] "
+        "(e.g. aarch64-linux:cortex-a76) or cuda",
+    )
     sp.add_argument(
         "--tune",
         type=int_at_least(0),

@@ -223,13 +223,15 @@ def _static_shape(expr: Any) -> tuple[list[int], str] | None:
 
 
 def rewrite_gemms(
-    mod: Any, target: Target, *, min_rows: int = MIN_ROWS
+    mod: Any, target: Target, *, min_rows: int | None = None
 ) -> tuple[Any, list[GemmSite]]:
     """Replace the weight GEMMs of ``mod["main"]`` by calls of the C kernel (see the module
     docstring). Returns the module and the sites replaced; the kernels' object files come
     from :func:`compile_kernel` with each site's plan."""
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    min_rows = MIN_ROWS if min_rows is None else min_rows
 
     main_gv = mod.get_global_var("main")
     func = mod[main_gv]
@@ -279,7 +281,7 @@ def rewrite_gemms(
             transposed = (
                 isinstance(bound, relax.Call)
                 and bound.op.same_as(permute_op)
-                and [int(a) for a in bound.attrs.axes] == [1, 0]
+                and (bound.attrs.axes is None or [int(a) for a in bound.attrs.axes] == [1, 0])
             )
             plan = gemm_plan(target, m, n, k)
             panels = -(-n // plan.nr)
