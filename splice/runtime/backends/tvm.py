@@ -440,13 +440,18 @@ def lower(
     trials: int = 0,
     fast_math: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
+    rpc: str | None = None,
 ) -> tuple[Any, list[str], LoweringReport]:
-    """Program -> built TVM executable (not yet exported), parameter order, report."""
+    """Program -> built TVM executable (not yet exported), parameter order, report.
+
+    ``trials`` > 0 tunes every matmul function with MetaSchedule against the hand rules
+    (:mod:`.tvm_metaschedule`), measuring on devices of the TVM RPC tracker ``rpc``
+    (``HOST:PORT:KEY``) when given, else in this process."""
     tvm = require_tvm()
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
-    from splice.runtime.backends.tvm_schedules import schedule_module
+    from splice.runtime.backends.tvm_schedules import CpuShape, schedule_module
     from splice.runtime.backends.tvm_tuner import Tuner
 
     report = LoweringReport()
@@ -494,7 +499,15 @@ def lower(
     t0 = time.perf_counter()
     say("optimising", 2, 4)
     ttarget = make_tvm_target(target)
-    tuner = Tuner(ttarget, trials, progress=progress)
+    foreign = target.kind != "cuda" and cross_compiler(target) is not None
+    # the hand rules' own search measures in this process: not for another architecture
+    tuner = Tuner(
+        ttarget,
+        0 if foreign or rpc is not None else trials,
+        progress=progress,
+        cpu=CpuShape.of(target),
+    )
+    ms_log: dict[str, dict[str, Any]] = {}
     with ttarget:
         from splice.runtime.backends.tvm_fastmath import FastMath
 
@@ -514,9 +527,18 @@ def lower(
                 ]
             )(mod)
         if target.kind != "cuda":
+            from splice.runtime.backends.tvm_metaschedule import tune_module
+
+            mod, ms_log = tune_module(
+                mod, target, ttarget, trials, choose=tuner, rpc=rpc,
+                fcompile=cross_compiler(target), foreign=foreign, progress=progress,
+            )  # fmt: skip
             mod, sched = schedule_module(mod, tuner, target=target)
             report.schedules, report.unscheduled = sched.rules, sched.failures
             report.matmuls.update(sched.matmuls)
+            for name, entry in ms_log.items():
+                if entry.get("winner") == "metaschedule":
+                    report.schedules[name] = "metaschedule"
         mod = tvm.transform.Sequential(
             [
                 relax.transform.SplitLayoutRewritePreproc(),
@@ -535,7 +557,10 @@ def lower(
                 dl.gpu.Fallback(),
             )(mod)
     tuner.save()
-    report.tuning = tuner.log
+    report.tuning = {
+        name: {**tuner.log.get(name, {}), **({"metaschedule": ms_log[name]} if name in ms_log else {})}
+        for name in {*tuner.log, *ms_log}
+    }
     report.seconds["optimise"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from splice.runtime.backends.tvm_schedules import (
+    CpuShape,
     MatmulConfig,
     MatmulInfo,
     default_matmul_config,
@@ -143,9 +144,11 @@ class Tuner:
         trials: int,
         db: TuningDatabase | None = None,
         progress: Callable[[str, int, int], None] | None = None,
+        cpu: CpuShape | None = None,
     ):
         self.target = target
         self.trials = trials
+        self.cpu = cpu  # vector lanes and registers of the target (AVX2's when None)
         self.db = db if db is not None else TuningDatabase()
         self.progress = progress or (lambda message, done, total: None)
         self.log: dict[str, dict[str, Any]] = {}
@@ -157,11 +160,11 @@ class Tuner:
         if hit is not None:
             self.log[name] = {"source": "database", **hit.to_json()}
             return hit
-        default = default_matmul_config(info)
+        default = default_matmul_config(info, self.cpu)
         if self.trials <= 0 or default is None:
             self.log[name] = {"source": "default", **(default.to_json() if default else {})}
             return default
-        cands = matmul_candidates(info)
+        cands = matmul_candidates(info, self.cpu)
         if default in cands:  # measure the default first, so a short budget still compares to it
             cands.remove(default)
             cands.insert(0, default)
