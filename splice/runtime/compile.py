@@ -54,6 +54,7 @@ def compile(
     progress: Callable[[str, int, int], None] | None = None,
     lowrank_rank: float | int | dict[str, int] | None = None,
     overwrite: bool = False,
+    rpc: str | None = None,
 ) -> Artifact:
     """Compile ``program`` for ``target`` into an artifact folder (``output``, or a new temp dir).
 
@@ -61,9 +62,12 @@ def compile(
     ``overwrite=True`` replaces anything else (checked before compiling; see
     :func:`splice.ir.serialize.atomic_dir`).
 
-    ``tune``: 0 uses tuned tile sizes from the on-disk database where it has them and
-    defaults elsewhere; N > 0 also measures up to N candidates for each matmul kernel the
-    database does not know yet (and records the winners). ``fast_math`` uses TVM's
+    ``tune``: 0 never tunes: it uses the on-disk databases' decisions where they have them
+    and the hand rules elsewhere; N > 0 also runs N MetaSchedule trials for each matmul
+    kernel the database does not have N trials of yet, measures the hand rules the same
+    way, and keeps the faster (see docs/lowering.md, "Tuning"). ``rpc``
+    (``"HOST:PORT:KEY"``) measures on the devices registered under KEY with that TVM RPC
+    tracker instead of in this process (how to tune for ``aarch64-linux``). ``fast_math`` uses TVM's
     polynomial erf/tanh/exp (vectorisable; within a few ULP of float32). ``lowrank_rank``
     lowers the rank of the program's ``lowrank_linear`` layers before lowering (a fraction of
     each stored rank, one rank for all, or ``{layer: rank}``; see
@@ -80,6 +84,10 @@ def compile(
         target = get_target(target)
     if not isinstance(tune, int) or tune < 0:
         raise LoweringError(f"tune must be a number of trials >= 0, got {tune!r}")
+    if rpc is not None:
+        from splice.runtime.backends.tvm_metaschedule import RpcSpec
+
+        rpc = str(RpcSpec.parse(rpc))  # a bad address fails before any work
     if output is not None:
         check_output_path(output, overwrite=overwrite)
     from splice.passes.branches import has_control_flow, is_split
@@ -92,7 +100,7 @@ def compile(
             raise LoweringError("lowrank_rank= is not supported for programs with branches yet")
         return _compile_split(
             program, target, tune=tune, output=output, prepare=prepare, fast_math=fast_math,
-            samples=samples, progress=progress, overwrite=overwrite,
+            samples=samples, progress=progress, overwrite=overwrite, rpc=rpc,
         )  # fmt: skip
     if lowrank_rank is not None:
         from splice.passes.lowrank import set_rank
@@ -106,7 +114,7 @@ def compile(
 
     t0 = time.perf_counter()
     ex, param_names, report = tvm_backend.lower(
-        program, target, trials=tune, fast_math=fast_math, progress=progress
+        program, target, trials=tune, fast_math=fast_math, progress=progress, rpc=rpc
     )
     output = _output_path(output, program)
     with atomic_dir(output, overwrite=overwrite) as tmp:
@@ -298,6 +306,7 @@ def _compile_split(
     samples: Sequence[Sequence[torch.Tensor]] | None,
     progress: Callable[[str, int, int], None] | None,
     overwrite: bool = False,
+    rpc: str | None = None,
 ) -> Artifact:
     """A program with data-dependent branches, or one program per input signature: one
     library per part, and ``host.json``.
@@ -342,7 +351,7 @@ def _compile_split(
             if prepare:
                 part = parse_pipeline(PREPARE_PIPELINE).run(part).program
             ex, param_names, report = tvm_backend.lower(
-                part, target, trials=tune, fast_math=fast_math
+                part, target, trials=tune, fast_math=fast_math, rpc=rpc
             )
             lib = f"{name}.so"
             tvm_backend.export_library(ex, tmp / lib, target, report.objects)

@@ -49,6 +49,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
         progress=_progress_printer(),
         lowrank_rank=_rank_option(a.lowrank_rank),
         overwrite=a.force,
+        rpc=a.rpc,
     )
     seconds = time.perf_counter() - t0
     m = art.manifest
@@ -271,7 +272,14 @@ def add_commands(sub: Any, model_arg: Any) -> None:
         type=int_at_least(0),
         default=0,
         metavar="N",
-        help="measure up to N tile configurations per new matmul kernel (cached)",
+        help="tune each matmul kernel with N MetaSchedule trials against the hand rules "
+        "(database in ~/.cache/splice/metaschedule: a second compile does not tune)",
+    )
+    sp.add_argument(
+        "--rpc",
+        metavar="HOST:PORT:KEY",
+        help="with --tune: measure on the devices registered under KEY with this TVM RPC "
+        "tracker (python -m tvm.exec.rpc_tracker / rpc_server), e.g. for aarch64-linux",
     )
     sp.add_argument(
         "--no-fast-math",

@@ -557,10 +557,10 @@ def lower(
                 dl.gpu.Fallback(),
             )(mod)
     tuner.save()
-    report.tuning = {
-        name: {**tuner.log.get(name, {}), **({"metaschedule": ms_log[name]} if name in ms_log else {})}
-        for name in {*tuner.log, *ms_log}
-    }
+    report.tuning = {name: dict(rec) for name, rec in tuner.log.items()}
+    for name, entry in ms_log.items():  # MetaSchedule's side of each tuned function
+        rec = report.tuning.setdefault(name, {"source": entry.get("source", "database")})
+        rec["metaschedule"] = entry
     report.seconds["optimise"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

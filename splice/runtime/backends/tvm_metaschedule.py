@@ -565,7 +565,7 @@ class MetaScheduleTuner:
         ttarget: Any,
         trials: int,
         *,
-        hand: Callable[[Any], Any | None],
+        hand: Callable[[Any, str], Any | None],
         rpc: RpcSpec | None = None,
         fcompile: Any | None = None,
         progress: Progress | None = None,
@@ -641,7 +641,7 @@ class MetaScheduleTuner:
         tuning_s = time.perf_counter() - t0
         best = self.best_schedule(func)
         ms_s = self._record_time(func, key)
-        hand_func = self.hand(func)
+        hand_func = self.hand(func, name)
         hand_key = workload_key(hand_func) if hand_func is not None else None
         if choice is not None and choice.get("hand_key") == hand_key and "hand_us" in choice:
             hand_s = choice["hand_us"] * 1e-6 if choice["hand_us"] is not None else None
@@ -824,15 +824,15 @@ def tune_module(
     if foreign and spec is None:
         trials = 0
 
-    def hand(func: Any) -> Any | None:
+    def hand(func: Any, name: str) -> Any | None:
         import tvm
 
-        one = tvm.IRModule({"main": func})
+        one = tvm.IRModule({name: func})  # named as in the module: the Tuner logs by name
         try:
             out, _ = schedule_module(one, choose, target=target)
         except TypeError:  # hand rules without a target argument
             out, _ = schedule_module(one, choose)
-        return out["main"]
+        return out[name]
 
     tuner = MetaScheduleTuner(
         ttarget, trials, hand=hand, rpc=spec, fcompile=fcompile, progress=progress
