@@ -63,7 +63,10 @@ def test_gemm_plan_follows_registers_lanes_and_caches():
     assert small_l2.mc < G.gemm_plan(v3, 512, 3072, 4096).mc
     # KC and MC never exceed the problem (rounded up to the tile)
     tiny = G.gemm_plan(v4, 5, 40, 24)
-    assert tiny.kc == 32 and tiny.mc == 12
+    assert tiny.kc == 32 and tiny.mc == tiny.mr == 6  # 6-row tiles pad the fewest rows
+    # tile height: the tallest that pads at most 1/8 of the rows
+    assert G.gemm_plan(v4, 16, 3072, 768).mr == 9  # not 12 + 12 with 8 rows of zeros
+    assert G.gemm_plan(v3, 37, 3072, 768).mr == 5
 
 
 def _kernel(plan: G.GemmPlan, target, tmp_path) -> ctypes.CDLL:
@@ -167,7 +170,8 @@ def test_each_target_gets_its_own_plan_and_matches_eager(mlp_artifacts):
     if "x86-64-v3" in arts and host_target(measure=False).isa == "avx512":
         host_plan = next(iter(_gemm_plans(arts["host"]).values()))
         v3_plan = next(iter(_gemm_plans(arts["x86-64-v3"]).values()))
-        assert (host_plan["lanes"], host_plan["mr"], host_plan["nr"]) == (16, 12, 32)
+        # 16 rows: 9 × 32 tiles of 16-lane vectors (AVX-512) against 6 × 16 of 8 lanes (AVX2)
+        assert (host_plan["lanes"], host_plan["mr"], host_plan["nr"]) == (16, 9, 32)
         assert (v3_plan["lanes"], v3_plan["mr"], v3_plan["nr"]) == (8, 6, 16)
         manifest = json.loads((arts["x86-64-v3"].path / "manifest.json").read_text())
         assert "avx2" in manifest["required_features"]

@@ -12,9 +12,11 @@ gives AVX2, AVX-512 and NEON code, and its tile and blocking constants come from
 * ``L`` — fp32 lanes of a vector register (``Target.vector_bits / 32``);
 * ``NR = NV·L`` with ``NV = max(2, 64 / vector bytes)``: at least one 64-byte cache line of
   B per step of k, at least two vectors;
-* ``MR = ⌊¾·R / NV⌋`` accumulators for R = ``Target.vector_registers``: a quarter of the
-  register file is left for the B vectors and the broadcast of A (AVX2 6×16, AVX-512 12×32,
-  NEON 6×16);
+* ``MR ≤ ⌊¾·R / NV⌋`` for R = ``Target.vector_registers``: a quarter of the register
+  file is left for the B vectors and the broadcast of A (at most AVX2 6×16, AVX-512 12×32,
+  NEON 6×16); the tallest height down to half that bound that pads at most an eighth of
+  the rows of A with zeros, else the one that pads fewest (16 rows on AVX-512: 8-row
+  tiles, not 12 + 12 with 8 rows of zeros);
 * ``KC``: the B micro-panel (KC·NR floats) fills half of L1d;
 * ``MC``: the packed A block (MC·KC floats) fills half of L2;
 * tasks: ``Target.cores`` (panels split first, then rows).
@@ -84,7 +86,13 @@ def gemm_plan(target: Target, m: int, n: int, k: int) -> GemmPlan:
     regs = target.vector_registers
     vec_bytes = 4 * lanes
     nv = max(2, 64 // vec_bytes)
-    mr = max(1, (3 * regs // 4) // nv)
+    most = max(1, (3 * regs // 4) // nv)
+    # the tallest tile (of at least half the registers' worth) that pads at most 1/8 of the
+    # rows, else the one padding the fewest: 16 rows get 8-row tiles on AVX-512 rather
+    # than 12 + 12 with 8 rows of zeros; 128 rows keep 12 (4 rows padded)
+    heights = range(most, max(1, (most + 1) // 2) - 1, -1)
+    pad = {r: -(-m // r) * r - m for r in heights}
+    mr = next((r for r in heights if 8 * pad[r] <= m), min(heights, key=lambda r: (pad[r], -r)))
     nr = nv * lanes
     kc = max(64, (target.l1d_bytes // 2) // (4 * nr) // 16 * 16)
     kc = min(kc, -(-k // 16) * 16)
