@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -66,21 +65,23 @@ def gpt2(tmp_path_factory):
     return splice.compile(splice.capture(model, args), "host", output=out, samples=[args]), args
 
 
-class _Cond(nn.Module):
+class _TokenCond(nn.Module):
+    """Token ids that reach an embedding only inside a branch (a part of a split program)."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.lin = nn.Linear(4, 4)
+        self.emb = nn.Embedding(16, 4)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.cond(x.sum() > 0, lambda v: F.relu(self.lin(v)), lambda v: v * 2, (x,))
-        return y + 1
+    def forward(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.cond(x.sum() > 0, lambda i: self.emb(i).sum(1), lambda i: i.float(), (ids,))
 
 
 @pytest.fixture(scope="module")
 def branchy(tmp_path_factory):
-    """A program with one branch: parts and a host.json."""
+    """A program with one branch: parts and a host.json; its token input is bounded."""
     torch.manual_seed(0)
-    program = splice.capture(_Cond().eval(), (torch.ones(2, 4),))
+    example = (torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4))
+    program = splice.capture(_TokenCond().eval(), example)
     out = tmp_path_factory.mktemp("safety") / "cond.artifact"
     return splice.compile(program, "host", output=out)
 
@@ -410,6 +411,20 @@ def test_signature_sets_record_and_enforce_index_bounds(token_signatures, tmp_pa
     assert "indexes an embedding of 16 rows but has no index_bound" in load_error(path).message
 
 
+def test_split_programs_record_and_enforce_index_bounds_inside_parts(branchy, tmp_path):
+    assert branchy.manifest["inputs"][0] == {
+        "name": "ids", "shape": [1, 4], "dtype": "i64", "index_bound": 16
+    }  # fmt: skip
+    cm = splice.load(branchy.path)
+    ids, x = torch.full((1, 4), 15, dtype=torch.long), torch.ones(1, 4)
+    assert cm(ids, x).shape == (1, 4)
+    with pytest.raises(ArtifactError, match=r"outside \[0, 16\)"):
+        cm(ids + 1, x)
+    path = copy_of(branchy, tmp_path)
+    edit_manifest(path, lambda m: m["inputs"][0].__setitem__("index_bound", 17))
+    assert "indexes an embedding of 16 rows but has index_bound 17" in load_error(path).message
+
+
 def test_the_edge_scanner_finds_the_bounds_compile_records(gpt2):
     from conftest import _captured
 
@@ -525,7 +540,7 @@ def test_validate_host_names_the_bad_step(host, message):
 def test_validate_host_accepts_what_compile_writes(branchy):
     host = json.loads((branchy.path / "host.json").read_text())
     parts = {p["name"]: (len(p["inputs"]), len(p["outputs"])) for p in branchy.manifest["parts"]}
-    validate_host(host, parts, set(), 1)
+    validate_host(host, parts, set(), 2)
 
 
 # ---------------------------------------------------------------------------------------

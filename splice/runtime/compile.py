@@ -449,9 +449,7 @@ def _disjoint_weights(sset: SignatureSet) -> list[Program]:
 
 
 def _merged_index_bounds(program: Program | SignatureSet) -> dict[str, dict[str, int]]:
-    """:func:`_index_bounds` over every member of a SignatureSet (the smallest per input).
-
-    Embeddings inside the parts of a split program are not seen (a known gap)."""
+    """:func:`_index_bounds` over every member of a SignatureSet (the smallest per input)."""
     bounds: dict[str, dict[str, int]] = {}
     for p in program if isinstance(program, SignatureSet) else [program]:
         for name, b in _index_bounds(p).items():
@@ -483,21 +481,54 @@ def _index_bounds(program: Program) -> dict[str, dict[str, int]]:
             continue
         if M.spec(node).dtype.is_floating_point:
             continue
-        frontier, seen = [node], {node}
+        frontier: list[tuple[Any, Any]] = [(program.graph_module, node)]
+        seen = {node}
         while frontier:
-            value = frontier.pop()
+            gm, value = frontier.pop()
             for user in value.users:
                 if user in seen:
                     continue
                 if user.target in same_values and user.args and user.args[0] is value:
                     seen.add(user)
-                    frontier.append(user)
+                    frontier.append((gm, user))
                 elif user.target is aten.embedding.default and user.args[1] is value:
-                    rows = M.spec(user.args[0]).shape[0]
+                    rows = _rows(user.args[0])
                     if isinstance(rows, int):
                         old = bounds.get(name, {}).get("index_bound", rows)
                         bounds[name] = {"index_bound": min(old, rows)}
+                else:
+                    frontier += [(sub, ph) for sub, ph in _into_subgraphs(gm, user, value)]
     return bounds
+
+
+def _rows(table: Any) -> int | None:
+    """The row count of an embedding table node (None when its spec is not known)."""
+    try:
+        spec = M.spec(table)
+    except Exception:  # a subgraph placeholder without a spec
+        return None
+    return spec.shape[0] if isinstance(spec, M.TensorSpec) and spec.shape else None
+
+
+def _into_subgraphs(gm: Any, user: Any, value: Any) -> list[tuple[Any, Any]]:
+    """(subgraph, placeholder) pairs that receive ``value`` when ``user`` is a part call
+    (``invoke_subgraph``) or a ``cond`` of a split program, so that index bounds are found
+    inside the parts too."""
+    hop = torch.ops.higher_order
+    if user.target is hop.invoke_subgraph:
+        subs, operands = [user.args[0]], list(user.args[2:])
+    elif user.target is hop.cond:
+        subs, operands = list(user.args[1:3]), list(user.args[3])
+    else:
+        return []
+    out = []
+    for sub in subs:
+        sub_gm = getattr(gm, sub.target, None) if getattr(sub, "op", None) == "get_attr" else None
+        if sub_gm is None:
+            continue
+        phs = [n for n in sub_gm.graph.nodes if n.op == "placeholder"]
+        out += [(sub_gm, phs[i]) for i, a in enumerate(operands) if a is value and i < len(phs)]
+    return out
 
 
 def load(path: str | Path, *, sha256: str | None = None) -> Any:
