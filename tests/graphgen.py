@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from hypothesis import strategies as st
@@ -58,9 +59,13 @@ class ModelSpec:
     layers: tuple[Layer, ...]
     batch: int = 2
     seq: int = 3
+    dynamic: bool = False  # captured with a symbolic batch dimension
+    embed: bool = False  # the input is token ids [B, T] < VOCAB, embedded first
 
     def __str__(self) -> str:
-        return f"d={self.d} b={self.batch} t={self.seq}: " + " -> ".join(map(str, self.layers))
+        flags = " dynamic" * self.dynamic + " embed" * self.embed
+        head = f"d={self.d} b={self.batch} t={self.seq}{flags}: "
+        return head + " -> ".join(map(str, self.layers))
 
     @property
     def has_ffn(self) -> bool:
@@ -209,9 +214,13 @@ class Marker(nn.Module):
         return x
 
 
+VOCAB = 10
+
+
 class Composed(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
+        self.embed = nn.Embedding(VOCAB, spec.d) if spec.embed else None
         layers: list[nn.Module] = []
         d = spec.d
         for layer in spec.layers:
@@ -221,6 +230,8 @@ class Composed(nn.Module):
         self.out_dim = d
 
     def forward(self, x: torch.Tensor):
+        if self.embed is not None:
+            x = self.embed(x)
         extras = []
         for m in self.layers:
             x = m(x)
@@ -267,14 +278,29 @@ def build(spec: ModelSpec, seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor
     """The eager model of ``spec`` (seeded weights, eval mode) and one example input."""
     torch.manual_seed(seed)
     model = Composed(spec).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(spec.batch, spec.seq, spec.d, generator=g)
-    return model, (x,)
+    return model, _input(spec, seed + 1, spec.batch)
+
+
+def dynamic_shapes(spec: ModelSpec) -> tuple[dict[int, Any], ...] | None:
+    """The ``dynamic_shapes`` to capture ``spec`` with (a symbolic batch, or None)."""
+    if not spec.dynamic:
+        return None
+    from torch.export import Dim
+
+    return ({0: Dim("batch", min=1, max=16)},)
 
 
 def inputs(spec: ModelSpec, seed: int) -> tuple[torch.Tensor, ...]:
+    """Random inputs; for a dynamic spec with another batch size than the example's."""
+    batch = spec.batch + 1 + seed % 3 if spec.dynamic else spec.batch
+    return _input(spec, seed, batch)
+
+
+def _input(spec: ModelSpec, seed: int, batch: int) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(spec.batch, spec.seq, spec.d, generator=g),)
+    if spec.embed:
+        return (torch.randint(0, VOCAB, (batch, spec.seq), generator=g),)
+    return (torch.randn(batch, spec.seq, spec.d, generator=g),)
 
 
 # ---------------------------------------------------------------------------------------
@@ -310,11 +336,14 @@ def layers(draw: st.DrawFn) -> Layer:
 
 @st.composite
 def model_specs(draw: st.DrawFn, min_layers: int = 1, max_layers: int = 5) -> ModelSpec:
+    dynamic = draw(st.booleans())
     return ModelSpec(
         d=draw(widths),
         layers=tuple(draw(st.lists(layers(), min_size=min_layers, max_size=max_layers))),
-        batch=draw(st.sampled_from([1, 2])),
+        batch=2 if dynamic else draw(st.sampled_from([1, 2])),  # export specialises size 1
         seq=draw(st.sampled_from([3, 4])),
+        dynamic=dynamic,
+        embed=draw(st.booleans()),
     )
 
 
@@ -329,4 +358,14 @@ def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
     return math.isfinite(err) and err <= tol + tol * scale
 
 
-__all__ = ["KINDS", "Layer", "ModelSpec", "build", "close", "inputs", "layers", "model_specs"]
+__all__ = [
+    "KINDS",
+    "Layer",
+    "ModelSpec",
+    "build",
+    "close",
+    "dynamic_shapes",
+    "inputs",
+    "layers",
+    "model_specs",
+]

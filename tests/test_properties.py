@@ -76,7 +76,7 @@ def props(n: int) -> settings:
 @functools.lru_cache(maxsize=64)
 def _capture(spec: G.ModelSpec) -> tuple[splice.Program, tuple[torch.Tensor, ...]]:
     model, args = G.build(spec)
-    p = splice.capture(model, args)
+    p = splice.capture(model, args, dynamic_shapes=G.dynamic_shapes(spec))
     with torch.no_grad():
         want = _flat(model(*args))
     got = _flat(p(*args))
@@ -284,8 +284,17 @@ def test_pipelines_of_passes_give_valid_programs(spec: G.ModelSpec, picks: list[
     finally:
         _assert_untouched(p, snap, text)
     event("valid")
+    # and it saves and loads back as the same program
+    with _scratch() as d:
+        splice.save(q, d / "q.splice", samples=[args])
+        back = splice.load(d / "q.splice")
+        assert print_ir(back, locations=True) == print_ir(q, locations=True), text
     x = G.inputs(spec, 7)
-    extra = [torch.rand(*M.tensor_spec(n).shape) for n in q.input_nodes[len(p.input_names) :]]
+    b = x[0].shape[0]
+    extra = [
+        torch.rand(*[d if isinstance(d, int) else b for d in M.tensor_spec(n).shape])
+        for n in q.input_nodes[len(p.input_names) :]
+    ]
     _assert_finite_like(_run(q, *x, *extra), _run(p, *x), f"{text} on {spec}")
 
 
