@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from splice.errors import PassError, SpliceError, VerificationError
@@ -91,8 +92,8 @@ class PassManager:
             inst.before_pipeline(self.pipeline, program, ctx)
         current = program
         records: list[dict[str, Any]] = []
-        # (index, entry, program after it): kept to blame the right pass if the result fails
-        history: list[tuple[int, PipelineEntry, Program]] = []
+        # kept to blame the right pass (and reproduce it) if the result fails to verify
+        history: list[_Step] = []
         any_changed = False
         for index, entry in enumerate(self.pipeline.entries):
             p = entry.pass_
@@ -144,9 +145,10 @@ class PassManager:
                 }
             )
             any_changed |= result.changed
+            samples_before = (ctx.sample_inputs, ctx.calibration_inputs)
             _follow_samples(ctx, current, result)
             current = result.program
-            history.append((index, entry, current))
+            history.append(_Step(index, entry, current, samples_before))
         if self.verify and not any(isinstance(i, VerifyEach) for i in self.instruments):
             self._verify_result(program, history, ctx)
         for inst in self.instruments:
@@ -166,7 +168,7 @@ class PassManager:
     def _verify_result(
         self,
         program: Program,
-        history: list[tuple[int, PipelineEntry, Program]],
+        history: list[_Step],
         ctx: PassContext,
         *,
         cause: BaseException | None = None,
@@ -176,7 +178,7 @@ class PassManager:
         ``cause``: a later pass's failure that led here (mentioned in the message)."""
         if not history:
             return
-        if cause is None and _problem(history[-1][2]) is None:
+        if cause is None and _problem(history[-1].program) is None:
             return
         input_problem = _problem(program)
         if input_problem is not None:
@@ -188,7 +190,8 @@ class PassManager:
                 "pipeline with verify=False to skip verification",
             )
         before = program
-        for index, entry, after in history:
+        for step in history:
+            index, entry, after = step.index, step.entry, step.program
             problem = _problem(after)
             if problem is not None:
                 later = (
@@ -204,9 +207,22 @@ class PassManager:
                     "broken program for inspection",
                 )
                 err.node = problem.node  # type: ignore[attr-defined]
+                # instruments see the samples as they were for that pass's input
+                ctx.sample_inputs, ctx.calibration_inputs = step.samples_before
                 self._failed(entry.pass_, before, ctx, index, err)
                 raise err from problem
             before = after
+
+
+@dataclass
+class _Step:
+    """One pass that ran: its index and entry, the program it returned, and the context's
+    (sample_inputs, calibration_inputs) as they were for its input."""
+
+    index: int
+    entry: PipelineEntry
+    program: Program
+    samples_before: tuple[Any, Any]
 
 
 def _problem(program: Program) -> VerificationError | None:
