@@ -129,16 +129,18 @@ def test_c_kernel_matches_torch_on_edge_shapes(level, m, n, k, tasks, tmp_path):
     torch.testing.assert_close(c, want, rtol=1e-5, atol=1e-5 * max(1.0, k**0.5))
 
 
-def _mlp16():
+def _mlp128():
+    """128 rows (G.MIN_ROWS), as [2, 64, 96]: the GEMMs take the C kernel."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(96, 200), torch.nn.GELU(), torch.nn.Linear(200, 40))
-    x = torch.randn(16, 96)
+    x = torch.randn(2, 64, 96)
+    assert 2 * 64 >= G.MIN_ROWS
     return model.eval(), x
 
 
 @pytest.fixture(scope="module")
 def mlp_artifacts(tmp_path_factory):
-    model, x = _mlp16()
+    model, x = _mlp128()
     program = splice.capture(model, (x,))
     out = tmp_path_factory.mktemp("targets")
     names = ["host", *(n for n in _x86_targets() if n == "x86-64-v3")]
@@ -159,8 +161,8 @@ def test_each_target_gets_its_own_plan_and_matches_eager(mlp_artifacts):
         plans = _gemm_plans(art)
         target = get_target(name)
         assert sorted((p["m"], p["n"], p["k"]) for p in plans.values()) == [
-            (16, 40, 200),
-            (16, 200, 96),
+            (128, 40, 200),
+            (128, 200, 96),
         ]
         for p in plans.values():
             expected = G.gemm_plan(target, p["m"], p["n"], p["k"]).to_json()
@@ -170,8 +172,8 @@ def test_each_target_gets_its_own_plan_and_matches_eager(mlp_artifacts):
     if "x86-64-v3" in arts and host_target(measure=False).isa == "avx512":
         host_plan = next(iter(_gemm_plans(arts["host"]).values()))
         v3_plan = next(iter(_gemm_plans(arts["x86-64-v3"]).values()))
-        # 16 rows: 9 × 32 tiles of 16-lane vectors (AVX-512) against 6 × 16 of 8 lanes (AVX2)
-        assert (host_plan["lanes"], host_plan["mr"], host_plan["nr"]) == (16, 9, 32)
+        # 12 × 32 tiles of 16-lane vectors (AVX-512) against 6 × 16 of 8 lanes (AVX2)
+        assert (host_plan["lanes"], host_plan["mr"], host_plan["nr"]) == (16, 12, 32)
         assert (v3_plan["lanes"], v3_plan["mr"], v3_plan["nr"]) == (8, 6, 16)
         manifest = json.loads((arts["x86-64-v3"].path / "manifest.json").read_text())
         assert "avx2" in manifest["required_features"]
