@@ -554,3 +554,38 @@ def test_an_added_input_without_samples_is_a_clear_calibration_error():
         "calibration: a sample gives 1 values, but program 'Sequential' has 2 inputs "
         "['input_1', 'extra']"
     )
+
+
+class _LinearBlocks(nn.Module):
+    """Blocks that are single Linears feeding each other directly (stitch's block shape)."""
+
+    def __init__(self, width: int, depth: int = 3) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, width)
+        self.blocks = nn.ModuleList([nn.Linear(width, width) for _ in range(depth)])
+        self.head = nn.Linear(width, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def test_stitch_of_linear_blocks_then_specialize_and_lowrank_verify():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 8, generator=g)
+    small = splice.capture(_LinearBlocks(16).eval(), (x,))
+    large = splice.capture(_LinearBlocks(32).eval(), (x,))
+    ctx = PassContext([(torch.randn(4, 8, generator=g),) for _ in range(2)], programs={"large": large})
+    r = PassManager(parse_pipeline("stitch{anchors=large,calib_samples=2}")).run(small, ctx)
+    n_configs = r.stats["passes"][0]["stats"]["configs"]
+    assert n_configs > 2
+    for c in (0, 1, n_configs - 1):
+        assert r.program(x, torch.tensor(c)).shape == (4, 8)
+    q = parse_pipeline("specialize{config=1},lowrank{ratio=0.5}").run(r.program)
+    assert [rec["changed"] for rec in q.stats["passes"]] == [True, True]
+    torch.testing.assert_close(
+        parse_pipeline("specialize{config=1}").run(r.program).program(x), r.program(x, torch.tensor(1))
+    )
