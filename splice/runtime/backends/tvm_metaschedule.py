@@ -33,6 +33,7 @@ import importlib.util
 import json
 import os
 import queue
+import socket
 import sys
 import tempfile
 import threading
@@ -339,6 +340,8 @@ def connect_rpc(spec: RpcSpec, *, timeout: float = RPC_TIMEOUT_S) -> tuple[Any, 
     )
     deadline = time.monotonic() + timeout
     try:
+        # one plain connect first: TVM's own client retries a refused connection for 60 s
+        socket.create_connection((spec.host, spec.port), timeout=min(5.0, timeout)).close()
         tracker = rpc.connect_tracker(spec.host, spec.port)
         summary = _call_with_timeout(tracker.summary, timeout)
     except LoweringError:
