@@ -539,6 +539,10 @@ def lower(
             for name, entry in ms_log.items():
                 if entry.get("winner") == "metaschedule":
                     report.schedules[name] = "metaschedule"
+                    report.matmuls[name] = {
+                        "schedule": "metaschedule",
+                        **{k: entry[k] for k in ("m", "n", "k", "batch") if k in entry},
+                    }
         mod = tvm.transform.Sequential(
             [
                 relax.transform.SplitLayoutRewritePreproc(),

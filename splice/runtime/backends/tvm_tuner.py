@@ -152,14 +152,18 @@ class Tuner:
         self.db = db if db is not None else TuningDatabase()
         self.progress = progress or (lambda message, done, total: None)
         self.log: dict[str, dict[str, Any]] = {}
+        self._seen: dict[str, str] = {}  # function name -> workload key asked in this run
         self._dirty = False
 
     def __call__(self, name: str, func: Any, info: MatmulInfo) -> MatmulConfig | None:
         key = TuningDatabase.key(func, self.target)
         hit = self.db.get(key)
         if hit is not None:
-            self.log[name] = {"source": "database", **hit.to_json()}
+            if self._seen.get(name) != key:  # asked twice in one compile: keep the first log
+                self.log[name] = {"source": "database", **hit.to_json()}
+            self._seen[name] = key
             return hit
+        self._seen[name] = key
         default = default_matmul_config(info, self.cpu)
         if self.trials <= 0 or default is None:
             self.log[name] = {"source": "default", **(default.to_json() if default else {})}
