@@ -100,6 +100,34 @@ def test_metaschedule_winner_is_used_and_read_back_with_tune_0(small, monkeypatc
     torch.testing.assert_close(splice.load(art0.path)(x), model(x), rtol=0, atol=1e-5)
 
 
+def test_ctrl_c_keeps_the_measured_trials_and_a_rerun_resumes(small, monkeypatch) -> None:
+    import os
+    import signal
+
+    program, model, x, tmp = small
+    monkeypatch.setattr(TM, "TRIALS_PER_ITER", 2)
+    run = TM.Measurer.run
+    calls = {"n": 0}
+
+    def run_then_ctrl_c(self, jobs):
+        out = run(self, jobs)
+        calls["n"] += 1
+        if calls["n"] == 2:  # Ctrl-C in the second round: the first round is recorded
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(TM.Measurer, "run", run_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        splice.compile(program, "host", tune=TRIALS, output=tmp / "i1")
+    (folder,) = (tmp / "cache" / "metaschedule").iterdir()
+    assert len((folder / TM.RECORDS).read_text().splitlines()) == 2  # the first round only
+    monkeypatch.setattr(TM.Measurer, "run", run)
+    art = splice.compile(program, "host", tune=TRIALS, output=tmp / "i2")
+    (entry,) = _tuning(art).values()
+    assert entry["trials_run"] == TRIALS - 2 and entry["trials"] == TRIALS
+    torch.testing.assert_close(splice.load(art.path)(x), model(x), rtol=0, atol=1e-5)
+
+
 def test_tune_0_without_a_database_uses_the_hand_rules(small) -> None:
     program, _, _, tmp = small
     art = splice.compile(program, "host", output=tmp / "c1")

@@ -56,6 +56,14 @@ RECORDS = "database_tuning_record.json"
 CHOICES = "splice_choices.json"
 FAILED = 1e10  # MetaSchedule's run time of a candidate that did not build or run
 
+TRIALS_PER_ITER = 16
+"""Candidates MetaSchedule measures per round (and so per database write batch)."""
+
+INTERRUPTED = threading.Event()
+"""Set by Ctrl-C during a tuning run: MetaSchedule's C++ loop swallows a KeyboardInterrupt
+raised in its Python callbacks, so the builder and runner stop working, nothing more is
+recorded, and the run raises KeyboardInterrupt when the loop returns."""
+
 
 @dataclasses.dataclass(frozen=True)
 class RpcSpec:
@@ -180,6 +188,8 @@ def _make_database_class() -> type:
             return self.mem.commit_workload(mod)
 
         def commit_tuning_record(self, record: Any) -> None:
+            if INTERRUPTED.is_set():  # not measured: must not count as a trial done
+                return
             self.mem.commit_tuning_record(record)
             wl_json = record.workload.as_json()
             key = str(wl_json[0])
@@ -420,6 +430,9 @@ class Measurer:
         """(path, error) per module."""
         out: list[tuple[str | None, str | None]] = []
         for mod in mods:
+            if INTERRUPTED.is_set():
+                out.append((None, "interrupted"))
+                continue
             try:
                 out.append((build_candidate(mod, self.target, self.tmp.name, self.fcompile), None))
             except Exception as e:
@@ -441,6 +454,9 @@ class Measurer:
                 except queue.Empty:
                     return
                 path, info = jobs[i]
+                if INTERRUPTED.is_set():
+                    results[i] = (None, "interrupted")
+                    continue
                 try:
                     results[i] = (session.time(path, info), None)
                 except Exception as e:
@@ -690,7 +706,7 @@ class MetaScheduleTuner:
     def _run_metaschedule(self, name: str, func: Any, info: Any, trials: int) -> None:
         ms = _ms()
         builder, runner = _builder_runner(self.measurer())
-        per_iter = max(1, min(trials, 16))
+        per_iter = max(1, min(trials, TRIALS_PER_ITER))
         callbacks = [
             *ms.measure_callback.MeasureCallback.create("default"),
             _progress_callback(name, trials, _flop(info), self.say),
@@ -701,7 +717,7 @@ class MetaScheduleTuner:
         )
         self.say(f"tuning {name} (MetaSchedule)", 0, trials)
         before = self.db().committed
-        with tempfile.TemporaryDirectory(prefix="splice-ms-work-") as work:
+        with _interruptible(), tempfile.TemporaryDirectory(prefix="splice-ms-work-") as work:
             _reset_ms_logging()
             with self.target, _without_tensor_intrinsics():
                 ms.tune_tir(
@@ -723,6 +739,26 @@ class MetaScheduleTuner:
                 )
             _reset_ms_logging()
         self.trials_run += self.db().committed - before
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """Ctrl-C during the block sets :data:`INTERRUPTED` (see there); a KeyboardInterrupt is
+    raised when the block ends. What was measured before is already in the database."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    INTERRUPTED.clear()
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: INTERRUPTED.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if INTERRUPTED.is_set():
+        INTERRUPTED.clear()
+        raise KeyboardInterrupt("tuning interrupted; the trials measured so far are kept")
 
 
 @contextlib.contextmanager
