@@ -2,9 +2,10 @@
 
 Why splice schedules TIR itself: apache-tvm 0.27's CPU dlight rules cover GEMV and plain
 reductions only (and its GEMV rule vectorises across rows, which is slow for row-major
-weights), and MetaSchedule cannot run from this wheel — serialising any TIR node to JSON
-(which MetaSchedule's database and builder need) crashes the process. So every fused TIR
-function gets one of four rules:
+weights), and MetaSchedule (:mod:`.tvm_metaschedule`) needs minutes of search per function,
+so it runs only when the user asks for tuning (``tune=N``) and keeps its kernel only where
+it measures faster than these rules. These rules are the fast default: every fused TIR
+function gets one of four:
 
 ``matmul``
     A multiply-accumulate block ``C[.., i, j] += A[.., i, k] * B[.., (j, k) | (k, j)]``
