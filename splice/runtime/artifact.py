@@ -102,7 +102,7 @@ def _manifest_bytes(root: Path) -> bytes:
 def _parse_manifest(root: Path, data: bytes) -> dict[str, Any]:
     try:
         manifest = json.loads(data)
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # too deep: RecursionError
         raise ArtifactError(f"{root / MANIFEST} is not valid JSON: {e}", hint=E.REBUILD) from None
     if not isinstance(manifest, dict):
         raise ArtifactError(
@@ -370,7 +370,7 @@ def _read_json(root: Path, name: str) -> Any:
         return json.loads(E.inside(root, name).read_text())
     except E.Invalid as e:
         raise _error(e, root) from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ArtifactError(f"{name} is not valid JSON: {e}", where=str(root)) from None
 
 

@@ -552,8 +552,8 @@ def load(path: str | Path, *, sha256: str | None = None) -> Any:
     check_pin(root, data, sha256)
     try:
         fmt = json.loads(data).get("format")
-    except (UnicodeDecodeError, ValueError, AttributeError):
-        fmt = None  # not a JSON object: CompiledModel says what is wrong
+    except (UnicodeDecodeError, ValueError, AttributeError, RecursionError):
+        fmt = None  # not a JSON object (or nested too deep): CompiledModel says what is wrong
     if fmt == serialize.FORMAT:
         return serialize.load(root, sha256=sha256)  # pinned again on the bytes it reads
     return CompiledModel(root, sha256=sha256)  # its schema check names a wrong format

@@ -278,7 +278,7 @@ def split_binding(data: bytes) -> tuple[bytes, dict | None]:
         return data, None
     try:
         binding = json.loads(data[-tail - n : -tail])
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         return data, None
     return data[: -tail - n], binding if isinstance(binding, dict) else None
 
@@ -494,7 +494,7 @@ def check_artifact(root: Path) -> dict:
     """All file-level checks of the artifact folder ``root``; returns its manifest."""
     try:
         manifest = json.loads((root / MANIFEST).read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise Invalid(f"{MANIFEST} cannot be read: {e}") from None
     check_manifest(manifest)
     check_files(root, manifest)
