@@ -93,6 +93,7 @@ class Specialize(Pass):
         full = gamma.expand(*spec.shape).contiguous()  # [d], or [B, d] for per-sample
         values = value_nodes(program, prefix)
         region = self._region(program, values, cond_node)
+        region_weights = {n.target for n in region if n.op == "get_attr"}
         with torch.no_grad():
             generated = generated_weights(program, full, prefix)
 
@@ -124,9 +125,12 @@ class Specialize(Pass):
         if cond_node.users:  # pragma: no cover - _region guarantees it
             raise PassError(f"specialize: input %{cond_node.name} is still used")
         program.remove_input(cond_node.name)
-        # only the hypernetwork's weights leave; unread weights of the model stay
+        # only the hypernetwork's weights leave; unread weights of the model stay. They are
+        # the ones hyper recorded and those its nodes read now (a later pass, e.g. lowrank,
+        # may have replaced the recorded ones)
         read = {n.target for n in program.graph.find_nodes(op="get_attr")}
-        dropped = [w for w in (*info["hypernet"], info["theta0"]) if w not in read]
+        own = [*info["hypernet"], info["theta0"], *sorted(region_weights)]
+        dropped = [w for w in dict.fromkeys(own) if program.has_weight(w) and w not in read]
         for w in dropped:
             program.remove_weight(w)
         nets = dict(program.attrs.get(ATTR, {}))
