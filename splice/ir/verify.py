@@ -265,6 +265,7 @@ def _check_propagation(runner: FakeRunner, gm: fx.GraphModule) -> None:
         stored = M.get_spec(node)
         if isinstance(stored, M.GraphRefSpec):
             continue
+        _check_operand_dtypes(node)
         try:
             derived = runner.infer(node, gm)
         except Exception as e:
@@ -280,6 +281,34 @@ def _check_propagation(runner: FakeRunner, gm: fx.GraphModule) -> None:
                 node,
                 hint="a pass changed the node or its inputs without updating specs; use the Rewriter",
             )
+
+
+# ATen ops whose kernels require every tensor operand to have one dtype, which torch's fake
+# (meta) kernels do not all check: ``linear(int x, f32 w, f32 b)`` propagates (addmm promotes
+# with the bias) and then fails when run with "mat1 and mat2 must have the same dtype".
+_ONE_DTYPE_OPS = frozenset(
+    f"aten::{name}"
+    for name in (
+        "linear", "addmm", "mm", "bmm", "baddbmm", "addbmm", "matmul", "mv", "addmv", "dot",
+        "conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d",
+        "conv_transpose2d", "conv_transpose3d",
+    )
+)  # fmt: skip
+
+
+def _check_operand_dtypes(node: fx.Node) -> None:
+    op = node.target
+    if not isinstance(op, torch._ops.OpOverload) or op._schema.name not in _ONE_DTYPE_OPS:
+        return
+    specs = [M.get_spec(a) for a in node.all_input_nodes]
+    dtypes = {s.dtype for s in specs if isinstance(s, M.TensorSpec)}
+    if len(dtypes) > 1:
+        names = ", ".join(sorted(M.dtype_name(d) for d in dtypes))
+        raise _err(
+            f"%{node.name}: {op._schema.name} needs operands of one dtype, got {names}",
+            node,
+            hint="cast the operands to one dtype first (aten._to_copy / aten.to)",
+        )
 
 
 def _same(a: M.Spec | None, b: M.Spec, symbols: set[str]) -> bool:
