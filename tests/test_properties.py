@@ -19,6 +19,7 @@ minute on two busy cores.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import math
@@ -151,7 +152,7 @@ LOWRANK = ["svd", "asvd", "whitened"]
 
 
 @pytest.mark.parametrize("text", EXACT)
-@props(5)
+@props(6)
 @given(spec=G.model_specs(), seed=st.integers(0, 2**16))
 def test_exact_passes_keep_the_function(text: str, spec: G.ModelSpec, seed: int):
     p, args = _capture(spec)
@@ -163,7 +164,7 @@ def test_exact_passes_keep_the_function(text: str, spec: G.ModelSpec, seed: int)
 
 
 @pytest.mark.parametrize("method", LOWRANK)
-@props(4)
+@props(5)
 @given(spec=G.model_specs(), seed=st.integers(0, 2**16))
 def test_lowrank_gives_a_valid_program(method: str, spec: G.ModelSpec, seed: int):
     p, args = _capture(spec)
@@ -261,7 +262,7 @@ def _internal_cause(e: BaseException) -> BaseException | None:
     return None
 
 
-@props(8)
+@props(12)
 @given(
     spec=G.model_specs(max_layers=4), picks=st.lists(st.integers(0, 100), min_size=2, max_size=3)
 )
@@ -633,7 +634,7 @@ def check_parse(text: str, weights: dict[str, torch.Tensor]) -> str:
     return "runs"
 
 
-@props(60)
+@props(150)
 @given(which=st.integers(0, 4), mutations=st.lists(_mutation(), min_size=1, max_size=3))
 def test_mutated_ir_is_an_error_or_a_valid_program(which: int, mutations: list):
     text, weights = _ir_corpus()[which]
@@ -719,7 +720,8 @@ def _manifest_edits(draw: st.DrawFn) -> list[tuple[Any, ...]]:
 
 def _edit_manifest(m: Any, edits: list[tuple[Any, ...]], other_abs: str) -> Any:
     m = json.loads(json.dumps(m))
-    for op, i, key, value in edits:
+    for op, i, key, shared in edits:
+        value = copy.deepcopy(shared)  # st.just({}) hands out one object every time
         if value == "OTHER_ABS":
             value = other_abs
         if op == "root":
@@ -781,7 +783,7 @@ def _scratch() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-@props(40)
+@props(100)
 @given(
     edits=_manifest_edits(),
     recompute=st.booleans(),
@@ -943,7 +945,7 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, _
     worker.close()
 
 
-@props(15)
+@props(25)
 @given(
     edits=_manifest_edits(),
     recompute=st.booleans(),
