@@ -478,7 +478,8 @@ _OPS = [
     ".",
     "aten..relu",
 ]
-_NAMES = ["self", "def", "torch", "x", "cond", "relu", "__class__", "1a", "a.b", "import", "_", "é"]
+_NAMES = ["self", "def", "torch", "x", "cond", "relu", "__class__", "1a", "a.b", "import", "_"]
+_NAMES += ["é"]
 _DIMS = [
     "",
     "0",
@@ -561,7 +562,10 @@ def _mutate(text: str, m: tuple[Any, ...]) -> str:
         return text[:pos] + ("" if value == "DEL" else value) + text[pos + 1 :]
     elif kind == "nest":
         line = i % n
-        lines[line] = re.sub(r"\(([^()]*)\)", lambda g: "(" + "[" * value + g.group(1) + "]" * value + ")", lines[line], count=1)  # fmt: skip
+        open_, close = "[" * value, "]" * value
+        lines[line] = re.sub(
+            r"\(([^()]*)\)", lambda g: f"({open_}{g.group(1)}{close})", lines[line], count=1
+        )
     else:
         pattern = {"shape": _SPEC_RE, "dtype": _SPEC_RE, "op": _OP_RE, "rename": _NAME_RE,
                    "number": _NUMBER_RE}[kind]  # fmt: skip
