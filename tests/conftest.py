@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,3 +67,40 @@ def first_output(out):
 def ir(text: str, **weights: torch.Tensor):
     """Parse a program written in the text form; weights by name (dots written as __)."""
     return splice.parse_ir(text, {k.replace("__", "."): v for k, v in weights.items()})
+
+
+@pytest.fixture(scope="session")
+def need_edge() -> None:
+    """The aarch64 edge target: qemu-user, the aarch64 root and the cross compiler. Skips
+    without them, or fails when SPLICE_REQUIRE_QEMU=1 (``.ci/run`` sets it)."""
+    from splice.runtime import edge
+
+    reason = edge.why_unavailable()
+    if reason is None and shutil.which("aarch64-linux-gnu-gcc") is None:
+        reason = "aarch64-linux-gnu-gcc is not installed (apt-get install gcc-aarch64-linux-gnu)"
+    if reason is None:
+        return
+    if os.environ.get("SPLICE_REQUIRE_QEMU") == "1":
+        pytest.fail(f"SPLICE_REQUIRE_QEMU=1 but {reason}")
+    pytest.skip(reason)
+
+
+class SmallMLP(torch.nn.Module):
+    """4 rows: the weight matmul stays a TIR function (the C GEMM takes MIN_ROWS or more)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = torch.nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.l(x))
+
+
+@pytest.fixture
+def small(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """A captured SmallMLP with its own tuning cache: (program, model, x, tmp_path)."""
+    monkeypatch.setenv("SPLICE_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    model = SmallMLP().eval()
+    x = torch.randn(4, 64)
+    return splice.capture(model, (x,)), model, x, tmp_path

@@ -8,7 +8,6 @@ skip on a machine without them into a failure.
 
 from __future__ import annotations
 
-import os
 import shutil
 
 import numpy as np
@@ -21,20 +20,8 @@ from splice.errors import ArtifactError
 from splice.runtime import edge
 
 
-def _need_edge() -> None:
-    reason = edge.why_unavailable()
-    if reason is None and shutil.which("aarch64-linux-gnu-gcc") is None:
-        reason = "aarch64-linux-gnu-gcc is not installed (apt-get install gcc-aarch64-linux-gnu)"
-    if reason is None:
-        return
-    if os.environ.get("SPLICE_REQUIRE_QEMU") == "1":
-        pytest.fail(f"SPLICE_REQUIRE_QEMU=1 but {reason}")
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
-def gpt2_pair(tmp_path_factory):
-    _need_edge()
+def gpt2_pair(tmp_path_factory, need_edge):
     torch.manual_seed(0)
     model, args = models.gpt2()
     program = splice.capture(model, args)
@@ -98,10 +85,9 @@ def test_cli_runs_aarch64_artifacts_under_qemu(gpt2_pair, capsys):
     assert "cannot benchmark a aarch64-linux-gnu artifact" in capsys.readouterr().err
 
 
-def test_host_programs_run_under_qemu(tmp_path):
+def test_host_programs_run_under_qemu(tmp_path, need_edge):
     """Artifacts with a host program (data branches; one capture per input shape) run on the
     edge runner, which interprets host.json with numpy + the TVM runtime only."""
-    _need_edge()
     from splice import models_dynamic as Z
     from splice.ir.explore import cond_trace, eager_decisions
 

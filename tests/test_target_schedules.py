@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
-import shutil
 import subprocess
 from dataclasses import replace
 
@@ -180,19 +178,7 @@ def test_each_target_gets_its_own_plan_and_matches_eager(mlp_artifacts):
         assert "avx512f" not in manifest["required_features"]
 
 
-def _need_edge() -> None:
-    reason = edge.why_unavailable()
-    if reason is None and shutil.which("aarch64-linux-gnu-gcc") is None:
-        reason = "aarch64-linux-gnu-gcc is not installed (apt-get install gcc-aarch64-linux-gnu)"
-    if reason is None:
-        return
-    if os.environ.get("SPLICE_REQUIRE_QEMU") == "1":
-        pytest.fail(f"SPLICE_REQUIRE_QEMU=1 but {reason}")
-    pytest.skip(reason)
-
-
-def test_aarch64_gets_a_neon_plan_and_matches_eager_under_qemu(mlp_artifacts):
-    _need_edge()
+def test_aarch64_gets_a_neon_plan_and_matches_eager_under_qemu(mlp_artifacts, need_edge):
     model, x, arts, out, program = mlp_artifacts
     arm = splice.compile(program, "aarch64-linux", output=out / "arm.artifact")
     plans = _gemm_plans(arm)

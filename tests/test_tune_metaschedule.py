@@ -20,29 +20,13 @@ from splice.runtime.backends import tvm_metaschedule as TM
 TRIALS = 4
 
 
-class SmallMLP(torch.nn.Module):
-    """4 rows: the weight matmul stays a TIR function (the C GEMM takes MIN_ROWS or more)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.l = torch.nn.Linear(64, 32)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.l(x))
-
-
-@pytest.fixture
-def small(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    monkeypatch.setenv("SPLICE_CACHE_DIR", str(tmp_path / "cache"))
-    torch.manual_seed(0)
-    model = SmallMLP().eval()
-    x = torch.randn(4, 64)
-    return splice.capture(model, (x,)), model, x, tmp_path
-
-
 def _tuning(art: splice.Artifact) -> dict:
     manifest = json.loads((Path(art.path) / "manifest.json").read_text())
-    return {k: v["metaschedule"] for k, v in manifest["lowering"]["tuning"].items() if "metaschedule" in v}
+    return {
+        k: v["metaschedule"]
+        for k, v in manifest["lowering"]["tuning"].items()
+        if "metaschedule" in v
+    }
 
 
 def _rules(art: splice.Artifact) -> dict:
@@ -166,7 +150,9 @@ def _commit_records(folder: str, who: int, n: int) -> None:
     info = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
     target = tvm.target.Target({"kind": "llvm"})
     for i in range(n):
-        db.commit_tuning_record(ms.database.TuningRecord(sch.trace, wl, [1e-6 * (i + 1)], target, info))
+        db.commit_tuning_record(
+            ms.database.TuningRecord(sch.trace, wl, [1e-6 * (i + 1)], target, info)
+        )
 
 
 def test_bad_rpc_addresses_are_lowering_errors() -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -104,24 +103,6 @@ def _server_args(tracker_port: int, key: str) -> list[str]:
     ]  # fmt: skip
 
 
-class SmallMLP(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.l = torch.nn.Linear(64, 32)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.l(x))
-
-
-@pytest.fixture
-def small(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    monkeypatch.setenv("SPLICE_CACHE_DIR", str(tmp_path / "cache"))
-    torch.manual_seed(0)
-    model = SmallMLP().eval()
-    x = torch.randn(4, 64)
-    return splice.capture(model, (x,)), model, x, tmp_path
-
-
 def _entry(art: splice.Artifact) -> dict:
     manifest = json.loads((Path(art.path) / "manifest.json").read_text())
     (entry,) = [
@@ -184,21 +165,9 @@ S.PopenRPCServerState.current.thread.join()
 """
 
 
-def _need_edge() -> None:
-    reason = edge.why_unavailable()
-    if reason is None and shutil.which("aarch64-linux-gnu-gcc") is None:
-        reason = "aarch64-linux-gnu-gcc is not installed (apt-get install gcc-aarch64-linux-gnu)"
-    if reason is None:
-        return
-    if os.environ.get("SPLICE_REQUIRE_QEMU") == "1":
-        pytest.fail(f"SPLICE_REQUIRE_QEMU=1 but {reason}")
-    pytest.skip(reason)
-
-
-def test_tuning_for_aarch64_through_an_rpc_server_under_qemu(small, monkeypatch) -> None:
+def test_tuning_for_aarch64_through_an_rpc_server_under_qemu(small, monkeypatch, need_edge) -> None:
     from splice.runtime.backends import tvm_metaschedule as TM
 
-    _need_edge()
     program, model, x, tmp = small
     # emulated timings decide nothing: make MetaSchedule's kernel the one the artifact
     # carries, so its aarch64 code runs below (the x86 test measures the hand rule remotely)
@@ -217,8 +186,18 @@ def test_tuning_for_aarch64_through_an_rpc_server_under_qemu(small, monkeypatch)
         _wait_for_tracker(port, timeout=120)
         procs.append(
             _spawn(
-                ["qemu-aarch64", "-L", str(root / "sysroot"), py, "-c", ARM_SERVER,
-                 "127.0.0.1", str(_free_port()), f"127.0.0.1:{port}", "arm"],
+                [
+                    "qemu-aarch64",
+                    "-L",
+                    str(root / "sysroot"),
+                    py,
+                    "-c",
+                    ARM_SERVER,
+                    "127.0.0.1",
+                    str(_free_port()),
+                    f"127.0.0.1:{port}",
+                    "arm",
+                ],
                 env,
             )
         )
