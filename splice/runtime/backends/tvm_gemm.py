@@ -35,17 +35,18 @@ Objects are cached by the hash of source, flags and compiler in ``<cache>/gemm/`
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
 import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
-from functools import reduce
 from pathlib import Path
 from typing import Any
 
 from splice.errors import LoweringError
+from splice.runtime.backends.tvm_tuner import cache_dir
 from splice.target import X86_LEVELS, Target
 
 SOURCE = Path(__file__).with_name("cpu_gemm.c")
@@ -124,11 +125,10 @@ def compiler_for(target: Target) -> tuple[str, list[str]]:
     return "gcc", flags
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("SPLICE_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "splice"
-    )
-    return Path(base) / "gemm"
+@functools.cache
+def _compiler_version(cc: str) -> str:
+    """``cc --version`` (part of the object cache key), asked once per process."""
+    return subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
 
 
 def compile_kernel(plan: GemmPlan, target: Target) -> Path:
@@ -151,9 +151,9 @@ def compile_kernel(plan: GemmPlan, target: Target) -> Path:
             "docs/lowering.md)",
         )
     source = SOURCE.read_bytes()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    version = _compiler_version(cc)
     key = hashlib.sha256(source + " ".join([cc, version, *flags]).encode()).hexdigest()[:24]
-    out = _cache_dir() / f"{plan.symbol}-{key}.o"
+    out = cache_dir() / "gemm" / f"{plan.symbol}-{key}.o"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -285,7 +285,7 @@ def rewrite_gemms(
             (xdims, xdt), (wdims, wdt), (_, odt) = xs, ws, out
             if {xdt, wdt, odt} != {"float32"} or len(wdims) != 2 or len(xdims) < 1:
                 return call
-            m = reduce(lambda a, b: a * b, xdims[:-1], 1)
+            m = functools.reduce(lambda a, b: a * b, xdims[:-1], 1)
             k, n = wdims
             if m < min_rows or xdims[-1] != k or not self._weight_only(rhs):
                 return call
