@@ -28,7 +28,6 @@ import datetime as dt
 import os
 import re
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import torch
 from common import busy_seconds, cpu_model, git_state, log, other_cores, write_marked_section
+from lowering import time_calls
 
 import splice
 from splice.target import X86_LEVELS, host_target, measure_host
@@ -51,17 +51,6 @@ SHAPES = [  # (m, k, n, where)
     (128, 512, 1376, "LLaMA prefill FFN"),
     (32, 768, 3072, "MLP batch 32"),
 ]
-
-
-def median_s(fn, repeats: int) -> float:
-    for _ in range(5):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,13 +74,19 @@ def main(argv: list[str] | None = None) -> int:
             x = torch.randn(m, k)
             flops = 2 * m * n * k
             ref = lin(x)
-            rates = {"eager": flops / median_s(lambda lin=lin, x=x: lin(x), args.repeats) / 1e9}
+            rates = {
+                "eager": flops
+                / time_calls(lambda lin=lin, x=x: lin(x), 5, args.repeats).median_s
+                / 1e9
+            }
             for peer, target in targets.items():
                 p = splice.capture(lin, (x,))
                 art = splice.compile(p, target, output=Path(d) / f"{m}-{k}-{n}-{target}")
                 cm = splice.load(art.path)
                 worst = max(worst, (cm(x) - ref).abs().max().item() / max(1.0, k**0.5))
-                rates[peer] = flops / median_s(lambda cm=cm, x=x: cm(x), args.repeats) / 1e9
+                rates[peer] = (
+                    flops / time_calls(lambda cm=cm, x=x: cm(x), 5, args.repeats).median_s / 1e9
+                )
             log(f"{m}x{k}x{n} ({where}): " + ", ".join(f"{p} {r:.1f}" for p, r in rates.items()))
             rows.append((m, k, n, where, rates))
     peak = max(peak, *(r for *_, rates in rows for r in rates.values()))
