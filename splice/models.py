@@ -199,6 +199,54 @@ def mixtral(
     return T.MixtralForCausalLM(cfg).eval(), (_ids(vocab, batch, seq),)
 
 
+def qwen2_moe(
+    layers: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    inter: int = 128,
+    moe_inter: int = 32,
+    shared_inter: int = 64,
+    experts: int = 4,
+    top_k: int = 2,
+    vocab: int = 128,
+    seq: int = 8,
+    batch: int = 1,
+    norm_topk_prob: bool = False,
+):
+    """Qwen2-MoE (Qwen1.5-MoE's architecture) at a small config: every layer's FFN is a
+    sparse-MoE block of ``experts`` routed experts (top-``top_k``, renormalised only with
+    ``norm_topk_prob``) plus a sigmoid-gated shared expert."""
+    sizes = {k: v for k, v in locals().items() if k != "norm_topk_prob"}
+    _sizes("qwen2_moe", sizes, heads=("hidden", "heads"), kv=("heads", "kv_heads"))
+    if top_k > experts:
+        raise CaptureError(
+            f"qwen2_moe: top_k={top_k} is more than experts={experts}",
+            hint="choose top_k <= experts",
+        )
+    T = _transformers()
+    torch.manual_seed(0)
+    cfg = T.Qwen2MoeConfig(
+        num_hidden_layers=layers,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        moe_intermediate_size=moe_inter,
+        shared_expert_intermediate_size=shared_inter,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        norm_topk_prob=bool(norm_topk_prob),
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        max_position_embeddings=max(64, seq),
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return T.Qwen2MoeForCausalLM(cfg).eval(), (_ids(vocab, batch, seq),)
+
+
 class ConvNet(nn.Module):
     """A small ResNet-style conv net: stem, two residual stages, pooling head."""
 
@@ -434,6 +482,7 @@ FACTORIES = {
     "bert": bert,
     "vit": vit,
     "mixtral": mixtral,
+    "qwen2_moe": qwen2_moe,
     "convnet": convnet,
     "mlp": mlp,
     "minilm": minilm,

@@ -32,6 +32,7 @@ from torch import nn
 
 from splice.errors import CaptureError
 from splice.ir import meta as M
+from splice.ir.moe_capture import recognise_moe
 from splice.ir.program import Program, build_graph_module, get_attr_path, weight_name_problem
 
 _INLINE_HOPS = ("wrap_with_set_grad_enabled", "wrap_with_autocast")
@@ -68,10 +69,13 @@ def capture(
     was_training = model.training
     model.eval()
     try:
-        ep = _export(model, args, kwargs, dynamic_shapes)
+        with recognise_moe(model) as moe:  # sparse-MoE blocks export as splice::moe_ffn
+            ep = _export(model, args, kwargs, dynamic_shapes)
     finally:
         model.train(was_training)
-    return _to_program(ep, args, kwargs, dims_by_name, name or type(model).__name__)
+    program = _to_program(ep, args, kwargs, dims_by_name, name or type(model).__name__)
+    moe.annotate(program)
+    return program
 
 
 def _check_weight_names(model: nn.Module) -> None:

@@ -200,7 +200,7 @@ MOE_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "quick_gelu": lambda h: h * torch.sigmoid(1.702 * h),
     "relu2": lambda h: torch.relu(h).square(),
 }
-MOE_SCALES = ("none", "e_over_k")
+MOE_SCALES = ("none", "e_over_k", "renorm")
 
 
 def moe_gates(
@@ -211,11 +211,15 @@ def moe_gates(
     top_p: float,
     scale: str,
     weighted: bool,
+    router_norm: bool = True,
 ) -> torch.Tensor:
     """The routing of ``splice::moe_ffn`` for rows ``x2`` [N, d]: gates [N, E], 0 where an
     expert is not selected (every backend computes exactly this rule).
 
-    * logits = (x / max(‖x‖, 1e-12)) · router_wᵀ + router_b; P = softmax(logits);
+    * logits = (x / max(‖x‖, 1e-12)) · router_wᵀ + router_b (``router_norm=True``: the
+      MoEfication-style router on normalised x that the ``experts`` pass builds) or
+      x · router_wᵀ + router_b (``router_norm=False``: a plain linear router, as Mixtral's
+      and Qwen2-MoE's); P = softmax(logits);
     * rank(e) = #experts with a larger logit, or an equal logit and a lower index (ties go to
       the lower index, so the order is total and the same on every backend);
     * ``top_k > 0``: e is selected iff rank(e) < top_k;
@@ -224,15 +228,24 @@ def moe_gates(
       p; at least one; all when p ≥ 1);
     * gate = 1 (``weighted=False``: a hard mask, MoEfication/FactorLLM) or P(e)
       (``weighted=True``: the raw softmax probability, not renormalised, as in top-p
-      routing); ``scale="e_over_k"`` multiplies it by E / (experts selected in that row).
+      routing); ``scale="e_over_k"`` multiplies it by E / (experts selected in that row);
+      ``scale="renorm"`` divides it by the sum of the row's gates, so the selected gates sum
+      to 1 (with ``weighted=True``: P(e) / Σ_selected P, i.e. the softmax over the selected
+      logits — Mixtral's top-k routing, Qwen2-MoE's ``norm_topk_prob``).
     """
     E = router_w.shape[0]
-    xn = x2 / torch.linalg.vector_norm(x2, dim=-1, keepdim=True).clamp_min(1e-12)
+    xn = (
+        x2 / torch.linalg.vector_norm(x2, dim=-1, keepdim=True).clamp_min(1e-12)
+        if router_norm
+        else x2
+    )
     logits = torch.nn.functional.linear(xn, router_w, router_b)
     sel, probs = moe_select(logits, top_k, top_p)
     gates = torch.where(sel, probs if weighted else torch.ones_like(probs), 0.0)
     if scale == "e_over_k":
         gates = gates * (E / sel.sum(-1, keepdim=True).to(gates.dtype))
+    elif scale == "renorm":
+        gates = gates / gates.sum(-1, keepdim=True)
     return gates.to(x2.dtype)
 
 
@@ -270,6 +283,7 @@ def _moe_ffn_ref(
     top_p: float = 0.0,
     scale: str = "none",
     weighted: bool = False,
+    router_norm: bool = True,
 ) -> torch.Tensor:
     """A routed FFN whose E experts are disjoint neuron slices of one dense FFN.
 
@@ -279,8 +293,11 @@ def _moe_ffn_ref(
     ``a_e = act(x w_inₑᵀ + b_inₑ)`` (plain) or ``a_e = act(x w_gateₑᵀ + b_gateₑ) ⊙
     (x w_inₑᵀ + b_inₑ)`` (gated: SwiGLU/GeGLU), and the op returns
     ``y = Σ_e gate_e(x) · a_e w_outₑ + b_out`` with the gates of :func:`moe_gates` (exactly
-    one of ``top_k > 0`` / ``0 < top_p``). The output bias is added once, outside the
-    experts. With every expert selected and unit gates this is the dense FFN.
+    one of ``top_k > 0`` / ``0 < top_p``; ``router_norm`` chooses the router's input, see
+    there). The output bias is added once, outside the experts. With every expert selected
+    and unit gates this is the dense FFN (MoEfication); with ``router_norm=False``,
+    ``weighted=True`` and ``scale="renorm"`` it is Mixtral's sparse-MoE block (Jiang et al.
+    2024, softmax over the top-k router logits) on stacked expert weights.
 
     This reference evaluates every expert and weights it by its gate (0 when unselected):
     the ground truth, not a fast path; the backends compute only the selected experts.
@@ -288,7 +305,7 @@ def _moe_ffn_ref(
     d = x.shape[-1]
     E, s, d_out = w_out.shape
     x2 = x.reshape(-1, d)
-    gates = moe_gates(x2, router_w, router_b, top_k, top_p, scale, weighted)  # [N, E]
+    gates = moe_gates(x2, router_w, router_b, top_k, top_p, scale, weighted, router_norm)  # [N, E]
     h = torch.nn.functional.linear(
         x2, w_in.reshape(E * s, d), None if b_in is None else b_in.reshape(E * s)
     )
@@ -321,6 +338,7 @@ def _moe_ffn_fake(
     top_p: float = 0.0,
     scale: str = "none",
     weighted: bool = False,
+    router_norm: bool = True,
 ) -> torch.Tensor:
     torch._check(
         w_in.dim() == 3 and w_out.dim() == 3, lambda: "moe_ffn: w_in and w_out are [E, s, .]"
@@ -365,6 +383,7 @@ def _moe_ffn_cost(
     top_p: Any = 0.0,
     scale: Any = "none",
     weighted: Any = False,
+    router_norm: Any = True,
 ) -> OpCost:
     """Per row: the router (2·E·d) and k experts (2·s·(d·(1 + gated) + d_out)); top-p
     counts all E experts (its upper bound). Bytes: the router and the weights of at most
@@ -387,7 +406,7 @@ moe_ffn = define_op(
     "moe_ffn",
     "(Tensor x, Tensor router_w, Tensor? router_b, Tensor w_in, Tensor? b_in, Tensor? w_gate, "
     "Tensor? b_gate, Tensor w_out, Tensor? b_out, str act, int top_k=0, float top_p=0., "
-    'str scale="none", bool weighted=False) -> Tensor',
+    'str scale="none", bool weighted=False, bool router_norm=True) -> Tensor',
     reference=_moe_ffn_ref,
     fake=_moe_ffn_fake,
     cost=_moe_ffn_cost,

@@ -120,10 +120,11 @@ def register_ops() -> dict[torch._ops.OpOverload, torch._ops.OpOverload]:
         top_p: float = 0.0,
         scale: str = "none",
         weighted: bool = False,
+        router_norm: bool = True,
     ) -> torch.Tensor:
         return moe_ffn_triton(
             x, router_w, router_b, w_in, b_in, w_gate, b_gate, w_out, b_out, act,
-            top_k, top_p, scale, weighted,
+            top_k, top_p, scale, weighted, router_norm,
         )  # fmt: skip
 
     qual = f"{NAMESPACE}::moe_ffn"

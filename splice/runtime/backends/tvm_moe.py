@@ -7,12 +7,14 @@ Two paths, chosen per call site by :func:`convert_moe_ffn` (the converter in
 one token, always; fp32; static shapes). One hand-written, already scheduled TIR function
 (:func:`build_sparse_kernel`, attribute ``splice.kernel = "moe_ffn"``) does the whole op:
 
-1. *router* (serial, E·d multiply-adds per row): ``logits = x·Rᵀ / max(‖x‖, 1e-12) + b``,
+1. *router* (serial, E·d multiply-adds per row): ``logits = x·Rᵀ / max(‖x‖, 1e-12) + b``
+   (``x·Rᵀ + b`` with ``router_norm=False``),
    the softmax, and each expert's rank (ties to the lower index) — the rule of
    :func:`splice.ir.ops.moe_gates`. Slot j of a row holds the expert of rank j;
    ``cnt`` = k (top-k) or the number of experts whose preceding probability mass is ≤ p
    (top-p; selection is a prefix of the rank order, so it is ``rank < cnt``). Gates are 1
-   or P(e), times E/cnt for ``scale="e_over_k"``.
+   or P(e), times E/cnt for ``scale="e_over_k"``, divided by their sum over the row's
+   selected slots for ``scale="renorm"`` (Mixtral's top-k renormalisation).
 2. *up* (parallel over row × slot × panel of ``nb1`` neurons): for slot j < cnt, with
    e = idx[j], ``h = x·w_in[e]ᵀ (+ b_in[e])`` (and the gate product) accumulated in vector
    registers while expert e's packed panel ``[d, nb1]`` streams past — **only the rows of
@@ -57,9 +59,9 @@ ACCUMULATORS = 8
 
 _SCHEMA = (
     "x", "router_w", "router_b", "w_in", "b_in", "w_gate", "b_gate", "w_out", "b_out",
-    "act", "top_k", "top_p", "scale", "weighted",
+    "act", "top_k", "top_p", "scale", "weighted", "router_norm",
 )  # fmt: skip
-_DEFAULTS = {"top_k": 0, "top_p": 0.0, "scale": "none", "weighted": False}
+_DEFAULTS = {"top_k": 0, "top_p": 0.0, "scale": "none", "weighted": False, "router_norm": True}
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class MoEPlan:
     nb2: int
     s1: int  # segments of the d-long reduction
     s2: int  # segments of the s-long reduction
+    router_norm: bool = True  # the router reads x / ‖x‖ (else x)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,14 +113,14 @@ def _segments(length: int, nb: int, mats: int) -> int:
 def plan(
     rows: int, d: int, E: int, s: int, d_out: int, *, top_k: int, top_p: float, act: str,
     gated: bool, scale: str, weighted: bool, has_router_b: bool, has_b_in: bool,
-    has_b_gate: bool, has_b_out: bool,
+    has_b_gate: bool, has_b_out: bool, router_norm: bool = True,
 ) -> MoEPlan:  # fmt: skip
     nb1, sp = _panel(s)
     nb2, dp = _panel(d_out)
     return MoEPlan(
         rows, d, E, s, d_out, top_k if top_k > 0 else E, top_k, top_p, act, gated, scale,
         weighted, has_router_b, has_b_in, has_b_gate, has_b_out, sp, dp, nb1, nb2,
-        _segments(d, nb1, 2 if gated else 1), _segments(sp, nb2, 1),
+        _segments(d, nb1, 2 if gated else 1), _segments(sp, nb2, 1), router_norm,
     )  # fmt: skip
 
 
@@ -166,7 +169,8 @@ def build_sparse_kernel(p: MoEPlan) -> Any:
     GATED, HAS_RB, HAS_BI, HAS_BG, HAS_BO = (
         p.gated, p.has_router_b, p.has_b_in, p.has_b_gate, p.has_b_out,
     )  # fmt: skip
-    WEIGHTED, E_OVER_K = p.weighted, p.scale == "e_over_k"
+    WEIGHTED, E_OVER_K, RENORM = p.weighted, p.scale == "e_over_k", p.scale == "renorm"
+    ROUTER_NORM = p.router_norm
     ALL = TOPK == 0 and TOPP >= 1.0
     TAIL = DP != DO
     act = lambda h: _act(p.act, h)  # noqa: E731
@@ -209,9 +213,13 @@ def build_sparse_kernel(p: MoEPlan) -> Any:
                 for m in range(M):
                     nrm = T.alloc_local((1,), "float32")
                     nrm[0] = zero
-                    for r in range(D):
-                        nrm[0] = nrm[0] + x[m, r] * x[m, r]
-                    inv = T.float32(1.0) / T.max(T.sqrt(nrm[0]), T.float32(1e-12))
+                    if ROUTER_NORM:
+                        for r in range(D):
+                            nrm[0] = nrm[0] + x[m, r] * x[m, r]
+                        nrm[0] = T.float32(1.0) / T.max(T.sqrt(nrm[0]), T.float32(1e-12))
+                    else:
+                        nrm[0] = T.float32(1.0)
+                    inv = nrm[0]
                     for e in range(E):
                         acc = T.alloc_local((1,), "float32")
                         acc[0] = zero
@@ -263,6 +271,15 @@ def build_sparse_kernel(p: MoEPlan) -> Any:
                                 gate[m, j] = T.float32(1.0)
                             if E_OVER_K:
                                 gate[m, j] = gate[m, j] * (T.float32(E) / T.cast(cnt[m], "float32"))
+                    if RENORM:
+                        gsum = T.alloc_local((1,), "float32")
+                        gsum[0] = zero
+                        for j in range(K):
+                            if j < cnt[m]:
+                                gsum[0] = gsum[0] + gate[m, j]
+                        for j in range(K):
+                            if j < cnt[m]:
+                                gate[m, j] = gate[m, j] / gsum[0]
                 # 2. up: only the selected experts' rows of w_in (and w_gate)
                 for t in T.parallel(M * K * Q1):
                     m = t // (K * Q1)
@@ -421,6 +438,7 @@ def _sparse(bb: Any, v: dict[str, Any], xs: list[int], wis: list[int], wos: list
         gated=v["w_gate"] is not None, scale=v["scale"], weighted=bool(v["weighted"]),
         has_router_b=v["router_b"] is not None, has_b_in=v["b_in"] is not None,
         has_b_gate=v["b_gate"] is not None, has_b_out=v["b_out"] is not None,
+        router_norm=bool(v["router_norm"]),
     )  # fmt: skip
     sp, dp, nb1, nb2 = p.sp, p.dp, p.nb1, p.nb2
 
@@ -495,8 +513,10 @@ def _dense(
     dt = _dtype(v["x"]) or "float32"
     c = lambda val: relax.const(val, dt)  # noqa: E731
     x2 = bb.emit(op.reshape(v["x"], (rows, d)))
-    nrm = bb.emit(op.sqrt(op.sum(op.multiply(x2, x2), axis=[-1], keepdims=True)))
-    xn = bb.emit(op.divide(x2, op.maximum(nrm, c(1e-12))))
+    xn = x2
+    if v["router_norm"]:
+        nrm = bb.emit(op.sqrt(op.sum(op.multiply(x2, x2), axis=[-1], keepdims=True)))
+        xn = bb.emit(op.divide(x2, op.maximum(nrm, c(1e-12))))
     logits = bb.emit(op.linear(xn, v["router_w"], v["router_b"]))
     li = op.expand_dims(logits, [-1])  # [rows, E, 1]: expert e
     lj = op.expand_dims(logits, [-2])  # [rows, 1, E]: expert e'
@@ -518,6 +538,8 @@ def _dense(
     if v["scale"] == "e_over_k":
         count = op.sum(op.astype(sel, dt), axis=[-1], keepdims=True)
         gates = bb.emit(op.multiply(gates, op.divide(c(float(E)), count)))
+    elif v["scale"] == "renorm":
+        gates = bb.emit(op.divide(gates, op.sum(gates, axis=[-1], keepdims=True)))
     b_in = op.reshape(v["b_in"], (E * s,)) if v["b_in"] is not None else None
     h = bb.emit(op.linear(x2, op.reshape(v["w_in"], (E * s, d)), b_in))
     if v["w_gate"] is not None:

@@ -277,6 +277,7 @@ def moe_ffn_triton(
     top_p: float = 0.0,
     scale: str = "none",
     weighted: bool = False,
+    router_norm: bool = True,
     *,
     block_t: int = 16,
     block_s: int | None = None,
@@ -299,7 +300,7 @@ def moe_ffn_triton(
         # tracing (torch.export / make_fx) with interpreted kernels: wrap_triton cannot trace
         # an InterpretedFunction, so only the shape is produced (as lowrank_linear does)
         return x.new_empty((*lead, d_out))
-    gates = moe_gates(x2, router_w, router_b, top_k, top_p, scale, weighted)
+    gates = moe_gates(x2, router_w, router_b, top_k, top_p, scale, weighted, router_norm)
     y = torch.zeros((N, d_out), dtype=torch.float32, device=x.device)
     if N and s and d_out:
         tok, gv, block_expert = align_pairs(gates, block_t, top_k if top_k > 0 else E)
