@@ -545,3 +545,199 @@ ZOO: dict[str, Callable[[], DynamicCase]] = {
     "routed_moe": routed_moe,
     "shape_branch": shape_branch,
 }
+
+
+# --------------------------------------------------------------------------------------
+# models that dispatch tokens with nonzero() / torch.where(mask): data-dependent sizes
+
+
+class SwitchMoE(nn.Module):
+    """Switch Transformer FFN layer (Fedus et al., "Switch Transformers: Scaling to Trillion
+    Parameter Models with Simple and Efficient Sparsity", JMLR 2022): top-1 routing of a
+    batch of tokens ``[T, dim]``.
+
+    The router's softmax picks one expert per token; each expert runs on the tokens routed
+    to it, gathered with ``torch.where(route == i)[0]`` (a data-dependent number of rows),
+    skipped when it got none, and its output, scaled by the router probability, is added
+    back with ``index_add_`` -- the dispatch loop of transformers' eager MoE layers. Router
+    row ``i`` reads mostly coordinate ``i`` of the token, so the largest of coordinates
+    ``0..experts-1`` picks the expert.
+    """
+
+    def __init__(self, dim: int = 16, experts: int = 4, hidden: int = 32) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.router = nn.Linear(dim, experts, bias=False)
+        self.experts = nn.ModuleList(
+            nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+            for _ in range(experts)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        probs = torch.softmax(self.router(h), dim=-1)
+        gate, route = probs.max(dim=-1)
+        out = torch.zeros_like(x)
+        for i, expert in enumerate(self.experts):
+            idx = torch.where(route == i)[0]
+            if idx.numel() == 0:
+                continue
+            out.index_add_(0, idx, expert(h[idx]) * gate[idx, None])
+        return x + out
+
+    def probe(self, x: torch.Tensor) -> tuple[torch.Tensor, list[Decision]]:
+        """Repeat ``forward``; decision ``token{t}`` per token (its expert; margin: top-1
+        minus top-2 router logit)."""
+        h = self.norm(x)
+        logits = self.router(h)
+        top = logits.topk(2, dim=-1).values
+        route = logits.argmax(-1)
+        decisions = [
+            Decision(f"token{t}", int(route[t]), float(top[t, 0] - top[t, 1]))
+            for t in range(x.shape[0])
+        ]
+        return self(x), decisions
+
+
+def switch_moe() -> DynamicCase:
+    """Switch top-1 MoE over 8 tokens and 4 experts; some inputs leave experts without
+    tokens (the ``numel() == 0`` skip), one sends every token to one expert."""
+    dim, n, tokens = 16, 4, 8
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(707)
+        model = SwitchMoE(dim=dim, experts=n)
+        with torch.no_grad():
+            model.router.weight.mul_(0.05)
+            for i in range(n):
+                model.router.weight[i, i] = 4.0
+    model.eval()
+    g = _seeded(7007)
+    routes = [
+        [0, 1, 2, 3, 3, 2, 1, 0],  # every expert gets tokens
+        [0, 0, 2, 2, 0, 2, 2, 0],  # experts 1 and 3 get none
+        [3] * tokens,  # one expert takes every token
+        [1, 0, 1, 1, 0, 0, 1, 3],  # expert 2 gets none
+    ]
+    branch_inputs = []
+    for r in routes:
+        x = torch.randn(tokens, dim, generator=g)
+        x[torch.arange(tokens), torch.tensor(r)] = 4.0
+        branch_inputs.append((x,))
+    return DynamicCase(
+        name="switch_moe",
+        model=model,
+        example=branch_inputs[0],
+        branch_inputs=branch_inputs,
+        description="Switch Transformer (JMLR 2022) top-1 MoE: torch.where(route == i) "
+        "dispatch, numel() == 0 skip, index_add_ back",
+    )
+
+
+class TokenEarlyExit(nn.Module):
+    """Token-level early exit (the per-token halting of depth-adaptive transformers:
+    Elbayad et al., "Depth-Adaptive Transformer", ICLR 2020; Schuster et al., "Confident
+    Adaptive Language Modeling", NeurIPS 2022), over a batch of tokens ``[T, dim]``.
+
+    Before each of ``layers`` residual MLP layers, a halting unit (Linear -> 1 -> sigmoid)
+    marks the tokens that are done; a token once done stays done. The layer runs only on
+    the tokens still alive, gathered with ``alive.nonzero().squeeze(-1)`` and written back
+    with ``h[idx] = layer(h[idx])``; the loop stops when no token is alive. A Linear head
+    reads every token.
+
+    Coordinate 0 of a token is a counter: every layer adds exactly 1 to it, and the
+    halting unit reads mostly that coordinate, firing once it exceeds ``halt_at``, so a
+    token's coordinate 0 sets how many layers it takes.
+    """
+
+    def __init__(self, dim: int = 16, layers: int = 3, hidden: int = 32, classes: int = 10):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(layers))
+        self.fc1 = nn.ModuleList(nn.Linear(dim, hidden) for _ in range(layers))
+        self.fc2 = nn.ModuleList(nn.Linear(hidden, dim) for _ in range(layers))
+        self.halt = nn.Linear(dim, 1)
+        self.head = nn.Linear(dim, classes)
+
+    def layer(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """Layer ``i``: ``h + fc2(relu(fc1(norm(h))))``."""
+        return h + self.fc2[i](torch.relu(self.fc1[i](self.norms[i](h))))
+
+    def halting(self, h: torch.Tensor) -> torch.Tensor:
+        """Halting probability per token, shape ``[T]``."""
+        return torch.sigmoid(self.halt(h)).squeeze(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.clone()
+        alive = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        for i in range(len(self.fc1)):
+            alive = alive & (self.halting(h) <= 0.5)
+            idx = alive.nonzero().squeeze(-1)
+            if idx.numel() == 0:
+                break
+            h[idx] = self.layer(i, h[idx])
+        return self.head(h)
+
+    def probe(self, x: torch.Tensor) -> tuple[torch.Tensor, list[Decision]]:
+        """Repeat ``forward``; decision ``halt{i}_tok{t}`` (True: token ``t`` is done before
+        layer ``i``) for every token alive before layer ``i``."""
+        decisions: list[Decision] = []
+        h = x.clone()
+        alive = [True] * x.shape[0]
+        for i in range(len(self.fc1)):
+            p = self.halting(h)
+            for t in range(x.shape[0]):
+                if alive[t]:
+                    decisions.append(_compare(f"halt{i}_tok{t}", p[t], 0.5))
+                    alive[t] = not decisions[-1].outcome
+            idx = [t for t in range(x.shape[0]) if alive[t]]
+            if not idx:
+                break
+            rows = torch.tensor(idx)
+            h[rows] = self.layer(i, h[rows])
+        return self.head(h), decisions
+
+
+def token_early_exit() -> DynamicCase:
+    """Token early exit over 6 tokens and 3 layers; inputs where every token runs every
+    layer, where tokens leave after 0..3 layers, and where all leave at once."""
+    dim, layers, tokens, halt_at = 16, 3, 6, 2.5
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(808)
+        model = TokenEarlyExit(dim=dim, layers=layers)
+        with torch.no_grad():
+            for fc2 in model.fc2:
+                fc2.weight[0].zero_()  # the counter gains exactly 1 per layer
+                fc2.bias[0] = 1.0
+            model.halt.weight.mul_(0.05)
+            model.halt.weight[0, 0] = 4.0
+            model.halt.bias.fill_(-4.0 * halt_at)
+    model.eval()
+    g = _seeded(8008)
+    # counter start -> layers run: 3 -> 0, 2 -> 1, 1 -> 2, 0 -> 3, -2 -> 3
+    starts = [
+        [-2.0, -2.0, 0.0, 0.0, -2.0, 0.0],  # every token runs every layer
+        [3.0, 2.0, 1.0, 0.0, -2.0, 1.0],  # tokens leave after 0, 1, 2, 3 layers
+        [3.0] * tokens,  # every token is done before the first layer
+        [2.0, 2.0, 3.0, 2.0, 3.0, 2.0],  # all leave after one layer: the loop breaks
+    ]
+    branch_inputs = []
+    for c in starts:
+        x = 0.5 * torch.randn(tokens, dim, generator=g)
+        x[:, 0] = torch.tensor(c)
+        branch_inputs.append((x,))
+    return DynamicCase(
+        name="token_early_exit",
+        model=model,
+        example=branch_inputs[1],
+        branch_inputs=branch_inputs,
+        description="token early exit (Depth-Adaptive Transformer, ICLR 2020; CALM, NeurIPS "
+        "2022): alive.nonzero() gathers the live tokens, h[idx] = layer(h[idx])",
+    )
+
+
+#: Models whose ``forward`` dispatches rows through ``nonzero()``/``torch.where(mask)``
+#: (data-dependent sizes, captured densely by :mod:`splice.ir.dd_sizes`). Kept apart from
+#: :data:`ZOO`, whose models branch in Python and go through the ``branches`` pass.
+SELECT_ZOO: dict[str, Callable[[], DynamicCase]] = {
+    "switch_moe": switch_moe,
+    "token_early_exit": token_early_exit,
+}

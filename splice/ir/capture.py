@@ -32,6 +32,7 @@ from torch import nn
 
 from splice.errors import CaptureError
 from splice.ir import meta as M
+from splice.ir.dd_sizes import dense_selections_in
 from splice.ir.moe_capture import recognise_moe
 from splice.ir.program import Program, build_graph_module, get_attr_path, weight_name_problem
 
@@ -152,9 +153,12 @@ def _export(
     model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any
 ) -> torch.export.ExportedProgram:
     try:
-        return torch.export.export(
-            model, args, kwargs=kwargs or None, dynamic_shapes=dynamic_shapes, strict=False
-        )
+        with dense_selections_in(model):  # nonzero()/where(mask) dispatch, densely
+            return torch.export.export(
+                model, args, kwargs=kwargs or None, dynamic_shapes=dynamic_shapes, strict=False
+            )
+    except CaptureError:
+        raise
     except Exception as e:  # export raises many types; all become CaptureError
         raise _capture_error(model, e) from e
 
