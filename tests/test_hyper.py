@@ -500,7 +500,9 @@ def test_errors_on_the_program():
     with pytest.raises(PassError, match="already has a hypernetwork 'hyper'"):
         hyper(q, "targets=fc2.*")
     with pytest.raises(PassError, match="already has a value named %cond"):
-        hyper(q, "targets=fc2.*,prefix=h2")
+        hyper(q, "targets=fc2.*,prefix=h2,input=cond")  # an explicit name that collides
+    fresh = hyper(q, "targets=fc2.*,prefix=h2")  # no input=: the pass picks a fresh name
+    assert fresh.input_names == ["x", "cond", "cond_1"]
     both = hyper(q, "targets=fc2.*,prefix=h2,input=task")  # a second, named hypernetwork
     assert both.input_names == ["x", "cond", "task"]
     assert set(both.attrs["hyper"]) == {"hyper", "h2"}

@@ -9,7 +9,10 @@ hyperlight hypernetizes by swapping hand-picked ``nn.Module`` classes; here it i
 pass, so it applies to any captured program. For the parameters matching ``targets`` (globs
 over state_dict names, ``|``-separated; ``exclude`` removes names):
 
-* a program input ``cond`` (option ``input``) is added: shape ``[d]`` (``cond_dim=d``), one
+* a program input ``cond`` (option ``input``; without it the pass names the input ``cond``,
+  or ``cond_1``, ``cond_2``… when a value of the program is already called ``cond``, as the
+  ``torch.cond`` nodes of ``capture_dynamic`` programs are; an explicit ``input=`` that
+  collides is an error) is added: shape ``[d]`` (``cond_dim=d``), one
   weight set for the whole batch; or ``[B, d]`` with ``per_sample=true``, one weight set per
   sample (B = dim 0 of the program's first input, which must be static);
 * the input is encoded: ``encoding=mip`` gives E(γ) = [cos(πγ/2), sin(πγ/2)] (width 2d,
@@ -76,6 +79,7 @@ from splice.errors import PassError, PipelineError
 from splice.ir import meta as M
 from splice.ir.program import Program, weight_getters, weight_name_problem
 from splice.ir.rewriter import Rewriter
+from splice.ir.verify import reserved_name_reason
 from splice.passes.base import Pass, PassContext, PassResult
 from splice.passes.registry import register_pass
 
@@ -192,7 +196,7 @@ class Hyper(Pass):
     chunk_size: int | None = None
     chunk_emb: int = 8
     per_sample: bool = False
-    input: str = "cond"
+    input: str | None = None
     prefix: str = "hyper"
     seed: int = 0
 
@@ -213,7 +217,7 @@ class Hyper(Pass):
             raise PipelineError(f"hyper: chunk_size must be >= 1, got {self.chunk_size}")
         if self.chunk_emb < 1:
             raise PipelineError(f"hyper: chunk_emb must be >= 1, got {self.chunk_emb}")
-        if not self.input.isidentifier():
+        if self.input is not None and not self.input.isidentifier():
             raise PipelineError(f"hyper: input must be an identifier, got {self.input!r}")
         if not all(p.isidentifier() for p in self.prefix.split(".")):
             raise PipelineError(f"hyper: prefix must be a dotted identifier, got {self.prefix!r}")
@@ -278,6 +282,28 @@ class Hyper(Pass):
             "hyper{per_sample=true}: the program has no tensor input with a batch dimension"
         )
 
+    def _input_name(self, program: Program) -> str:
+        """The name of the new program input.
+
+        An explicit ``input=`` is kept as given and is an error when a value of the program
+        already has that name. Without it the input is called ``cond``, or ``cond_1``,
+        ``cond_2``… when that name is taken (a program from ``capture_dynamic`` has
+        ``torch.cond`` nodes named ``cond``): a name the pass generates never collides.
+        """
+        taken = {n.name for n in program.graph.nodes}
+        if self.input is not None:
+            if self.input in taken:
+                raise PassError(
+                    f"hyper: program {program.name!r} already has a value named %{self.input}",
+                    hint="choose another input= name, or leave input= out for a fresh one",
+                )
+            return self.input
+        name, i = "cond", 0
+        while name in taken or reserved_name_reason(name) is not None:
+            i += 1
+            name = f"cond_{i}"
+        return name
+
     # -- running -----------------------------------------------------------------------
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         existing = program.attrs.get(ATTR, {})
@@ -291,11 +317,7 @@ class Hyper(Pass):
                 f"hyper: program {program.name!r} already has weights under {self.prefix!r}",
                 hint="choose another prefix=",
             )
-        if any(n.name == self.input for n in program.graph.nodes):
-            raise PassError(
-                f"hyper: program {program.name!r} already has a value named %{self.input}",
-                hint="choose another input= name",
-            )
+        input_name = self._input_name(program)
         targets, skipped = self._select(program)
         batch = self._batch(program)
         dtype = program.get_weight(targets[0].name).dtype
@@ -317,7 +339,7 @@ class Hyper(Pass):
 
         rw = Rewriter(program, self.name)
         lead = [] if batch is None else [batch]
-        cond = rw.add_input(self.input, M.TensorSpec((*lead, self.cond_dim), dtype))
+        cond = rw.add_input(input_name, M.TensorSpec((*lead, self.cond_dim), dtype))
         loc = M.Loc(module_path=self.prefix, from_passes=(self.name,))
         first = cond.next  # placeholders may follow get_attr nodes: insert after the input
         names: dict[str, str] = {}
@@ -383,7 +405,7 @@ class Hyper(Pass):
             program.remove_weight(t.name)
 
         info = {
-            "input": self.input,
+            "input": input_name,
             "cond_dim": self.cond_dim,
             "per_sample": batch is not None,
             "batch": batch,
@@ -404,7 +426,7 @@ class Hyper(Pass):
         hyper_params = sum(int(v.numel()) for v in tensors.values())
         stats: dict[str, Any] = {
             "changed": True,
-            "input": f"{self.input}: {M.TensorSpec((*lead, self.cond_dim), dtype)}",
+            "input": f"{input_name}: {M.TensorSpec((*lead, self.cond_dim), dtype)}",
             "targets": [
                 {"name": t.name, "shape": list(t.shape), "numel": t.numel} for t in targets
             ],
@@ -419,7 +441,7 @@ class Hyper(Pass):
         }
         g = torch.Generator().manual_seed(self.seed)
         sample = torch.rand((*lead, self.cond_dim), generator=g).to(dtype)
-        return PassResult(program, True, stats, sample_inputs_for_new_inputs={self.input: sample})
+        return PassResult(program, True, stats, sample_inputs_for_new_inputs={input_name: sample})
 
 
 # ---------------------------------------------------------------------------------------

@@ -7,8 +7,26 @@ and BitStack (rank budgets, nested truncation).
 A decode step is a matrix–vector product per layer, bound by the bytes of weights it reads;
 A·B reads k(m+n) values instead of mn. Every matching linear — ``aten.linear(x, W, b)``,
 ``aten.addmm(b, x, Wᵀ | W)`` (GPT-2's Conv1D), ``aten.matmul``/``aten.mm`` with a 2-D
-parameter — whose weight is a parameter read by that node alone becomes
+parameter — whose weight is a parameter read by linear sites only becomes
 ``splice::lowrank_linear(x, A, B, bias)``.
+
+Sites are found in every graph of the program: the top graph and every sub-graph (``cond``
+branches from ``capture_dynamic``, ``branches`` parts, ``stitch`` routes). Inside a
+sub-graph a weight arrives as a placeholder bound to an operand of the call; the pass
+follows that operand chain to the program weight (:class:`splice.passes.subgraphs.
+GraphTree`), so a weight read in a branch is still that weight. A weight read by several
+linear sites (the same layer on several paths, a loop body unrolled into branches) is
+factored **once**: every site reads the same A and B (threaded into the sub-graphs as new
+operands), the calibration statistics of all its sites are summed, and the dense weight
+leaves the program (its now unused operands are dropped). A weight that is also read by
+anything but a linear site (a tied embedding), or both as W and Wᵀ, is skipped.
+
+Stats list what was not factored, and why: ``skipped`` (one ``{layer, sites, reason}`` per
+weight: tied, rank at or above break-even, already a low-rank factor, a ``moe_ffn``'s
+routed experts, a sub-graph weight that is not one program weight, or a site no
+calibration sample reaches when the method needs activations) and ``not_targeted`` (layers
+``targets``/``exclude`` leave out). ``sites_factored`` / ``sites_in_subgraphs`` count the
+nodes rewritten.
 
 Methods (all in float64, the factors stored in the weight's dtype):
 
@@ -57,6 +75,7 @@ from splice.ir.program import Program
 from splice.ir.rewriter import Rewriter
 from splice.passes.base import Pass, PassContext, PassResult
 from splice.passes.registry import register_pass
+from splice.passes.subgraphs import GraphTree, collect_activations, merge_stats
 
 aten = torch.ops.aten
 Method = Literal["svd", "asvd", "whitened"]
@@ -82,10 +101,17 @@ class LinearSite:
     transposed: bool  # the parameter holds Wᵀ ([in, out]), as GPT-2's Conv1D does
     bias: fx.Node | None
     layer: str  # the weight name without ".weight": the layer's module path
+    path: str = ""  # the graph it is in: "" for the top graph, else the sub-graph's path
+    gm: fx.GraphModule | None = None  # that graph's module (None: the top graph)
 
     @property
     def name(self) -> str:
         return self.layer
+
+    @property
+    def site(self) -> str:
+        """``%node`` for a top-level site, ``path:%node`` for one inside a sub-graph."""
+        return f"{self.path}:%{self.node.name}" if self.path else f"%{self.node.name}"
 
     def current_x(self) -> fx.Node:
         """The input operand as the graph has it now (see the class docstring)."""
@@ -101,11 +127,16 @@ class LinearSite:
         return None
 
 
-def _param_of(program: Program, a: Any) -> fx.Node | None:
-    """``a`` if it reads a parameter (a ``get_attr`` of a weight of kind param)."""
+def _param_of(program: Program, a: Any, tree: GraphTree | None = None) -> fx.Node | None:
+    """``a`` if it reads a parameter: a ``get_attr`` of a weight of kind param, or (with
+    ``tree``) a placeholder of a sub-graph that every call binds to such a weight."""
+    if not isinstance(a, fx.Node):
+        return None
+    if tree is not None:
+        w = tree.weight_of(a)
+        return a if w is not None and program.weight_kind(w) == "param" else None
     if (
-        isinstance(a, fx.Node)
-        and a.op == "get_attr"
+        a.op == "get_attr"
         and program.has_weight(a.target)
         and program.weight_kind(a.target) == "param"
     ):
@@ -126,65 +157,90 @@ def _transpose_of(a: Any) -> fx.Node | None:
     return None
 
 
-def find_linears(program: Program) -> list[LinearSite]:
+def find_linears(program: Program, tree: GraphTree | None = None) -> list[LinearSite]:
+    """Every linear site of every graph of ``program`` (top first, then sub-graphs: cond
+    branches, parts, stitch routes), weights followed through operand chains."""
+    tree = tree or GraphTree(program)
     sites = []
-    for node in program.graph.nodes:
-        if node.op != "call_function":
-            continue
-        site = None
-        if node.target is aten.linear.default:
-            w = _param_of(program, node.args[1])
-            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-            if w is not None and isinstance(node.args[0], fx.Node):
-                site = (node.args[0], w, False, bias)
-        elif node.target is aten.addmm.default and not node.kwargs:
-            bias, x, mat = node.args[0], node.args[1], node.args[2]
-            inner = _transpose_of(mat)
-            w = _param_of(program, inner) if inner is not None else None
-            if w is not None:
-                site = (x, w, False, bias)
-            elif (w := _param_of(program, mat)) is not None:
-                site = (x, w, True, bias)
-            if site is not None and not (
-                isinstance(bias, fx.Node)
-                and isinstance(M.spec(bias), M.TensorSpec)
-                and len(M.spec(bias).shape) == 1
-            ):
-                site = None  # addmm with a broadcast matrix "bias" is not a linear layer
-        elif node.target in (aten.matmul.default, aten.mm.default):
-            x, mat = node.args[0], node.args[1]
-            inner = _transpose_of(mat)
-            w = _param_of(program, inner) if inner is not None else None
-            if w is not None:
-                site = (x, w, False, None)
-            elif (w := _param_of(program, mat)) is not None:
-                site = (x, w, True, None)
-        if site is None:
-            continue
-        x, w_node, transposed, bias = site
-        wspec = M.spec(w_node)
-        if not isinstance(wspec, M.TensorSpec) or len(wspec.shape) != 2:
-            continue
-        if not isinstance(x, fx.Node) or not wspec.dtype.is_floating_point:
-            continue
-        w = str(w_node.target)
-        layer = w.removesuffix(".weight")
-        sites.append(LinearSite(node, x, w, transposed, bias, layer))
+    for path, gm in tree.graphs:
+        for node in gm.graph.nodes:
+            site = _linear_site(program, tree, node)
+            if site is None:
+                continue
+            x, w_node, transposed, bias = site
+            wspec = M.spec(w_node)
+            if not isinstance(wspec, M.TensorSpec) or len(wspec.shape) != 2:
+                continue
+            if not isinstance(x, fx.Node) or not wspec.dtype.is_floating_point:
+                continue
+            w = str(tree.weight_of(w_node))
+            layer = w.removesuffix(".weight")
+            sites.append(
+                LinearSite(node, x, w, transposed, bias, layer, path, None if path == "" else gm)
+            )
     return sites
 
 
-def _readers(program: Program, weight: str) -> set[fx.Node]:
-    """The nodes that use ``weight`` (through its get_attr and any transpose of it)."""
-    out: set[fx.Node] = set()
-    for g in program.graph.find_nodes(op="get_attr"):
-        if g.target != weight:
+def _linear_site(program: Program, tree: GraphTree, node: fx.Node) -> tuple[Any, ...] | None:
+    """(x, weight node, transposed, bias) if ``node`` is a linear layer on a parameter."""
+    if node.op != "call_function":
+        return None
+    site = None
+    if node.target is aten.linear.default:
+        w = _param_of(program, node.args[1], tree)
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if w is not None and isinstance(node.args[0], fx.Node):
+            site = (node.args[0], w, False, bias)
+    elif node.target is aten.addmm.default and not node.kwargs:
+        bias, x, mat = node.args[0], node.args[1], node.args[2]
+        inner = _transpose_of(mat)
+        w = _param_of(program, inner, tree) if inner is not None else None
+        if w is not None:
+            site = (x, w, False, bias)
+        elif (w := _param_of(program, mat, tree)) is not None:
+            site = (x, w, True, bias)
+        if site is not None and not (
+            isinstance(bias, fx.Node)
+            and isinstance(M.spec(bias), M.TensorSpec)
+            and len(M.spec(bias).shape) == 1
+        ):
+            site = None  # addmm with a broadcast matrix "bias" is not a linear layer
+    elif node.target in (aten.matmul.default, aten.mm.default):
+        x, mat = node.args[0], node.args[1]
+        inner = _transpose_of(mat)
+        w = _param_of(program, inner, tree) if inner is not None else None
+        if w is not None:
+            site = (x, w, False, None)
+        elif (w := _param_of(program, mat, tree)) is not None:
+            site = (x, w, True, None)
+    return site
+
+
+def unresolved_linears(tree: GraphTree) -> list[dict[str, str]]:
+    """``aten.linear`` nodes inside sub-graphs whose weight operand is not one program
+    weight (an opaque sub-graph, or calls that pass different weights): left alone."""
+    out = []
+    for path, gm in tree.graphs:
+        if path == "":
             continue
-        for u in g.users:
-            if _transpose_of(u) is g:
-                out.update(u.users)
-            else:
-                out.add(u)
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and n.target is aten.linear.default:
+                w = n.args[1]
+                if isinstance(w, fx.Node) and w.op == "placeholder" and tree.weight_of(w) is None:
+                    out.append({
+                        "layer": f"{path}:%{n.name}",
+                        "site": f"{path}:%{n.name}",
+                        "reason": f"its weight %{w.name} is not one program weight on every "
+                        "call of the sub-graph",
+                    })  # fmt: skip
     return out
+
+
+def _readers(program: Program, weight: str, tree: GraphTree | None = None) -> set[fx.Node]:
+    """The nodes, in every graph, that use ``weight`` (through its get_attr or the
+    placeholders it is bound to, and any transpose of it); passing it on is not a use."""
+    tree = tree or GraphTree(program)
+    return tree.readers(weight, through=lambda u: _transpose_of(u) is not None)
 
 
 def matches(layer: str, targets: str, exclude: str) -> bool:
@@ -378,21 +434,43 @@ class LowRank(Pass):
             raise PipelineError(f"lowrank: alpha must be >= 0, got {self.alpha}")
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
-        sites = find_linears(program)
-        skipped: list[dict[str, Any]] = []
-        chosen: list[LinearSite] = []
-        seen: set[str] = set()
+        tree = GraphTree(program)
+        sites = find_linears(program, tree)
+        skipped: list[dict[str, Any]] = unresolved_linears(tree)
+        not_targeted: list[str] = []
+        groups: dict[str, list[LinearSite]] = {}
         for s in sites:
-            if not matches(s.layer, self.targets, self.exclude):
+            groups.setdefault(s.weight, []).append(s)
+        chosen: list[list[LinearSite]] = []
+        for weight, group in groups.items():
+            layer = group[0].layer
+            where = [s.site for s in group]
+            if not matches(layer, self.targets, self.exclude):
+                not_targeted.append(layer)
                 continue
-            if s.weight in seen or _readers(program, s.weight) != {s.node}:
+            if weight.endswith((".lowrank_A", ".lowrank_B")):
                 skipped.append(
-                    {"layer": s.layer, "reason": "weight shared with other nodes (tied)"}
+                    {"layer": layer, "sites": where, "reason": "already a low-rank factor"}
                 )
-                seen.add(s.weight)
                 continue
-            seen.add(s.weight)
-            chosen.append(s)
+            readers = _readers(program, weight, tree)
+            others = readers - {s.node for s in group}
+            if others:
+                names = ", ".join(sorted(tree.where(n) for n in others))
+                skipped.append({
+                    "layer": layer, "sites": where,
+                    "reason": f"weight shared with other nodes (tied): also read by {names}",
+                })  # fmt: skip
+                continue
+            if len({s.transposed for s in group}) > 1:
+                skipped.append({
+                    "layer": layer, "sites": where,
+                    "reason": "weight shared with other nodes (tied): read both as W and as Wᵀ",
+                })  # fmt: skip
+                continue
+            chosen.append(group)
+        skipped += _moe_skips(program, tree)
+        base = {"skipped": skipped, "not_targeted": not_targeted}
         if not chosen:
             return PassResult(
                 program,
@@ -400,19 +478,32 @@ class LowRank(Pass):
                 {
                     "changed": False,
                     "reason": f"no Linear layer matches targets={self.targets!r}",
-                    "skipped": skipped,
+                    **base,
                 },
             )
 
         calib = self._calibrate(program, ctx, chosen)
+        if calib is not None and self.method != "svd":
+            kept = []
+            for g in chosen:
+                if calib[g[0].weight].count == 0:
+                    skipped.append({
+                        "layer": g[0].layer, "sites": [s.site for s in g],
+                        "reason": f"method={self.method} needs its activations and no "
+                        "calibration sample runs it (its branch is never taken)",
+                    })  # fmt: skip
+                else:
+                    kept.append(g)
+            chosen = kept
         ctx.progress("lowrank: factoring", 0, len(chosen))
         factors: list[Factors] = []
         weights: list[torch.Tensor] = []
-        for i, s in enumerate(chosen):
+        for i, g in enumerate(chosen):
+            s = g[0]
             w = program.get_weight(s.weight).detach()
             w = w.mT if s.transposed else w
             weights.append(w)
-            st = calib.get(s.x.name) if calib else None
+            st = calib.get(s.weight) if calib else None
             factors.append(
                 factorize(
                     w,
@@ -425,24 +516,28 @@ class LowRank(Pass):
             ctx.progress("lowrank: factoring", i + 1, len(chosen))
 
         ranks = self._ranks(program, ctx, chosen, factors)
-        rw = Rewriter(program, self.name)
         layers: list[dict[str, Any]] = []
-        for s, f, w, k in zip(chosen, factors, weights, ranks):
+        for g, f, w, k in zip(chosen, factors, weights, ranks):
             m, n = w.shape
             if k is None or k >= break_even(m, n):
                 kk = "dense" if k is None else k
-                skipped.append(
-                    {"layer": s.layer, "reason": f"rank {kk} >= mn/(m+n) = {break_even(m, n):.1f}"}
-                )
+                skipped.append({
+                    "layer": g[0].layer, "sites": [s.site for s in g],
+                    "reason": f"rank {kk} >= mn/(m+n) = {break_even(m, n):.1f}",
+                })  # fmt: skip
                 continue
-            layers.append(self._replace(program, rw, s, f, w, k, calib))
+            layers.append(self._replace(program, tree, g, f, w, k, calib))
         if not layers:
             return PassResult(
                 program,
                 False,
-                {"changed": False, "reason": "every layer skipped", "skipped": skipped},
+                {"changed": False, "reason": "every layer skipped", **base},
             )
-        rw.erase_unused_weights()
+        replaced = {r["layer_weight"] for r in layers}
+        tree.prune(replaced)
+        Rewriter(program, self.name).erase_unused_weights()
+        for r in layers:
+            del r["layer_weight"]
         before = sum(r["params_before"] for r in layers)
         after = sum(r["params_after"] for r in layers)
         all_before = sum(int(w.numel()) for w in weights)
@@ -450,17 +545,24 @@ class LowRank(Pass):
             "changed": True,
             "method": self.method,
             "factored": len(layers),
+            "sites_factored": sum(len(r["sites"]) for r in layers),
+            "sites_in_subgraphs": sum(
+                1 for r in layers for site in r["sites"] if not site.startswith("%")
+            ),
             "skipped_count": len(skipped),
             "params_before": all_before,
             "params_after": all_before - before + after,
             "params_kept": round((all_before - before + after) / max(all_before, 1), 4),
             "layers": layers,
-            "skipped": skipped,
+            **base,
         }
         return PassResult(program, True, stats)
 
     # -- calibration --------------------------------------------------------------------------
-    def _calibrate(self, program: Program, ctx: PassContext, sites: list[LinearSite]) -> Any:
+    def _calibrate(
+        self, program: Program, ctx: PassContext, groups: list[list[LinearSite]]
+    ) -> dict[str, Any] | None:
+        """Activation statistics per weight, merged over every site that reads it."""
         needs = {"svd": (), "asvd": ("abs_mean",), "whitened": ("gram",)}[self.method]
         if not ctx.calibration:
             if needs:
@@ -471,15 +573,18 @@ class LowRank(Pass):
                     "(CLI); method=svd needs none",
                 )
             return None
-        from splice.passes.analysis.calibration import calibrate
-
-        names = tuple(sorted({s.x.name for s in sites}))
+        values = tuple(sorted({(s.path, s.x.name) for g in groups for s in g}))
         stats = tuple(sorted({"gram", *needs}))  # gram also gives the activation error
-        return ctx.analysis(calibrate, program, nodes=names, stats=stats).values
+        acts = ctx.analysis(collect_activations, program, values=values, stats=stats)
+        return {g[0].weight: merge_stats([acts[(s.path, s.x.name)] for s in g]) for g in groups}
 
     # -- ranks -------------------------------------------------------------------------------
     def _ranks(
-        self, program: Program, ctx: PassContext, sites: list[LinearSite], factors: list[Factors]
+        self,
+        program: Program,
+        ctx: PassContext,
+        groups: list[list[LinearSite]],
+        factors: list[Factors],
     ) -> list[int | None]:
         shapes = [(int(f.A.shape[0]), int(f.B.shape[1])) for f in factors]
         if self.energy is not None:
@@ -502,9 +607,9 @@ class LowRank(Pass):
 
                 target = host_target()
             costs, dense = [], []
-            for s, f, (m, n) in zip(sites, factors, shapes):
-                rows = _rows(s.x)
-                item = M.spec(s.x).dtype.itemsize
+            for g, f, (m, n) in zip(groups, factors, shapes):
+                rows = sum(_rows(s.x) for s in g)
+                item = M.spec(g[0].x).dtype.itemsize
                 dense.append(
                     target.roofline_seconds(2 * rows * m * n, item * (m * n + rows * (m + n)))
                 )
@@ -519,32 +624,44 @@ class LowRank(Pass):
     def _replace(
         self,
         program: Program,
-        rw: Rewriter,
-        s: LinearSite,
+        tree: GraphTree,
+        group: list[LinearSite],
         f: Factors,
         w: torch.Tensor,
         k: int,
-        calib: Any,
+        calib: dict[str, Any] | None,
     ) -> dict[str, Any]:
+        """Factor the weight once and make every site that reads it a lowrank_linear."""
+        s0 = group[0]
         m, n = w.shape
         A = f.A[:, :k].to(w.dtype).contiguous()
         B = f.B[:k].to(w.dtype).contiguous()
-        with rw.at(s.node):
-            a_node = rw.add_weight(f"{s.layer}.lowrank_A", A, unique=True)
-            b_node = rw.add_weight(f"{s.layer}.lowrank_B", B, unique=True)
-            new = rw.call(
-                lowrank_linear.overload,
-                (s.current_x(), a_node, b_node, s.current_bias()),
-                name="lowrank_linear",
-            )
-        rw.replace(s.node, new)
-        rows = _rows(s.x)
+        a_name = program.unique_weight_name(f"{s0.layer}.lowrank_A")
+        program.add_weight(a_name, A, "param")
+        b_name = program.unique_weight_name(f"{s0.layer}.lowrank_B")
+        program.add_weight(b_name, B, "param")
+        for s in group:
+            rw = tree.rewriter(s.gm if s.gm is not None else tree.top, self.name)
+            w_arg = s.node.args[2] if s.node.target is aten.addmm.default else s.node.args[1]
+            with rw.at(s.node):
+                a_node, b_node = rw.weight(a_name), rw.weight(b_name)
+                new = rw.call(
+                    lowrank_linear.overload,
+                    (s.current_x(), a_node, b_node, s.current_bias()),
+                    name="lowrank_linear",
+                )
+            rw.replace(s.node, new)
+            if isinstance(w_arg, fx.Node) and _transpose_of(w_arg) is not None and not w_arg.users:
+                rw.erase(w_arg)
+        rows = sum(_rows(s.x) for s in group)
         item = w.element_size()
         wd = w.double()
         approx = A.double() @ B.double()
         diff = wd - approx
         rec = {
-            "layer": s.layer,
+            "layer": s0.layer,
+            "layer_weight": s0.weight,
+            "sites": [s.site for s in group],
             "shape": [m, n],
             "rank": k,
             "break_even_rank": round(break_even(m, n), 1),
@@ -559,13 +676,31 @@ class LowRank(Pass):
         }
         if f.jitter:
             rec["whitening_jitter"] = f.jitter
-        st = calib.get(s.x.name) if calib else None
+        st = calib.get(s0.weight) if calib else None
         if st is not None and st.gram is not None:
             g = st.gram.double()
             err = float(torch.einsum("ij,jk,ik->", diff, g, diff).clamp_min(0).sqrt())
             ref = float(torch.einsum("ij,jk,ik->", wd, g, wd).clamp_min(0).sqrt())
             rec["activation_error"] = err / max(ref, 1e-30)
         return rec
+
+
+def _moe_skips(program: Program, tree: GraphTree) -> list[dict[str, Any]]:
+    """Routed experts (``splice::moe_ffn``) are not factored: say so."""
+    from splice.ir.ops import moe_ffn
+
+    out = []
+    for _path, gm in tree.graphs:
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and n.target is moe_ffn.overload:
+                w = tree.weight_of(n.args[3]) or ""
+                out.append({
+                    "layer": w.removesuffix(".w_in") or tree.where(n),
+                    "sites": [tree.where(n)],
+                    "reason": "routed experts (splice::moe_ffn): their [E, s, d] expert "
+                    "slices are not factored (each slice is already s = d_ff/E rows)",
+                })  # fmt: skip
+    return out
 
 
 def _rows(x: fx.Node) -> int:
