@@ -160,7 +160,28 @@ def _export(
     except CaptureError:
         raise
     except Exception as e:  # export raises many types; all become CaptureError
+        text = str(e)
+        if "not a known type" in text and "in output" in text:
+            _check_output_constants(model, args, kwargs)
         raise _capture_error(model, e) from e
+
+
+def _check_output_constants(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """After export refused a type in the output: run the model once and raise the
+    CaptureError of :func:`splice.ir.outputs.constant_leaf`, which names the output and
+    says what to do (returns if the eager run does not show it)."""
+    import torch.utils._pytree as pytree
+
+    from splice.ir.outputs import constant_leaf
+
+    try:
+        with torch.no_grad():
+            out = model(*args, **kwargs)
+    except Exception:
+        return
+    for path, value in pytree.tree_flatten_with_path(out)[0]:
+        if not isinstance(value, torch.Tensor):
+            constant_leaf(value, pytree.keystr(path), type(model).__name__)
 
 
 _DATA_DEP = (
@@ -471,7 +492,14 @@ def _to_program(
     graph = _convert_graph(gm, set(kinds), expr_str, top=True, subgraphs_out=subgraphs)
     out_node = graph.find_nodes(op="output")[0]
     n_out = len(out_node.args[0])
-    out_names = _output_names(ep.call_spec.out_spec, n_out) if ep.call_spec.out_spec else None
+    out_spec = ep.call_spec.out_spec
+    leaves = _flat_outputs(gm)
+    attrs: dict[str, Any] = {}
+    if out_spec is not None and any(not isinstance(a, fx.Node) for a in leaves):
+        # constants among the outputs: the tensors are the outputs, the tree keeps the rest
+        out_names, attrs["output_tree"] = _output_tree(out_spec, leaves, n_out, name)
+    else:
+        out_names = _output_names(out_spec, n_out) if out_spec else None
     if out_names is not None and len(out_names) != n_out:
         out_names = None
     used = {n.target for n in graph.find_nodes(op="get_attr")}
@@ -483,8 +511,47 @@ def _to_program(
         weight_kinds={w: k for w, (_, k) in weights.items()},
         symbols={v[0]: v[1] for v in syms.values()},
         name=_ident(name),
+        attrs=attrs,
     )
     return program
+
+
+def _flat_outputs(gm: fx.GraphModule) -> list[Any]:
+    """The leaves of the exported graph's output: nodes, and the constants export kept."""
+    out = gm.graph.find_nodes(op="output")[0].args[0]
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def _output_tree(
+    out_spec: Any, leaves: list[Any], n_out: int, model: str
+) -> tuple[list[str], dict[str, Any]]:
+    """(output names, output tree) of an output with constant leaves: each node leaf is an
+    output (named from its place, as for tensor-only outputs), each constant a ``const``
+    leaf; a constant that is not a JSON scalar is a CaptureError naming the output."""
+    from splice.ir.outputs import constant_leaf, tree_from_spec
+
+    if out_spec.num_leaves != len(leaves):
+        raise CaptureError(
+            f"torch.export returned {len(leaves)} output values for an output structure of "
+            f"{out_spec.num_leaves} leaves",
+            where=f"the output of {model}",
+            hint="return a flat tuple of tensors",
+        )
+    all_names = _output_names(out_spec, len(leaves))
+    names = [n for n, a in zip(all_names, leaves) if isinstance(a, fx.Node)]
+    if len(names) != n_out:
+        raise CaptureError(
+            f"the output of {model} has {len(names)} tensor leaves but its graph returns "
+            f"{n_out} values",
+            hint="return a flat tuple of tensors",
+        )
+
+    def leaf(i: int, value: Any, path: str) -> dict[str, Any]:
+        if isinstance(value, fx.Node):
+            return {"output": all_names[i]}
+        return constant_leaf(value, path, model)
+
+    return names, tree_from_spec(out_spec, leaves, leaf, where=model)
 
 
 def _ident(name: str) -> str:

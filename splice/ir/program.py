@@ -355,10 +355,17 @@ class Program:
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"program {self.name!r}: output names {dup} would appear twice")
+        if len(values) != len(names):
+            raise ValueError(f"{len(names)} output names for {len(values)} outputs")
         out = self.output_node
         out.args = (tuple(values),)
         self._output_names = list(names)
         self.bump_version()
+
+    def set_outputs(self, values: Sequence[fx.Node], names: Sequence[str]) -> None:
+        """Replace every output: ``values`` named ``names`` (the output structure recorded in
+        ``attrs`` is the caller's to update)."""
+        self._set_outputs(list(values), list(names))
 
     def add_output(self, name: str, value: fx.Node) -> None:
         if name in self._output_names:
@@ -378,10 +385,14 @@ class Program:
         self._set_outputs(vals, self.output_names)
 
     def rename_output(self, old: str, new: str) -> None:
+        """Rename output ``old``; the recorded output structure follows."""
         i = self._output_index(old)
         names = self.output_names
         names[i] = new
         self._set_outputs(self.output_values, names)
+        from splice.ir.outputs import rename_in_attrs
+
+        rename_in_attrs(self.attrs, {old: new})
 
     def _output_index(self, name: str) -> int:
         try:
@@ -492,8 +503,32 @@ class Program:
             self._compiled_version = self._version
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        outs = self.run(*args, **kwargs)
-        return outs[0] if len(outs) == 1 else tuple(outs)
+        """Run the program and return what the model returns: its output structure where
+        one is recorded (:meth:`unflatten`), else one tensor or a tuple of them."""
+        return self.unflatten(self.run(*args, **kwargs))
+
+    # -- output structure --------------------------------------------------------------
+    @property
+    def output_tree(self) -> dict[str, Any] | None:
+        """The recorded output structure (``attrs["output_tree"]``, JSON; see
+        :mod:`splice.ir.outputs`): set by capture when the model returns constants beside
+        its tensors (``{"modality": "text", ...}``); None for tensor-only outputs."""
+        return self.attrs.get("output_tree")
+
+    @property
+    def variants(self) -> dict[str, Any] | None:
+        """The variant table (``attrs["variants"]``) of a program whose output structure
+        depends on its data-dependent path (:func:`splice.ir.outputs.unify_outputs`)."""
+        return self.attrs.get("variants")
+
+    def unflatten(self, outputs: Sequence[Any]) -> Any:
+        """The model's own output structure from the flat ``outputs`` (in
+        :attr:`output_names` order, as :meth:`run` returns them): the recorded tree with its
+        constants, or the path's own structure for a program with variants (the padded one
+        with ``pad``). Without either: one value for one output, a tuple otherwise."""
+        from splice.ir.outputs import unflatten
+
+        return unflatten(outputs, self._output_names, self.attrs)
 
     def run(self, *args: Any, **kwargs: Any) -> list[Any]:
         """Run the program; returns the list of outputs (in ``output_names`` order)."""

@@ -24,7 +24,11 @@ raises :class:`~splice.errors.ArtifactError` (never a crash, KeyError or TVM err
 - a file that is not a plain file of the folder itself (absolute paths, ``..``, folders,
   symbolic links), is missing, or does not have its recorded sha256;
 - a target this machine cannot run (architecture, CPU features);
-- a manifest that disagrees with ``program.ir`` (inputs, outputs, weights) or an integer
+- a manifest whose output structure (``output_tree``, ``variants``: see
+  :mod:`splice.ir.outputs`) names outputs it lacks or specs they do not have, or whose
+  variant index a run returns out of range;
+- a manifest that disagrees with ``program.ir`` (inputs, outputs, output structure,
+  weights) or an integer
   input that feeds an embedding without an ``index_bound`` at most the table's rows
   (recomputed from ``program.ir``; TVM's ``take`` reads out of bounds otherwise);
 - a library that is not a complete ELF shared object for the target (a truncated one would
@@ -347,8 +351,21 @@ class CompiledModel:
         )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        outs = self.run(*args, **kwargs)
-        return outs[0] if len(outs) == 1 else tuple(outs)
+        """Run the artifact and return what the model returns: its output structure where
+        the manifest records one (:meth:`unflatten`), else one value or a tuple."""
+        return self.unflatten(self.run(*args, **kwargs))
+
+    def unflatten(self, outputs: Sequence[Any]) -> Any:
+        """The model's own output structure from the flat ``outputs`` of :meth:`run`: the
+        manifest's ``output_tree`` (constants beside the tensors) or, for a program whose
+        structure depends on its path, the ``variants`` entry the run's variant index names
+        (the padded structure with ``pad``). Without either: one value or a tuple."""
+        from splice.ir.outputs import unflatten
+
+        def error(message: str, hint: str | None) -> ArtifactError:
+            return ArtifactError(message, where=str(self.path), hint=hint or E.REBUILD)
+
+        return unflatten(outputs, self.output_names, self.manifest, error=error)
 
     def run_named(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return dict(zip(self.output_names, self.run(*args, **kwargs)))
@@ -433,6 +450,8 @@ def check_against_program(
         checks.append((f"signatures[{k}].outputs", sig["outputs"], _specs_of(None, p.output_specs)))
     if manifest.get("signatures") and len(manifest["signatures"]) != len(programs):
         checks.append(("signatures", len(manifest["signatures"]), len(programs)))
+    for key in ("output_tree", "variants"):
+        checks.append((key, manifest.get(key), first.attrs.get(key)))
     for field, have, want in checks:
         if have != want:
             raise ArtifactError(

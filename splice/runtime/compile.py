@@ -224,7 +224,16 @@ def _manifest(
         "host": host,
         "options": options,
         "lowering": lowering,
+        **_output_structure(program),
     }
+
+
+def _output_structure(program: Program) -> dict[str, Any]:
+    """The manifest's ``output_tree`` and ``variants`` (the program's recorded output
+    structure, see :mod:`splice.ir.outputs`), where the program has them."""
+    from splice.ir.outputs import TREE_ATTR, VARIANTS_ATTR
+
+    return {k: program.attrs[k] for k in (TREE_ATTR, VARIANTS_ATTR) if k in program.attrs}
 
 
 def _write_manifest(tmp: Path, manifest: dict[str, Any], files: list[str]) -> None:

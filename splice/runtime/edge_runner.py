@@ -6,7 +6,12 @@ it with an aarch64 Python under ``qemu-aarch64``; on a real board it runs as it 
     python edge_runner.py ARTIFACT IN_DIR OUT_DIR
 
 ``IN_DIR`` holds one ``<input name>.npy`` per input; the outputs are written to
-``OUT_DIR/<output name>.npy`` (and the branch trace to ``OUT_DIR/trace.json``). An artifact
+``OUT_DIR/<output name>.npy`` (and the branch trace to ``OUT_DIR/trace.json``). A model
+whose output structure is recorded (constants beside its tensors, or a structure that
+depends on the path: the manifest's ``output_tree`` / ``variants``, see
+``splice/ir/outputs.py``) also gets ``OUT_DIR/structure.json``: ``{"variant": k, "tree":
+...}``, the structure this run returned, whose ``output`` leaves name the ``.npy`` files
+(:func:`output_structure`). An artifact
 with a host program (branches, several input signatures) is run by interpreting its
 ``host.json`` here, calling each part's library. Weights are read from
 ``weights.safetensors`` with a small reader of the format (a JSON header, then raw
@@ -209,6 +214,7 @@ def check_manifest(manifest: Any) -> dict:
             for key in ("inputs", "outputs"):
                 _specs(_get(s, key, f"{field}.{key}"), f"{field}.{key}", named=False)
             file_name(_get(s, "program", f"{field}.program"), f"{field}.program")
+    check_output_structure(manifest)
     for key, want, ok in (("program", "a string", lambda v: isinstance(v, str)),
                           ("options", "an object", lambda v: isinstance(v, dict)),
                           ("lowering", "an object", lambda v: isinstance(v, dict)),
@@ -226,6 +232,132 @@ def check_manifest(manifest: Any) -> dict:
         if f not in files:
             raise Invalid(f"manifest.json: {f} is used but not listed (with its sha256) in 'files'")
     return manifest
+
+
+# the output structure (splice/ir/outputs.py keeps the same schema for programs; this
+# module cannot import splice, so the checks are written again here)
+
+_TREE_DEPTH = 64
+_CONSTS = (type(None), bool, int, float, str)
+
+
+def _tree(node: Any, field: str, depth: int = 0) -> list[str]:
+    """The output names a tree refers to (leaf order); :class:`Invalid` if it is no tree."""
+    if depth > _TREE_DEPTH:
+        raise Invalid(f"manifest.json: field {field!r} is nested deeper than {_TREE_DEPTH}")
+    if not isinstance(node, dict):
+        raise _bad(field, "an output tree node (an object)", node)
+    keys = set(node)
+    if keys == {"output"}:
+        return [_str(node["output"], f"{field}.output")]
+    if keys == {"const"}:
+        if type(node["const"]) not in _CONSTS:
+            raise _bad(f"{field}.const", "null, a boolean, a number or a string", node["const"])
+        return []
+    if keys in ({"tuple"}, {"list"}):
+        (key,) = keys
+        kids = _list(node[key], f"{field}.{key}")
+        return [n for k, c in enumerate(kids) for n in _tree(c, f"{field}.{key}[{k}]", depth + 1)]
+    if keys == {"dict"}:
+        pairs = _list(node["dict"], f"{field}.dict")
+        out: list[str] = []
+        for k, pair in enumerate(pairs):
+            if not (isinstance(pair, list) and len(pair) == 2 and type(pair[0]) in _CONSTS):
+                raise _bad(f"{field}.dict[{k}]", "a [key, node] pair", pair)
+            out += _tree(pair[1], f"{field}.dict[{k}]", depth + 1)
+        return out
+    if keys == {"namedtuple", "fields", "items"}:
+        name, fields = node["namedtuple"], _list(node["fields"], f"{field}.fields")
+        if not (isinstance(name, str) and name.isidentifier()):
+            raise _bad(f"{field}.namedtuple", "an identifier", name)
+        if not all(isinstance(f, str) and f.isidentifier() and f[:1] != "_" for f in fields) or len(
+            set(fields)
+        ) != len(fields):
+            raise _bad(f"{field}.fields", "distinct field names", fields)
+        items = _list(node["items"], f"{field}.items")
+        if len(items) != len(fields):
+            raise _bad(f"{field}.items", f"a list of {len(fields)} nodes", items)
+        return [n for k, c in enumerate(items) for n in _tree(c, f"{field}.items[{k}]", depth + 1)]
+    raise _bad(field, "an output tree node (output, const, tuple, list, dict, namedtuple)", node)
+
+
+def check_output_structure(manifest: dict) -> None:
+    """``output_tree`` and ``variants``, where present, refer only to the manifest's outputs
+    with the specs the outputs have (``index``: an i64[] output; per variant: its slots are
+    the indices of its outputs, its specs those of the slots, or fit inside them with
+    ``pad``)."""
+    outputs = manifest["outputs"]
+    names = [o["name"] for o in outputs]
+    spec = {o["name"]: {"shape": o["shape"], "dtype": o["dtype"]} for o in outputs}
+
+    def known(refs: list[str], field: str) -> None:
+        for r in refs:
+            if r not in spec:
+                raise Invalid(f"manifest.json: field {field!r} names {r!r}, which is no output")
+
+    if "output_tree" in manifest:
+        known(_tree(manifest["output_tree"], "output_tree"), "output_tree")
+    if "variants" not in manifest:
+        return
+    if "output_tree" in manifest:
+        raise Invalid("manifest.json: fields 'output_tree' and 'variants' exclude each other")
+    table = _obj(manifest["variants"], "variants")
+    index, pad = table.get("index"), table.get("pad")
+    variants = _list(_get(table, "variants", "variants.variants"), "variants.variants")
+    if not variants or (index is None and len(variants) != 1):
+        raise _bad("variants.variants", "a non-empty list (one entry when index is null)", variants)
+    if index is not None:
+        known([_str(index, "variants.index")], "variants.index")
+        if spec[index] != {"shape": [], "dtype": "i64"}:
+            raise _bad("variants.index", "an i64[] output", index)
+    if pad is not None:
+        if isinstance(pad, bool) or not isinstance(pad, (int, float)) or index is None:
+            raise _bad("variants.pad", "a number (with an index output) or null", pad)
+        known(_tree(_get(table, "tree", "variants.tree"), "variants.tree"), "variants.tree")
+    for k, v in enumerate(variants):
+        field = f"variants.variants[{k}]"
+        v = _obj(v, field)
+        refs = _tree(_get(v, "tree", f"{field}.tree"), f"{field}.tree")
+        outs = _get(v, "outputs", f"{field}.outputs")
+        if outs != refs:
+            raise _bad(f"{field}.outputs", "the tree's outputs in leaf order", outs)
+        known(refs, f"{field}.outputs")
+        if _get(v, "slots", f"{field}.slots") != [names.index(r) for r in refs]:
+            raise _bad(f"{field}.slots", "the indices of its outputs", v["slots"])
+        specs = _specs(_get(v, "specs", f"{field}.specs"), f"{field}.specs", named=False)
+        if len(specs) != len(refs):
+            raise _bad(f"{field}.specs", f"{len(refs)} specs (one per output)", specs)
+        for i, (s, r) in enumerate(zip(specs, refs)):
+            have = spec[r]
+            fits = ({"shape": s["shape"], "dtype": s["dtype"]} == have if pad is None else
+                    s["dtype"] == have["dtype"] and len(s["shape"]) == len(have["shape"])
+                    and all(a <= b for a, b in zip(s["shape"], have["shape"])))  # fmt: skip
+            if not fits:
+                raise Invalid(
+                    f"manifest.json: field '{field}.specs[{i}]' does not fit output {r!r} "
+                    f"({have['dtype']}{have['shape']})"
+                )
+
+
+def output_structure(manifest: dict, outs: list) -> dict | None:
+    """What ``structure.json`` holds for one run: the variant it took and that variant's
+    tree (``output`` leaves name the ``<name>.npy`` files); None without a recorded one."""
+    table = manifest.get("variants")
+    if table is None:
+        tree = manifest.get("output_tree")
+        return None if tree is None else {"variant": None, "tree": tree}
+    k = 0
+    if table.get("index") is not None:
+        i = [o["name"] for o in manifest["outputs"]].index(table["index"])
+        v = outs[i]
+        k = int(v.numpy() if hasattr(v, "numpy") else v)
+        if not 0 <= k < len(table["variants"]):
+            raise _HostError(
+                f"the variant index output {table['index']!r} is {k}; the manifest has "
+                f"{len(table['variants'])} variants"
+            )
+    tree = table["tree"] if table.get("pad") is not None else table["variants"][k]["tree"]
+    return {"variant": k, "tree": tree}
 
 
 # ---------------------------------------------------------------------------------------
@@ -590,6 +722,9 @@ def _run(art: Path, in_dir: Path, out_dir: Path) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     for spec, o in zip(manifest["outputs"], outs):
         np.save(out_dir / f"{spec['name']}.npy", o.numpy())
+    structure = output_structure(manifest, outs)
+    if structure is not None:
+        (out_dir / "structure.json").write_text(json.dumps(structure))
     (out_dir / "timing.json").write_text(json.dumps({"import_s": t_import, "run_s": t_run}))
     (out_dir / "trace.json").write_text(json.dumps(trace))
     return 0

@@ -493,6 +493,7 @@ def _short(stats: dict[str, Any], limit: int = 160) -> str:
 
 
 def cmd_show(a: argparse.Namespace) -> int:
+    from splice.ir.outputs import format_structure
     from splice.ir.printer import print_ir
     from splice.runtime.artifact import FORMAT, Artifact, read_manifest
 
@@ -510,9 +511,13 @@ def cmd_show(a: argparse.Namespace) -> int:
             sys.stdout.write(format_host(host, m["parts"]))
         else:
             sys.stdout.write(f"one part, no host program: {m['parts'][0]['library']}\n")
+        sys.stdout.write(format_structure(m))
         sys.stdout.write(print_ir(art.reference(), locations=a.locations))
         return 0
     program = load_input(a.input, _parse_factory_args(a.arg)).program
+    # the output structure as comment lines: the text stays a program the parser reads
+    structure = format_structure(getattr(program, "attrs", {}))
+    sys.stdout.write("".join(f"# {line}\n" for line in structure.splitlines()))
     sys.stdout.write(print_ir(program, locations=a.locations))
     return 0
 
