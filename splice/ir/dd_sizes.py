@@ -1175,9 +1175,7 @@ class DenseSelections(TorchFunctionMode):
                 target = target.clone()
             index = (slice(None),) * (dim % target.ndim) + (idx,)
             mode = "add" if base == "index_add" else "set"
-            return self._scatter(
-                name, target, index, src, mode, site, alpha=alpha, dim=dim % target.ndim
-            )
+            return self._scatter(name, target, index, src, mode, site, alpha=alpha)
         if base == "index_put":
             indices = _arg(args, kwargs, 1, ("indices",), ())
             values = _arg(args, kwargs, 2, ("values",), None)
@@ -1215,7 +1213,8 @@ class DenseSelections(TorchFunctionMode):
         sel, tdim, _, new_pos, in_pos, ident = self._advanced(src, index, "__getitem__", site)
         if ident and src.shape[in_pos] == sel.n:
             plain = tuple(slice(None) if isinstance(i, torch.Tensor) else i for i in index)
-            out = src[plain].clone()
+            trivial = all(isinstance(i, slice) and i == slice(None) for i in plain)
+            out = src.clone() if trivial else src[plain].clone()
             self._tag(out, sel, new_pos, False, site)
             return out
         safe = tuple(self._safe(i) if isinstance(i, torch.Tensor) else i for i in index)
@@ -1292,7 +1291,6 @@ class DenseSelections(TorchFunctionMode):
         site: str,
         *,
         alpha: Any = 1,
-        dim: int | None = None,
     ) -> torch.Tensor:
         """``target[index] = v`` (mode "set") or ``+= alpha * v`` ("add"), masked."""
         sel, tdim, shape, pos, in_pos, ident = self._advanced(target, index, name, site)
@@ -1314,7 +1312,11 @@ class DenseSelections(TorchFunctionMode):
         if alpha != 1:
             v = v * alpha
         if ident and target.shape[in_pos] == sel.n:
-            region = target[plain]  # a view: the identity index selects every row
+            # the identity index selects every row: write the target itself, or the view
+            # the other index elements make (no view where there is none: backends may
+            # turn views into copies)
+            trivial = all(isinstance(i, slice) and i == slice(None) for i in plain)
+            region = target if trivial else target[plain]
             if mode == "add":
                 region.add_(torch.where(m, v, 0))
             else:
@@ -1327,13 +1329,24 @@ class DenseSelections(TorchFunctionMode):
                 "share (only an identity index or an accumulating write can be masked)",
                 site,
             )
+        tensors = [i for i in index if isinstance(i, torch.Tensor)]
+        if (
+            len(tensors) != 1
+            or tensors[0].ndim != 1
+            or not all(
+                isinstance(i, torch.Tensor) or (isinstance(i, slice) and i == slice(None))
+                for i in index
+            )
+        ):
+            _refuse(
+                name,
+                "it accumulates at positions given by several index tensors, or with ints "
+                "or partial slices",
+                site,
+            )
         vm = torch.where(m, v, 0).expand(region_shape)
-        if dim is not None:
-            return target.index_add_(dim, self._safe(index[-1]), vm)
-        if any(not isinstance(i, torch.Tensor) and i != slice(None) for i in index):
-            _refuse(name, "it mixes selected-row indices with ints or slices", site)
-        full = tuple(self._safe(i) if isinstance(i, torch.Tensor) else None for i in index)
-        return target.index_put_(full, vm, accumulate=True)
+        target.add_(_one_hot_sum(vm, tensors[0], in_pos, target.shape[in_pos]))
+        return target
 
     def _scatter_op(
         self, name: str, base: str, func: Callable, args: tuple, kwargs: dict, site: str
@@ -1369,7 +1382,13 @@ class DenseSelections(TorchFunctionMode):
             return target.copy_(torch.where(m, src, target))
         if not add:
             _refuse(name, "it overwrites rows at data-dependent positions", site)
-        return target.scatter_add_(dim, self._safe(idx), torch.where(m, src, 0))
+        moved_t = list(target.shape)
+        moved_i = list(idx.shape)
+        del moved_t[dim], moved_i[dim]
+        if moved_t != moved_i:
+            _refuse(name, "its index covers only part of the other dims of its target", site)
+        src = torch.where(m, src, 0)
+        return target.add_(_one_hot_sum(src, idx, dim, target.shape[dim]))
 
     def _gather_op(self, name: str, func: Callable, args: tuple, kwargs: dict, site: str) -> Any:
         src = args[0]
@@ -1580,6 +1599,27 @@ def _bool_position(index: tuple, t: torch.Tensor, site: str) -> tuple[int, torch
     if tuple(t.shape[p : p + mask.ndim]) != tuple(mask.shape):
         _refuse("__getitem__", f"the mask {list(mask.shape)} does not match the indexed dims", site)
     return p, mask
+
+
+def _one_hot_sum(v: torch.Tensor, idx: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """The full-size tensor that ``index_add``/``scatter_add`` of ``v`` at ``idx`` along
+    ``dim`` adds, as a one-hot product (static shapes, no scatter for backends to import).
+
+    ``idx`` is ``[N]`` (one index per slice of ``v`` along ``dim``) or has ``v``'s shape
+    (``scatter_add``, one index per element). Rows of ``v`` that are masked out are zero,
+    so whatever their index holds adds nothing.
+    """
+    n = v.shape[dim]
+    v0 = v.movedim(dim, 0)
+    positions = torch.arange(size, device=idx.device)
+    if idx.ndim == 1:
+        hot = (idx.unsqueeze(1) == positions.unsqueeze(0)).to(v.dtype)  # [N, size]
+        out = (hot.t() @ v0.reshape(n, -1)).reshape((size, *v0.shape[1:]))
+    else:
+        i0 = idx.movedim(dim, 0).unsqueeze(1)  # [N, 1, rest...]
+        hot = (i0 == positions.view((1, size) + (1,) * (idx.ndim - 1))).to(v.dtype)
+        out = (hot * v0.unsqueeze(1)).sum(0)  # [size, rest...]
+    return out.movedim(0, dim)
 
 
 def _mask_along(mask: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:

@@ -1,0 +1,376 @@
+"""Data-dependent sizes: nonzero()/where(mask) token dispatch captured densely with a mask
+(splice.ir.dd_sizes) -- exact on every routing, compiled by TVM, refused where not row-wise."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import splice
+from splice.errors import CaptureError
+from splice.ir.dd_sizes import DenseSelections, dense_selections_in
+from splice.models_dynamic import SELECT_ZOO, DynamicCase
+
+NAMES = list(SELECT_ZOO)
+HERE = __file__
+
+
+@pytest.fixture(scope="module")
+def cases() -> dict[str, DynamicCase]:
+    return {name: factory() for name, factory in SELECT_ZOO.items()}
+
+
+@pytest.fixture(scope="module")
+def programs(cases: dict[str, DynamicCase]) -> dict[str, splice.Program]:
+    return {name: splice.capture(c.model, c.example) for name, c in cases.items()}
+
+
+def _eager(model: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(*inputs)
+
+
+def _line(fn, text: str) -> str:
+    """``file:line`` of the line of ``fn``'s source that contains ``text``."""
+    lines, first = inspect.getsourcelines(fn)
+    (k,) = [i for i, ln in enumerate(lines) if text in ln]
+    return f"{HERE}:{first + k}"
+
+
+# --------------------------------------------------------------------------------------
+# the zoo's two models: capture, round trip, compile
+
+
+def test_branch_inputs_cover_empty_and_full_selections(cases: dict[str, DynamicCase]) -> None:
+    """The inputs exercise what the dense capture must get right: experts with no token,
+    every expert with tokens, one expert with every token; tokens leaving at every layer,
+    and the loop breaking before the first layer."""
+    moe = cases["switch_moe"]
+    per_input = []
+    for (x,) in moe.branch_inputs:
+        with torch.no_grad():
+            routes = {d.outcome for d in moe.model.probe(x)[1]}
+        per_input.append(routes)
+    assert {0, 1, 2, 3} in per_input
+    assert any(len(r) == 1 for r in per_input)
+    assert any(0 < len(r) < 4 and len(r) != 1 for r in per_input)
+    exits = cases["token_early_exit"]
+    with torch.no_grad():
+        runs = [exits.model.probe(*i)[1] for i in exits.branch_inputs]
+    assert any(all(d.outcome for d in r) and len(r) == 6 for r in runs)  # all leave at once
+    assert any(not any(d.outcome for d in r) for r in runs)  # none ever leaves
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_capture_is_static_and_equals_eager(
+    name: str, cases: dict[str, DynamicCase], programs: dict[str, splice.Program]
+) -> None:
+    case, program = cases[name], programs[name]
+    text = splice.print_ir(program)
+    assert "nonzero" not in text and "u0" not in text  # static shapes, no unbacked size
+    splice.verify(program)
+    for inputs in case.branch_inputs:
+        ref = _eager(case.model, *inputs)
+        with torch.no_grad():
+            got = program(*inputs)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_text_round_trip(
+    name: str, cases: dict[str, DynamicCase], programs: dict[str, splice.Program]
+) -> None:
+    program = programs[name]
+    text = splice.print_ir(program)
+    parsed = splice.parse_ir(text, program.weights)
+    assert splice.print_ir(parsed) == text
+    splice.verify(parsed)
+    for inputs in cases[name].branch_inputs:
+        with torch.no_grad():
+            torch.testing.assert_close(parsed(*inputs), program(*inputs), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compiled_equals_eager(
+    name: str,
+    cases: dict[str, DynamicCase],
+    programs: dict[str, splice.Program],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    case = cases[name]
+    out = tmp_path_factory.mktemp(f"dd-{name}") / f"{name}.artifact"
+    compiled = splice.compile(programs[name].copy(), "host", output=out).load()
+    for inputs in case.branch_inputs:
+        ref = _eager(case.model, *inputs)
+        torch.testing.assert_close(compiled(*inputs), ref, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# other dispatch forms
+
+
+class _MaskRows(nn.Module):
+    """``out[mask] = f(x[mask])`` with a bool mask, guarded by ``if not mask.any()``-free
+    ``x[mask].shape[0] == 0``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.norm = nn.RMSNorm(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = x[:, 0] > 0
+        out = x.clone()
+        rows = x[mask]
+        if rows.shape[0] == 0:
+            return out
+        out[mask] = torch.tanh(self.fc(self.norm(rows)))
+        return out
+
+
+class _Top2Loop(nn.Module):
+    """Mixtral's eager expert loop: top-2 routing, ``torch.where`` on a ``[k, T]`` mask
+    (coordinates with repeats), ``routing_weights[top_x, idx, None]``, ``index_add_``."""
+
+    def __init__(self, dim: int = 8, experts: int = 4) -> None:
+        super().__init__()
+        self.gate = nn.Linear(dim, experts, bias=False)
+        self.experts = nn.ModuleList(nn.Linear(dim, dim) for _ in range(experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = F.softmax(self.gate(x), dim=-1)
+        weights, selected = torch.topk(weights, 2, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        mask = F.one_hot(selected, num_classes=len(self.experts)).permute(2, 1, 0)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            idx, top_x = torch.where(mask[e])
+            current = x[None, top_x].reshape(-1, x.shape[-1])
+            y = F.silu(expert(current)) * weights[top_x, idx, None]
+            out.index_add_(0, top_x, y)
+        return out
+
+
+class _ScatterAdd(nn.Module):
+    """``nonzero`` + ``index_put_`` (accumulate) and ``scatter_add_`` along dim 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = (x.sum(-1) > 0).nonzero().flatten()
+        y = self.fc(x[idx])
+        a = torch.zeros_like(x).index_put_((idx,), y, accumulate=True)
+        b = torch.zeros_like(x)
+        b.scatter_add_(0, idx.unsqueeze(-1).expand(-1, x.shape[-1]), 2 * y)
+        return a + b
+
+
+@pytest.mark.parametrize(
+    ("model", "inputs"),
+    [
+        (_MaskRows(), [torch.randn(7, 8), -torch.rand(7, 8), torch.rand(7, 8)]),
+        (_Top2Loop(), [torch.randn(5, 8), torch.randn(9, 8) * 3]),
+        (_ScatterAdd(), [torch.randn(5, 6), -torch.rand(5, 6)]),
+    ],
+    ids=["mask_rows", "top2_loop", "scatter_add"],
+)
+def test_other_dispatch_forms_equal_eager(model: nn.Module, inputs: list[torch.Tensor]) -> None:
+    model.eval()
+    for x in inputs:
+        program = splice.capture(model, (x,))
+        with torch.no_grad():
+            torch.testing.assert_close(program(x), model(x), rtol=1e-5, atol=1e-5)
+        text = splice.print_ir(program)
+        assert splice.print_ir(splice.parse_ir(text, program.weights)) == text
+    # one capture serves every input of its shape (the routing is data, not structure)
+    program = splice.capture(model, (inputs[0],))
+    for x in inputs:
+        if x.shape == inputs[0].shape:
+            with torch.no_grad():
+                torch.testing.assert_close(program(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_mixtral_style_loop_compiles(tmp_path: pytest.TempPathFactory) -> None:
+    """The non-identity path (coordinates of a 2-D mask, repeated) keeps a masked
+    index_add_, which TVM compiles."""
+    model = _Top2Loop().eval()
+    x = torch.randn(6, 8)
+    program = splice.capture(model, (x,))
+    compiled = splice.compile(program, "host", output=tmp_path / "top2.artifact").load()
+    for x2 in (x, torch.randn(6, 8) * 4):
+        torch.testing.assert_close(compiled(x2), _eager(model, x2), rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# refused: never silently wrong
+
+
+class _SumRows(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = torch.where(x[:, 0] > 0)[0]
+        return x[idx].sum(0)
+
+
+class _ReturnRows(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = torch.where(x[:, 0] > 0)[0]
+        return torch.relu(x[idx])
+
+
+class _RowsAsReduction(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = x[:, 0].gt(0).nonzero().squeeze(-1)
+        g = x[idx]
+        return torch.matmul(g.t(), g)
+
+
+class _CountAsNumber(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = torch.where(x[:, 0] > 0)[0]
+        return x / idx.numel()
+
+
+class _CumsumRows(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = torch.where(x[:, 0] > 0)[0]
+        out = torch.zeros_like(x)
+        out[idx] = torch.cumsum(x[idx], dim=0)
+        return out
+
+
+class _MixesFullSize(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = torch.where(x[:, 0] > 0)[0]
+        out = torch.zeros_like(x)
+        out[idx] = x[idx] + x
+        return out
+
+
+_WHY = "cannot capture `{op}` on the rows a data-dependent selection (nonzero/where(mask)) picked: {why}"
+
+
+@pytest.mark.parametrize(
+    ("model", "message", "line"),
+    [
+        (
+            _SumRows,
+            _WHY.format(op="sum", why="it reduces over the selected rows (dim 0)"),
+            "x[idx].sum(0)",
+        ),
+        (
+            _ReturnRows,
+            "the model returns rows that nonzero()/where(mask) selected (output 0): their "
+            "number is data-dependent",
+            "torch.relu(x[idx])",
+        ),
+        (
+            _RowsAsReduction,
+            _WHY.format(
+                op="matmul",
+                why="it uses the selected rows as the reduction operand of a matrix product",
+            ),
+            "torch.matmul(g.t(), g)",
+        ),
+        (
+            _CountAsNumber,
+            "the number of rows that nonzero()/where(mask) selected is data-dependent and is "
+            "used as a number here (passed to div)",
+            "x / idx.numel()",
+        ),
+        (
+            _CumsumRows,
+            _WHY.format(op="cumsum", why="it works along the selected rows (dim 0)"),
+            "torch.cumsum(x[idx], dim=0)",
+        ),
+        (
+            _MixesFullSize,
+            _WHY.format(
+                op="add",
+                why="it pairs the selected rows with the rows of a full-size tensor position "
+                "by position",
+            ),
+            "x[idx] + x",
+        ),
+    ],
+    ids=["sum_rows", "return_rows", "rows_as_reduction", "count", "cumsum", "full_size"],
+)
+def test_not_row_wise_is_refused(model: type[nn.Module], message: str, line: str) -> None:
+    with pytest.raises(CaptureError) as info:
+        splice.capture(model(), (torch.randn(6, 4),))
+    err = info.value
+    assert err.message == message
+    assert err.where == _line(model.forward, line)
+    assert err.hint
+
+
+def test_returning_the_gathered_rows_names_the_gather() -> None:
+    """The outputs check names where the returned rows were last made."""
+    with pytest.raises(CaptureError, match=r"\(output 0\)") as info:
+        splice.capture(_ReturnRows(), (torch.randn(6, 4),))
+    assert "scatter them back" in (info.value.hint or "")
+
+
+# --------------------------------------------------------------------------------------
+# capture_dynamic: the mode entered the way explore's traced forward enters it
+
+
+@contextlib.contextmanager
+def _explore_with_dense_selections(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Wrap every export explore makes in :func:`dense_selections_in` (what its
+    ``_trace_path`` does once it enters the mode itself)."""
+    import splice.ir.explore as explore
+
+    original = torch.export.export
+
+    @functools.wraps(original)
+    def export(model, *args, **kwargs):
+        with dense_selections_in(model):
+            return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(explore.torch.export, "export", export)
+    yield
+
+
+class _GatedSwitch(nn.Module):
+    """A Python branch on a tensor (explored by capture_dynamic) around a Switch layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.moe = SELECT_ZOO["switch_moe"]().model
+        self.skip = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.mean() > 0:
+            return self.moe(x)
+        return self.skip(x)
+
+
+def test_capture_dynamic_with_dense_selections(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _GatedSwitch().eval()
+    case = SELECT_ZOO["switch_moe"]()
+    with _explore_with_dense_selections(monkeypatch):
+        program = splice.capture_dynamic(model, (case.example[0] + 1.0,))
+    assert program.attrs.get("paths") == 2
+    for (x,) in case.branch_inputs:
+        for shift in (1.0, -1.0):
+            xi = x + shift
+            with torch.no_grad():
+                torch.testing.assert_close(program(xi), model(xi), rtol=1e-5, atol=1e-5)
+
+
+def test_mode_outside_export_is_exact_eagerly() -> None:
+    """The dense rewrite run eagerly (no export) gives the model's own results."""
+    case = SELECT_ZOO["token_early_exit"]()
+    for inputs in case.branch_inputs:
+        with torch.no_grad(), DenseSelections() as dense:
+            got = dense.check_outputs(case.model(*inputs))
+        torch.testing.assert_close(got, _eager(case.model, *inputs), rtol=1e-6, atol=1e-6)
