@@ -252,14 +252,19 @@ def test_decode_step_reads_only_the_selected_experts(tmp_path, name):
 class Routed(nn.Module):
     """moe_ffn with a plain linear router and renormalised top-k gates (Mixtral's)."""
 
-    def __init__(self, E=4, s=24, d=40, *, top_k=2, scale="renorm", bias=False, seed=0):
+    def __init__(
+        self, E=4, s=24, d=40, *, top_k=2, top_p=0.0, scale="renorm", bias=False,
+        router_norm=False, seed=0,
+    ):  # fmt: skip
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         P = lambda *sh, sc=1.0: nn.Parameter(torch.randn(*sh, generator=g) * sc)  # noqa: E731
         self.rw, self.rb = P(E, d, sc=0.3), P(E) if bias else None
         self.wi, self.wg = P(E, s, d, sc=d**-0.5), P(E, s, d, sc=d**-0.5)
         self.wo = P(E, s, d, sc=s**-0.5)
-        self.opts = dict(top_k=top_k, scale=scale, weighted=True, router_norm=False)
+        self.opts = dict(
+            top_k=top_k, top_p=top_p, scale=scale, weighted=True, router_norm=router_norm
+        )
 
     def forward(self, x):
         return torch.ops.splice.moe_ffn(
@@ -289,6 +294,12 @@ def test_renorm_and_plain_router_reference():
         pytest.param(dict(), (1, 40), True, id="decode-renorm"),
         pytest.param(dict(scale="none", bias=True), (1, 1, 40), True, id="decode-bias-raw"),
         pytest.param(dict(), (3, 40), False, id="dense-renorm"),
+        pytest.param(
+            dict(top_k=0, top_p=0.6, router_norm=True), (1, 40), True, id="decode-top-p-renorm"
+        ),
+        pytest.param(
+            dict(top_k=0, top_p=0.6, router_norm=True), (2, 40), False, id="dense-top-p-renorm"
+        ),
     ],
 )
 def test_new_options_lower_to_tvm(tmp_path, kw, shape, sparse):
