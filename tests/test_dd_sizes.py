@@ -51,7 +51,7 @@ def _line(fn, text: str) -> str:
 def test_branch_inputs_cover_empty_and_full_selections(cases: dict[str, DynamicCase]) -> None:
     """The inputs exercise what the dense capture must get right: experts with no token,
     every expert with tokens, one expert with every token; tokens leaving at every layer,
-    and the loop breaking before the first layer."""
+    the loop breaking before the first layer; tokens dropped at capacity."""
     moe = cases["switch_moe"]
     per_input = []
     for (x,) in moe.branch_inputs:
@@ -66,6 +66,10 @@ def test_branch_inputs_cover_empty_and_full_selections(cases: dict[str, DynamicC
         runs = [exits.model.probe(*i)[1] for i in exits.branch_inputs]
     assert any(all(d.outcome for d in r) and len(r) == 6 for r in runs)  # all leave at once
     assert any(not any(d.outcome for d in r) for r in runs)  # none ever leaves
+    capacity = cases["capacity_moe"]
+    with torch.no_grad():
+        kept = [{d.outcome for d in capacity.model.probe(*i)[1]} for i in capacity.branch_inputs]
+    assert {0, 1, 2, 3} in kept and any(-1 in k and 3 not in k for k in kept)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -117,7 +121,7 @@ def test_compiled_equals_eager(
 
 
 class _MaskRows(nn.Module):
-    """``out[mask] = f(x[mask])`` with a bool mask, guarded by ``if not mask.any()``-free
+    """``out[mask] = f(x[mask])`` with a bool mask, skipped by an early return when
     ``x[mask].shape[0] == 0``."""
 
     def __init__(self) -> None:
@@ -255,6 +259,31 @@ class _MixesFullSize(nn.Module):
         return out
 
 
+class _LoopOverHits(nn.Module):
+    """transformers' eager experts loop: iterates over a nonzero() result."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        route = x[:, :3].argmax(-1)
+        hit = F.one_hot(route, 3).sum(0).gt(0).nonzero()
+        out = torch.zeros_like(x)
+        for e in hit:
+            idx = torch.where(route == e)[0]
+            out.index_add_(0, idx, self.experts[e](x[idx]))
+        return out
+
+
+class _CountCompared(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = torch.where(x[:, 0] > 0)[0]
+        if idx.numel() > 3:
+            return x
+        return -x
+
+
 _WHY = "cannot capture `{op}` on the rows a data-dependent selection (nonzero/where(mask)) picked: {why}"
 
 
@@ -300,8 +329,28 @@ _WHY = "cannot capture `{op}` on the rows a data-dependent selection (nonzero/wh
             ),
             "x[idx] + x",
         ),
+        (
+            _LoopOverHits,
+            _WHY.format(op="unbind", why="it iterates over the selected rows one by one (dim 0)"),
+            "for e in hit:",
+        ),
+        (
+            _CountCompared,
+            "the number of rows that nonzero()/where(mask) selected is data-dependent and is "
+            "used as a number here (> 3)",
+            "if idx.numel() > 3:",
+        ),
     ],
-    ids=["sum_rows", "return_rows", "rows_as_reduction", "count", "cumsum", "full_size"],
+    ids=[
+        "sum_rows",
+        "return_rows",
+        "rows_as_reduction",
+        "count",
+        "cumsum",
+        "full_size",
+        "loop_over_hits",
+        "count_compared",
+    ],
 )
 def test_not_row_wise_is_refused(model: type[nn.Module], message: str, line: str) -> None:
     with pytest.raises(CaptureError) as info:

@@ -1049,6 +1049,15 @@ class DenseSelections(TorchFunctionMode):
             pos = {"split": 2, "chunk": 2, "tensor_split": 2, "split_with_sizes": 2}.get(base, 1)
             default = 0
             dim = _arg(args, kwargs, pos, _DIM_KW, default) % nd
+            if dim == d and base == "unbind":
+                _refuse(
+                    name,
+                    f"it iterates over the selected rows one by one (dim {d})",
+                    site,
+                    hint="a loop over a nonzero() result runs a data-dependent number of "
+                    "times; loop over every candidate instead (for e in range(E): idx = "
+                    "torch.where(route == e)[0] ...), which splice captures densely",
+                )
             if dim == d:
                 _refuse(name, f"it cuts the selected rows apart (dim {d})", site)
             new = d - 1 if base in ("unbind", "select") and dim < d else d
