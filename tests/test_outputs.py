@@ -456,3 +456,32 @@ def test_artifact_validation_checks_the_variant_table(joined_artifact, tmp_path:
     bad = _tampered(art.path, tmp_path, edit)
     with pytest.raises(ArtifactError, match=match):
         splice.load(bad)
+
+
+def test_unify_outputs_takes_explorer_shaped_paths_with_constants_and_predicates():
+    """A path program as the explorer traces it: the leaves, then its predicates, in one
+    flat tuple (constants recorded by capture); the tree is the user's TreeSpec."""
+
+    class Path(nn.Module):
+        def __init__(self, n: int) -> None:
+            super().__init__()
+            self.n = n
+
+        def user(self, x):
+            return {"outs": [x + k for k in range(self.n)], "kind": "exit"}
+
+        def forward(self, x):
+            leaves = pytree.tree_flatten(self.user(x))[0]
+            return (*leaves, x.sum() > 0)  # the predicate comes last
+
+    x = torch.randn(2)
+    programs = [splice.capture(Path(n), (x,)) for n in (1, 2)]
+    trees = [pytree.tree_flatten(Path(n).user(x))[1] for n in (1, 2)]
+    unified, table = O.unify_outputs(programs, trees)
+    assert O.format_tree(table["variants"][1]["tree"]) == (
+        "{'outs': [%v1_outs_0, %v1_outs_1], 'kind': 'exit'}"
+    )
+    for n, p in zip((1, 2), unified):
+        assert "output_tree" not in p.attrs  # the flat path tree is replaced by the table
+        p.attrs["variants"] = table
+        assert _same(p(x), Path(n).user(x))

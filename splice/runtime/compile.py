@@ -335,6 +335,14 @@ def _compile_split(
     say = progress or (lambda message, done, total: None)
     if isinstance(program, SignatureSet):
         members = _disjoint_weights(program)
+        structures = {json.dumps(_output_structure(p), sort_keys=True) for p in members}
+        if len(structures) > 1:
+            raise LoweringError(
+                f"the members of SignatureSet {program.name!r} record different output "
+                "structures (output_tree / variants), and an artifact holds one",
+                hint="capture every signature with the same output structure, or compile "
+                "each signature on its own",
+            )
         splits = [_split(p, samples) for p in members]
         host, parts, eager, examples = H.signature_host(
             [(p.input_specs, sp.host) for p, sp in zip(members, splits)],
