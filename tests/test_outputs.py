@@ -485,3 +485,26 @@ def test_unify_outputs_takes_explorer_shaped_paths_with_constants_and_predicates
         assert "output_tree" not in p.attrs  # the flat path tree is replaced by the table
         p.attrs["variants"] = table
         assert _same(p(x), Path(n).user(x))
+
+
+def test_splice_show_of_a_program_prints_its_structure_as_comments(tmp_path: Path, capsys):
+    from splice.tools.cli import main
+
+    p, _, _ = _joined()
+    splice.save(p, tmp_path / "j.splice")
+    assert main(["show", str(tmp_path / "j.splice")]) == 0
+    out = capsys.readouterr().out
+    assert "# output variants: 2, chosen by output %variant" in out
+    assert print_ir(parse_ir(out, p.weights)) == print_ir(p)  # still a program text
+
+
+def test_artifact_with_constants_in_its_output(tmp_path: Path):
+    m = Mixed().eval()
+    x = torch.randn(2, 4)
+    art = splice.compile(splice.capture(m, (x,)), "host", output=tmp_path / "mixed.artifact")
+    assert _same(splice.load(art.path)(x), m(x))
+    bad = _tampered(
+        art.path, tmp_path, lambda mf: mf["output_tree"]["dict"][0][1].update(output="zz")
+    )
+    with pytest.raises(ArtifactError, match="'zz', which is no output"):
+        splice.load(bad)
