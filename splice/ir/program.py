@@ -13,7 +13,10 @@ A :class:`Program` wraps an ``fx.GraphModule`` at ATen level with
 * a ``version`` that changes on every edit, so that analyses can be cached by version.
 
 A Program is always runnable: ``program(*inputs)`` executes it eagerly with PyTorch and
-returns one tensor for a one-output program, a tuple otherwise.
+returns one tensor for a one-output program, a tuple otherwise — or, where the program
+records the model's output structure (constants beside the tensors, or a structure that
+depends on the data-dependent path: :mod:`splice.ir.outputs`), that structure.
+:meth:`Program.run` always returns the flat list and :meth:`Program.unflatten` rebuilds.
 
 Weights are treated as immutable values: passes replace a weight, they never write into
 its storage, so :meth:`Program.copy` shares weight tensors and costs only a graph copy.
