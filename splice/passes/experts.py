@@ -28,6 +28,32 @@ Recognition
     Existing routed experts (transformers' ``grouped_mm`` custom ops in Mixtral/Qwen2-MoE)
     are left as they are and listed in ``stats["existing_experts"]``.
 
+Where FFNs are found: in every graph of the program — the top graph, ``cond`` branches
+(``capture_dynamic``), ``branches`` parts and ``stitch`` routes. Inside a sub-graph the
+weights are placeholders bound to operands of the call; they are followed to the program's
+weights (:class:`splice.passes.subgraphs.GraphTree`). The same FFN (the same weights) on
+several paths is split **once**: one partition and router (calibration rows of all its
+occurrences pooled), one set of expert weights threaded into every sub-graph that reads
+them, and the dense weights leave the program. An FFN whose weights are also read by
+anything else is listed in ``stats["skipped"]`` with the reason; FFNs that ``targets`` /
+``exclude`` leave out are listed in ``stats["not_targeted"]``.
+
+Factored FFNs (``lowrank`` before ``experts``): a ``splice::lowrank_linear(x, A, B)`` is the
+Linear W = A·B it stands for, so an FFN of them is recognised too, and split without
+undoing the factorisation. The up projection's hidden units are the rows of its A
+(W_in[S_e] = A_u[S_e]·B_u), so the experts read x' = x·B_uᵀ (one shared k-wide projection,
+weight ``{ffn}.experts.lowrank_B``) and expert e holds rows S_e of A_u; for a gated FFN with
+both projections factored x' = x·[B_g; B_u]ᵀ and the experts' rows are [A_g[S_e], 0] and
+[0, A_u[S_e]] (when k_g + k_u ≥ d_model, or only one is factored, the expert slices are
+stored dense, A·B rows, which is then smaller). The down projection's hidden units are the
+columns of its B (W_out[:, S_e] = A_d·B_d[:, S_e]), so expert e holds columns S_e of B_d
+and A_d (``{ffn}.experts.lowrank_A``) is applied once to the experts' sum, then the bias.
+Both keep the contract: with every expert selected the output equals the factored FFN.
+Partition and router are computed on the effective rows A·B; the router reads x' with
+r_e·P = c_e (c_e lies in P's row space), so r_e·x' = c_e·x and top-k selects what the
+dense-equivalent router selects (softmax probabilities are those of the normalised x').
+Weights named ``*.lowrank_A``/``*.lowrank_B`` are factors: a later ``lowrank`` leaves them.
+
 Partition (``split``) of the d_ff neurons into E disjoint sets of s = d_ff/E:
 
 * ``balanced_kmeans`` (MoEfication's parameter clustering): k-means on the L2-normalised
@@ -92,12 +118,13 @@ import torch.fx as fx
 
 from splice.errors import PassError, PipelineError
 from splice.ir import meta as M
-from splice.ir.ops import MOE_ACTIVATIONS, moe_ffn, moe_gates
+from splice.ir.ops import MOE_ACTIVATIONS, lowrank_linear, moe_ffn, moe_gates
 from splice.ir.program import Program
 from splice.ir.rewriter import Rewriter
 from splice.passes.base import Pass, PassContext, PassResult
-from splice.passes.lowrank import LinearSite, _readers, _transpose_of, find_linears, matches
+from splice.passes.lowrank import LinearSite, _transpose_of, find_linears, matches
 from splice.passes.registry import register_pass
+from splice.passes.subgraphs import GraphTree, collect_activations
 
 aten = torch.ops.aten
 Split = Literal["balanced_kmeans", "coactivation", "contiguous"]
@@ -134,6 +161,16 @@ class FFNMatch:
     d_model: int
     d_ff: int
     d_out: int
+    path: str = ""  # the graph it is in ("" for the top graph)
+    gm: fx.GraphModule | None = None  # that graph's module (None: the top graph)
+
+    @property
+    def sites(self) -> list[LinearSite]:
+        return [s for s in (self.gate, self.up, self.down) if s is not None]
+
+    @property
+    def factored(self) -> bool:
+        return any(s.factors is not None for s in self.sites)
 
     @property
     def form(self) -> str:
@@ -184,21 +221,22 @@ def _node_args(n: fx.Node) -> list[Any]:
     return out
 
 
-def _is_scalar_constant(program: Program, a: fx.Node) -> bool:
+def _is_scalar_constant(tree: GraphTree, a: fx.Node) -> bool:
     s = M.get_spec(a)
     return (
-        a.op == "get_attr"
-        and program.has_weight(str(a.target))
+        tree.weight_of(a) is not None
         and isinstance(s, M.TensorSpec)
         and s.is_static
         and s.numel() == 1
     )
 
 
-def _classify(program: Program, n: fx.Node) -> tuple[str, list[fx.Node]] | str:
+def _classify(tree: GraphTree, n: fx.Node) -> tuple[str, list[fx.Node]] | str:
     """``(kind, tensor operands to follow)`` for an allowed region node, else a reason."""
+    if n.op == "placeholder" and (w := tree.weight_of(n)) is not None:
+        return f"reads weight @{w}"
     if n.op == "placeholder":
-        return f"reads program input %{n.name}"
+        return f"reads {'program' if tree.is_top(n) else 'sub-graph'} input %{n.name}"
     if n.op == "get_attr":
         return f"reads weight @{n.target}"
     if n.op != "call_function":
@@ -241,7 +279,7 @@ def _classify(program: Program, n: fx.Node) -> tuple[str, list[fx.Node]] | str:
     for a in _node_args(n):
         if not isinstance(a, fx.Node):
             continue
-        if _is_scalar_constant(program, a):
+        if _is_scalar_constant(tree, a):
             continue
         if _shape(a) != shape:
             return f"%{n.name} ({name}) broadcasts %{a.name} of shape {_shape(a)} against {shape}"
@@ -257,7 +295,7 @@ class _Trace:
     nonlinear: bool = False
 
 
-def _trace(program: Program, z: fx.Node, site_nodes: set[fx.Node]) -> _Trace:
+def _trace(tree: GraphTree, z: fx.Node, site_nodes: set[fx.Node]) -> _Trace:
     """The element-wise region feeding ``z``, back to the Linears it starts from."""
     tr = _Trace()
     seen: set[fx.Node] = set()
@@ -270,7 +308,7 @@ def _trace(program: Program, z: fx.Node, site_nodes: set[fx.Node]) -> _Trace:
         if n in site_nodes:
             tr.leaves.append(n)
             continue
-        c = _classify(program, n)
+        c = _classify(tree, n)
         if isinstance(c, str):
             tr.failures.append(c)
             continue
@@ -293,7 +331,7 @@ def _probe_values(shape: tuple[int, ...], seed: int) -> list[torch.Tensor]:
 
 
 def _eval_region(
-    program: Program, region: list[fx.Node], env: dict[fx.Node, torch.Tensor]
+    tree: GraphTree, region: list[fx.Node], env: dict[fx.Node, torch.Tensor]
 ) -> dict[fx.Node, torch.Tensor]:
     env = dict(env)
     for n in region:  # graph order
@@ -302,8 +340,8 @@ def _eval_region(
             if isinstance(a, fx.Node):
                 if a in env:
                     return env[a]
-                if a.op == "get_attr":
-                    return program.get_weight(str(a.target))
+                if (w := tree.weight_of(a)) is not None:
+                    return tree.program.get_weight(w)
                 raise KeyError(a.name)
             if isinstance(a, (list, tuple)):
                 return type(a)(val(x) for x in a)
@@ -323,7 +361,7 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _identify(
-    program: Program, region: list[fx.Node], z: fx.Node, leaves: list[fx.Node]
+    tree: GraphTree, region: list[fx.Node], z: fx.Node, leaves: list[fx.Node]
 ) -> tuple[str, int | None] | str:
     """``(activation, index of the activated leaf or None)`` or a reason."""
     shapes = [_shape(v) for v in leaves]
@@ -340,7 +378,7 @@ def _identify(
                   for j in range(3)]  # fmt: skip
         outs = []
         for t in trials:
-            env = _eval_region(program, region, dict(zip(leaves, t)))
+            env = _eval_region(tree, region, dict(zip(leaves, t)))
             outs.append(env[z].reshape(t[0].shape) if z in env else t[0])
         # compare on at most 16384 values of each probe, spread over its whole range
         step = max(1, outs[0].numel() // 16384)
@@ -374,7 +412,7 @@ def _common_prefix(names: list[str]) -> str:
 
 
 def _match(
-    program: Program,
+    tree: GraphTree,
     down: LinearSite,
     by_node: dict[fx.Node, LinearSite],
     num_experts: int | None,
@@ -382,7 +420,7 @@ def _match(
     """The FFN ending in Linear ``down``, a near miss with its reason, or None (not an FFN)."""
     z = down.x
     d_ff = _last_dim(z)
-    tr = _trace(program, z, set(by_node))
+    tr = _trace(tree, z, set(by_node))
     leaves = [by_node[v] for v in tr.leaves]
     name = _common_prefix([s.layer for s in [*leaves, down]]) if leaves else down.layer
 
@@ -411,11 +449,23 @@ def _match(
     )
     if leak is not None:
         return miss(f"%{leak[0].name} is also used outside the FFN (by %{leak[1].name})")
-    shared = [s.layer for s in [*leaves, down] if _readers(program, s.weight) != {s.node}]
+    # a weight may be read by the same layer on other paths, in other graphs (one group of
+    # occurrences, checked by the pass), but by nothing else
+    shared = []
+    for s in [*leaves, down]:
+        for w in site_weights(s):
+            same = {
+                o.node
+                for o in by_node.values()
+                if w in site_weights(o) and (o is s or o.node.graph is not s.node.graph)
+            }
+            if tree.readers(w, through=lambda u: _transpose_of(u) is not None) - same:
+                shared.append(s.layer)
+                break
     if shared:
         return miss(f"weight shared with other nodes (tied): {', '.join(shared)}")
-    region = [n for n in program.graph.nodes if n in set(tr.region)]
-    ident = _identify(program, region, z, tr.leaves)
+    region = [n for n in down.node.graph.nodes if n in set(tr.region)]
+    ident = _identify(tree, region, z, tr.leaves)
     if isinstance(ident, str):
         return miss(ident)
     act, g_idx = ident
@@ -434,22 +484,56 @@ def _match(
         return miss(f"d_ff = {d_ff} is not a multiple of num_experts = {num_experts}")
     if not M.spec(x).dtype.is_floating_point:
         return miss("the FFN input is not floating point")
-    return FFNMatch(name, x, up, gate, down, act, region, d_model, d_ff, d_out)
+    return FFNMatch(name, x, up, gate, down, act, region, d_model, d_ff, d_out, down.path, down.gm)
 
 
-def recognise(program: Program, num_experts: int | None = None) -> Recognition:
-    """Every FFN of ``program``, near misses with reasons, and existing routed experts."""
+def site_weights(s: LinearSite) -> tuple[str, ...]:
+    """The weights a linear site reads: W, or A and B of a factored layer."""
+    return s.factors if s.factors is not None else (s.weight,)
+
+
+def find_factored_linears(program: Program, tree: GraphTree) -> list[LinearSite]:
+    """Every ``splice::lowrank_linear`` of every graph whose factors are parameters, as a
+    linear site (the FFN recognition treats a factored Linear as the Linear it stands for)."""
+    out = []
+    for path, gm in tree.graphs:
+        for n in gm.graph.find_nodes(op="call_function", target=lowrank_linear.overload):
+            x = n.args[0]
+            a, b = tree.weight_of(n.args[1]), tree.weight_of(n.args[2])
+            if not isinstance(x, fx.Node) or a is None or b is None:
+                continue
+            if program.weight_kind(a) != "param" or program.weight_kind(b) != "param":
+                continue
+            bias = n.args[3] if len(n.args) > 3 else n.kwargs.get("bias")
+            rank = n.args[4] if len(n.args) > 4 else n.kwargs.get("rank")
+            layer = a.removesuffix(".lowrank_A")
+            out.append(
+                LinearSite(
+                    n, x, a, False, bias, layer, path, None if path == "" else gm,
+                    factors=(a, b), rank=None if rank is None else int(rank),
+                )
+            )  # fmt: skip
+    return out
+
+
+def recognise(
+    program: Program, num_experts: int | None = None, tree: GraphTree | None = None
+) -> Recognition:
+    """Every FFN of ``program`` (in every graph: branches, parts, routes; Linears dense or
+    already factored by ``lowrank``), near misses with reasons, and existing routed experts."""
     rec = Recognition()
-    sites = find_linears(program)
+    tree = tree or GraphTree(program)
+    sites = find_linears(program, tree) + find_factored_linears(program, tree)
     by_node = {s.node: s for s in sites}
-    for n in program.graph.nodes:
-        if n.op == "call_function" and "grouped_mm" in _opname(n):
-            rec.existing.append({
-                "node": n.name, "op": _opname(n), "module": M.loc(n).module_path or "",
-                "reason": "already routed experts (an opaque grouped matmul); left unchanged",
-            })  # fmt: skip
+    for _path, gm in tree.graphs:
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and "grouped_mm" in _opname(n):
+                rec.existing.append({
+                    "node": n.name, "op": _opname(n), "module": M.loc(n).module_path or "",
+                    "reason": "already routed experts (an opaque grouped matmul); left unchanged",
+                })  # fmt: skip
     for down in sites:
-        found = _match(program, down, by_node, num_experts)
+        found = _match(tree, down, by_node, num_experts)
         if isinstance(found, FFNMatch):
             rec.matches.append(found)
         elif isinstance(found, Miss):
@@ -722,7 +806,8 @@ class Experts(Pass):
     # -- run -------------------------------------------------------------------------------
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         E = self.num_experts
-        rec = recognise(program, E)
+        tree = GraphTree(program)
+        rec = recognise(program, E, tree)
         chosen = [m for m in rec.matches if matches(m.name, self.targets, self.exclude)]
         remarks = [f"experts: {m.candidate} (at %{m.node}) not matched: {m.reason}"
                    for m in rec.misses]  # fmt: skip
@@ -730,26 +815,49 @@ class Experts(Pass):
             f"experts: {e['module'] or e['node']} (%{e['node']}, {e['op']}): {e['reason']}"
             for e in rec.existing
         ]
+        skipped: list[dict[str, Any]] = []
         base = {
             "not_matched": [m.to_json() for m in rec.misses],
             "existing_experts": rec.existing,
+            "not_targeted": sorted({m.name for m in rec.matches} - {m.name for m in chosen}),
+            "skipped": skipped,
             "remarks": remarks,
         }
-        if not chosen:
-            why = (
-                f"no FFN matches targets={self.targets!r}"
-                if rec.matches
-                else "no FFN (Linear → activation → Linear, or gated) found"
-            )
+        # the same FFN (the same weights) on several paths is one group, split once
+        groups: dict[tuple[str, ...], list[FFNMatch]] = {}
+        for m in chosen:
+            groups.setdefault(tuple(_weight_names(tree, m)), []).append(m)
+        todo: list[list[FFNMatch]] = []
+        for occ in groups.values():
+            nodes = {s.node for m in occ for s in m.sites}
+            tied = [
+                w for s in occ[0].sites for w in site_weights(s)
+                if tree.readers(w, through=lambda u: _transpose_of(u) is not None) - nodes
+            ]  # fmt: skip
+            if tied:
+                skipped.append({
+                    "ffn": occ[0].name, "sites": [_where(m) for m in occ],
+                    "reason": f"weight shared with other nodes (tied): {', '.join(tied)}",
+                })  # fmt: skip
+                continue
+            todo.append(occ)
+        if not todo:
+            if not rec.matches:
+                why = "no FFN (Linear → activation → Linear, or gated) found"
+            elif not chosen:
+                why = f"no FFN matches targets={self.targets!r}"
+            else:
+                why = "every FFN skipped"
             return PassResult(program, False, {"changed": False, "reason": why, **base})
 
         needs_calib = self.split == "coactivation" or self.router == "trained"
-        calib = None
+        acts = None
         if ctx.calibration:
-            from splice.passes.analysis.calibration import calibrate
-
-            names = tuple(sorted({m.x.name for m in chosen} | {m.down.x.name for m in chosen}))
-            calib = ctx.analysis(calibrate, program, nodes=names, stats=("raw",)).values
+            values = tuple(sorted(
+                {(m.path, m.x.name) for g in todo for m in g}
+                | {(m.path, m.down.x.name) for g in todo for m in g}
+            ))  # fmt: skip
+            acts = ctx.analysis(collect_activations, program, values=values, stats=("raw",))
         elif needs_calib:
             what = "split=coactivation" if self.split == "coactivation" else "router=trained"
             raise PassError(
@@ -758,23 +866,43 @@ class Experts(Pass):
                 "(CLI); split=balanced_kmeans|contiguous with router=centroid need none",
             )
 
-        rw = Rewriter(program, self.name)
         ffns: list[dict[str, Any]] = []
-        ctx.progress("experts: splitting FFNs", 0, len(chosen))
-        for i, m in enumerate(chosen):
+        replaced: set[str] = set()
+        ctx.progress("experts: splitting FFNs", 0, len(todo))
+        for i, occ in enumerate(todo):
             X = A = None
-            if calib is not None:
-                X, A = self._rows(calib[m.x.name].matrix(), calib[m.down.x.name].matrix())
-            ffns.append(self._replace(program, rw, m, X, A))
-            ctx.progress("experts: splitting FFNs", i + 1, len(chosen))
-        _drop_weights(program, rw, {
-            w for m in chosen for w in _weight_names(m)
-        })  # fmt: skip
+            if acts is not None:
+                seen = [m for m in occ if acts[(m.path, m.x.name)].count > 0]
+                if seen:
+                    X, A = self._rows(
+                        torch.cat([acts[(m.path, m.x.name)].matrix() for m in seen]),
+                        torch.cat([acts[(m.path, m.down.x.name)].matrix() for m in seen]),
+                    )
+            if X is None and needs_calib:
+                skipped.append({
+                    "ffn": occ[0].name, "sites": [_where(m) for m in occ],
+                    "reason": "needs calibration activations and no sample runs it "
+                    "(its branch is never taken)",
+                })  # fmt: skip
+                continue
+            ffns.append(self._replace(program, tree, occ, X, A))
+            replaced.update(_weight_names(tree, occ[0]))
+            ctx.progress("experts: splitting FFNs", i + 1, len(todo))
+        if not ffns:
+            return PassResult(
+                program, False, {"changed": False, "reason": "every FFN skipped", **base}
+            )
+        tree.prune(replaced)
+        _drop_weights(program, replaced)
         sizes = sorted({f["expert_size"] for f in ffns})
         covered = [f["mass_covered"] for f in ffns if "mass_covered" in f]
         stats: dict[str, Any] = {
             "changed": True,
             "ffns_split": len(ffns),
+            "ffn_sites": sum(len(f["sites"]) for f in ffns),
+            "ffn_sites_in_subgraphs": sum(
+                1 for f in ffns for site in f["sites"] if not site.startswith("%")
+            ),
             "experts": E,
             "expert_size": sizes[0] if len(sizes) == 1 else sizes,
             "router": self.router,
@@ -786,10 +914,14 @@ class Experts(Pass):
         if covered:
             stats["mass_covered"] = round(sum(covered) / len(covered), 4)
             stats["mass_covered_oracle"] = round(
-                sum(f["mass_covered_oracle"] for f in ffns) / len(ffns), 4
+                sum(f["mass_covered_oracle"] for f in ffns if "mass_covered_oracle" in f)
+                / len(covered),
+                4,
             )
             stats["experts_selected_mean"] = round(
-                sum(f["experts_selected_mean"] for f in ffns) / len(ffns), 3
+                sum(f["experts_selected_mean"] for f in ffns if "experts_selected_mean" in f)
+                / len(covered),
+                3,
             )
         else:
             stats["mass_covered"] = "no calibration data"
@@ -806,9 +938,19 @@ class Experts(Pass):
         return X.detach().float(), A.detach().float()
 
     # -- one FFN -------------------------------------------------------------------------------
-    def _weights(self, program: Program, s: LinearSite) -> torch.Tensor:
+    def _matrices(
+        self, program: Program, s: LinearSite
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(W [out, in] as the site computes it, A, B): A and B are the factors of a
+        ``lowrank_linear`` site (W = A·B, its rank argument applied), else None."""
+        if s.factors is not None:
+            a = program.get_weight(s.factors[0]).detach()
+            b = program.get_weight(s.factors[1]).detach()
+            if s.rank is not None:
+                a, b = a[:, : s.rank], b[: s.rank]
+            return (a.double() @ b.double()).to(a.dtype), a, b
         w = program.get_weight(s.weight).detach()
-        return w.mT if s.transposed else w  # [out, in]
+        return (w.mT if s.transposed else w), None, None
 
     def _partition(
         self, W_cluster: torch.Tensor, A: torch.Tensor | None, d_ff: int
@@ -826,18 +968,47 @@ class Experts(Pass):
     def _replace(
         self,
         program: Program,
-        rw: Rewriter,
-        m: FFNMatch,
+        tree: GraphTree,
+        occ: list[FFNMatch],
         X: torch.Tensor | None,
         A: torch.Tensor | None,
     ) -> dict[str, Any]:
+        """Split the FFN of ``occ`` (one FFN, possibly on several paths) once and replace
+        every occurrence by the same ``moe_ffn`` (see the module docstring for a factored
+        FFN)."""
+        m = occ[0]
         E, d_ff, d = self.num_experts, m.d_ff, m.d_model
         s = d_ff // E
-        W_in = self._weights(program, m.up)  # [d_ff, d]
-        W_gate = self._weights(program, m.gate) if m.gate is not None else None
-        W_out = self._weights(program, m.down)  # [d_out, d_ff]
+        W_in, Au, Bu = self._matrices(program, m.up)  # [d_ff, d]
+        W_gate, Ag, Bg = (
+            self._matrices(program, m.gate) if m.gate is not None else (None, None, None)
+        )
+        W_out, Ad, Bd = self._matrices(program, m.down)  # [d_out, d_ff]
         dtype = W_in.dtype
-        W_cluster = W_gate if W_gate is not None else W_in
+        # the experts' input: x itself, or x·Pᵀ when the up (and gate) projections are
+        # factored (W = A·P): then the experts' rows are the neuron rows of A
+        P: torch.Tensor | None = None
+        Win_p, Wg_p = W_in, W_gate
+        note = None
+        if m.gate is None and Au is not None:
+            P, Win_p = Bu, Au
+        elif m.gate is not None and Au is not None and Ag is not None:
+            kg, ku = Ag.shape[1], Au.shape[1]
+            if kg + ku < d:
+                P = torch.cat([Bg, Bu])
+                Wg_p = torch.cat([Ag, Ag.new_zeros(d_ff, ku)], 1)
+                Win_p = torch.cat([Au.new_zeros(d_ff, kg), Au], 1)
+            else:
+                note = (
+                    f"gate and up ranks {kg}+{ku} >= d_model {d}: their expert slices are "
+                    "stored dense (A·B rows), cheaper than the stacked factors"
+                )
+        elif Au is not None or Ag is not None:
+            note = "only one of gate/up is factored: their expert slices are stored dense"
+        # the down projection: W_out = A_d·B_d; the experts take columns of B_d and A_d is
+        # applied once to their sum (Σ_e a_e B_d[:, S_e]ᵀ) A_dᵀ = a W_outᵀ
+        Wout_p, post = (Bd, Ad) if Ad is not None else (W_out, None)
+        W_cluster = W_gate if W_gate is not None else W_in  # the rows the FFN computes
         assign = self._partition(W_cluster, A, d_ff)
         parts = parts_of(assign, E)
         if sorted(int(p.numel()) for p in parts) != [s] * E:  # the contract, checked
@@ -851,19 +1022,27 @@ class Experts(Pass):
             b = site.bias
             if b is None:
                 return None
-            if not (isinstance(b, fx.Node) and b.op == "get_attr"):
+            w = tree.weight_of(b)
+            if w is None:
                 raise PassError(
                     f"experts: the bias of {site.layer} is computed (%{b.name}), not a weight",
                     where=str(M.loc(site.node)),
                 )
-            return program.get_weight(str(b.target)).detach()
+            return program.get_weight(w).detach()
 
         b_in = bias(m.up)
         b_gate = bias(m.gate) if m.gate is not None else None
 
-        # router
+        # router: centroids c_e of the normalised rows; with a projection, r_e with r_e·P =
+        # c_e (c_e lies in P's row space), so r_e·(x Pᵀ) = c_e·x and top-k picks the same
         C = centroids(W_cluster, parts)  # [E, d]
-        gamma, router_note = math.sqrt(d), "γ = √d (no calibration data)"
+        if P is not None:
+            rows_p = (Wg_p if W_gate is not None else Win_p).double()
+            norms = W_cluster.double().norm(dim=1, keepdim=True).clamp_min(1e-12)
+            C = torch.stack([(rows_p[idx] / norms[idx]).mean(0) for idx in parts])
+            if X is not None:
+                X = X.double() @ P.double().T
+        gamma, router_note = math.sqrt(C.shape[1]), "γ = √d (no calibration data)"
         xn = mass = None
         if X is not None and A is not None:
             xn = X.double() / X.double().norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -884,53 +1063,38 @@ class Experts(Pass):
             R, Rb = Rw.to(dtype), Rb.to(dtype)
 
         def stack(W: torch.Tensor) -> torch.Tensor:  # rows S_e of W [d_ff, n] -> [E, s, n]
-            return W[perm].reshape(E, s, W.shape[1]).contiguous()
+            return W[perm].reshape(E, s, W.shape[1]).to(dtype).contiguous()
 
-        w_in = stack(W_in)
-        w_gate = stack(W_gate) if W_gate is not None else None
-        w_out = stack(W_out.T)  # columns S_e of W_out, transposed: [E, s, d_out]
         prefix = f"{m.name}.experts"
-        # operands as the graph has them now: an FFN fed by an FFN replaced before it reads
-        # that FFN's new output, not its erased down Linear (``m.x`` is from recognition)
-        x_now = m.up.current_x()
-        with rw.at(m.down.node):
-            args = [
-                x_now,
-                rw.add_weight(f"{prefix}.router_w", R.contiguous(), unique=True),
-                rw.add_weight(f"{prefix}.router_b", Rb.contiguous(), unique=True)
-                if Rb is not None else None,
-                rw.add_weight(f"{prefix}.w_in", w_in, unique=True),
-                rw.add_weight(f"{prefix}.b_in", b_in[perm].reshape(E, s).contiguous(), unique=True)
-                if b_in is not None else None,
-                rw.add_weight(f"{prefix}.w_gate", w_gate, unique=True)
-                if w_gate is not None else None,
-                rw.add_weight(
-                    f"{prefix}.b_gate", b_gate[perm].reshape(E, s).contiguous(), unique=True
-                ) if b_gate is not None else None,
-                rw.add_weight(f"{prefix}.w_out", w_out, unique=True),
-                m.down.current_bias(),
-                m.act,
-                self.top_k or 0,
-                float(self.top_p or 0.0),
-                self.scale,
-                self.gates == "prob",
-            ]  # fmt: skip
-            new = rw.call(moe_ffn.overload, args, name="moe_ffn")
-            out_shape = _shape(m.down.node)
-            if _shape(new) != out_shape:
-                new = rw.call(aten.reshape.default, (new, list(out_shape)), name="moe_ffn_view")
-        down_args = list(m.down.node.args)
-        rw.replace(m.down.node, new)
-        self._erase_ffn(rw, m, down_args)
+        tensors: dict[str, torch.Tensor | None] = {
+            "router_w": R.contiguous(),
+            "router_b": Rb.contiguous() if Rb is not None else None,
+            "w_in": stack(Win_p),
+            "b_in": b_in[perm].reshape(E, s).contiguous() if b_in is not None else None,
+            "w_gate": stack(Wg_p) if Wg_p is not None else None,
+            "b_gate": b_gate[perm].reshape(E, s).contiguous() if b_gate is not None else None,
+            "w_out": stack(Wout_p.T),  # columns S_e of W_out (or B_d), transposed
+            # factors kept outside the experts: named as lowrank's factors, so a later
+            # lowrank pass knows them as factors and leaves them alone
+            "lowrank_B": P.to(dtype).contiguous() if P is not None else None,
+            "lowrank_A": post.to(dtype).contiguous() if post is not None else None,
+        }
+        names: dict[str, str] = {}
+        for key, t in tensors.items():
+            if t is not None:
+                names[key] = program.unique_weight_name(f"{prefix}.{key}")
+                program.add_weight(names[key], t, "param")
+        for o in occ:
+            self._rewrite(tree, o, names)
 
-        n_in = 2 if W_gate is not None else 1
-        params_before = (
-            n_in * d_ff * d
-            + d_ff * m.d_out
-            + sum(int(b.numel()) for b in (b_in, b_gate) if b is not None)
+        params_before = sum(
+            int(program.get_weight(w).numel())
+            for w in _weight_names(tree, m)
+            if w not in {tree.weight_of(m.down.bias)}
         )
         rec: dict[str, Any] = {
             "ffn": m.name,
+            "sites": [_where(o) for o in occ],
             "form": m.form,
             "act": m.act,
             "bias": b_in is not None,
@@ -943,9 +1107,23 @@ class Experts(Pass):
             "router": self.router,
             "router_temperature": router_note,
             "params_before": params_before,
-            "params_after": params_before + E * d + (E if Rb is not None else 0),
+            "params_after": sum(int(t.numel()) for t in tensors.values() if t is not None),
             "active_fraction": (self.top_k / E) if self.top_k else None,
         }
+        if m.factored:
+            rec["factored"] = {
+                "gate": Ag is not None,
+                "up": Au is not None,
+                "down": Ad is not None,
+                "expert_input_width": int(P.shape[0]) if P is not None else d,
+            }
+            if P is not None:
+                rec["router_input"] = (
+                    "x·Pᵀ (the up projection's factor output): top-k picks the experts the "
+                    "dense-equivalent centroid router picks; probabilities are those of x·Pᵀ"
+                )
+            if note:
+                rec["factored"]["note"] = note
         if train_loss is not None:
             rec["router_bce"] = round(train_loss, 5)
         if xn is not None and mass is not None:
@@ -963,6 +1141,37 @@ class Experts(Pass):
             rec["calibration_rows"] = int(X.shape[0])
         return rec
 
+    def _rewrite(self, tree: GraphTree, m: FFNMatch, names: dict[str, str]) -> None:
+        """Replace one occurrence of an FFN by ``moe_ffn`` on the weights ``names``."""
+        rw = tree.rewriter(m.gm if m.gm is not None else tree.top, self.name)
+
+        def w(key: str) -> fx.Node | None:
+            return rw.weight(names[key]) if key in names else None
+
+        # operands as the graph has them now: an FFN fed by an FFN replaced before it reads
+        # that FFN's new output, not its erased down Linear (``m.x`` is from recognition)
+        x_now = m.up.current_x()
+        with rw.at(m.down.node):
+            if "lowrank_B" in names:
+                x_now = rw.call(aten.linear.default, (x_now, w("lowrank_B")), name="moe_proj")
+            post = w("lowrank_A")
+            args = [
+                x_now, w("router_w"), w("router_b"), w("w_in"), w("b_in"), w("w_gate"),
+                w("b_gate"), w("w_out"), m.down.current_bias() if post is None else None,
+                m.act, self.top_k or 0, float(self.top_p or 0.0), self.scale, self.gates == "prob",
+            ]  # fmt: skip
+            new = rw.call(moe_ffn.overload, args, name="moe_ffn")
+            if post is not None:
+                new = rw.call(
+                    aten.linear.default, (new, post, m.down.current_bias()), name="moe_out"
+                )
+            out_shape = _shape(m.down.node)
+            if _shape(new) != out_shape:
+                new = rw.call(aten.reshape.default, (new, list(out_shape)), name="moe_ffn_view")
+        down_args = list(m.down.node.args)
+        rw.replace(m.down.node, new)
+        self._erase_ffn(rw, m, down_args)
+
     def _erase_ffn(self, rw: Rewriter, m: FFNMatch, down_args: list[Any]) -> None:
         """Erase the region, the replaced Linears and the transposes of their weights (the
         down Linear itself is already replaced)."""
@@ -979,26 +1188,33 @@ class Experts(Pass):
                 rw.erase(n)
 
 
-def _weight_names(m: FFNMatch) -> list[str]:
+def _where(m: FFNMatch) -> str:
+    """Where an FFN occurrence is: its down Linear's node (``path:%node`` in a sub-graph)."""
+    return m.down.site
+
+
+def _weight_names(tree: GraphTree, m: FFNMatch) -> list[str]:
+    """The weights an FFN reads (its Linears' weights or factors, and their biases)."""
     out = []
-    for site in (m.up, m.gate, m.down):
-        if site is None:
-            continue
-        out.append(site.weight)
-        if isinstance(site.bias, fx.Node) and site.bias.op == "get_attr":
-            out.append(str(site.bias.target))
+    for site in m.sites:
+        out.extend(site_weights(site))
+        b = tree.weight_of(site.bias)
+        if b is not None:
+            out.append(b)
     return out
 
 
-def _drop_weights(program: Program, rw: Rewriter, names: set[str]) -> None:
+def _drop_weights(program: Program, names: set[str]) -> None:
     """Drop the replaced FFNs' weights that nothing reads any more (other unread weights
     of the program are not this pass's business)."""
-    for n in list(rw.graph.find_nodes(op="get_attr")):
+    graph = program.graph
+    for n in list(graph.find_nodes(op="get_attr")):
         if n.target in names and not n.users:
-            rw.erase(n)
-    read = {n.target for n in rw.graph.find_nodes(op="get_attr")}
+            graph.erase_node(n)
+    read = {n.target for n in graph.find_nodes(op="get_attr")}
     for w in sorted(names - read):
-        program.remove_weight(w)
+        if program.has_weight(w):
+            program.remove_weight(w)
 
 
 __all__ = [

@@ -26,6 +26,12 @@ over state_dict names, ``|``-separated; ``exclude`` removes names):
   layer (``HyperNet.from_existing``); here it is a separate weight, so it can be frozen
   (``to_module(..., freeze_original=True)``, hyperlight's ``freeze_independent_weights``).
 
+Sub-graphs: weights live in the top-level graph and reach ``cond`` branches, ``branches``
+parts and ``stitch`` routes as operands, so replacing a target's top-level read makes every
+read inside a sub-graph receive the generated value too (``stats["reads_in_subgraphs"]``
+counts them); with ``per_sample=true`` a target passed into a sub-graph is an error naming
+the call (per-sample forms are rewritten in the top-level graph only).
+
 The targets leave the parameter list; the hypernetwork's weights are new program parameters,
 named as an ``nn.Sequential`` would name them: ``{prefix}.net.0.weight``, ``.net.0.bias``,
 ``.net.2.weight`` … and the head ``{prefix}.net.{2·len(hidden)}.weight``.
@@ -82,6 +88,7 @@ from splice.ir.rewriter import Rewriter
 from splice.ir.verify import reserved_name_reason
 from splice.passes.base import Pass, PassContext, PassResult
 from splice.passes.registry import register_pass
+from splice.passes.subgraphs import GraphTree
 
 aten = torch.ops.aten
 Encoding = Literal["mip", "identity"]
@@ -319,6 +326,10 @@ class Hyper(Pass):
             )
         input_name = self._input_name(program)
         targets, skipped = self._select(program)
+        tree = GraphTree(program)
+        in_subgraphs = sum(
+            1 for t in targets for r in tree.readers(t.name) if not tree.is_top(r)
+        )  # reads inside branches/parts: they receive the generated value as an operand
         batch = self._batch(program)
         dtype = program.get_weight(targets[0].name).dtype
         total = sum(t.numel for t in targets)
@@ -437,6 +448,7 @@ class Hyper(Pass):
             "encoding": self.encoding,
             "init": self.init,
             "per_sample": batch is not None,
+            "reads_in_subgraphs": in_subgraphs,
             "skipped": skipped,
         }
         g = torch.Generator().manual_seed(self.seed)
@@ -488,6 +500,17 @@ class _PerSample:
                 continue
             if not any(a in self.batched for a in node.all_input_nodes):
                 continue
+            if isinstance(node.target, torch._ops.HigherOrderOperator):
+                names = ", ".join(f"%{a.name}" for a in node.all_input_nodes if a in self.batched)
+                raise PassError(
+                    f"hyper{{per_sample=true}}: %{node.name} ({node.target.name()}) passes "
+                    f"per-sample weights ({names}) into a sub-graph (a branch or part); "
+                    "per-sample weights are rewritten in the top-level graph only",
+                    where=str(M.loc(node)),
+                    hint="use per_sample=false (one cond for the whole batch: weights read "
+                    "inside branches are generated too), or exclude= the weights read inside "
+                    "branches",
+                )
             with self.rw.at(node):
                 if node in live:
                     new = self._consumer(node)

@@ -103,6 +103,10 @@ class LinearSite:
     layer: str  # the weight name without ".weight": the layer's module path
     path: str = ""  # the graph it is in: "" for the top graph, else the sub-graph's path
     gm: fx.GraphModule | None = None  # that graph's module (None: the top graph)
+    #: an already factored layer (``splice::lowrank_linear``): the names of its A and B
+    #: weights (``weight`` is then A's name) and its run-time rank argument
+    factors: tuple[str, str] | None = None
+    rank: int | None = None
 
     @property
     def name(self) -> str:
@@ -122,6 +126,8 @@ class LinearSite:
         t = self.node.target
         if t is aten.addmm.default:
             return self.node.args[0]
+        if t is lowrank_linear.overload:
+            return self.node.args[3] if len(self.node.args) > 3 else self.node.kwargs.get("bias")
         if t is aten.linear.default:
             return self.node.args[2] if len(self.node.args) > 2 else self.node.kwargs.get("bias")
         return None

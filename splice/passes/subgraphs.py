@@ -93,6 +93,7 @@ class GraphTree:
         self._gm_of_graph: dict[int, fx.GraphModule] = {}
         self._path: dict[int, str] = {}
         self._weight: dict[fx.Node, str | None] = {}
+        self._values: dict[str, list[fx.Node]] | None = None
         seen: set[int] = set()
         for path, gm in iter_graphs(program):
             if id(gm) in seen:
@@ -180,12 +181,13 @@ class GraphTree:
 
     def values_of(self, weight: str) -> list[fx.Node]:
         """Every node (in any graph) that is ``weight``: its get_attrs and placeholders."""
-        out = []
-        for _path, gm in self.graphs:
-            for n in gm.graph.nodes:
-                if n.op in ("get_attr", "placeholder") and self.weight_of(n) == weight:
-                    out.append(n)
-        return out
+        if self._values is None:
+            self._values = {}
+            for _path, gm in self.graphs:
+                for n in gm.graph.nodes:
+                    if n.op in ("get_attr", "placeholder") and (w := self.weight_of(n)):
+                        self._values.setdefault(w, []).append(n)
+        return list(self._values.get(weight, []))
 
     def is_passthrough(self, user: fx.Node, value: fx.Node) -> bool:
         """True if ``user`` only passes ``value`` on as an operand of a sub-graph call."""
@@ -245,6 +247,7 @@ class GraphTree:
             M.set_spec(node, M.spec_of_value(self.program.get_weight(weight)))
             M.set_loc(node, M.Loc(module_path=weight.rpartition(".")[0]))
             self._weight[node] = weight
+            self._values = None
             return node
         if id(gm) in self.opaque or not self.calls.get(id(gm)):
             raise PassError(
@@ -278,6 +281,7 @@ class GraphTree:
                 done.add(c.node)
                 v = self.thread(c.parent, weight)
                 _set_operands(c, [*_operands(c), v])
+        self._values = None
         self.program.bump_version()
         return new[id(gm)]
 
@@ -317,6 +321,7 @@ class GraphTree:
                     dropped += len(phs)
                     changed = True
         if dropped:
+            self._values = None
             self.program.bump_version()
         return dropped
 
