@@ -7,6 +7,7 @@ import contextlib
 import functools
 import inspect
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,7 +204,7 @@ def test_other_dispatch_forms_equal_eager(model: nn.Module, inputs: list[torch.T
                 torch.testing.assert_close(program(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-def test_mixtral_style_loop_compiles(tmp_path: pytest.TempPathFactory) -> None:
+def test_mixtral_style_loop_compiles(tmp_path: Path) -> None:
     """The non-identity path (coordinates of a 2-D mask, repeated) keeps a masked
     index_add_, which TVM compiles."""
     model = _Top2Loop().eval()
@@ -212,6 +213,106 @@ def test_mixtral_style_loop_compiles(tmp_path: pytest.TempPathFactory) -> None:
     compiled = splice.compile(program, "host", output=tmp_path / "top2.artifact").load()
     for x2 in (x, torch.randn(6, 8) * 4):
         torch.testing.assert_close(compiled(x2), _eager(model, x2), rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# loops over a nonzero() result: transformers' eager experts
+
+
+class _EagerExperts(nn.Module):
+    """transformers' ``MixtralExperts.forward`` (the ``"eager"`` experts implementation of
+    transformers 5), as written there: a loop over ``expert_hit = (...).nonzero()`` with a
+    ``continue`` on a static value, ``torch.where`` on a ``[k, T]`` mask, stacked expert
+    weights indexed by the loop's row, ``index_add_`` back."""
+
+    def __init__(self, experts: int = 4, d: int = 8, inner: int = 12) -> None:
+        super().__init__()
+        self.num_experts = experts
+        self.gate_up_proj = nn.Parameter(torch.randn(experts, 2 * inner, d) * 0.2)
+        self.down_proj = nn.Parameter(torch.randn(experts, d, inner) * 0.2)
+        self.act_fn = nn.SiLU()
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        final_hidden_states = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1)
+            expert_mask = expert_mask.permute(2, 1, 0)
+            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        for expert_idx in expert_hit:
+            expert_idx = expert_idx[0]
+            if expert_idx == self.num_experts:
+                continue
+            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+            current_state = hidden_states[token_idx]
+            gate, up = F.linear(current_state, self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
+            current = self.act_fn(gate) * up
+            current = F.linear(current, self.down_proj[expert_idx])
+            current = current * top_k_weights[token_idx, top_k_pos, None]
+            final_hidden_states.index_add_(0, token_idx, current.to(final_hidden_states.dtype))
+        return final_hidden_states
+
+
+class _EagerMoE(nn.Module):
+    """Router + top-2 + renormalisation around :class:`_EagerExperts`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = nn.Linear(8, 4, bias=False)
+        self.experts = _EagerExperts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = torch.topk(F.softmax(self.router(x), -1), 2, dim=-1)
+        return x + self.experts(x, idx, w / w.sum(-1, keepdim=True))
+
+
+class _SomeHits(nn.Module):
+    """Only experts with two tokens or more run: an iteration whose row is not selected
+    can still have tokens, so its write back must be gated by the loop, not only by its
+    own selection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        route = x[:, :3].argmax(-1)
+        hit = F.one_hot(route, 3).sum(0).gt(1).nonzero()
+        out = torch.zeros_like(x)
+        for e in hit:
+            idx = torch.where(route == e)[0]
+            out.index_add_(0, idx, self.experts[e](x[idx]))
+        return out
+
+
+def test_transformers_eager_experts_loop_is_exact(tmp_path: Path) -> None:
+    model = _EagerMoE().eval()
+    idle = _EagerMoE().eval()
+    with torch.no_grad():
+        idle.router.weight[2:] = -5.0  # experts 2 and 3 never get a token
+    x = torch.randn(6, 8)
+    for m in (model, idle):
+        program = splice.capture(m, (x,))
+        for xi in (x, torch.randn(6, 8), 5 * torch.randn(6, 8)):
+            with torch.no_grad():
+                torch.testing.assert_close(program(xi), m(xi), rtol=1e-5, atol=1e-5)
+    compiled = splice.compile(program, "host", output=tmp_path / "eager.artifact").load()
+    for xi in (x, 5 * torch.randn(6, 8)):
+        torch.testing.assert_close(compiled(xi), _eager(idle, xi), rtol=1e-4, atol=1e-5)
+
+
+def test_loop_writes_are_gated_by_their_row() -> None:
+    model = _SomeHits().eval()
+    g = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(5, 4, generator=g) for _ in range(8)]
+    program = splice.capture(model, (inputs[0],))
+    counts = set()
+    for x in inputs:
+        counts |= set(F.one_hot(x[:, :3].argmax(-1), 3).sum(0).tolist())
+        with torch.no_grad():
+            torch.testing.assert_close(program(x), model(x), rtol=1e-5, atol=1e-5)
+    assert 1 in counts  # some expert had exactly one token: its iteration was gated off
 
 
 # --------------------------------------------------------------------------------------
@@ -259,8 +360,19 @@ class _MixesFullSize(nn.Module):
         return out
 
 
-class _LoopOverHits(nn.Module):
-    """transformers' eager experts loop: iterates over a nonzero() result."""
+class _LoopOverRows(nn.Module):
+    """Iterates over the gathered rows themselves (not over a selection's coordinates)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = torch.where(x[:, 0] > 0)[0]
+        out = torch.zeros_like(x)
+        for row in x[idx]:
+            out = out + row
+        return out
+
+
+class _LoopValueEscapes(nn.Module):
+    """A value made in one iteration of a loop over hits is used in the next."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -271,8 +383,7 @@ class _LoopOverHits(nn.Module):
         hit = F.one_hot(route, 3).sum(0).gt(0).nonzero()
         out = torch.zeros_like(x)
         for e in hit:
-            idx = torch.where(route == e)[0]
-            out.index_add_(0, idx, self.experts[e](x[idx]))
+            out = out + self.experts[e](x)
         return out
 
 
@@ -330,9 +441,16 @@ _WHY = "cannot capture `{op}` on the rows a data-dependent selection (nonzero/wh
             "x[idx] + x",
         ),
         (
-            _LoopOverHits,
+            _LoopOverRows,
             _WHY.format(op="unbind", why="it iterates over the selected rows one by one (dim 0)"),
-            "for e in hit:",
+            "for row in x[idx]:",
+        ),
+        (
+            _LoopValueEscapes,
+            "a value computed inside a loop over a nonzero() result is used by add after its "
+            "iteration: splice runs that loop once per candidate row, so only what each "
+            "iteration writes back through a selection (index_add_, out[idx] = v) is exact",
+            "out = out + self.experts[e](x)",
         ),
         (
             _CountCompared,
@@ -348,7 +466,8 @@ _WHY = "cannot capture `{op}` on the rows a data-dependent selection (nonzero/wh
         "count",
         "cumsum",
         "full_size",
-        "loop_over_hits",
+        "loop_over_rows",
+        "loop_value_escapes",
         "count_compared",
     ],
 )

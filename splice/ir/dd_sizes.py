@@ -42,6 +42,16 @@ nothing and writes nothing, which is what skipping does. Code that the guard ski
 that changes outputs in another way (``out = out * 2`` inside the guarded body) would run
 unconditionally: that is the one assumption the mode makes.
 
+**Loops over a selection** (transformers' eager experts: ``for e in hit.nonzero(): ...``)
+run once per *candidate* row: iterating a ``nonzero()``/``where`` result yields every
+position, each with its static value (so ``self.experts[e]``, ``W[e]`` and ``if e == E:
+continue`` are decided while tracing). Every value made inside an iteration is conditioned
+on that iteration's row being selected, and the iteration's write-backs through a
+selection are masked by that condition too; so a row that is not selected changes
+nothing, whatever the body computes. A value made in an iteration and used after it (``out
+= out + f(e)``), returned, or written into an outer tensor other than through a selection
+is refused. A loop over the gathered rows themselves (``for row in x[idx]``) is refused.
+
 **Everything else is refused**, never silently wrong: an op on a tagged tensor that is not
 known to work row by row -- a reduction over the selected rows, a matrix product with the
 selected rows as its reduction operand, ``sort``/``cumsum`` along them, iterating over
@@ -485,6 +495,65 @@ class _Tag:
     dim: int
     ident: bool
     site: str
+    rows: Callable[[int], Any] | None = None  # static value of the row at a position
+
+
+@dataclass(eq=False)
+class _Loop:
+    """A Python ``for`` loop over the rows of a selection: ``pos`` is the row the body is
+    running for (-1 once the loop ended)."""
+
+    sel: _Selection
+    site: str
+    pos: int = -1
+    done: bool = False
+
+
+@dataclass(frozen=True)
+class _Cond:
+    """ "Row ``i`` of ``loop`` was selected": what a value made in that iteration needs."""
+
+    loop: _Loop
+    i: int
+
+    @property
+    def active(self) -> bool:
+        return not self.loop.done and self.loop.pos == self.i
+
+
+class _Rows(tuple):
+    """The rows ``unbind(0)`` gives for a loop over a selection; iterating them moves the
+    loop's position (a ``for`` loop over a tensor iterates ``unbind(0)``)."""
+
+    loop: _Loop
+
+    def __iter__(self) -> Iterator[Any]:
+        return _RowIter(self)
+
+
+class _RowIter:
+    def __init__(self, rows: _Rows) -> None:
+        self.rows = rows
+        self.loop = rows.loop
+        self.i = 0
+
+    def __iter__(self) -> _RowIter:
+        return self
+
+    def __next__(self) -> Any:
+        if self.i >= len(self.rows):
+            self._end()
+            raise StopIteration
+        self.loop.pos = self.i
+        self.i += 1
+        return tuple.__getitem__(self.rows, self.loop.pos)
+
+    def _end(self) -> None:
+        self.loop.done = True
+        self.loop.pos = -1
+
+    def __del__(self) -> None:  # `break` drops the iterator: the loop has ended
+        self._end()
 
 
 class SelectedCount(int):
@@ -630,10 +699,23 @@ class DenseSelections(TorchFunctionMode):
         self._tags: dict[int, _Tag] = {}
         self._keep: list[torch.Tensor] = []  # keeps ids unique while the mode lives
         self._by_mask: dict[int, _Selection] = {}
+        self._loops: list[_Loop] = []
+        self._conds: dict[int, frozenset[_Cond]] = {}  # tensor id -> iterations it needs
+        self._elems: dict[int, Any] = {}  # tensor id -> static value of a loop's row
+        self._gate: frozenset[_Cond] = frozenset()  # conditions of the op being run
+        self._gate_masks: dict[_Cond, torch.Tensor] = {}
 
     # -- bookkeeping ---------------------------------------------------------------------
 
-    def _tag(self, t: torch.Tensor, sel: _Selection, dim: int, ident: bool, site: str) -> None:
+    def _tag(
+        self,
+        t: torch.Tensor,
+        sel: _Selection,
+        dim: int,
+        ident: bool,
+        site: str,
+        rows: Callable[[int], Any] | None = None,
+    ) -> None:
         dim = dim % max(t.ndim, 1)
         if t.ndim == 0 or t.shape[dim] != sel.n:
             raise CaptureError(
@@ -641,7 +723,7 @@ class DenseSelections(TorchFunctionMode):
                 where=site,
                 hint="report this with the model",
             )
-        self._tags[id(t)] = _Tag(sel, dim, ident, site)
+        self._tags[id(t)] = _Tag(sel, dim, ident, site, rows)
         self._keep.append(t)
 
     def _tag_of(self, x: Any) -> _Tag | None:
@@ -673,6 +755,9 @@ class DenseSelections(TorchFunctionMode):
                 )
             if isinstance(leaf, SelectedCount):
                 leaf._refuse(f"returned as output {k}")
+            conds = self._conds.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
+            if conds:
+                _refuse_loop_value(next(iter(conds)), f"returned as output {k}")
         return out
 
     # -- dispatch ------------------------------------------------------------------------
@@ -680,6 +765,11 @@ class DenseSelections(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = _name(func)
+        if not self._loops:
+            return self._dispatch(func, name, args, kwargs)
+        return self._in_loops(func, name, args, kwargs)
+
+    def _dispatch(self, func: Callable, name: str, args: tuple, kwargs: dict) -> Any:
         if name in _SOURCES or (name == "where" and len(args) + len(kwargs) == 1):
             return self._source(name, args, kwargs)
         if not self._tags and (
@@ -699,6 +789,133 @@ class DenseSelections(TorchFunctionMode):
             return self._with_counts(name, func, args, kwargs, counts, tags, site)
         return self._tagged_op(name, func, args, kwargs, tags, site)
 
+    # -- loops over a selection's rows ---------------------------------------------------
+
+    def _loop_rows(self, func: Callable, args: tuple, kwargs: dict, tag: _Tag, site: str) -> _Rows:
+        """``unbind(0)`` of a selection's coordinates: the rows of a ``for`` loop. Every
+        position is visited; what an iteration computes is conditioned on its row being
+        selected, and its writes back (index_add_, out[idx] = v) are masked by that."""
+        assert tag.rows is not None
+        loop = _Loop(tag.sel, site)
+        rows = _Rows(func(*args, **kwargs))
+        rows.loop = loop
+        for i, row in enumerate(tuple.__iter__(rows)):
+            self._elems[id(row)] = tag.rows(i)
+            self._conds[id(row)] = frozenset({_Cond(loop, i)})
+            self._keep.append(row)
+        self._loops.append(loop)
+        return rows
+
+    def _active(self) -> frozenset[_Cond]:
+        return frozenset(_Cond(lp, lp.pos) for lp in self._loops if not lp.done and lp.pos >= 0)
+
+    def _in_loops(self, func: Callable, name: str, args: tuple, kwargs: dict) -> Any:
+        """Dispatch while loops over selections exist: check and propagate conditions."""
+        leaves = _leaves((args, kwargs))
+        ins: frozenset[_Cond] = frozenset()
+        for x in leaves:
+            if isinstance(x, torch.Tensor) and id(x) in self._conds:
+                ins |= self._conds[id(x)]
+        for c in ins:
+            if not c.active:
+                _refuse_loop_value(c, f"used by {name} after its iteration")
+        conds = ins | self._active()
+        elems = [x for x in leaves if isinstance(x, torch.Tensor) and id(x) in self._elems]
+        if elems:
+            done, out = self._elem_op(func, name, args, kwargs)
+            if done:
+                self._mark(out, conds)
+                return out
+        target = args[0] if args else None
+        if conds and isinstance(target, torch.Tensor) and _mutates(name):
+            mine = self._conds.get(id(target), frozenset())
+            if not conds <= mine and not self._selection_write(name, args, kwargs):
+                _refuse(
+                    name,
+                    "inside a loop over a nonzero() result it changes a tensor made outside "
+                    "the loop, other than by writing selected rows back",
+                    _user_site(),
+                    hint="write back with index_add_(0, idx, y) or out[idx] = y, which splice "
+                    "masks by each iteration's row",
+                )
+        self._gate = conds
+        try:
+            out = self._dispatch(func, name, args, kwargs)
+        finally:
+            self._gate = frozenset()
+        if conds:
+            if isinstance(target, torch.Tensor) and out is target and _mutates(name):
+                mine = self._conds.get(id(target), frozenset())
+                if mine:
+                    self._conds[id(target)] = mine | conds
+                return out
+            if name != "__setitem__":
+                self._mark(out, conds)
+        return out
+
+    def _mark(self, out: Any, conds: frozenset[_Cond]) -> None:
+        if not conds:
+            return
+        for leaf in _leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self._conds[id(leaf)] = self._conds.get(id(leaf), frozenset()) | conds
+                self._keep.append(leaf)
+
+    def _selection_write(self, name: str, args: tuple, kwargs: dict) -> bool:
+        """Is this a write-back through a selection (masked, and gated by the loop)?"""
+        if name not in _SCATTERS:
+            return False
+        rest = _leaves((args[1:], kwargs)) if name != "__setitem__" else _leaves(args[1])
+        return any(self._tag_of(x) is not None or _is_bool_tensor(x) for x in rest)
+
+    def _elem_op(self, func: Callable, name: str, args: tuple, kwargs: dict) -> tuple[bool, Any]:
+        """Ops on a loop's row whose value is static: answered in Python."""
+        base = _base_name(name)
+        x = args[0] if args else None
+        value = self._elems.get(id(x)) if isinstance(x, torch.Tensor) else None
+        if value is not None:
+            one = value[0] if isinstance(value, list) and len(value) == 1 else value
+            if base in ("__index__", "__int__", "item") and isinstance(one, int):
+                return True, one
+            if base == "__bool__" and isinstance(one, (int, bool)):
+                return True, bool(one)
+            if base == "tolist":
+                return True, value
+            if name == "__getitem__" and isinstance(args[1], int) and isinstance(value, list):
+                out = func(*args, **kwargs)
+                self._elems[id(out)] = value[args[1]]
+                return True, out
+            other = args[1] if len(args) > 1 else None
+            if isinstance(other, torch.Tensor) and id(other) in self._elems:
+                other = self._elems[id(other)]
+            py = _PY_OPS.get(base)
+            if py is not None and isinstance(other, (int, bool)) and isinstance(one, int):
+                out = func(*args, **kwargs)
+                self._elems[id(out)] = py(one, other)
+                return True, out
+        if name == "__getitem__" and isinstance(x, torch.Tensor):
+            index = _index_tuple(args[1])
+            if any(isinstance(i, torch.Tensor) and id(i) in self._elems for i in index):
+                static = tuple(
+                    self._elems[id(i)]
+                    if isinstance(i, torch.Tensor) and id(i) in self._elems
+                    else i
+                    for i in index
+                )
+                return True, self._dispatch(func, name, (x, static), kwargs)
+        return False, None
+
+    def _gated(self, m: torch.Tensor) -> torch.Tensor:
+        """``m`` and'ed with "this iteration's row is selected" for every enclosing loop."""
+        for c in self._gate:
+            g = self._gate_masks.get(c)
+            if g is None:
+                g = c.loop.sel.mask[c.i]
+                self._gate_masks[c] = g
+                self._keep.append(g)
+            m = m & g
+        return m
+
     # -- sources -------------------------------------------------------------------------
 
     def _source(self, name: str, args: tuple, kwargs: dict) -> Any:
@@ -711,14 +928,17 @@ class DenseSelections(TorchFunctionMode):
         sel = self._selection(mask, site)
         coords = self._coords(sel, site)
         as_tuple = name == "where" or bool(kwargs.get("as_tuple", False))
+        shape = sel.shape
+        for a, c in enumerate(coords):
+            self._tag(c, sel, 0, len(coords) == 1, site, _coord_of(shape, a))
         if as_tuple:
             return tuple(coords)
         if len(coords) == 1:
             out = coords[0].unsqueeze(1)
-            self._tag(out, sel, 0, True, site)
+            self._tag(out, sel, 0, True, site, lambda i: [i])
             return out
         out = torch.stack(coords, 1)
-        self._tag(out, sel, 0, False, site)
+        self._tag(out, sel, 0, False, site, lambda i: list(_unravel(i, shape)))
         return out
 
     def _coords(self, sel: _Selection, site: str) -> list[torch.Tensor]:
@@ -1002,7 +1222,12 @@ class DenseSelections(TorchFunctionMode):
             new = _same_prefix_dim(t.shape, out.shape, d)
             if new is None:
                 _refuse(name, f"it merges or splits the selected rows (dim {d})", site)
-            self._tag(out, tag.sel, new, tag.ident, site)
+            rows = tag.rows
+            if rows is not None and t.ndim == 2 and t.shape[1] == 1 and out.ndim == 1:
+                rows = _first_of(rows)
+            elif rows is not None and tuple(out.shape) != tuple(t.shape):
+                rows = None
+            self._tag(out, tag.sel, new, tag.ident, site, rows)
             return out
         if base in ("expand", "expand_as", "broadcast_to"):
             out = func(*args, **kwargs)
@@ -1049,6 +1274,8 @@ class DenseSelections(TorchFunctionMode):
             pos = {"split": 2, "chunk": 2, "tensor_split": 2, "split_with_sizes": 2}.get(base, 1)
             default = 0
             dim = _arg(args, kwargs, pos, _DIM_KW, default) % nd
+            if dim == d and base == "unbind" and tag.rows is not None:
+                return self._loop_rows(func, args, kwargs, tag, site)
             if dim == d and base == "unbind":
                 _refuse(
                     name,
@@ -1214,7 +1441,12 @@ class DenseSelections(TorchFunctionMode):
         if out_pos is None or not _full_slice(walk.elements[tag.dim], t.shape[tag.dim]):
             _refuse("__getitem__", f"it picks among the selected rows (dim {tag.dim})", site)
         out = func(t, raw)
-        self._tag(out, tag.sel, out_pos, tag.ident, site)
+        rows = None
+        if tag.rows is not None and t.ndim == 2 and tag.dim == 0 and len(index) == 2:
+            k = index[1]
+            if isinstance(k, int) and not isinstance(k, bool):
+                rows = _item_of(tag.rows, k)
+        self._tag(out, tag.sel, out_pos, tag.ident, site, rows)
         return out
 
     def _gather(self, src: torch.Tensor, index: tuple, site: str) -> torch.Tensor:
@@ -1288,7 +1520,7 @@ class DenseSelections(TorchFunctionMode):
                 _refuse("__setitem__", "it writes a full-size tensor into selected rows", site)
             v = v.expand(flat_shape).unflatten(p, mask.shape) if k > 1 else v.expand(flat_shape)
         m = mask.reshape((1,) * p + tuple(mask.shape) + (1,) * (out.ndim - p - k))
-        out.copy_(torch.where(m, v, out))
+        out.copy_(torch.where(self._gated(m), v, out))
 
     def _scatter(
         self,
@@ -1317,7 +1549,7 @@ class DenseSelections(TorchFunctionMode):
                 _refuse(name, "it writes a full-size tensor at selected positions", site)
         elif tag is None and not isinstance(v, (int, float, bool)):
             _refuse(name, f"it writes a {type(v).__name__}", site)
-        m = _mask_along(sel.mask, nd, row)
+        m = self._gated(_mask_along(sel.mask, nd, row))
         if alpha != 1:
             v = v * alpha
         if ident and target.shape[in_pos] == sel.n:
@@ -1381,7 +1613,7 @@ class DenseSelections(TorchFunctionMode):
             _refuse(name, f"reduce={reduce!r} cannot be masked", site)
         if not name.endswith("_"):
             target = target.clone()
-        m = _mask_along(ti.sel.mask, idx.ndim, dim)
+        m = self._gated(_mask_along(ti.sel.mask, idx.ndim, dim))
         if not isinstance(src, torch.Tensor):
             src = torch.full(idx.shape, src, dtype=target.dtype, device=target.device)
         src = src[tuple(slice(0, s) for s in idx.shape)]
@@ -1608,6 +1840,58 @@ def _bool_position(index: tuple, t: torch.Tensor, site: str) -> tuple[int, torch
     if tuple(t.shape[p : p + mask.ndim]) != tuple(mask.shape):
         _refuse("__getitem__", f"the mask {list(mask.shape)} does not match the indexed dims", site)
     return p, mask
+
+
+_PY_OPS: dict[str, Callable[[Any, Any], Any]] = {
+    "eq": lambda a, b: a == b,
+    "ne": lambda a, b: a != b,
+    "lt": lambda a, b: a < b,
+    "le": lambda a, b: a <= b,
+    "gt": lambda a, b: a > b,
+    "ge": lambda a, b: a >= b,
+    "add": lambda a, b: a + b,
+    "sub": lambda a, b: a - b,
+    "mul": lambda a, b: a * b,
+}
+
+
+def _unravel(i: int, shape: Sequence[int]) -> tuple[int, ...]:
+    out = []
+    for size in reversed(shape):
+        out.append(i % size)
+        i //= size
+    return tuple(reversed(out))
+
+
+def _coord_of(shape: Sequence[int], a: int) -> Callable[[int], int]:
+    return lambda i: _unravel(i, shape)[a]
+
+
+def _first_of(rows: Callable[[int], Any]) -> Callable[[int], Any]:
+    return lambda i: rows(i)[0]
+
+
+def _item_of(rows: Callable[[int], Any], k: int) -> Callable[[int], Any]:
+    return lambda i: rows(i)[k]
+
+
+def _mutates(name: str) -> bool:
+    if name in ("__setitem__", "copy_") or name in _SCATTERS:
+        return True
+    if name.startswith("__i") and name.endswith("__"):
+        return True
+    return name.endswith("_") and not name.endswith("__")
+
+
+def _refuse_loop_value(c: _Cond, what: str) -> NoReturn:
+    raise CaptureError(
+        f"a value computed inside a loop over a nonzero() result is {what}: splice runs "
+        "that loop once per candidate row, so only what each iteration writes back through "
+        "a selection (index_add_, out[idx] = v) is exact",
+        where=_user_site(),
+        hint=f"keep every value made in the loop at {c.loop.site} inside its iteration, and "
+        "write results back with index_add_ or out[idx] = v",
+    )
 
 
 def _one_hot_sum(v: torch.Tensor, idx: torch.Tensor, dim: int, size: int) -> torch.Tensor:
