@@ -1,10 +1,10 @@
 """Sparse-MoE blocks captured as ``splice::moe_ffn`` (issue #16 item 2).
 
-Mixtral and Qwen2-MoE as ``transformers`` builds them, with the default experts
-implementation (which exports as ``grouped_mm``) and with ``"eager"`` (a loop over
-``nonzero`` that ``torch.export`` refuses): capture gives one ``moe_ffn`` per layer on the
-blocks' own weights, the text form round-trips, the TVM build equals eager on two input
-sets, and a decode step (one token) runs the sparse kernel — shown by the lowering report
+Mixtral and Qwen2-MoE (and Qwen3-MoE, OLMoE) as ``transformers`` builds them, with the
+default experts implementation (which exports as ``grouped_mm``) and with ``"eager"`` (a
+loop over ``nonzero`` that ``torch.export`` refuses): capture gives one ``moe_ffn`` per
+layer on the blocks' own weights, the text form round-trips, the TVM build equals eager on
+two input sets, and a decode step (one token) runs the sparse kernel — shown by the lowering report
 and by poisoning the experts a token does not select (NaN): the compiled step stays equal
 to eager, which a dense computation masked afterwards could not (NaN · 0 = NaN).
 """
@@ -147,6 +147,52 @@ def test_qwen2_moe_renormalised_routing():
     for seed in (0, 1):
         x = ids_like(model, ids, seed)
         torch.testing.assert_close(first_output(program(x)), eager(model, x), atol=ATOL, rtol=0)
+
+
+def other_family(name: str, impl: str | None = None):
+    """Qwen3-MoE and OLMoE at small configs: Qwen2-MoE's routing, no shared expert."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg_cls, model_cls, kw = {
+        "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+            moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[], head_dim=16,
+            norm_topk_prob=True)),
+        "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(norm_topk_prob=False)),
+    }[name]  # fmt: skip
+    cfg = getattr(transformers, cfg_cls)(
+        num_hidden_layers=2, hidden_size=64, intermediate_size=48, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, num_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0, **kw,
+    )  # fmt: skip
+    if impl is not None:
+        cfg._experts_implementation = impl
+    model = getattr(transformers, model_cls)(cfg).eval()
+    return model, torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("impl", IMPLS[:2], ids=["grouped_mm", "eager"])
+@pytest.mark.parametrize("name", ["qwen3_moe", "olmoe"])
+def test_softmax_top_k_families_capture_as_moe_ffn(name, impl):
+    model, ids = other_family(name, impl)
+    program = splice.capture(model, (ids,))
+    assert len(moe_nodes(program)) == 2
+    sites = program.attrs[moe_capture.ATTR]
+    assert sorted(sites) == blocks(model)
+    assert all(s["rule"] == name and s["renorm"] == (name == "qwen3_moe") for s in sites.values())
+    for seed in (0, 1):
+        x = ids_like(model, ids, seed)
+        torch.testing.assert_close(first_output(program(x)), eager(model, x), atol=ATOL, rtol=0)
+
+
+def test_qwen3_moe_decode_step_runs_the_sparse_kernel(tmp_path):
+    model, ids = other_family("qwen3_moe")
+    ids = ids[:, :1]
+    run, report = compiled(tmp_path, model, ids, "qwen3-decode")
+    assert sparse_kernels(report)
+    for seed in (0, 1):
+        x = ids_like(model, ids, seed)
+        torch.testing.assert_close(first_output(run(x)), eager(model, x), atol=ATOL, rtol=0)
 
 
 def test_disabled_keeps_transformers_export():

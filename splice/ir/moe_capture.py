@@ -26,6 +26,8 @@ Rules (:data:`RULES`), by block class, each checking the structure it relies on:
   ``norm_topk_prob`` (else ``scale="none"``: the raw softmax probabilities of the top k),
   plus the shared expert ``sigmoid(x·w_sᵀ) · shared_expert(x)``, kept as ordinary ops (the
   block's own ``shared_expert`` and ``shared_expert_gate`` modules) around ``moe_ffn``.
+* ``qwen3_moe`` (``Qwen3MoeSparseMoeBlock``) and ``olmoe`` (``OlmoeSparseMoeBlock``, OLMoE,
+  Muennighoff et al. 2024): Qwen2-MoE's routing without the shared expert.
 
 A block of a recognised class whose structure differs (biases, transposed or interleaved
 weights, an activation ``moe_ffn`` lacks, router logits requested as outputs) raises a
@@ -242,40 +244,42 @@ def _impl(experts: nn.Module) -> str | None:
     return None if impl is None else str(impl)
 
 
-def _inspect_mixtral(path: str, block: nn.Module) -> MoESite:
-    experts, E, d, inter = _stacked_experts(path, block, "mixtral")
-    gate, top_k = _router(path, block, E, d)
-    if type(gate).__name__ != "MixtralTopKRouter":
-        raise _refuse(path, block, f"router class {type(gate).__name__}, not MixtralTopKRouter")
-    _no_router_outputs(path, block, experts)
-    act = _activation(path, block, experts)
-    return MoESite(
-        path, "mixtral", type(block).__name__, E, top_k, d, inter, act, True, False, _impl(experts)
-    )
+def _inspector(
+    rule: str, routers: tuple[str, ...], *, always_renorm: bool, shared: bool
+) -> Callable[[str, nn.Module], MoESite]:
+    """The structure check of a softmax-top-k block: a bias-free router of one of the classes
+    ``routers`` (whose forward is softmax, top-k, and a renormalisation always or with
+    ``norm_topk_prob``), transformers' stacked experts, and with ``shared`` a shared expert
+    gated by ``sigmoid(shared_expert_gate(x))``."""
 
+    def inspect(path: str, block: nn.Module) -> MoESite:
+        experts, E, d, inter = _stacked_experts(path, block, rule)
+        gate, top_k = _router(path, block, E, d)
+        if type(gate).__name__ not in routers:
+            raise _refuse(
+                path, block, f"router class {type(gate).__name__}, not one of {list(routers)}"
+            )
+        _no_router_outputs(path, block, experts)
+        if shared:
+            expert = getattr(block, "shared_expert", None)
+            sgate = getattr(block, "shared_expert_gate", None)
+            if not isinstance(expert, nn.Module) or not isinstance(sgate, nn.Linear):
+                raise _refuse(path, block, "no shared_expert module and shared_expert_gate Linear")
+            if (sgate.in_features, sgate.out_features) != (d, 1):
+                raise _refuse(
+                    path,
+                    block,
+                    f"shared_expert_gate maps {sgate.in_features} -> {sgate.out_features}, "
+                    f"not {d} -> 1",
+                )
+        act = _activation(path, block, experts)
+        renorm = always_renorm or bool(getattr(gate, "norm_topk_prob", False))
+        return MoESite(
+            path, rule, type(block).__name__, E, top_k, d, inter, act, renorm, shared,
+            _impl(experts),
+        )  # fmt: skip
 
-def _inspect_qwen2_moe(path: str, block: nn.Module) -> MoESite:
-    experts, E, d, inter = _stacked_experts(path, block, "qwen2_moe")
-    gate, top_k = _router(path, block, E, d)
-    if type(gate).__name__ != "Qwen2MoeTopKRouter":
-        raise _refuse(path, block, f"router class {type(gate).__name__}, not Qwen2MoeTopKRouter")
-    _no_router_outputs(path, block, experts)
-    shared = getattr(block, "shared_expert", None)
-    sgate = getattr(block, "shared_expert_gate", None)
-    if not isinstance(shared, nn.Module) or not isinstance(sgate, nn.Linear):
-        raise _refuse(path, block, "no shared_expert module and shared_expert_gate Linear")
-    if (sgate.in_features, sgate.out_features) != (d, 1):
-        raise _refuse(
-            path,
-            block,
-            f"shared_expert_gate maps {sgate.in_features} -> {sgate.out_features}, not {d} -> 1",
-        )
-    act = _activation(path, block, experts)
-    renorm = bool(getattr(gate, "norm_topk_prob", False))
-    return MoESite(
-        path, "qwen2_moe", type(block).__name__, E, top_k, d, inter, act, renorm, True,
-        _impl(experts),
-    )  # fmt: skip
+    return inspect
 
 
 # ---------------------------------------------------------------------------------------
@@ -306,7 +310,7 @@ def routed_experts(block: nn.Module, site: MoESite, x: torch.Tensor) -> torch.Te
     )
 
 
-def _mixtral_forward(block: nn.Module, site: MoESite) -> Callable[..., Any]:
+def _routed_forward(block: nn.Module, site: MoESite) -> Callable[..., Any]:
     def forward(hidden_states: torch.Tensor) -> torch.Tensor:
         return routed_experts(block, site, hidden_states)
 
@@ -322,11 +326,20 @@ def _qwen2_moe_forward(block: nn.Module, site: MoESite) -> Callable[..., Any]:
     return forward
 
 
+def _rule(
+    name: str, block: str, router: str, *, always_renorm: bool = False, shared: bool = False
+) -> MoERule:
+    inspect = _inspector(name, (router,), always_renorm=always_renorm, shared=shared)
+    return MoERule(name, (block,), inspect, _qwen2_moe_forward if shared else _routed_forward)
+
+
 RULES: dict[str, MoERule] = {
     r.name: r
     for r in (
-        MoERule("mixtral", ("MixtralSparseMoeBlock",), _inspect_mixtral, _mixtral_forward),
-        MoERule("qwen2_moe", ("Qwen2MoeSparseMoeBlock",), _inspect_qwen2_moe, _qwen2_moe_forward),
+        _rule("mixtral", "MixtralSparseMoeBlock", "MixtralTopKRouter", always_renorm=True),
+        _rule("qwen2_moe", "Qwen2MoeSparseMoeBlock", "Qwen2MoeTopKRouter", shared=True),
+        _rule("qwen3_moe", "Qwen3MoeSparseMoeBlock", "Qwen3MoeTopKRouter"),
+        _rule("olmoe", "OlmoeSparseMoeBlock", "OlmoeTopKRouter"),
     )
 }
 """The rules, by name. A block is recognised by its class name, then its structure checked."""
