@@ -4,9 +4,10 @@ Mixtral and Qwen2-MoE (and Qwen3-MoE, OLMoE) as ``transformers`` builds them, wi
 default experts implementation (which exports as ``grouped_mm``) and with ``"eager"`` (a
 loop over ``nonzero`` that ``torch.export`` refuses): capture gives one ``moe_ffn`` per
 layer on the blocks' own weights, the text form round-trips, the TVM build equals eager on
-two input sets, and a decode step (one token) runs the sparse kernel — shown by the lowering report
-and by poisoning the experts a token does not select (NaN): the compiled step stays equal
-to eager, which a dense computation masked afterwards could not (NaN · 0 = NaN).
+two input sets, and a decode step (one token) runs the sparse kernel — shown by the
+lowering report and by poisoning the experts a token does not select (NaN): the compiled
+step stays equal to eager, which a dense computation masked afterwards could not
+(NaN · 0 = NaN).
 """
 
 from __future__ import annotations
