@@ -302,6 +302,38 @@ def test_transformers_eager_experts_loop_is_exact(tmp_path: Path) -> None:
         torch.testing.assert_close(compiled(xi), _eager(idle, xi), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_transformers_moe_with_eager_experts(name: str, tmp_path: Path) -> None:
+    """transformers' own Mixtral / Qwen2-MoE with ``_experts_implementation="eager"`` (the
+    loop over ``nonzero()``), captured as transformers writes it (MoE recognition off):
+    dense, static, exact; Mixtral also compiles."""
+    from splice import models
+    from splice.ir import moe_capture
+
+    model, args = getattr(models, name)()
+    for m in model.modules():
+        if getattr(m, "config", None) is not None:
+            m.config._experts_implementation = "eager"
+    with moe_capture.disabled():
+        program = splice.capture(model, args)
+    text = splice.print_ir(program)
+    assert "grouped_mm" not in text and "nonzero" not in text
+    other = (torch.randint(0, 128, args[0].shape, generator=torch.Generator().manual_seed(1)),)
+    for inputs in (args, other):
+        with torch.no_grad():
+            ref = model(*inputs).logits
+            got = program(*inputs)
+        got = got[0] if isinstance(got, tuple) else got
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    if name == "mixtral":
+        compiled = splice.compile(program, "host", output=tmp_path / "m.artifact").load()
+        for inputs in (args, other):
+            got = compiled(*inputs)
+            got = got[0] if isinstance(got, tuple) else got
+            ref = _eager(model, *inputs).logits
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_loop_writes_are_gated_by_their_row() -> None:
     model = _SomeHits().eval()
     g = torch.Generator().manual_seed(3)
