@@ -105,168 +105,24 @@ _HINT = (
 # op tables (names as torch functions and Tensor methods report them)
 
 _POINTWISE = frozenset(
-    [
-        "abs",
-        "absolute",
-        "neg",
-        "negative",
-        "positive",
-        "exp",
-        "exp2",
-        "expm1",
-        "log",
-        "log2",
-        "log10",
-        "log1p",
-        "sqrt",
-        "rsqrt",
-        "sin",
-        "cos",
-        "tan",
-        "asin",
-        "acos",
-        "atan",
-        "sinh",
-        "cosh",
-        "tanh",
-        "asinh",
-        "acosh",
-        "atanh",
-        "sigmoid",
-        "logit",
-        "relu",
-        "relu6",
-        "gelu",
-        "silu",
-        "mish",
-        "elu",
-        "selu",
-        "celu",
-        "leaky_relu",
-        "hardtanh",
-        "hardswish",
-        "hardsigmoid",
-        "softplus",
-        "softsign",
-        "tanhshrink",
-        "hardshrink",
-        "softshrink",
-        "threshold",
-        "erf",
-        "erfc",
-        "erfinv",
-        "sign",
-        "sgn",
-        "floor",
-        "ceil",
-        "round",
-        "trunc",
-        "frac",
-        "reciprocal",
-        "square",
-        "logical_not",
-        "bitwise_not",
-        "isnan",
-        "isinf",
-        "isfinite",
-        "isneginf",
-        "isposinf",
-        "nan_to_num",
-        "clamp",
-        "clip",
-        "clamp_min",
-        "clamp_max",
-        "add",
-        "sub",
-        "subtract",
-        "rsub",
-        "mul",
-        "multiply",
-        "div",
-        "divide",
-        "true_divide",
-        "floor_divide",
-        "remainder",
-        "fmod",
-        "pow",
-        "float_power",
-        "maximum",
-        "minimum",
-        "fmax",
-        "fmin",
-        "atan2",
-        "arctan2",
-        "eq",
-        "ne",
-        "lt",
-        "le",
-        "gt",
-        "ge",
-        "greater",
-        "less",
-        "greater_equal",
-        "less_equal",
-        "not_equal",
-        "equal_",
-        "logical_and",
-        "logical_or",
-        "logical_xor",
-        "bitwise_and",
-        "bitwise_or",
-        "bitwise_xor",
-        "and",
-        "or",
-        "xor",
-        "invert",
-        "lshift",
-        "rshift",
-        "where",
-        "masked_fill",
-        "lerp",
-        "addcmul",
-        "addcdiv",
-        "copysign",
-        "hypot",
-        "xlogy",
-        "dropout",
-        "alpha_dropout",
-        "feature_alpha_dropout",
-        "dropout1d",
-        "dropout2d",
-        "dropout3d",
-        "zeros_like",
-        "ones_like",
-        "empty_like",
-        "full_like",
-        "rand_like",
-        "randn_like",
-        "fill",
-        "zero",
-    ]
+    """abs absolute neg negative positive exp exp2 expm1 log log2 log10 log1p sqrt rsqrt
+    sin cos tan asin acos atan sinh cosh tanh asinh acosh atanh sigmoid logit relu relu6
+    gelu silu mish elu selu celu leaky_relu hardtanh hardswish hardsigmoid softplus
+    softsign tanhshrink hardshrink softshrink threshold erf erfc erfinv sign sgn floor
+    ceil round trunc frac reciprocal square logical_not bitwise_not isnan isinf isfinite
+    isneginf isposinf nan_to_num clamp clip clamp_min clamp_max add sub subtract rsub
+    mul multiply div divide true_divide floor_divide remainder fmod pow float_power
+    maximum minimum fmax fmin atan2 arctan2 eq ne lt le gt ge greater less greater_equal
+    less_equal not_equal equal_ logical_and logical_or logical_xor bitwise_and
+    bitwise_or bitwise_xor and or xor invert lshift rshift where masked_fill lerp
+    addcmul addcdiv copysign hypot xlogy dropout alpha_dropout feature_alpha_dropout
+    dropout1d dropout2d dropout3d zeros_like ones_like empty_like full_like rand_like
+    randn_like fill zero""".split()  # noqa: SIM905
 )
 #: value-preserving: an identity index stays one
 _KEEPS_VALUES = frozenset(
-    [
-        "to",
-        "type",
-        "long",
-        "int",
-        "short",
-        "char",
-        "byte",
-        "float",
-        "double",
-        "half",
-        "bfloat16",
-        "bool",
-        "contiguous",
-        "clone",
-        "detach",
-        "cpu",
-        "cuda",
-        "requires_grad_",
-        "data",
-    ]
+    """to type long int short char byte float double half bfloat16 bool contiguous clone
+    detach cpu cuda requires_grad_ data""".split()  # noqa: SIM905
 )
 #: only ``self`` decides the result's rows; the other tensor argument gives dtype or device
 _SELF_ONLY = frozenset({"to", "type", "type_as"})
@@ -306,34 +162,11 @@ _DUNDER = {
 #: ops with a ``dim`` argument: name -> (position, default, keeps the dim)
 #: default ``None`` means "every dim" (a reduction over the selected rows too).
 _DIM_OPS: dict[str, tuple[int, Any, bool]] = {
-    **{
-        n: (1, None, False)
-        for n in [
-            "sum",
-            "mean",
-            "amax",
-            "amin",
-            "prod",
-            "std",
-            "var",
-            "logsumexp",
-            "all",
-            "any",
-            "argmax",
-            "argmin",
-            "count_nonzero",
-            "nansum",
-            "nanmean",
-            "median",
-            "nanmedian",
-            "mode",
-            "std_mean",
-            "var_mean",
-            "max",
-            "min",
-            "aminmax",
-        ]
-    },
+    **dict.fromkeys(
+        """sum mean amax amin prod std var logsumexp all any argmax argmin count_nonzero nansum
+        nanmean median nanmedian mode std_mean var_mean max min aminmax""".split(),  # noqa: SIM905
+        (1, None, False),
+    ),
     "norm": (2, None, False),
     "kthvalue": (2, -1, False),
     **{n: (1, None, True) for n in ["softmax", "log_softmax", "softmin"]},
@@ -349,121 +182,31 @@ _DIM_KW = ("dim", "axis")
 
 #: non-tensor queries that reveal nothing data-dependent
 _QUERIES = frozenset(
-    [
-        "dim",
-        "ndimension",
-        "is_contiguous",
-        "stride",
-        "storage_offset",
-        "element_size",
-        "get_device",
-        "is_floating_point",
-        "is_complex",
-        "is_signed",
-        "is_inference",
-        "__repr__",
-        "__format__",
-        "__str__",
-        "__hash__",
-        "data_ptr",
-        "untyped_storage",
-        "has_names",
-    ]
+    """dim ndimension is_contiguous stride storage_offset element_size get_device
+    is_floating_point is_complex is_signed is_inference __repr__ __format__ __str__
+    __hash__ data_ptr untyped_storage has_names""".split()  # noqa: SIM905
 )
 _SAFE_ATTRS = frozenset(
-    [
-        "dtype",
-        "device",
-        "ndim",
-        "is_cuda",
-        "is_cpu",
-        "is_meta",
-        "is_sparse",
-        "is_quantized",
-        "is_mkldnn",
-        "is_nested",
-        "layout",
-        "requires_grad",
-        "names",
-        "itemsize",
-        "nbytes",
-        "is_leaf",
-        "grad_fn",
-        "output_nr",
-        "_version",
-        "_base",
-    ]
+    """dtype device ndim is_cuda is_cpu is_meta is_sparse is_quantized is_mkldnn is_nested
+    layout requires_grad names itemsize nbytes is_leaf grad_fn output_nr _version _base""".split()  # noqa: SIM905
 )
 #: ops that turn tensor data into Python values
 _TO_PYTHON = frozenset(
-    [
-        "item",
-        "tolist",
-        "__bool__",
-        "__int__",
-        "__float__",
-        "__complex__",
-        "__index__",
-        "numpy",
-        "equal",
-        "allclose",
-        "__array__",
-        "__iter__",
-        "__reversed__",
-        "__contains__",
-    ]
+    """item tolist __bool__ __int__ __float__ __complex__ __index__ numpy equal allclose
+    __array__ __iter__ __reversed__ __contains__""".split()  # noqa: SIM905
 )
 _SIZE_ARG_OPS = frozenset(
-    [
-        "view",
-        "reshape",
-        "expand",
-        "broadcast_to",
-        "unflatten",
-        "new_zeros",
-        "new_ones",
-        "new_empty",
-        "new_full",
-        "zeros",
-        "ones",
-        "empty",
-        "full",
-        "randn",
-        "rand",
-    ]
+    """view reshape expand broadcast_to unflatten new_zeros new_ones new_empty new_full
+    zeros ones empty full randn rand""".split()  # noqa: SIM905
 )
 _FACTORIES = frozenset(
-    [
-        "zeros",
-        "ones",
-        "empty",
-        "full",
-        "randn",
-        "rand",
-        "new_zeros",
-        "new_ones",
-        "new_empty",
-        "new_full",
-    ]
+    """zeros ones empty full randn rand new_zeros new_ones new_empty new_full""".split()  # noqa: SIM905
 )
 _MATMUL = frozenset(["linear", "matmul", "rmatmul", "mm", "bmm", "addmm", "baddbmm", "mv", "addmv"])
 _SOURCES = frozenset({"nonzero", "argwhere"})
 _SCATTERS = frozenset(
-    [
-        "index_add",
-        "index_add_",
-        "index_copy",
-        "index_copy_",
-        "index_put",
-        "index_put_",
-        "scatter",
-        "scatter_",
-        "scatter_add",
-        "scatter_add_",
-        "scatter_reduce",
-        "scatter_reduce_",
-        "__setitem__",
-    ]
+    """index_add index_add_ index_copy index_copy_ index_put index_put_ scatter scatter_
+    scatter_add scatter_add_ scatter_reduce scatter_reduce_ __setitem__""".split()  # noqa: SIM905
 )
 _GATHERS = frozenset({"__getitem__", "index_select", "gather", "embedding"})
 
