@@ -179,14 +179,28 @@ class _ScatterAdd(nn.Module):
         return a + b
 
 
+class _SizesFromCount(nn.Module):
+    """The selected count passed back to torch as a size: new_zeros, view, reshape, len."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = torch.where(x[:, 0] > 0)[0]
+        n = idx.numel()
+        rows = x[idx] * (x.new_zeros(n, x.shape[1]) + 1.0)
+        y = rows.view(idx.shape[0], 2, 2).flip(-1).reshape(len(idx), 4)
+        out = torch.zeros_like(x)
+        out[idx] = torch.zeros(n, x.shape[1]) + y
+        return out
+
+
 @pytest.mark.parametrize(
     ("model", "inputs"),
     [
+        (_SizesFromCount(), [torch.randn(6, 4), -torch.rand(6, 4)]),
         (_MaskRows(), [torch.randn(7, 8), -torch.rand(7, 8), torch.rand(7, 8)]),
         (_Top2Loop(), [torch.randn(5, 8), torch.randn(9, 8) * 3]),
         (_ScatterAdd(), [torch.randn(5, 6), -torch.rand(5, 6)]),
     ],
-    ids=["mask_rows", "top2_loop", "scatter_add"],
+    ids=["sizes_from_count", "mask_rows", "top2_loop", "scatter_add"],
 )
 def test_other_dispatch_forms_equal_eager(model: nn.Module, inputs: list[torch.Tensor]) -> None:
     model.eval()
