@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.export import Dim
 
 import splice
 from splice.errors import CaptureError
@@ -115,6 +116,20 @@ def test_compiled_equals_eager(
     for inputs in case.branch_inputs:
         ref = _eager(case.model, *inputs)
         torch.testing.assert_close(compiled(*inputs), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dynamic_token_count(name: str, cases: dict[str, DynamicCase]) -> None:
+    """With a dynamic number of tokens the selection's length stays symbolic (no
+    specialisation): one capture serves every token count."""
+    case = cases[name]
+    dims = {"x": {0: Dim("T", min=2, max=64)}}
+    program = splice.capture(case.model, case.example, dynamic_shapes=dims)
+    g = torch.Generator().manual_seed(5)
+    for t in (3, 11, 40):
+        x = 3 * torch.randn(t, case.example[0].shape[1], generator=g)
+        with torch.no_grad():
+            torch.testing.assert_close(program(x), case.model(x), rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------

@@ -224,8 +224,9 @@ class _Selection:
     site: str
 
     @property
-    def n(self) -> int:
-        return int(self.mask.shape[0])
+    def n(self) -> Any:
+        """``N``: an int, or a SymInt when the mask's length is a dynamic dim."""
+        return self.mask.shape[0]
 
 
 @dataclass(frozen=True)
@@ -412,6 +413,12 @@ for _op in [
     "rdivmod",
 ]:
     setattr(SelectedCount, f"__{_op}__", _arith(f"__{_op}__"))
+
+
+def _count(n: Any, tag: _Tag) -> Any:
+    """A SelectedCount for a static ``n``; a dynamic dim's SymInt stays one (torch guards
+    the comparisons made on it, and its arithmetic stays symbolic)."""
+    return SelectedCount(n, tag.sel, tag.site) if isinstance(n, int) else n
 
 
 class _Shape(tuple):
@@ -737,12 +744,12 @@ class DenseSelections(TorchFunctionMode):
 
     def _size_query(self, name: str, func: Callable, args: tuple, kwargs: dict, tag: _Tag) -> Any:
         t = args[0]
-        n = SelectedCount(tag.sel.n, tag.sel, tag.site)
+        n = _count(tag.sel.n, tag)
         if name == "numel" or name == "nelement":
-            return SelectedCount(t.numel(), tag.sel, tag.site)
+            return _count(t.numel(), tag)
         if name == "__len__":
             return n if tag.dim == 0 else len(t)
-        shape = _Shape(n if i == tag.dim else int(s) for i, s in enumerate(t.shape))
+        shape = _Shape(n if i == tag.dim else s for i, s in enumerate(t.shape))
         if name == "size":
             d = args[1] if len(args) > 1 else kwargs.get("dim")
             return shape if d is None else shape[d]
@@ -1217,9 +1224,10 @@ class DenseSelections(TorchFunctionMode):
         if any(x is None for x in tags):
             _refuse(name, "it mixes selected-row indices with full-size index tensors", site)
         sels = {id(x.sel) for x in tags if x is not None}
-        shapes = {tuple(i.shape) for _, i in tensors}
+        shape = tuple(tensors[0][1].shape)
+        same = all(tuple(i.shape) == shape for _, i in tensors)
         dims = {x.dim for x in tags if x is not None}
-        if len(sels) != 1 or len(shapes) != 1 or len(dims) != 1:
+        if len(sels) != 1 or not same or len(dims) != 1:
             _refuse(name, "its index tensors come from different selections or shapes", site)
         walk = _walk_index(index, t.ndim)
         if walk is None:
@@ -1231,7 +1239,7 @@ class DenseSelections(TorchFunctionMode):
         assert first is not None
         in_pos = walk.dims_of_elements[ks[0]]
         ident = len(tensors) == 1 and first.ident and tensors[0][1].ndim == 1
-        return first.sel, first.dim, shapes.pop(), pos, in_pos, ident
+        return first.sel, first.dim, shape, pos, in_pos, ident
 
     def _safe(self, idx: torch.Tensor) -> torch.Tensor:
         """A tagged index with its unselected entries set to 0 (always in range)."""
