@@ -6,6 +6,7 @@ what failed, where (node, module path, source line) and what to do about it.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 
@@ -20,12 +21,15 @@ class SpliceError(Exception):
         self.message = message
         self.where = where
         self.hint = hint
-        parts = [message]
-        if where:
-            parts.append(f"  at: {where}")
-        if hint:
-            parts.append(f"  hint: {hint}")
-        super().__init__("\n".join(parts))
+        super().__init__(_compose(message, where, hint))
+
+    def with_message(self, message: str) -> SpliceError:
+        """A copy of this error with ``message`` instead (``where`` and ``hint`` kept, and
+        ``str(err)`` rebuilt: assigning ``err.message`` alone would not change it)."""
+        new = copy.copy(self)
+        new.message = message
+        new.args = (_compose(message, self.where, self.hint),)
+        return new
 
     def one_line(self) -> str:
         """The message, where and hint on one line (what the command line prints)."""
@@ -35,6 +39,15 @@ class SpliceError(Exception):
         if self.hint:
             text += f"; hint: {one_line(self.hint)}"
         return text
+
+
+def _compose(message: str, where: str | None, hint: str | None) -> str:
+    parts = [message]
+    if where:
+        parts.append(f"  at: {where}")
+    if hint:
+        parts.append(f"  hint: {hint}")
+    return "\n".join(parts)
 
 
 def one_line(text: str) -> str:

@@ -281,13 +281,15 @@ def test_splice_show_prints_the_host_program_and_parts(compiled, capsys):
 
 def test_switch_chain_compares_run_in_the_host():
     """``modules[argmax]`` becomes a chain of cond(idx == k); the compares are host steps,
-    so each path calls two parts (router, chosen expert), not one more part per level."""
+    so each path calls three parts (router, chosen expert, the residual add after the
+    chain rejoins), not one more part per level."""
     case = Z.routed_moe()
     split, stats = split_program(capture_dynamic(case.model, case.example))
     host, parts = H.build_host(split)
     text = json.dumps(host)
     assert text.count('"op": "eq"') == 2  # levels 1 and 2 (level 0 compares inside part_0)
-    assert stats["parts"] == len(parts) == 5  # router (+ first compare) and 4 experts
+    # router (+ first compare), 4 experts, and `x + expert(h)` once after the join
+    assert stats["parts"] == len(parts) == 6
     calls: list[str] = []
 
     def counted(name: str):
@@ -304,4 +306,4 @@ def test_switch_chain_compares_run_in_the_host():
         calls.clear()
         with torch.no_grad():
             assert close(runner(*x)[0], case.model(*x))
-        assert len(calls) == 2
+        assert len(calls) == 3

@@ -193,11 +193,22 @@ _DATA_DEP = (
 )
 
 
-def _capture_error(model: nn.Module, e: BaseException) -> CaptureError:
+def _capture_error(model: nn.Module, e: BaseException, *, dynamic: bool = False) -> CaptureError:
+    """The CaptureError for export's exception ``e``; ``dynamic``: raised while
+    :func:`splice.capture_dynamic` traces a path (its hint cannot be "use capture_dynamic")."""
     module_path, source = _locate(model, e)
     text = str(e)
     first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
     where = f"module {module_path or '<root>'}" + (f", {source}" if source else "")
+    if any(k in text or k in type(e).__name__ for k in _DATA_DEP) and dynamic:
+        return CaptureError(
+            f"torch.export cannot capture a data-dependent value here: {first}",
+            where=where,
+            hint="capture_dynamic explores bool and argmax/argmin index conversions only; a "
+            "tensor value that sets a shape (nonzero, masked_select, a size from .item()) or a "
+            "float turned into a Python number cannot be explored: keep it a tensor, or bound "
+            "the shape and mask",
+        )
     if any(k in text or k in type(e).__name__ for k in _DATA_DEP):
         return CaptureError(
             f"torch.export cannot capture data-dependent control flow: {first}",

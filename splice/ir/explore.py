@@ -4,48 +4,81 @@ A plain ``torch.export`` of such a model stops at the first Python branch on a t
 (``if p.max() >= t``, ``self.experts[idx]``, ``break`` in a loop); a plain trace silently
 bakes in the one path the example input takes. DyCL (Chen et al., ISSTA 2023) rewrites
 ``forward``'s AST by hand-written variants and unrolls loops. splice explores paths
-instead:
+instead, and joins them again after each decision, as a compiler's CFG does.
 
-1. Every conversion of a tensor to a Python value — ``bool(t)``, ``int(t)``, ``t.item()``,
-   ``modules[t]`` — reaches ATen as ``_local_scalar_dense``. A dispatch mode pushed *inside*
-   a non-strict ``torch.export`` sees it before export's fake mode does and answers it with a
-   value chosen by the explorer, so export never has to guard on data. The predicate tensor
-   is returned as an extra output, so it stays in the graph, and export leaves an
-   ``aten.item`` node where the decision happened: the cut point between segments.
-2. The explorer walks every path: the value domain of a decision is ``{False, True}`` for a
-   bool tensor and ``range(n)`` for an index produced by ``argmax``/``argmin`` over ``n``
-   entries (through views and selects). A float turned into a Python number is an error (no
-   finite domain); so is an integer of unknown range. Loops are bounded by their Python form
-   (``for _ in range(n): ... break``); a path with more than ``max_decisions`` decisions is
-   reported as an unbounded loop, and more than ``max_paths`` paths as too many.
-3. The paths form a trie of decisions. Nodes of one path before decision ``k`` are the same
-   in every path that shares the first ``k`` decisions (export names nodes in creation
-   order, so they have the same names; dead ones may be missing from some paths, so a
-   segment is the union over the paths that share it). Each trie node becomes a graph:
-   its segment, then ``torch.cond`` on the predicate with one sub-graph per outcome (an
-   index decision is a chain of ``cond(idx == k, ...)``); leaves return the outputs.
+**Decisions.** Every conversion of a tensor to a Python value -- ``bool(t)``, ``int(t)``,
+``t.item()``, ``modules[t]``, and the numpy conversions below -- reaches ATen as
+``_local_scalar_dense``. A dispatch mode pushed *inside* a non-strict ``torch.export`` sees
+it before export's fake mode does and answers it with a value chosen by the explorer, so
+export never has to guard on data; export leaves an ``aten.item`` node where the decision
+happened. The value domain of a decision is ``{False, True}`` for a bool tensor and
+``range(n)`` for an index produced by ``argmax``/``argmin`` over ``n`` entries (through
+views and selects). A float turned into a Python number is an error (no finite domain); so
+is an integer of unknown range. Loops are bounded by their Python form (``for _ in
+range(n): ... break``); a path with more than ``max_decisions`` decisions is reported as an
+unbounded loop.
 
-The result is an ordinary Program with ``higher_order.cond`` nodes in *tail form* (every
-graph is straight-line code followed by at most one ``cond`` whose results are the graph's
-results), which the ``branches`` pass splits into parts and a host program. Why not
-TorchDynamo graph breaks: Dynamo's resume functions are Python bytecode, so the control
-structure between the subgraphs it hands a backend would have to be recovered from
-bytecode, and the host program could not be serialised without pickling Python. Why not
-an AST rewrite into ``torch.cond``: early returns, ``break`` and module indexing by a tensor
-have no direct ``cond`` form, and rewriting source breaks on models defined in notebooks
-or C extensions; the explorer needs no source.
+**Constants are folded, not explored.** A tensor that depends on no input -- built inside
+``forward`` from literals (``is_output = torch.tensor(1)``, ``torch.zeros(1) + 2``) and
+ops on such tensors only -- is tracked with its real value beside the traced (fake) one,
+and converting it to a Python value returns that value: no decision, no ``cond``.
+Parameters and buffers are inputs here (their values are the program's weights).
 
-Exploration is exhaustive: k independent gates give 2**k paths (each traced once). The
-``branches`` pass shares the identical parts between them, so compiled code stays linear in
-k, but capture time does not; ``max_paths`` bounds it.
+**numpy.** ``t.numpy()``, ``np.asarray(t)`` and anything else that goes through
+``Tensor.__array__`` on a one-element tensor is a conversion like ``.item()`` (a decision
+for a bool or index tensor, the folded value for a constant one, an error for float data);
+``np.argmax``/``np.argmin`` over a tensor or a list of one-element tensors (``np.argmax([c0,
+c1, c2])``) is an index decision over its ``n`` entries. ``np.argmax`` is looked up on the
+numpy module while the model runs (``from numpy import argmax`` bound before capture is not
+seen); other numpy calls on traced tensors are not supported.
+
+**Exploration is linear in the number of sequential decision sites.** The explorer traces
+one path ``P`` (the forced prefix, then the first value of every later decision). For each
+decision ``k`` of ``P`` it traces one more path per other value ``v``: ``Q = P's decisions
+before k, then v``. ``Q`` is matched with ``P`` structurally *from the outputs backwards*:
+two values are equal when they are the same input or weight, the same node of the shared
+prefix (export names nodes in creation order, so names agree before decision ``k``), or the
+same op on equal arguments; two nodes *correspond* when they are the same op with the same
+literals and weights on arguments that are equal, corresponding, or a *merge pair*. The
+merge pairs are the values live after the branch that differ between its sides (SSA phis):
+they are the results of a ``cond`` whose sides compute them (the unmatched ancestors in
+``P`` and in ``Q``); everything after the cond reads them. When a decision changes what is
+returned (an early exit), the merge pairs are the outputs themselves: the cond is in tail
+form. Later decisions of ``Q`` that match one of ``P`` (same source line, same Python
+state, same predicate up to the merge) are *shared*: explored once, from ``P``; decisions
+inside one side of the cond are nested and explored within that side. A model of k
+sequential gates is captured from k + 1 traces into k conds.
+
+The join assumes that code after the merge depends on the branch only through tensors. To
+keep it exact, each decision records a fingerprint of the Python stack (code, line
+and plain-value locals -- bools, numbers, strings -- of every frame of the model's code): a
+later decision is shared only where both sides reach it in the same Python state, so that
+``flag = True`` set in one branch and read by a later ``if flag:`` is never joined. Where a
+join is not sound (a Python-state difference, a value read both before and after its
+merge, a nested decision whose effect leaves its side), that decision and the ones around
+it are built in tail form instead -- exact, and exponential only in such decisions.
+Python state kept outside the stack's locals (an attribute set in one branch and read
+later) is not seen; such a model must keep that state in a local or a tensor.
+
+The result is an ordinary Program with ``higher_order.cond`` nodes (one per decision site,
+an index decision is a chain of ``cond(idx == k, ...)``), which the ``branches`` pass splits
+into parts and a host program. Why not TorchDynamo graph breaks: Dynamo's resume
+functions are Python bytecode, so the control structure between the subgraphs it hands a
+backend would have to be recovered from bytecode, and the host program could not be
+serialised without pickling Python. Why not an AST rewrite into ``torch.cond``: early
+returns, ``break`` and module indexing by a tensor have no direct ``cond`` form, and
+rewriting source breaks on models defined in notebooks or C extensions; the explorer needs
+no source.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import heapq
 import operator
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,14 +86,17 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from splice.errors import CaptureError
 from splice.ir import meta as M
+from splice.ir.outputs import unify_outputs
 from splice.ir.program import Program, build_graph_module
 from splice.ir.signatures import SignatureSet, signature_of_values
 
 _aten = torch.ops.aten
+_LSD = _aten._local_scalar_dense.default
 _INDEX_PRODUCERS = {_aten.argmax.default, _aten.argmin.default}
 _PASS_THROUGH = {
     _aten.select.int,
@@ -77,6 +113,7 @@ _PASS_THROUGH = {
     _aten.detach.default,
     _aten.lift_fresh.default,
 }
+_LIFT = {_aten.lift_fresh.default, _aten.lift_fresh_copy.default}
 
 
 @dataclass(frozen=True)
@@ -88,10 +125,16 @@ class Decision:
     value: Any  # the value this path took
 
 
+def _is_fake(t: Any) -> bool:
+    return isinstance(t, torch._subclasses.fake_tensor.FakeTensor)
+
+
 class _DecisionMode(TorchDispatchMode):
     """Answers ``_local_scalar_dense`` with forced or first-in-domain values.
 
     ``record_only``: run on real tensors and keep the real values (the eager branch trace).
+    Tensors that depend on no input are tracked with their real value (``_shadow``) and
+    their conversions are folded (module docstring).
     """
 
     def __init__(self, forced: Sequence[Any], *, max_decisions: int, record_only: bool = False):
@@ -100,14 +143,26 @@ class _DecisionMode(TorchDispatchMode):
         self.max_decisions = max_decisions
         self.record_only = record_only
         self.decisions: list[Decision] = []
+        self.keys: list[tuple[str, int]] = []  # (site, Python-state fingerprint) per decision
         self.preds: list[torch.Tensor] = []
+        self.item_kinds: list[bool] = []  # per conversion of a traced tensor: is a decision
         self._domain: dict[int, int] = {}  # id(tensor) -> n for index tensors
+        self._shadow: dict[int, torch.Tensor] = {}  # id(tensor) -> real value (constants)
         self._keep: list[torch.Tensor] = []  # keeps ids unique while the mode runs
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is _aten._local_scalar_dense.default:
-            return self._decide(args[0])
+        if func is _LSD:
+            t = args[0]
+            real = self._real(t)
+            if real is not None:
+                if _is_fake(t):
+                    self.item_kinds.append(False)
+                with _disable_current_modes():
+                    return real.item()
+            if _is_fake(t):
+                self.item_kinds.append(True)
+            return self._decide(t)
         out = func(*args, **kwargs)
         if func in _INDEX_PRODUCERS and isinstance(out, torch.Tensor):
             src = args[0]
@@ -118,14 +173,62 @@ class _DecisionMode(TorchDispatchMode):
             n = self._domain.get(id(args[0]))
             if n is not None:
                 self._note(out, n)
+        self._track_constants(func, args, kwargs, out)
         return out
 
     def _note(self, t: torch.Tensor, n: int) -> None:
         self._domain[id(t)] = n
         self._keep.append(t)
 
+    # -- constants --------------------------------------------------------------------
+    def _real(self, t: torch.Tensor) -> torch.Tensor | None:
+        """The real value of ``t`` if it depends on no input, else None."""
+        s = self._shadow.get(id(t))
+        if s is not None:
+            return s
+        if not self.record_only and not _is_fake(t):
+            return t  # a constant that export keeps real (a lifted literal)
+        return None
+
+    def _track_constants(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
+        tensors = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        outs = [o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
+        if not outs:
+            return
+        seeded = isinstance(func, torch._ops.OpOverload) and (
+            torch.Tag.nondeterministic_seeded in func.tags
+        )
+        const = func in _LIFT or (
+            not seeded and (not tensors or all(self._real(a) is not None for a in tensors))
+        )
+        if not const:
+            if getattr(func, "_schema", None) is not None and func._schema.is_mutable:
+                for a in tensors:  # written with input data: no longer a constant
+                    self._shadow.pop(id(a), None)
+            return
+        if self.record_only:
+            real_outs = outs
+        else:
+
+            def real_of(a: Any) -> Any:
+                return self._real(a) if isinstance(a, torch.Tensor) else a
+
+            try:
+                with _disable_current_modes():
+                    r_args, r_kwargs = pytree.tree_map(real_of, (args, kwargs))
+                    real = func(*r_args, **r_kwargs)
+            except Exception:
+                return  # not evaluable on real tensors: treat as data
+            real_outs = [o for o in pytree.tree_leaves(real) if isinstance(o, torch.Tensor)]
+            if len(real_outs) != len(outs):
+                return
+        for o, r in zip(outs, real_outs):
+            self._shadow[id(o)] = r
+            self._keep.append(o)
+
+    # -- decisions --------------------------------------------------------------------
     def _decide(self, t: torch.Tensor) -> Any:
-        site = _user_site()
+        site, fingerprint = _user_state(with_fingerprint=not self.record_only)
         k = len(self.decisions)
         if k >= self.max_decisions:
             raise CaptureError(
@@ -167,26 +270,124 @@ class _DecisionMode(TorchDispatchMode):
             value = self.forced[k] if k < len(self.forced) else domain[0]
             self.preds.append(t)
         self.decisions.append(Decision(site, domain, value))
+        self.keys.append((site, fingerprint))
         return value
+
+
+def _is_user_frame(name: str) -> bool:
+    root = __file__.rsplit("/", 2)[0]
+    internal = tuple(f"{root}/{d}/" for d in ("ir", "passes", "runtime"))
+    return not name.startswith((M._TORCH_DIR, "<")) and not name.startswith(internal)
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _plain(v: Any) -> bool:
+    if isinstance(v, _PLAIN):
+        return True
+    return isinstance(v, (tuple, list)) and len(v) <= 64 and all(isinstance(x, _PLAIN) for x in v)
+
+
+def _user_state(*, with_fingerprint: bool) -> tuple[str, int]:
+    """(file:line of the innermost frame of the model's code, fingerprint of the Python state
+    of every such frame: code, line and plain-value locals). Lines, not instruction
+    offsets: CPython's specialising interpreter reports different offsets for one call."""
+    f = sys._getframe(1)
+    site = ""
+    parts: list[Any] = []
+    while f is not None:
+        name = f.f_code.co_filename
+        if _is_user_frame(name):
+            if not site:
+                site = f"{name}:{f.f_lineno}"
+                if not with_fingerprint:
+                    break
+            local = tuple(sorted((k, repr(v)) for k, v in f.f_locals.items() if _plain(v)))
+            parts.append((name, f.f_code.co_firstlineno, f.f_code.co_name, f.f_lineno, local))
+        f = f.f_back
+    return site, hash(tuple(parts)) if with_fingerprint else 0
 
 
 def _user_site() -> str:
     """file:line of the innermost frame outside torch and splice."""
-    root = __file__.rsplit("/", 2)[0]
-    internal = tuple(f"{root}/{d}/" for d in ("ir", "passes", "runtime"))
-    f = sys._getframe(1)
-    while f is not None:
-        name = f.f_code.co_filename
-        if not name.startswith((M._TORCH_DIR, "<")) and not name.startswith(internal):
-            return f"{name}:{f.f_lineno}"
-        f = f.f_back
-    return ""
+    return _user_state(with_fingerprint=False)[0]
+
+
+class _NumpyMode(TorchFunctionMode):
+    """``Tensor.__array__``/``Tensor.numpy`` on a one-element tensor: a conversion like
+    ``.item()`` (module docstring)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.Tensor.__array__, torch.Tensor.numpy) and args:
+            t = args[0]
+            if isinstance(t, torch.Tensor) and t.numel() == 1:
+                import numpy as np
+
+                value = t.item()
+                dtype = kwargs.get("dtype", args[1] if len(args) > 1 else None)
+                arr = np.asarray(value, dtype=_np_dtype(t.dtype) if dtype is None else dtype)
+                return arr.reshape(tuple(t.shape))
+        return func(*args, **kwargs)
+
+
+def _np_dtype(dtype: torch.dtype) -> Any:
+    import numpy as np
+
+    return np.dtype(str(dtype).removeprefix("torch."))
+
+
+def _numpy_arg(a: Any) -> torch.Tensor | None:
+    """A tensor, or a list/tuple of one-element tensors, as one flat tensor; else None."""
+    if isinstance(a, torch.Tensor):
+        return a.reshape(-1)
+    if (
+        isinstance(a, (list, tuple))
+        and a
+        and all(isinstance(x, torch.Tensor) and x.numel() == 1 for x in a)
+    ):
+        return torch.stack([x.reshape(()) for x in a])
+    return None
+
+
+@contextlib.contextmanager
+def _numpy_hooks() -> Iterator[None]:
+    """While the model runs: numpy conversions of tensors are decisions (module docstring)."""
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy ships with torch's wheels
+        yield
+        return
+    saved = {name: getattr(np, name) for name in ("argmax", "argmin")}
+
+    def hook(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def call(a: Any, *args: Any, **kwargs: Any) -> Any:
+            flat = None if args or kwargs else _numpy_arg(a)
+            if flat is None:
+                return fn(a, *args, **kwargs)
+            return np.int64(getattr(torch, name)(flat).item())
+
+        return call
+
+    for name, fn in saved.items():
+        setattr(np, name, hook(name, fn))
+    try:
+        with _NumpyMode():
+            yield
+    finally:
+        for name, fn in saved.items():
+            setattr(np, name, fn)
 
 
 def eager_decisions(model: nn.Module, inputs: Sequence[torch.Tensor]) -> list[Decision]:
-    """Run ``model`` eagerly and list the data-dependent decisions it made (its branch trace)."""
+    """Run ``model`` eagerly and list the data-dependent decisions it made (its branch trace).
+
+    Conversions of constants (tensors that depend on no input) are not decisions, as in
+    :func:`capture_dynamic`."""
     mode = _DecisionMode([], max_decisions=10_000, record_only=True)
-    with torch.no_grad(), mode:
+    with torch.no_grad(), _numpy_hooks(), mode:
         model(*inputs)
     return mode.decisions
 
@@ -208,31 +409,58 @@ def cond_trace(decisions: Sequence[Decision]) -> list[bool]:
 
 
 # ---------------------------------------------------------------------------------------
-# path exploration
+# traces
+
+# A value of a trace: a node, ``"in:<name>"`` for a program input, ``"@<weight>"``.
+Value = fx.Node | str
 
 
-@dataclass
-class _Path:
+@dataclass(eq=False)
+class _Trace:
+    """One traced path: its Program and an index over it."""
+
+    taken: tuple[Any, ...]
     decisions: list[Decision]
+    keys: list[tuple[str, int]]
     program: Program
     n_out: int
-    items: list[fx.Node] = field(default_factory=list)
-    segment: dict[str, int] = field(default_factory=dict)  # node name -> segment index
+    spec: Any  # the output's pytree spec
+    pos: dict[fx.Node, int] = field(default_factory=dict)
+    items: list[fx.Node] = field(default_factory=list)  # the decision items, in order
+    preds: list[fx.Node] = field(default_factory=list)  # what each decision converted
+    outputs: list[Value] = field(default_factory=list)
+    by_name: dict[str, fx.Node] = field(default_factory=dict)
+    wkey: dict[fx.Node, str] = field(default_factory=dict)
+    nodes_of: dict[str, list[fx.Node]] = field(default_factory=dict)  # str value -> nodes
+    compute: list[fx.Node] = field(default_factory=list)  # call_function nodes but items
+
+    def value(self, n: Any) -> Any:
+        if not isinstance(n, fx.Node):
+            return n
+        if n.op == "placeholder":
+            return f"in:{n.name}"
+        if n.op == "get_attr":
+            return self.wkey[n]
+        return n
+
+    def before(self, v: Value, bound: int) -> bool:
+        """Is ``v`` available before position ``bound`` on every path through this prefix?"""
+        return isinstance(v, str) or self.pos[v] < bound
 
 
 def _trace_path(
     model: nn.Module, args: tuple[torch.Tensor, ...], forced: list[Any], max_decisions: int
-) -> tuple[torch.export.ExportedProgram, list[Decision], Any, int]:
+) -> tuple[torch.export.ExportedProgram, _DecisionMode, Any, int]:
     original = model.forward
     state: dict[str, Any] = {}
 
     @functools.wraps(original)
     def forward(*a: Any, **kw: Any) -> tuple[Any, ...]:
         mode = _DecisionMode(forced, max_decisions=max_decisions)
-        with mode:
+        with _numpy_hooks(), mode:
             out = original(*a, **kw)
         leaves, spec = pytree.tree_flatten(out)
-        state.update(decisions=mode.decisions, spec=spec, n=len(leaves))
+        state.update(mode=mode, spec=spec, n=len(leaves))
         return (*leaves, *mode.preds)
 
     model.forward = forward  # type: ignore[method-assign]
@@ -240,237 +468,922 @@ def _trace_path(
         ep = torch.export.export(model, args, strict=False)
     finally:
         del model.forward
-    return ep, state["decisions"], state["spec"], state["n"]
+    return ep, state["mode"], state["spec"], state["n"]
 
 
-def _explore(
-    model: nn.Module, args: tuple[torch.Tensor, ...], max_paths: int, max_decisions: int
-) -> tuple[list[_Path], list[str]]:
-    from splice.ir.capture import _capture_error, _output_names, _to_program
+@dataclass(eq=False)
+class _Raw:
+    """One export of the model on a path, before its outputs are unified."""
 
-    paths: list[_Path] = []
-    stack: list[list[Any]] = [[]]
-    out_names: list[str] = []
-    while stack:
-        forced = stack.pop()
-        if len(paths) >= max_paths:
-            sites = sorted({d.site for p in paths for d in p.decisions})
+    program: Program
+    spec: Any
+    n_out: int
+    mode: _DecisionMode
+    outputs: list[Any]
+
+
+class _Restructure(Exception):
+    """A path returned a new output structure: rebuild every trace in the new layout."""
+
+
+class _Retry(Exception):
+    """Rebuild with these decisions (keys: their prefix of taken values) in tail form."""
+
+    def __init__(self, keys: set[tuple[Any, ...]]):
+        super().__init__(keys)
+        self.keys = keys
+
+
+# ---------------------------------------------------------------------------------------
+# matching two traces from the outputs backwards
+
+
+def _flat(n: fx.Node) -> tuple[Any, list[Any]]:
+    leaves, spec = pytree.tree_flatten((n.args, n.kwargs))
+    return spec, leaves
+
+
+def _lit_eq(a: Any, b: Any) -> bool:
+    if type(a) is not type(b):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+class _Walk:
+    """The match of trace ``Q`` (other value at decision ``k``) with ``P`` (module docs)."""
+
+    def __init__(self, P: _Trace, Q: _Trace, k: int):
+        self.P, self.Q, self.k = P, Q, k
+        self.bP = P.pos[P.items[k]]
+        self.bQ = Q.pos[Q.items[k]]
+        self.memo: dict[tuple[fx.Node, fx.Node], bool] = {}
+        self.corr: dict[fx.Node, fx.Node] = {}
+        self.rev: dict[fx.Node, fx.Node] = {}
+        self.merges: dict[Any, Value] = {}  # P value -> Q value
+        self.merge_uses: set[tuple[Any, Any]] = set()  # (use, P value)
+        self.pairs: dict[int, int] = {}  # shared decisions: P index -> Q index
+        self.eq_q: dict[fx.Node, fx.Node] = {}  # Q node -> equal P node (after the decision)
+        self.eq_p: set[fx.Node] = set()
+
+    def same(self, a: Any, b: Any) -> bool:
+        an, bn = isinstance(a, fx.Node), isinstance(b, fx.Node)
+        if an != bn:
+            return False
+        if not an:
+            return _lit_eq(a, b)
+        va, vb = self.P.value(a), self.Q.value(b)
+        if isinstance(va, str) or isinstance(vb, str):
+            return va == vb
+        key = (a, b)
+        r = self.memo.get(key)
+        if r is not None:
+            return r
+        pa, qb = self.P.pos[a] < self.bP, self.Q.pos[b] < self.bQ
+        if pa and qb:
+            r = a.name == b.name
+        elif pa or qb:
+            r = False
+        else:
+            r = self._alike(a, b) and all(
+                self.same(x, y) for x, y in zip(_flat(a)[1], _flat(b)[1]) if isinstance(x, fx.Node)
+            )
+            if r:
+                self.eq_q[b] = a
+                self.eq_p.add(a)
+        self.memo[key] = r
+        return r
+
+    def _alike(self, a: fx.Node, b: fx.Node) -> bool:
+        """Same op, literals, structure and spec (node arguments not compared)."""
+        if a.op != "call_function" or b.op != "call_function" or a.target is not b.target:
+            return False
+        if a.target is _aten.item.default:
+            return False
+        if isinstance(a.target, torch._ops.OpOverload) and (
+            torch.Tag.nondeterministic_seeded in a.target.tags
+        ):
+            return False
+        if M.get_spec(a) != M.get_spec(b):
+            return False
+        sa, la = _flat(a)
+        sb, lb = _flat(b)
+        if sa != sb or len(la) != len(lb):
+            return False
+        for x, y in zip(la, lb):
+            if isinstance(x, fx.Node) != isinstance(y, fx.Node):
+                return False
+            if not isinstance(x, fx.Node) and not _lit_eq(x, y):
+                return False
+        return True
+
+    def _corresponds(self, a: fx.Node, b: fx.Node) -> bool:
+        if self.P.pos[a] < self.bP or self.Q.pos[b] < self.bQ:
+            return False
+        if not self._alike(a, b):
+            return False
+        for x, y in zip(_flat(a)[1], _flat(b)[1]):
+            if isinstance(x, fx.Node):
+                vx, vy = self.P.value(x), self.Q.value(y)
+                if (_is_weight(vx) or _is_weight(vy)) and vx != vy:
+                    return False  # never merge weights: the op itself is the merge
+        return True
+
+    def run(self) -> bool:
+        """Match; False where the match is not a join (conflicting correspondences)."""
+        P, Q, k = self.P, self.Q, self.k
+        pout = P.program.graph.find_nodes(op="output")[0].args[0][: P.n_out]
+        qout = Q.program.graph.find_nodes(op="output")[0].args[0][: Q.n_out]
+        stack: list[tuple[Any, Any, Any]] = [
+            (("out", i), a, b) for i, (a, b) in enumerate(zip(pout, qout))
+        ]
+        qi = k + 1
+        for j in range(k + 1, len(P.decisions)):
+            for jq in range(qi, len(Q.decisions)):
+                if Q.keys[jq] == P.keys[j] and Q.decisions[jq] == P.decisions[j]:
+                    self.pairs[j] = jq
+                    qi = jq + 1
+                    stack.append((("pred", j), P.preds[j], Q.preds[jq]))
+                    break
+        while stack:
+            use, a, b = stack.pop()
+            if self.same(a, b):
+                continue
+            if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
+                return False
+            va, vb = P.value(a), Q.value(b)
+            if not isinstance(va, str) and not isinstance(vb, str) and self._corresponds(a, b):
+                known = self.corr.get(a)
+                if known is not None:
+                    if known is not b:
+                        return False
+                    continue
+                if b in self.rev:
+                    return False
+                self.corr[a], self.rev[b] = b, a
+                xs = [x for x in _flat(a)[1] if isinstance(x, fx.Node)]
+                ys = [y for y in _flat(b)[1] if isinstance(y, fx.Node)]
+                for i, (x, y) in enumerate(zip(xs, ys)):
+                    stack.append(((a, i), x, y))
+                continue
+            known_q = self.merges.get(va)
+            if known_q is not None and known_q is not vb and known_q != vb:
+                return False
+            self.merges[va] = vb
+            self.merge_uses.add((use, va))
+        return True
+
+
+# ---------------------------------------------------------------------------------------
+# the join structure: regions and conds
+
+
+@dataclass(eq=False)
+class _Cond:
+    key: tuple[Any, ...]  # the values taken before this decision (identifies it)
+    k: int  # its index among its base trace's decisions
+    base: _Trace
+    decision: Decision
+    pred: Value
+    tail: bool
+    values: list[Value]  # base values the cond produces (phis); tail: the region's outputs
+    sides: dict[Any, _Region] = field(default_factory=dict)  # decision value -> side
+    nested: set[int] = field(default_factory=set)  # base decisions inside the base side
+
+    @property
+    def position(self) -> int:
+        return self.base.pos[self.base.items[self.k]]
+
+
+@dataclass(eq=False)
+class _Region:
+    """A piece of one trace's graph that becomes one graph: the top graph, or a cond side."""
+
+    base: _Trace
+    members: set[fx.Node]  # base compute nodes of the region (nested sides included)
+    decisions: list[int]  # base decisions inside the region, in order
+    outputs: list[Value]
+    suffix: bool  # runs to the program's outputs (the top graph, a tail-form side)
+    parent: _Region | None = None
+    cond: _Cond | None = None  # the cond this region is a side of
+    to_outer: dict[Any, Value] | None = None  # other-trace side: base value -> parent's
+    use_up: dict[fx.Node, fx.Node] | None = None  # other-trace side: post node -> parent's
+    pred_up: dict[int, int] | None = None  # other-trace side: decision -> parent's
+    conds: list[_Cond] = field(default_factory=list)
+    nodes: list[fx.Node] = field(default_factory=list)  # own nodes once nested sides are cut
+
+    def has_use(self, use: Any) -> bool:
+        if use[0] == "out":
+            return self.suffix
+        if use[0] == "pred":
+            return use[1] in self.decisions
+        return use[0] in self.members
+
+    def outer_value(self, v: Value) -> Value | None:
+        if self.to_outer is None or isinstance(v, str):
+            return v
+        return self.to_outer.get(v)
+
+
+def _in(v: Value, values: Sequence[Value]) -> int:
+    for i, w in enumerate(values):
+        if w is v or (isinstance(v, str) and v == w):
+            return i
+    return -1
+
+
+class _Explorer:
+    def __init__(
+        self,
+        model: nn.Module,
+        args: tuple[torch.Tensor, ...],
+        max_traces: int,
+        max_decisions: int,
+        pad: float | int | None = None,
+    ):
+        self.model = model
+        self.args = args
+        self.max_traces = max_traces
+        self.max_decisions = max_decisions
+        self.traces: dict[tuple[Any, ...], _Trace] = {}
+        self.tail: set[tuple[Any, ...]] = set()
+        self.weights: dict[str, tuple[torch.Tensor, str]] = {}
+        self.out_names: list[str] = []
+        self.conds = 0
+        self.pad = pad
+        self.raws: dict[tuple[Any, ...], _Raw] = {}
+        self.structures: dict[Any, _Raw] = {}  # output structure -> first path with it
+        self.table: Any = None  # the variant table, where paths return different structures
+
+    # -- tracing ------------------------------------------------------------------------
+    def trace(self, forced: tuple[Any, ...]) -> _Trace:
+        """The path that takes ``forced`` first, then the first value of every decision.
+
+        Raises ``_Restructure`` when it returns a structure no earlier path returned (the
+        traces indexed so far are then in a stale output layout)."""
+        known = self.traces.get(forced)
+        if known is not None:
+            return known
+        raw = self._raw(forced)
+        skey = (str(raw.spec), tuple(str(M.get_spec(a)) for a in raw.outputs))
+        if skey not in self.structures:
+            self.structures[skey] = raw
+            if len(self.structures) > 1 and self.traces:
+                self.traces.clear()
+                raise _Restructure()
+        program, n_out = raw.program, raw.n_out
+        if len(self.structures) > 1:
+            # the first path of each structure, in discovery order, fixes the layout
+            paths = list(self.structures.values())
+            at = next((i for i, r in enumerate(paths) if r is raw), None)
+            if at is None:
+                paths.append(raw)
+                at = len(paths) - 1
+            unified, self.table = unify_outputs(
+                [r.program for r in paths], [r.spec for r in paths], pad=self.pad
+            )
+            program = unified[at]
+            n_out = len(program.output_names)
+            self.out_names = list(program.output_names)
+        elif not self.out_names:
+            from splice.ir.capture import _output_names
+
+            self.out_names = _output_names(raw.spec, n_out) if n_out else []
+        mode = raw.mode
+        t = _Trace(
+            tuple(d.value for d in mode.decisions),
+            mode.decisions,
+            mode.keys,
+            program,
+            n_out,
+            raw.spec,
+        )
+        self._index(t, mode.item_kinds)
+        if len(self.traces) > 0:
+            self._check_outputs(t)
+        self.traces[forced] = t
+        self.traces.setdefault(t.taken, t)
+        return t
+
+    def _raw(self, forced: tuple[Any, ...]) -> _Raw:
+        known = self.raws.get(forced)
+        if known is not None:
+            return known
+        from splice.ir.capture import _capture_error, _to_program
+
+        if len({id(r) for r in self.raws.values()}) >= self.max_traces:
+            sites = sorted({d.site for r in self.raws.values() for d in r.mode.decisions})
             raise CaptureError(
-                f"the model has more than {max_paths} paths through its data-dependent branches",
+                f"exploring the model's data-dependent branches needs more than "
+                f"{self.max_traces} paths traced",
                 where=", ".join(sites[:4]),
-                hint="raise max_paths, or make independent gates fewer",
+                hint="raise max_paths (the bound on traced paths); decisions that rejoin "
+                "cost one trace each, decisions in tail form (early exits nested in "
+                "branches, Python state set in a branch) multiply",
             )
         try:
-            ep, decisions, spec, n_out = _trace_path(model, args, forced, max_decisions)
+            ep, mode, spec, n_out = _trace_path(
+                self.model, self.args, list(forced), self.max_decisions
+            )
         except CaptureError:
             raise
         except Exception as e:
             where = " ".join(f"{d}" for d in forced)
-            err = _capture_error(model, e)
-            err.message = f"{err.message} (on the path that decides {where or 'nothing yet'})"
-            raise err from e
-        program = _to_program(ep, args, {}, {}, type(model).__name__)
-        if not out_names:
-            out_names = _output_names(spec, n_out) if n_out else []
-        paths.append(_Path(decisions, program, n_out))
-        # schedule the other outcomes of the decisions this path took by default
-        taken = [d.value for d in decisions]
-        for k in range(len(forced), len(decisions)):
-            for v in reversed(decisions[k].domain):
-                if v != taken[k]:
-                    stack.append([*taken[:k], v])
-    return paths, out_names
+            err = _capture_error(self.model, e, dynamic=True)
+            raise err.with_message(
+                f"{err.message} (on the path that decides {where or 'nothing yet'})"
+            ) from e
+        program = _to_program(ep, self.args, {}, {}, type(self.model).__name__)
+        outputs = list(program.graph.find_nodes(op="output")[0].args[0][:n_out])
+        raw = _Raw(program, spec, n_out, mode, outputs)
+        self.raws[forced] = raw
+        self.raws.setdefault(tuple(d.value for d in mode.decisions), raw)
+        return raw
+
+    def _index(self, t: _Trace, kinds: list[bool]) -> None:
+        items: list[fx.Node] = []
+        for i, n in enumerate(t.program.graph.nodes):
+            t.pos[n] = i
+            if n.op == "placeholder":
+                t.nodes_of.setdefault(f"in:{n.name}", []).append(n)
+            elif n.op == "get_attr":
+                t.wkey[n] = self._weight_key(
+                    n.target, t.program.get_weight(n.target), t.program.weight_kinds[n.target]
+                )
+                t.nodes_of.setdefault(t.wkey[n], []).append(n)
+            elif n.op == "call_function":
+                t.by_name[n.name] = n
+                if n.target is _aten.item.default:
+                    items.append(n)
+                else:
+                    t.compute.append(n)
+        if len(items) == len(kinds):
+            items = [n for n, is_decision in zip(items, kinds) if is_decision]
+        if len(items) != len(t.decisions):
+            raise CaptureError(
+                f"export kept {len(items)} of the {len(t.decisions)} decision points of a path",
+                hint="this torch version drops aten.item nodes; report it with the model",
+            )
+        t.items = items
+        # drop what only feeds the decision points (``ne(b, 0)`` of ``bool(b)``)
+        t.preds = [_strip_bool_test(n.args[0]) for n in items]
+        keep = set(t.program.graph.find_nodes(op="output")[0].args[0][: t.n_out]) | set(t.preds)
+        t.compute = [
+            n
+            for n in t.compute
+            if n in keep
+            or any(u.op != "output" and u.target is not _aten.item.default for u in n.users)
+        ]
+        t.preds = [_strip_bool_test(n.args[0]) for n in items]
+        out = t.program.graph.find_nodes(op="output")[0].args[0][: t.n_out]
+        for a in out:
+            if not isinstance(a, fx.Node):
+                raise CaptureError(
+                    f"the model returns a constant ({a!r}) beside its tensors on a path with "
+                    "data-dependent branches",
+                    hint="return tensors only",
+                )
+        t.outputs = [t.value(a) for a in out]
+
+    def _weight_key(self, name: str, tensor: torch.Tensor, kind: str) -> str:
+        """``@name``, made unique where two traces hold different tensors under one name
+        (constants lifted from a literal are named in creation order)."""
+        cand, i = name, 0
+        while cand in self.weights:
+            known = self.weights[cand][0]
+            if known is tensor or (
+                known.shape == tensor.shape
+                and known.dtype == tensor.dtype
+                and (known.data_ptr() == tensor.data_ptr() or torch.equal(known, tensor))
+            ):
+                return f"@{cand}"
+            i += 1
+            cand = f"{name}_{i}"
+        self.weights[cand] = (tensor, kind)
+        return f"@{cand}"
+
+    def _check_outputs(self, t: _Trace) -> None:
+        """Every path must return the same specs (after :func:`unify_outputs`); the error
+        names only the model's outputs, never the explorer's predicates."""
+        first = next(iter(self.traces.values()))
+        a = [self.spec_of(first, v) for v in first.outputs]
+        b = [self.spec_of(t, v) for v in t.outputs]
+        if a != b:
+            raise CaptureError(
+                "two paths of the model return outputs of different shapes or types: "
+                f"{', '.join(map(str, a))} vs {', '.join(map(str, b))}",
+                where=", ".join(d.site for d in t.decisions[:3]),
+                hint="every path of a data-dependent branch must return the same shapes "
+                "(pad or project the early outputs)",
+            )
+
+    def spec_of(self, t: _Trace, v: Value) -> M.Spec:
+        if isinstance(v, fx.Node):
+            return M.spec(v)
+        if v.startswith("@"):
+            w = self.weights[v[1:]][0]
+            return M.TensorSpec(tuple(w.shape), w.dtype)
+        return M.spec(t.nodes_of[v][0])
+
+    # -- building the structure -----------------------------------------------------------
+    def build(self) -> _Region:
+        for _ in range(10_000):
+            try:
+                self.conds = 0
+                return self._suffix(self.trace(()), -1, None, None)
+            except _Restructure:
+                continue  # a new output structure: every path in the new layout
+            except _Retry as r:
+                new = r.keys - self.tail
+                if not new:
+                    raise CaptureError(
+                        "the explorer could not join the paths of the model's branches",
+                        hint="report this model; splice.capture_dynamic should fall back to "
+                        "the exact tail form",
+                    ) from None
+                self.tail |= new
+        raise CaptureError("the explorer did not converge")  # pragma: no cover
+
+    def _suffix(self, B: _Trace, s: int, parent: _Region | None, cond: _Cond | None) -> _Region:
+        bound = B.pos[B.items[s]] if s >= 0 else -1
+        members = {n for n in B.compute if B.pos[n] > bound}
+        R = _Region(
+            B, members, list(range(s + 1, len(B.decisions))), list(B.outputs), True, parent, cond
+        )
+        if parent is not None and parent.base is not B:
+            R.to_outer = {}
+        self._fill(R)
+        return R
+
+    def _fill(self, R: _Region) -> None:
+        inside: set[int] = set()
+        carved: set[fx.Node] = set()
+        for k in R.decisions:
+            if k in inside:
+                continue
+            c = self._cond(R, k)
+            self.conds += 1
+            R.conds.append(c)
+            inside |= c.nested
+            carved |= c.sides[c.decision.value].members
+            if c.tail:
+                break
+        R.nodes = [n for n in R.base.compute if n in R.members and n not in carved]
+
+    def _enclosing(self, R: _Region) -> set[tuple[Any, ...]]:
+        keys: set[tuple[Any, ...]] = set()
+        r: _Region | None = R
+        while r is not None and r.cond is not None:
+            keys.add(r.cond.key)
+            r = r.parent
+        return keys
+
+    def _cond(self, R: _Region, k: int) -> _Cond:
+        B = R.base
+        d = B.decisions[k]
+        key = B.taken[:k]
+        alts = [v for v in d.domain if v != d.value]
+        qs = {v: self.trace((*key, v)) for v in alts}
+        pred = B.value(B.preds[k])
+        if key in self.tail:
+            if not R.suffix:
+                raise _Retry(self._enclosing(R))
+            c = _Cond(key, k, B, d, pred, True, list(R.outputs))
+            c.nested = {j for j in R.decisions if j > k}
+            c.sides[d.value] = self._suffix(B, k, R, c)
+            for v, Q in qs.items():
+                side = self._suffix(Q, k, R, c)
+                self._map_prefix(side, Q, B, Q.pos[Q.items[k]])
+                c.sides[v] = side
+            for side in c.sides.values():
+                got = [self.spec_of(side.base, o) for o in side.outputs]
+                if got != [self.spec_of(B, o) for o in c.values]:
+                    self._check_outputs(side.base)
+            return c
+        try:
+            return self._joined(R, k, key, d, pred, qs)
+        except _Retry as r:
+            if not r.keys:  # a conflict at k: k in tail form, and every cond around it
+                raise _Retry({key} | self._enclosing(R)) from None
+            raise
+
+    def _joined(
+        self,
+        R: _Region,
+        k: int,
+        key: tuple[Any, ...],
+        d: Decision,
+        pred: Value,
+        qs: dict[Any, _Trace],
+    ) -> _Cond:
+        """Decision ``k`` of region ``R`` as a cond whose sides rejoin. Raises ``_Retry(set())``
+        where the join is not sound at k, ``_Retry(enclosing)`` where k's effect leaves R."""
+        B = R.base
+        conflict = _Retry(set())
+        walks: dict[Any, _Walk] = {}
+        for v, Q in qs.items():
+            w = _Walk(B, Q, k)
+            if not w.run():
+                raise conflict
+            walks[v] = w
+        bP = B.pos[B.items[k]]
+        later = range(k + 1, len(B.decisions))
+        nested = {j for j in later if any(j not in w.pairs for w in walks.values())}
+        if any(j in w.pairs for j in nested for w in walks.values()):
+            raise conflict
+        escape = _Retry(self._enclosing(R)) if not R.suffix else conflict
+        if not nested <= set(R.decisions):
+            raise escape
+        values: list[Value] = []
+        for w in walks.values():
+            for pv in w.merges:
+                if _in(pv, values) < 0:
+                    values.append(pv)
+        post = set().union(*(w.corr for w in walks.values()))
+        eq = set().union(*(w.eq_p for w in walks.values()))
+        seeds = [v for v in values if isinstance(v, fx.Node) and B.pos[v] > bP]
+        seeds += [B.preds[j] for j in nested if B.pos[B.preds[j]] > bP]
+        side_nodes = self._ancestors(B, seeds, bP, stop=eq, forbidden=post)
+        if side_nodes is None:
+            raise conflict
+        if not side_nodes <= R.members:
+            raise escape
+        # every merge must reach the outputs through this region (or its results)
+        for w in walks.values():
+            for use, pv in w.merge_uses:
+                if not self._contained(R, use, pv):
+                    raise escape
+        # a value merged here must not also be read unmerged after the decision
+        for w in walks.values():
+            for pv in w.merges:
+                for use in self._uses(B, pv, bP, side_nodes):
+                    user = use[0] if use[0] not in ("out", "pred") else None
+                    if user is not None and user not in w.corr and user not in w.eq_p:
+                        continue  # not reached from the outputs on this path: dead
+                    if (use, pv) not in w.merge_uses:
+                        raise conflict
+        c = _Cond(key, k, B, d, pred, False, values, nested=nested)
+        specs = [self.spec_of(B, v) for v in values]
+        bside = _Region(B, side_nodes, sorted(nested), list(values), False, R, c)
+        self._fill(bside)
+        c.sides[d.value] = bside
+        for v, Q in qs.items():
+            w = walks[v]
+            bQ = Q.pos[Q.items[k]]
+            outs: list[Value] = []
+            for pv in values:
+                qv = w.merges.get(pv)
+                if qv is None:
+                    qv = self._q_equivalent(w, pv)
+                if qv is None:
+                    raise conflict
+                outs.append(qv)
+            if [self.spec_of(Q, q) for q in outs] != specs:
+                if any(_in(pv, B.outputs) >= 0 for pv in values):
+                    self._check_outputs(Q)
+                raise conflict
+            q_nested = [j for j in range(k + 1, len(Q.decisions)) if j not in w.pairs.values()]
+            q_seeds = [q for q in outs if isinstance(q, fx.Node) and Q.pos[q] > bQ]
+            q_seeds += [Q.preds[j] for j in q_nested if Q.pos[Q.preds[j]] > bQ]
+            q_nodes = self._ancestors(Q, q_seeds, bQ, stop=set(w.eq_q), forbidden=set(w.rev))
+            if q_nodes is None:
+                raise conflict
+            side = _Region(Q, q_nodes, q_nested, outs, False, R, c)
+            side.to_outer = {}
+            side.use_up = dict(w.rev)
+            side.pred_up = {jq: jp for jp, jq in w.pairs.items()}
+            self._map_prefix(side, Q, B, bQ, w)
+            self._fill(side)
+            c.sides[v] = side
+        return c
+
+    def _q_equivalent(self, w: _Walk, pv: Value) -> Value | None:
+        """The other trace's value equal to ``pv`` (a prefix node, an input, a weight, or a
+        node computed the same way on both sides), or None."""
+        if isinstance(pv, str):
+            return pv
+        if w.P.pos[pv] < w.bP:
+            return w.Q.by_name.get(pv.name)
+        for q, p in w.eq_q.items():
+            if p is pv:
+                return q
+        return None
+
+    def _map_prefix(
+        self, side: _Region, Q: _Trace, B: _Trace, bQ: int, w: _Walk | None = None
+    ) -> None:
+        """How the side of trace ``Q`` names the values it reads from before its cond."""
+        m = side.to_outer if side.to_outer is not None else {}
+        for n in Q.compute:
+            if Q.pos[n] < bQ and n.name in B.by_name:
+                m[n] = B.by_name[n.name]
+        if w is not None:
+            m.update(w.eq_q)
+        side.to_outer = m
+
+    def _ancestors(
+        self,
+        B: _Trace,
+        seeds: list[fx.Node],
+        bound: int,
+        *,
+        stop: set[fx.Node],
+        forbidden: set[fx.Node],
+    ) -> set[fx.Node] | None:
+        """Compute nodes after ``bound`` that ``seeds`` depend on, not through ``stop``;
+        None if one of them is ``forbidden`` (computed after the join)."""
+        out: set[fx.Node] = set()
+        stack = list(seeds)
+        while stack:
+            n = stack.pop()
+            if n in out or n.op != "call_function" or B.pos[n] <= bound or n in stop:
+                continue
+            if n in forbidden:
+                return None
+            out.add(n)
+            stack.extend(n.all_input_nodes)
+        return out
+
+    def _uses(self, B: _Trace, v: Value, bound: int, side: set[fx.Node]) -> list[Any]:
+        """The reads of ``v`` after position ``bound`` outside ``side``, as walk uses."""
+        nodes = B.nodes_of.get(v, []) if isinstance(v, str) else [v]
+        uses: list[Any] = []
+        for n in nodes:
+            for u in n.users:
+                if u.op == "output" or u in side or u.target is _aten.item.default:
+                    continue
+                if B.pos[u] <= bound:
+                    continue
+                xs = [x for x in _flat(u)[1] if isinstance(x, fx.Node)]
+                uses += [(u, i) for i, x in enumerate(xs) if x is n]
+        uses += [("out", i) for i, o in enumerate(B.outputs) if o is v or o == v]
+        uses += [
+            ("pred", j)
+            for j, p in enumerate(B.preds)
+            if B.pos[B.items[j]] > bound and B.value(p) == v and B.items[j] not in side
+        ]
+        return uses
+
+    def _contained(self, R: _Region, use: Any, pv: Value) -> bool:
+        r: _Region | None = R
+        while r is not None:
+            if r.has_use(use):
+                return True
+            if r.parent is None or r.cond is None:
+                return False
+            i = _in(pv, r.outputs)
+            if i < 0:
+                return False
+            if r.parent.base is not r.base:
+                if use[0] == "pred":
+                    j = (r.pred_up or {}).get(use[1])
+                    if j is None:
+                        return False
+                    use = ("pred", j)
+                elif use[0] != "out":
+                    u = (r.use_up or {}).get(use[0])
+                    if u is None:
+                        return False
+                    use = (u, use[1])
+            pv = r.cond.values[i] if not r.cond.tail else r.parent.outputs[i]
+            r = r.parent
+        return False
+
+
+def _paths(R: _Region) -> int:
+    """How many paths the region's conds give (the old explorer's path count)."""
+    total = 1
+    for c in R.conds:
+        total *= sum(_paths(s) for s in c.sides.values())
+    return total
 
 
 # ---------------------------------------------------------------------------------------
-# paths -> one program with conds in tail form
+# the structure -> one program with conds
 
 
-class _Trie:
-    def __init__(self, depth: int):
-        self.depth = depth
-        self.paths: list[_Path] = []
-        self.children: dict[Any, _Trie] = {}
-        self.decision: Decision | None = None  # the decision made at the end of this node
-
-
-def _index_path(p: _Path) -> None:
-    seg = 0
-    for n in p.program.graph.nodes:
-        if n.op == "placeholder":
-            p.segment[n.name] = -1
-            continue
-        if n.op == "call_function" and n.target is _aten.item.default:
-            p.items.append(n)
-            p.segment[n.name] = seg
-            seg += 1
-            continue
-        p.segment[n.name] = seg
-    if len(p.items) != len(p.decisions):
-        raise CaptureError(
-            f"export kept {len(p.items)} of the {len(p.decisions)} decision points of a path",
-            hint="this torch version drops aten.item nodes; report it with the model",
-        )
-
-
-def _build_trie(paths: list[_Path]) -> _Trie:
-    root = _Trie(0)
-    for p in paths:
-        node = root
-        node.paths.append(p)
-        for d in p.decisions:
-            node.decision = d
-            node = node.children.setdefault(d.value, _Trie(node.depth + 1))
-            node.paths.append(p)
-    return root
-
-
-class _Builder:
-    """Builds the graph of one trie node: its segment, then a cond, or the outputs.
-
-    Values are keyed by name: a node's export name, or ``@weight`` for a weight.
-    """
-
-    def __init__(self, n_out: int, weights: dict[str, tuple[torch.Tensor, str]]):
-        self.weights = weights
-        self.n_out = n_out
+class _Emitter:
+    def __init__(self, ex: _Explorer):
+        self.ex = ex
         self._sub = 0
-        self._segments: dict[int, list[fx.Node]] = {}
-        self._specs: dict[int, dict[str, M.Spec]] = {}
-        self._free: dict[int, list[str]] = {}
 
-    def segment_nodes(self, trie: _Trie) -> list[fx.Node]:
-        """Union over the trie node's paths of their nodes in segment ``depth`` (by name)."""
-        if id(trie) not in self._segments:
-            seen: dict[str, fx.Node] = {}
-            for p in trie.paths:
-                for n in p.program.graph.nodes:
-                    if n.op in ("placeholder", "output", "get_attr") or n.name in seen:
-                        continue
-                    if p.segment[n.name] == trie.depth and n.target is not _aten.item.default:
-                        seen[n.name] = n
-            self._segments[id(trie)] = list(seen.values())
-        return self._segments[id(trie)]
-
-    def specs(self, trie: _Trie) -> dict[str, M.Spec]:
-        """Spec of every value named in the trie node's paths (names agree on the prefix)."""
-        if id(trie) not in self._specs:
-            out: dict[str, M.Spec] = {}
-            for p in trie.paths:
-                for n in p.program.graph.nodes:
-                    if n.op not in ("get_attr", "output"):
-                        out.setdefault(n.name, M.spec(n))
-            self._specs[id(trie)] = out
-        return self._specs[id(trie)]
-
-    def free_names(self, trie: _Trie) -> list[str]:
-        """Values the subtree reads from outside itself, in first-use order."""
-        if id(trie) in self._free:
-            return self._free[id(trie)]
-        defined: set[str] = set()
-        needed: dict[str, None] = {}
-
-        def use(name: str) -> None:
-            if name not in defined:
-                needed.setdefault(name, None)
-
-        for n in self.segment_nodes(trie):
-            for a in n.all_input_nodes:
-                use(_key(a))
-            defined.add(n.name)
-        if trie.children:
-            use(_key(self._pred_source(trie)))
-            for name in self.child_operands(trie):
-                use(name)
-        else:
-            for a in self._outputs(trie.paths[0]):
-                use(_key(a))
-        self._free[id(trie)] = list(needed)
-        return self._free[id(trie)]
-
-    def child_operands(self, trie: _Trie) -> list[str]:
-        """The operands of the trie node's cond: what any of its children reads."""
-        names: dict[str, None] = {}
-        for child in trie.children.values():
-            names.update(dict.fromkeys(self.free_names(child)))
-        return list(names)
-
-    def build(self, trie: _Trie, params: list[str] | None) -> Any:
-        """The graph of ``trie``; ``params`` are its placeholders' names.
-
-        Returns a sub-graph's GraphModule, or for the top graph (``params`` None, the
-        program's inputs as placeholders and weights as get_attr) ``(graph, subgraphs)``.
-        """
-        graph = fx.Graph()
-        if params is None:
-            env = {
-                n.name: graph.node_copy(n)
-                for n in trie.paths[0].program.graph.nodes
-                if n.op == "placeholder"
-            }
-        else:
-            env = self._placeholders(graph, params, trie)
-
-        def value(name: str) -> fx.Node:
-            if name not in env and name.startswith("@") and params is None:
-                env[name] = graph.get_attr(name[1:])
-                M.set_spec(env[name], self._weight_spec(name))
-                M.set_loc(env[name], M.UNKNOWN_LOC)
-            return env[name]
-
-        for n in self.segment_nodes(trie):
-            env[n.name] = graph.node_copy(n, lambda a: value(_key(a)))
-        subgraphs: dict[str, fx.GraphModule] = {}
-        if trie.children:
-            decision = trie.decision
-            assert decision is not None
-            pred_src = value(_key(self._pred_source(trie)))
-            results = self._cond_chain(
-                graph, trie, decision, pred_src, self.child_operands(trie), value, subgraphs
-            )
-        else:
-            results = [value(_key(a)) for a in self._outputs(trie.paths[0])]
-        graph.output(tuple(results))
-        if params is None:
-            return graph, subgraphs
-        return build_graph_module(graph, {}, subgraphs, class_name="SubGraph")
-
-    def _cond_chain(
+    def region(
         self,
+        R: _Region,
         graph: fx.Graph,
-        trie: _Trie,
-        decision: Decision,
-        pred_src: fx.Node,
-        operands: list[str],
-        value: Callable[[str], fx.Node],
+        outer: Callable[[Value], fx.Node],
         subgraphs: dict[str, fx.GraphModule],
     ) -> list[fx.Node]:
-        """cond(pred, then, else) for a bool decision; a chain of idx == k for an index."""
-        loc = _site_loc(decision.site)
+        """Emit ``R`` into ``graph``; ``outer`` gives the node of a value from outside."""
+        B = R.base
+        own = set(R.nodes)
+        phis: dict[Any, list[tuple[int, _Cond, int]]] = {}
+        for c in R.conds:
+            for i, v in enumerate(c.values):
+                phis.setdefault(_vkey(v), []).append((c.position, c, i))
 
-        def sub(child: _Trie) -> fx.Node:
-            return self._ref(graph, subgraphs, self.build(child, operands), loc)
+        def resolve(v: Value, t: int) -> tuple[str, Any]:
+            for cp, c, i in reversed(phis.get(_vkey(v), [])):
+                if cp < t:
+                    return ("phi", (c, i))
+            if isinstance(v, fx.Node) and v in own:
+                return ("node", v)
+            return ("outer", v)
 
-        ops = tuple(value(name) for name in operands)
-        if decision.domain == (False, True):
-            pred = pred_src
-            then_ref, else_ref = sub(trie.children[True]), sub(trie.children[False])
-        else:
-            first, *rest = decision.domain
-            pred = graph.call_function(_aten.eq.Scalar, (pred_src, first))
-            M.set_spec(pred, M.TensorSpec(M.tensor_spec(pred_src).shape, torch.bool))
-            M.set_loc(pred, loc)
-            then_ref = sub(trie.children[first])
-            if len(rest) == 1:
-                else_ref = sub(trie.children[rest[0]])
+        # sides first: their graphs say what each cond reads from here
+        sides: dict[int, tuple[dict[Any, tuple[fx.Graph, dict, dict]], list[Value]]] = {}
+        for c in R.conds:
+            sides[id(c)] = self._sides(c)
+        # schedule: program order, each unit after what it reads
+        units: list[Any] = list(R.nodes) + list(R.conds)
+        unit_pos = {id(u): (B.pos[u] if isinstance(u, fx.Node) else u.position) for u in units}
+        deps: dict[int, set[int]] = {}
+        users: dict[int, list[Any]] = {}
+
+        def dep_of(r: tuple[str, Any]) -> Any:
+            if r[0] == "node":
+                return r[1]
+            if r[0] == "phi":
+                return r[1][0]
+            return None
+
+        prev = None
+        for u in units:
+            if isinstance(u, fx.Node):
+                reads = [resolve(B.value(a), B.pos[u]) for a in u.all_input_nodes]
             else:
-                # the rest of the chain is a graph of its own: the same operands and the index
-                chain = self._chain_rest(trie, decision, tuple(rest), operands, pred_src)
-                else_ref = self._ref(graph, subgraphs, chain, loc)
-                ops = (*ops, pred_src)
-                _add_placeholder(subgraphs[then_ref.target], "index", M.spec(pred_src))
-        cond = graph.call_function(torch.ops.higher_order.cond, (pred, then_ref, else_ref, ops))
-        specs = self._out_specs(trie)
+                reads = [resolve(u.pred, u.position)]
+                reads += [resolve(v, u.position) for v in sides[id(u)][1]]
+            ds = {id(x) for x in (dep_of(r) for r in reads) if x is not None}
+            if not isinstance(u, fx.Node):
+                if prev is not None:
+                    ds.add(id(prev))
+                prev = u
+            ds.discard(id(u))
+            deps[id(u)] = ds
+            for x in ds:
+                users.setdefault(x, []).append(u)
+        env: dict[int, Any] = {}
+
+        def get(r: tuple[str, Any]) -> fx.Node:
+            if r[0] == "node":
+                return env[id(r[1])]
+            if r[0] == "phi":
+                c, i = r[1]
+                return env[id(c)][i]
+            return outer(r[1])
+
+        waiting = {id(u): len(deps[id(u)]) for u in units}
+        heap = [(unit_pos[id(u)], n, u) for n, u in enumerate(units) if not deps[id(u)]]
+        order = {id(u): n for n, u in enumerate(units)}
+        heapq.heapify(heap)
+        done = 0
+        while heap:
+            _, _, u = heapq.heappop(heap)
+            done += 1
+            if isinstance(u, fx.Node):
+                t = B.pos[u]
+                env[id(u)] = graph.node_copy(u, lambda a, t=t: get(resolve(B.value(a), t)))
+            else:
+                graphs, ops = sides[id(u)]
+                env[id(u)] = self._emit_cond(
+                    u,
+                    graph,
+                    subgraphs,
+                    graphs,
+                    [get(resolve(v, u.position)) for v in ops],
+                    get(resolve(u.pred, u.position)),
+                )
+            for x in users.get(id(u), []):
+                waiting[id(x)] -= 1
+                if waiting[id(x)] == 0:
+                    heapq.heappush(heap, (unit_pos[id(x)], order[id(x)], x))
+        if done != len(units):
+            raise CaptureError(
+                "the joined paths have no order in which every value is computed before use",
+                where=", ".join(c.decision.site for c in R.conds[:3]),
+                hint="report this model",
+            )
+        inf = len(B.pos) + 1
+        return [get(resolve(v, inf)) for v in R.outputs]
+
+    def _sides(self, c: _Cond) -> tuple[dict[Any, tuple[fx.Graph, dict, dict]], list[Value]]:
+        """Each side of ``c`` as a graph with its placeholders, and the cond's operands (values
+        of the region around it); every side takes every operand."""
+        graphs: dict[Any, tuple[fx.Graph, dict, dict]] = {}
+        operands: list[Value] = []
+        for v, S in c.sides.items():
+            g = fx.Graph()
+            phs: dict[Any, fx.Node] = {}
+            subs: dict[str, fx.GraphModule] = {}
+
+            def outer(sv: Value, S: _Region = S, g: fx.Graph = g, phs: dict = phs) -> fx.Node:
+                ov = S.outer_value(sv)
+                if ov is None:
+                    raise CaptureError(
+                        "a branch side reads a value the explorer cannot name outside it",
+                        where=c.decision.site,
+                        hint="report this model",
+                    )
+                kk = _vkey(ov)
+                if kk not in phs:
+                    phs[kk] = _placeholder(g, _name_of(ov), self.ex.spec_of(c.base, ov))
+                    if _in(ov, operands) < 0:
+                        operands.append(ov)
+                return phs[kk]
+
+            outs = self.region(S, g, outer, subs)
+            g.output(tuple(outs))
+            graphs[v] = (g, phs, subs)
+        for g, phs, _subs in graphs.values():
+            for ov in operands:
+                kk = _vkey(ov)
+                if kk not in phs:
+                    phs[kk] = _placeholder(g, _name_of(ov), self.ex.spec_of(c.base, ov))
+            first = next(n for n in g.nodes if n.op != "placeholder")
+            for ov in operands:
+                first.prepend(phs[_vkey(ov)])
+        return graphs, operands
+
+    def _emit_cond(
+        self,
+        c: _Cond,
+        graph: fx.Graph,
+        subgraphs: dict[str, fx.GraphModule],
+        graphs: dict[Any, tuple[fx.Graph, dict, dict]],
+        ops: list[fx.Node],
+        pred: fx.Node,
+    ) -> list[fx.Node]:
+        loc = _site_loc(c.decision.site)
+        specs = [self.ex.spec_of(c.base, v) for v in c.values]
+        gms = {}
+        for v, (g, _phs, subs) in graphs.items():
+            _dce(g)
+            gms[v] = build_graph_module(g, {}, subs, class_name="SubGraph")
+        domain = c.decision.domain
+        if domain == (False, True):
+            return self._cond_node(graph, subgraphs, pred, gms[True], gms[False], ops, loc, specs)
+        return self._switch(graph, subgraphs, pred, list(domain), gms, ops, loc, specs)
+
+    def _switch(
+        self,
+        graph: fx.Graph,
+        subgraphs: dict[str, fx.GraphModule],
+        idx: fx.Node,
+        values: list[Any],
+        gms: dict[Any, fx.GraphModule],
+        ops: list[fx.Node],
+        loc: M.Loc,
+        specs: list[M.Spec],
+    ) -> list[fx.Node]:
+        """``cond(idx == values[0], side, rest)`` where rest is the chain over the others."""
+        first, *rest = values
+        pred = graph.call_function(_aten.eq.Scalar, (idx, first))
+        M.set_spec(pred, M.TensorSpec(M.tensor_spec(idx).shape, torch.bool))
+        M.set_loc(pred, loc)
+        then_gm = gms[first]
+        if len(rest) == 1:
+            return self._cond_node(graph, subgraphs, pred, then_gm, gms[rest[0]], ops, loc, specs)
+        inner = fx.Graph()
+        phs = []
+        for o in ops:
+            ph = inner.placeholder(o.name)
+            M.set_spec(ph, M.spec(o))
+            M.set_loc(ph, M.UNKNOWN_LOC)
+            phs.append(ph)
+        index = inner.placeholder("index")
+        M.set_spec(index, M.spec(idx))
+        M.set_loc(index, M.UNKNOWN_LOC)
+        inner_subs: dict[str, fx.GraphModule] = {}
+        res = self._switch(inner, inner_subs, index, rest, gms, phs, loc, specs)
+        inner.output(tuple(res))
+        else_gm = build_graph_module(inner, {}, inner_subs, class_name="SubGraph")
+        _add_placeholder(then_gm, "index", M.spec(idx))
+        return self._cond_node(graph, subgraphs, pred, then_gm, else_gm, [*ops, idx], loc, specs)
+
+    def _cond_node(
+        self,
+        graph: fx.Graph,
+        subgraphs: dict[str, fx.GraphModule],
+        pred: fx.Node,
+        then_gm: fx.GraphModule,
+        else_gm: fx.GraphModule,
+        ops: list[fx.Node],
+        loc: M.Loc,
+        specs: list[M.Spec],
+    ) -> list[fx.Node]:
+        refs = []
+        for gm in (then_gm, else_gm):
+            name = f"branch_{self._sub}"
+            self._sub += 1
+            subgraphs[name] = gm
+            ref = graph.get_attr(name)
+            M.set_spec(ref, M.GraphRefSpec(name))
+            M.set_loc(ref, loc)
+            refs.append(ref)
+        cond = graph.call_function(torch.ops.higher_order.cond, (pred, *refs, tuple(ops)))
         M.set_spec(cond, M.TupleSpec(tuple(specs)))
         M.set_loc(cond, loc)
         results = []
@@ -481,89 +1394,48 @@ class _Builder:
             results.append(g)
         return results
 
-    def _chain_rest(
-        self,
-        trie: _Trie,
-        decision: Decision,
-        rest: tuple[Any, ...],
-        operands: list[str],
-        pred_src: fx.Node,
-    ) -> fx.GraphModule:
-        """A sub-graph (operands..., index) -> cond(index == rest[0], ...) chain over ``rest``."""
-        inner = fx.Graph()
-        env = self._placeholders(inner, operands, trie)
-        idx = inner.placeholder("index")
-        M.set_spec(idx, M.spec(pred_src))
-        M.set_loc(idx, M.UNKNOWN_LOC)
-        subs: dict[str, fx.GraphModule] = {}
-        sub_decision = Decision(decision.site, rest, decision.value)
-        results = self._cond_chain(inner, trie, sub_decision, idx, operands, env.__getitem__, subs)
-        inner.output(tuple(results))
-        return build_graph_module(inner, {}, subs, class_name="SubGraph")
 
-    def _placeholders(self, graph: fx.Graph, names: list[str], trie: _Trie) -> dict[str, fx.Node]:
-        specs = self.specs(trie)
-        env: dict[str, fx.Node] = {}
-        for name in names:
-            ph = graph.placeholder(_ph_name(name))
-            M.set_spec(ph, self._weight_spec(name) if name.startswith("@") else specs[name])
-            M.set_loc(ph, M.UNKNOWN_LOC)
-            env[name] = ph
-        return env
-
-    def _ref(
-        self, graph: fx.Graph, subgraphs: dict[str, fx.GraphModule], gm: fx.GraphModule, loc: M.Loc
-    ) -> fx.Node:
-        """Register ``gm`` as a new branch sub-graph and read it with a get_attr node."""
-        name = f"branch_{self._sub}"
-        self._sub += 1
-        subgraphs[name] = gm
-        ref = graph.get_attr(name)
-        M.set_spec(ref, M.GraphRefSpec(name))
-        M.set_loc(ref, loc)
-        return ref
-
-    def _pred_source(self, trie: _Trie) -> fx.Node:
-        return _strip_bool_test(trie.paths[0].items[trie.depth].args[0])
-
-    def _outputs(self, path: _Path) -> list[fx.Node]:
-        return list(path.program.graph.find_nodes(op="output")[0].args[0][: self.n_out])
-
-    def _out_specs(self, trie: _Trie) -> list[M.Spec]:
-        specs: list[M.Spec] | None = None
-        for p in trie.paths:
-            s = [M.spec(a) for a in self._outputs(p)]
-            if specs is None:
-                specs = s
-            elif s != specs:
-                raise CaptureError(
-                    "two paths of the model return outputs of different shapes or types: "
-                    f"{', '.join(map(str, specs))} vs {', '.join(map(str, s))}",
-                    where=", ".join(d.site for d in p.decisions[:3]),
-                    hint="every path of a data-dependent branch must return the same shapes "
-                    "(pad or project the early outputs)",
-                )
-        assert specs is not None
-        return specs
-
-    def _weight_spec(self, name: str) -> M.Spec:
-        t, _ = self.weights[name[1:]]
-        return M.TensorSpec(tuple(t.shape), t.dtype)
+def _dce(g: fx.Graph) -> None:
+    """Dead-code elimination that keeps every cond (a decision with no result still
+    decides: the branch trace records it)."""
+    cond = torch.ops.higher_order.cond
+    g.eliminate_dead_code(is_impure_node=lambda n: n.op != "call_function" or n.target is cond)
 
 
-def _key(n: fx.Node) -> str:
-    """The builder's name for a value: ``@weight`` for a weight read, else the node name."""
-    return f"@{n.target}" if n.op == "get_attr" else n.name
+def _is_weight(v: Any) -> bool:
+    return isinstance(v, str) and v.startswith("@")
+
+
+def _vkey(v: Value) -> Any:
+    return v if isinstance(v, str) else id(v)
+
+
+def _name_of(v: Value) -> str:
+    if isinstance(v, str):
+        return _ph_name(v) if v.startswith("@") else v[3:]
+    return v.name
+
+
+def _placeholder(g: fx.Graph, name: str, spec: M.Spec) -> fx.Node:
+    phs = list(g.find_nodes(op="placeholder"))
+    nodes = list(g.nodes)
+    if phs:
+        where = g.inserting_after(phs[-1])
+    elif nodes:
+        where = g.inserting_before(nodes[0])
+    else:
+        where = contextlib.nullcontext()
+    with where:
+        ph = g.placeholder(name)
+    M.set_spec(ph, spec)
+    M.set_loc(ph, M.UNKNOWN_LOC)
+    return ph
 
 
 def _add_placeholder(gm: fx.GraphModule, name: str, spec: M.Spec) -> None:
     """Append an (unused) placeholder: cond passes the same operands to both branches, and
     an index chain's else branch also takes the index."""
-    last = list(gm.graph.find_nodes(op="placeholder"))[-1]
-    with gm.graph.inserting_after(last):
-        ph = gm.graph.placeholder(name)
-    M.set_spec(ph, spec)
-    M.set_loc(ph, M.UNKNOWN_LOC)
+    _placeholder(gm.graph, name, spec)
     gm.recompile()
 
 
@@ -593,19 +1465,42 @@ def _site_loc(site: str) -> M.Loc:
     return M.Loc(file=file, line=int(line)) if line.isdigit() else M.UNKNOWN_LOC
 
 
+@contextlib.contextmanager
+def _recursion(limit: int) -> Iterator[None]:
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(old, limit))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(old)
+
+
 def capture_dynamic(
     model: nn.Module,
     example_inputs: Any,
     *,
     signatures: Sequence[Any] | None = None,
-    max_paths: int = 64,
-    max_decisions: int = 64,
+    max_paths: int = 256,
+    max_decisions: int = 256,
+    pad_outputs: float | int | None = None,
     name: str | None = None,
 ) -> Program | SignatureSet:
     """Capture ``model`` with every path of its data-dependent control flow (module docs).
 
-    Returns a Program whose branches are ``torch.cond`` nodes in tail form; a model with no
-    data-dependent decision gives the same Program as :func:`splice.capture`.
+    Returns a Program with one ``torch.cond`` per decision site (sides that rejoin; tail
+    form where the outputs differ); a model with no data-dependent decision gives the same
+    Program as :func:`splice.capture`. ``program.attrs`` records ``paths`` (the paths
+    through the conds), ``traces`` (the paths traced to find them) and ``conds``.
+
+    ``max_paths`` bounds the number of traced paths (a CaptureError beyond it): k sequential
+    gates need k + 1. ``max_decisions`` bounds the decisions on one path (an unbounded
+    loop is an error).
+
+    Paths may return different structures (a list of the exits computed so far, a shorter
+    sequence): the outputs are unified by :func:`splice.ir.outputs.unify_outputs` (a
+    variant index and every variant's slots; with ``pad_outputs``, one padded structure
+    with that fill value) and ``program.attrs["variants"]`` records the variant table;
+    calling the program returns the path's own structure.
 
     ``signatures``: more example inputs, one per other input shape the model must accept.
     Shapes are constants in a capture, so a branch on a shape (``if x.shape[-1] > 16``) is
@@ -628,7 +1523,12 @@ def capture_dynamic(
             seen.add(sig)
             programs.append(
                 capture_dynamic(
-                    model, ex, max_paths=max_paths, max_decisions=max_decisions, name=name
+                    model,
+                    ex,
+                    max_paths=max_paths,
+                    max_decisions=max_decisions,
+                    pad_outputs=pad_outputs,
+                    name=name,
                 )
             )
         if len(programs) > 1:
@@ -642,36 +1542,57 @@ def capture_dynamic(
         )
     was_training = model.training
     model.eval()
+    ex = _Explorer(model, tuple(args), max_paths, max_decisions, pad_outputs)
     try:
-        paths, out_names = _explore(model, args, max_paths, max_decisions)
+        with _recursion(20_000):
+            root = ex.trace(())
+            if not root.decisions:
+                p = root.program
+                p.name = _ident(name or type(model).__name__)
+                return p
+            region = ex.build()
+            root = ex.trace(())
+            graph = fx.Graph()
+            top: dict[Any, fx.Node] = {}
+            for n in root.program.graph.find_nodes(op="placeholder"):
+                top[f"in:{n.name}"] = graph.node_copy(n)
+
+            def outer(v: Value) -> fx.Node:
+                if isinstance(v, str) and v.startswith("@") and v not in top:
+                    top[v] = graph.get_attr(v[1:])
+                    M.set_spec(top[v], ex.spec_of(root, v))
+                    M.set_loc(top[v], M.UNKNOWN_LOC)
+                if not isinstance(v, str) or v not in top:
+                    raise CaptureError(
+                        f"the joined program reads {v} from outside the model",
+                        hint="report this model",
+                    )
+                return top[v]
+
+            subgraphs: dict[str, fx.GraphModule] = {}
+            outs = _Emitter(ex).region(region, graph, outer, subgraphs)
+            graph.output(tuple(outs))
     finally:
         model.train(was_training)
-    if len(paths) == 1 and not paths[0].decisions:
-        p = paths[0].program
-        p.name = _ident(name or type(model).__name__)
-        return p
-    for p in paths:
-        _index_path(p)
-    weights: dict[str, tuple[torch.Tensor, str]] = {}
-    for p in paths:
-        for w, k in p.program.weight_kinds.items():
-            weights.setdefault(w, (p.program.get_weight(w), k))
-    trie = _build_trie(paths)
-    graph, subgraphs = _Builder(paths[0].n_out, weights).build(trie, None)
+    _dce(graph)
     used = {n.target for n in graph.find_nodes(op="get_attr")} - set(subgraphs)
     gm = build_graph_module(
         graph,
-        {w: weights[w] for w in used},
+        {w: ex.weights[w] for w in used},
         subgraphs,
         class_name=f"Program_{_ident(name or type(model).__name__)}",
     )
     program = Program(
         gm,
-        output_names=out_names or None,
-        weight_kinds={w: weights[w][1] for w in used},
+        output_names=ex.out_names or None,
+        weight_kinds={w: ex.weights[w][1] for w in used},
         name=_ident(name or type(model).__name__),
     )
-    program.attrs["paths"] = len(paths)
+    if ex.table is not None:
+        program.attrs["variants"] = ex.table
+    program.attrs["paths"] = _paths(region)
+    program.attrs["traces"] = len({id(t) for t in ex.traces.values()})
+    program.attrs["conds"] = ex.conds
     return program
 
 

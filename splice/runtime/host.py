@@ -227,11 +227,13 @@ class HostProgram:
         self.parts = parts
         self.constants = constants or {}
         self.trace: list[tuple[str, bool]] = []
+        self.steps: list[int] = []  # id() of each branch step in ``trace``
         self.signature: int | None = None
         self._force: list[bool] = []
 
     def __call__(self, *inputs: torch.Tensor, force: Sequence[bool] = ()) -> list[torch.Tensor]:
         self.trace = []
+        self.steps = []
         self.signature = None
         self._force = list(force)
         main = self.host["main"]
@@ -257,6 +259,7 @@ class HostProgram:
                 k = len(self.trace)
                 taken = self._force[k] if k < len(self._force) else bool(env[step["pred"]])
                 self.trace.append((step["site"], taken))
+                self.steps.append(id(step))
                 self._enter(step["then"] if taken else step["else"], step, env)
             elif op == "signature":
                 k = _match_signature(step["cases"], [env[a] for a in step["args"]])
@@ -535,8 +538,11 @@ def eager_part(
 def explore_part_inputs(
     host: HostProgram, inputs: Sequence[torch.Tensor], *, max_paths: int = 256
 ) -> dict[str, tuple[torch.Tensor, ...]]:
-    """Run ``host`` on ``inputs`` along every path (forcing branches) and record the first
-    arguments each part receives: its predecessors' outputs, the parts' example inputs."""
+    """Run ``host`` on ``inputs``, forcing branches so that every side of every branch step
+    runs at least once, and record the first arguments each part receives: its
+    predecessors' outputs, the parts' example inputs. One run per branch side not taken
+    (linear in the branch steps, not in the paths: sequential branches that rejoin do not
+    multiply); ``max_paths`` bounds the runs."""
     seen: dict[str, tuple[torch.Tensor, ...]] = {}
     parts = dict(host.parts)
 
@@ -550,14 +556,19 @@ def explore_part_inputs(
     host.parts = {k: recorder(k, v) for k, v in parts.items()}
     try:
         stack: list[list[bool]] = [[]]
+        scheduled: set[tuple[int, bool]] = set()  # (branch step, side) reached or queued
         runs = 0
         while stack and runs < max_paths:
             force = stack.pop()
             host(*inputs, force=force)
             runs += 1
             taken = [t for _, t in host.trace]
+            scheduled |= set(zip(host.steps, taken))
             for k in range(len(force), len(taken)):
-                stack.append([*taken[:k], not taken[k]])
+                other = (host.steps[k], not taken[k])
+                if other not in scheduled:
+                    scheduled.add(other)
+                    stack.append([*taken[:k], not taken[k]])
     finally:
         host.parts = parts
     return seen
