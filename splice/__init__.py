@@ -19,14 +19,18 @@ from splice.errors import (
 )
 from splice.ir import Program, capture, compose, parse_ir, print_ir, save, verify
 from splice.ir.explore import capture_dynamic
+from splice.ir.lm import GenerationError, LMPrograms, capture_lm
 from splice.ir.signatures import SignatureSet
-from splice.runtime import Artifact, CompiledModel, compile, load
+from splice.runtime import Artifact, CompiledModel, Generator, compile, load
 
 __all__ = [
     "Artifact",
     "ArtifactError",
     "CaptureError",
     "CompiledModel",
+    "GenerationError",
+    "Generator",
+    "LMPrograms",
     "LoweringError",
     "ParseError",
     "PassError",
@@ -38,6 +42,7 @@ __all__ = [
     "__version__",
     "capture",
     "capture_dynamic",
+    "capture_lm",
     "compile",
     "compose",
     "load",

@@ -2,5 +2,6 @@
 
 from splice.runtime.artifact import Artifact, CompiledModel
 from splice.runtime.compile import compile, load
+from splice.runtime.generate import GenerationResult, Generator
 
-__all__ = ["Artifact", "CompiledModel", "compile", "load"]
+__all__ = ["Artifact", "CompiledModel", "GenerationResult", "Generator", "compile", "load"]
