@@ -18,8 +18,9 @@ GraphTree`), so a weight read in a branch is still that weight. A weight read by
 linear sites (the same layer on several paths, a loop body unrolled into branches) is
 factored **once**: every site reads the same A and B (threaded into the sub-graphs as new
 operands), the calibration statistics of all its sites are summed, and the dense weight
-leaves the program (its now unused operands are dropped). A weight that is also read by
-anything but a linear site (a tied embedding), or both as W and Wᵀ, is skipped.
+leaves the program (its now unused operands are dropped). The same weight read by two
+Linears of one graph (tied layers), by anything but a linear site (a tied embedding), or
+both as W and Wᵀ, is skipped, with every reader named (``readers``).
 
 Stats list what was not factored, and why: ``skipped`` (one ``{layer, sites, reason}`` per
 weight: tied, rank at or above break-even, already a low-rank factor, a ``moe_ffn``'s
@@ -460,22 +461,25 @@ class LowRank(Pass):
                 )
                 continue
             readers = _readers(program, weight, tree)
-            others = readers - {s.node for s in group}
-            if others:
-                names = ", ".join(sorted(tree.where(n) for n in others))
-                skipped.append({
-                    "layer": layer, "sites": where,
-                    "reason": f"weight shared with other nodes (tied): also read by {names}",
-                })  # fmt: skip
-                continue
-            if len({s.transposed for s in group}) > 1:
-                skipped.append({
-                    "layer": layer, "sites": where,
-                    "reason": "weight shared with other nodes (tied): read both as W and as Wᵀ",
-                })  # fmt: skip
+            tied = (
+                readers - {s.node for s in group}  # read by something else
+                or len({s.node.graph for s in group}) < len(group)  # two Linears, one graph
+                or len({s.transposed for s in group}) > 1  # read as W and as Wᵀ
+            )
+            if tied:
+                named = sorted(tree.where(n) for n in readers)
+                skipped += [
+                    {
+                        "layer": layer,
+                        "site": s.site,
+                        "reason": "weight shared with other nodes (tied)",
+                        "readers": named,
+                    }
+                    for s in group
+                ]
                 continue
             chosen.append(group)
-        skipped += _moe_skips(program, tree)
+        skipped += _moe_skips(program, tree) + _factored_skips(tree)
         base = {"skipped": skipped, "not_targeted": not_targeted}
         if not chosen:
             return PassResult(
@@ -689,6 +693,26 @@ class LowRank(Pass):
             ref = float(torch.einsum("ij,jk,ik->", wd, g, wd).clamp_min(0).sqrt())
             rec["activation_error"] = err / max(ref, 1e-30)
         return rec
+
+
+def _factored_skips(tree: GraphTree) -> list[dict[str, Any]]:
+    """Layers that are already ``splice::lowrank_linear``: not factored again, said so."""
+    by_layer: dict[str, list[str]] = {}
+    for _path, gm in tree.graphs:
+        for n in gm.graph.find_nodes(op="call_function", target=lowrank_linear.overload):
+            a = tree.weight_of(n.args[1]) or ""
+            by_layer.setdefault(a.removesuffix(".lowrank_A") or tree.where(n), []).append(
+                tree.where(n)
+            )
+    return [
+        {
+            "layer": layer,
+            "sites": sites,
+            "reason": "already factored (splice::lowrank_linear); lower its rank with "
+            "splice.passes.lowrank.set_rank",
+        }
+        for layer, sites in by_layer.items()
+    ]
 
 
 def _moe_skips(program: Program, tree: GraphTree) -> list[dict[str, Any]]:
