@@ -508,3 +508,112 @@ def test_artifact_with_constants_in_its_output(tmp_path: Path):
     )
     with pytest.raises(ArtifactError, match="'zz', which is no output"):
         splice.load(bad)
+
+
+# ---------------------------------------------------------------------------------------
+# end to end: capture_dynamic joins the paths through unify_outputs
+
+
+class Adaptive(nn.Module):
+    """Adaptive inference in its author's style: exits after a confident classifier and
+    returns the list of the classifier outputs computed so far."""
+
+    def __init__(self, blocks: int = 3, threshold: float = 0.4) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(blocks))
+        self.heads = nn.ModuleList(nn.Linear(8, 3) for _ in range(blocks))
+        self.threshold = threshold
+
+    def forward(self, x):
+        outs = []
+        h = x
+        for block, head in zip(self.blocks, self.heads):
+            h = torch.relu(block(h))
+            y = head(h)
+            outs.append(y)
+            if y.softmax(-1).max() > self.threshold:
+                break
+        return outs
+
+
+def _inputs_per_length(
+    model: nn.Module, shape: tuple[int, ...], want: int
+) -> dict[int, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    found: dict[int, torch.Tensor] = {}
+    for _ in range(2000):
+        x = torch.randn(*shape, generator=g) * 2
+        out = model(x)
+        found.setdefault(len(out) if isinstance(out, list) else out.shape[-1], x)
+        if len(found) == want:
+            break
+    assert len(found) == want, sorted(found)
+    return dict(sorted(found.items()))
+
+
+def test_capture_dynamic_adaptive_net_returns_the_list_of_the_right_length(tmp_path: Path):
+    m = Adaptive().eval()
+    xs = _inputs_per_length(m, (1, 8), 3)
+    p = splice.capture_dynamic(m, (xs[1],))
+    assert len(p.variants["variants"]) == 3
+    for n, x in xs.items():
+        got = p(x)
+        assert isinstance(got, list) and len(got) == n and _same(got, m(x))
+    q = parse_ir(print_ir(p), p.weights)
+    assert q.variants == p.variants
+    art = splice.compile(p, "host", output=tmp_path / "adaptive.artifact")
+    assert art.manifest["variants"] == p.variants
+    c = splice.load(art.path)
+    for n, x in xs.items():
+        got = c(x)
+        assert len(got) == n and _same(got, m(x))
+
+
+def test_capture_dynamic_pad_outputs_gives_one_padded_structure():
+    m = Adaptive().eval()
+    xs = _inputs_per_length(m, (1, 8), 3)
+    p = splice.capture_dynamic(m, (xs[1],), pad_outputs=0.0)
+    assert p.variants["pad"] == 0.0
+    for n, x in xs.items():
+        got = p(x)
+        assert isinstance(got, list) and len(got) == 3
+        assert _same(got[:n], m(x)) and all(not t.any() for t in got[n:])
+        k = int(p.run_named(x)[p.variants["index"]])  # which path structure filled it
+        assert len(p.variants["variants"][k]["outputs"]) == n
+
+
+class Greedy(nn.Module):
+    """A greedy LSTM decoder with an end token and a maximum length."""
+
+    def __init__(self, vocab: int = 5, hidden: int = 8, max_len: int = 4, end: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(vocab, hidden)
+        self.cell = nn.LSTMCell(hidden, hidden)
+        self.out = nn.Linear(hidden, vocab)
+        self.max_len, self.end = max_len, end
+
+    def forward(self, feat):
+        h, c = feat, torch.zeros_like(feat)
+        tok = torch.ones(1, dtype=torch.long)
+        toks = []
+        for _ in range(self.max_len):
+            h, c = self.cell(self.emb(tok), (h, c))
+            tok = self.out(h).argmax(-1)
+            toks.append(tok)
+            if bool(tok == self.end):
+                break
+        return torch.stack(toks, 1)
+
+
+def test_capture_dynamic_greedy_decoder_returns_the_shorter_sequence(tmp_path: Path):
+    m = Greedy().eval()
+    xs = _inputs_per_length(m, (1, 8), 4)
+    p = splice.capture_dynamic(m, (next(iter(xs.values())),))
+    assert sorted(v["specs"][0]["shape"][1] for v in p.variants["variants"]) == [1, 2, 3, 4]
+    for x in xs.values():
+        assert torch.equal(p(x), m(x))
+    c = splice.load(splice.compile(p, "host", output=tmp_path / "greedy.artifact").path)
+    for x in xs.values():
+        assert torch.equal(c(x), m(x))
