@@ -43,6 +43,13 @@ Run from the repository root::
     python benchmarks/branches.py                 # full run, writes benchmarks/RESULTS.md
     python benchmarks/branches.py --quick         # smoke run: 3 rounds, no write
     python benchmarks/branches.py --models skipnet,routed_moe --no-results
+    python benchmarks/branches.py --large         # the paper-size models, own section
+
+``--large`` runs the paper-size models of ``ZOO_LARGE`` instead (SDN on ResNet-56 with
+``is_output`` flags, SkipNet-38's 18 gates, BlockDrop's policy over ResNet-110's 54
+blocks, an MSDNet-style anytime net returning a list, a greedy Show-and-Tell decoder) with
+10 rounds and 2 warm-up calls, and writes a section of its own. Most of its time is
+setup: torch.compile compiles a graph per branch side, splice compiles a part per segment.
 """
 
 from __future__ import annotations
@@ -86,6 +93,11 @@ from splice import models_dynamic as Z
 SECTION = "## Dynamic branches: splice's DyCL-style splitting against eager and torch.compile (benchmarks/branches.py)"
 BEGIN = "<!-- branches:begin -->"
 END = "<!-- branches:end -->"
+#: ``--large``: the paper-size models (``ZOO_LARGE``) have a section of their own
+LARGE_SECTION = "## Dynamic branches at the papers' sizes: splice against eager and torch.compile (benchmarks/branches.py --large)"
+LARGE_BEGIN = "<!-- branches-large:begin -->"
+LARGE_END = "<!-- branches-large:end -->"
+MODELS: dict[str, Callable[[], Z.DynamicCase]] = {**Z.ZOO, **Z.ZOO_LARGE}
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 ATOL = 1e-3
 PEERS = ("eager", "eager-1t", "torch.compile", "splice")
@@ -281,7 +293,7 @@ def check_traces(res: ModelResult, case: Z.DynamicCase, traces: list[tuple]) -> 
 
 
 def run_model(name: str, args: argparse.Namespace, tmp: Path) -> ModelResult:
-    case = Z.ZOO[name]()
+    case = MODELS[name]()
     res = ModelResult(name, case.description, len(case.branch_inputs))
     if name in UNSUPPORTED:
         res.unsupported = UNSUPPORTED[name]
@@ -443,7 +455,7 @@ def _range(xs: Sequence[float]) -> str:
     return lo if lo == hi else f"{lo}–{hi}"
 
 
-def discussion(results: list[ModelResult], other_cores: float) -> list[str]:
+def discussion(results: list[ModelResult], other_cores: float, large: bool = False) -> list[str]:
     ran = [r for r in results if not r.unsupported and r.peers["splice"].timing]
     if not ran:
         return []
@@ -466,9 +478,16 @@ def discussion(results: list[ModelResult], other_cores: float) -> list[str]:
         f"x86 CPU with TVM {version('tvm')}"
         + (f"; against torch.compile {_range(list(comp.values()))}" if comp else "")
         + ". The numbers are not comparable one to one: DyCL ran the original, larger "
-        "networks on Jetson GPUs; the zoo models here are tiny (well under a millisecond of "
-        "arithmetic per call), so a call is dominated by per-call overhead, not arithmetic: "
-        "splice pays TVM's per-part call overhead (Relax VM entry, DLPack conversion of inputs "
+        "networks on Jetson GPUs; "
+        + (
+            "these models have the papers' depths (tens of blocks and decision sites) at "
+            "CIFAR widths (16/32/64 channels, 32x32 inputs, batch 1), so a call is a mix of "
+            "arithmetic and per-call overhead: "
+            if large
+            else "the zoo models here are tiny (well under a millisecond of arithmetic per "
+            "call), so a call is dominated by per-call overhead, not arithmetic: "
+        )
+        + "splice pays TVM's per-part call overhead (Relax VM entry, DLPack conversion of inputs "
         "and outputs) once per part on the path, plus the host program's Python dispatch per "
         "branch, against PyTorch's per-op dispatch overhead on every op (second table). "
     )
@@ -520,6 +539,7 @@ def section(
     command: str,
     load: tuple[float, ...],
     other_cores: float,
+    markers: tuple[str, str, str] = (SECTION, BEGIN, END),
 ) -> str:
     threads = torch.get_num_threads()
     failures = [
@@ -529,9 +549,10 @@ def section(
         if p.error is not None
     ]
     traces_ok = all(r.trace_ok for r in results if r.trace_ok is not None)
+    heading, begin, end = markers
     parts = [
-        SECTION,
-        BEGIN,
+        heading,
+        begin,
         "",
         f"- date: {dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"- machine: {cpu_model()}, {os.cpu_count()} cores, L3 {lscpu('L3') or 'unknown'}; "
@@ -567,7 +588,7 @@ def section(
         "",
         overhead_table(results),
         "",
-        *discussion(results, other_cores),
+        *discussion(results, other_cores, large=markers[0] == LARGE_SECTION),
         "",
         f"Checks: torch.compile and splice matched eager within {ATOL:g} on every branch input "
         "(max abs diff over all outputs)"
@@ -588,7 +609,7 @@ def section(
             "whose OpenMP threads stall each other when one is preempted) may be too slow; "
             "check the p10–p90 spread.",
         ]
-    parts += ["", END]
+    parts += ["", end]
     return "\n".join(parts)
 
 
@@ -597,23 +618,39 @@ def section(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=None, help="timed rounds per model (30)")
     ap.add_argument(
-        "--warmup", type=int, default=10, help="untimed calls per branch input and peer (10)"
+        "--rounds", type=int, default=None, help="timed rounds per model (30; 10 with --large)"
     )
     ap.add_argument(
-        "--models", default=",".join(Z.ZOO), help=f"comma-separated subset of {','.join(Z.ZOO)}"
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed calls per branch input and peer (10; 2 with --large)",
+    )
+    ap.add_argument(
+        "--models",
+        default=None,
+        help=f"comma-separated subset of {','.join(MODELS)} (default: the small zoo, "
+        "or with --large the paper-size one)",
+    )
+    ap.add_argument(
+        "--large",
+        action="store_true",
+        help=f"the paper-size models ({','.join(Z.ZOO_LARGE)}), written to their own section",
     )
     ap.add_argument("--quick", action="store_true", help="smoke run: 3 rounds, no write")
     ap.add_argument("--no-results", action="store_true", help="print only; do not write RESULTS.md")
     ap.add_argument("--results", type=Path, default=RESULTS, help="results file to update")
     args = ap.parse_args(argv)
-    args.rounds = args.rounds or (3 if args.quick else 30)
+    args.rounds = args.rounds or (3 if args.quick else 10 if args.large else 30)
+    if args.warmup is None:
+        args.warmup = 2 if args.large else 10
     write = not (args.no_results or args.quick)
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
-    unknown = [n for n in names if n not in Z.ZOO]
+    zoo = Z.ZOO_LARGE if args.large else Z.ZOO
+    names = [n.strip() for n in (args.models or ",".join(zoo)).split(",") if n.strip()]
+    unknown = [n for n in names if n not in MODELS]
     if unknown or not names or args.rounds < 1 or args.warmup < 0:
-        ap.error(f"bad arguments (unknown models: {unknown}; models: {', '.join(Z.ZOO)})")
+        ap.error(f"bad arguments (unknown models: {unknown}; models: {', '.join(MODELS)})")
     command = shlex.join(["python", *(sys.argv if argv is None else ["branches.py", *argv])])
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers/pytree chatter
@@ -632,7 +669,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(run_model(name, args, Path(d)))
 
     wall = time.perf_counter() - t_start
-    text = section(results, args, command, load, other_cores(busy, wall))
+    markers = (LARGE_SECTION, LARGE_BEGIN, LARGE_END) if args.large else (SECTION, BEGIN, END)
+    text = section(results, args, command, load, other_cores(busy, wall), markers)
     print(text)
     log(f"(benchmark wall time {wall:.0f} s)")
 
@@ -654,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"not writing {args.results}")
         return 1
     if write:
-        write_marked_section(args.results, SECTION, BEGIN, END, text)
+        write_marked_section(args.results, *markers, text)
         log(f"wrote {args.results}")
     return 0
 
