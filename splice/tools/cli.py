@@ -748,6 +748,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_commands(sub, model_arg)
 
+    from splice.tools.cli_generate import add_command as add_generate
+
+    add_generate(sub, model_arg)
+
     sp = sub.add_parser(
         "stitch-table",
         help="stitch a model family (SN-Net) and tabulate its configurations",
