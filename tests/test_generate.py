@@ -152,3 +152,22 @@ def test_errors() -> None:
         capture_lm(build("llama"), max_len=24, prompt_len=30)
     with pytest.raises(splice.CaptureError, match="more than the model's 64 positions"):
         capture_lm(build("llama"), max_len=100)
+
+
+def test_cli_generate(capsys) -> None:
+    from splice import models
+    from splice.tools.cli import main
+
+    argv = ["generate", "llama", "--prompt-ids", "5,6,7", "--max-new", "5", "--eager"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    model, _ = models.llama()
+    want = Generator.eager(capture_lm(model, max_len=7, prompt_len=3)).generate(
+        [5, 6, 7], max_new_tokens=5
+    )
+    assert out[0].split() == [str(t) for t in want.tokens]
+    assert "tokens/s" in out[-1] and "decode:" in out[-1]
+    assert main(["generate", "llama", "--prompt", "hello", "--eager"]) == 1
+    assert "no tokenizer" in capsys.readouterr().err
+    assert main(["generate", "llama", "--prompt-ids", "1,x"]) == 1
+    assert "--prompt-ids must be integers" in capsys.readouterr().err
