@@ -336,3 +336,43 @@ def test_hyper_on_a_captured_dynamic_program():
         parse_pipeline("hyper{targets=*.weight,input=cond}").run(p)
     with pytest.raises(PassError, match="into a sub-graph"):
         parse_pipeline("hyper{targets=*.weight,per_sample=true}").run(p)
+
+
+# ---------------------------------------------------------------------------------------
+# stitch routes
+
+
+def _bert_anchor(width: int) -> object:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    import splice
+
+    torch.manual_seed(width)
+    cfg = BertConfig(
+        hidden_size=width, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=2 * width, vocab_size=64, max_position_embeddings=16, num_labels=3,
+    )  # fmt: skip
+    model = BertForSequenceClassification(cfg).eval()
+    return splice.capture(model, (torch.randint(0, 64, (1, 8)),))
+
+
+def test_lowrank_and_experts_reach_into_stitch_routes():
+    from splice.passes.stitch import stitch_programs
+
+    g = torch.Generator().manual_seed(0)
+    calib = [(torch.randint(0, 64, (1, 8), generator=g),) for _ in range(4)]
+    p = stitch_programs([_bert_anchor(16), _bert_anchor(32)], calib).program
+    configs = len(p.attrs["stitch"]["configs"])
+    samples = [(c[0], torch.tensor(k)) for c in calib[:2] for k in range(configs)]
+    sites = find_linears(p)
+    assert sites and all(s.path for s in sites)  # every Linear is inside a route
+    lr = parse_pipeline("lowrank{ratio=0.5}").run(p, sample_inputs=samples)
+    both = parse_pipeline("lowrank{ratio=0.5},experts{num_experts=4,top_k=4}").run(
+        p, sample_inputs=samples
+    )
+    verify(both.program)
+    st_lr, st_ex = _stats(both, 0), _stats(both, 1)
+    assert st_lr["sites_factored"] == st_lr["sites_in_subgraphs"] == len(sites)
+    assert st_lr["factored"] == len({s.weight for s in sites})  # each weight once
+    assert st_ex["ffns_split"] == 4 and st_ex["ffn_sites_in_subgraphs"] == st_ex["ffn_sites"]
+    _close(both.program, lr.program, samples)

@@ -440,7 +440,8 @@ class Program:
         """Add (or replace) a weight. Values are shared, not copied."""
         if kind not in WEIGHT_KINDS:
             raise ValueError(f"weight kind {kind!r} is not one of {WEIGHT_KINDS}")
-        if not name or any(not p.isidentifier() and not p.isdigit() for p in name.split(".")):
+        if not name or any(not _PART.fullmatch(p) for p in name.split(".")):
+            # the parts weight_name_problem accepts (``stitch.0_1.0.weight``, as stitch names)
             raise ValueError(f"{name!r} is not a valid weight name (dotted identifiers)")
         if name not in self._weight_kinds and (problem := weight_name_problem(name)):
             raise ValueError(
