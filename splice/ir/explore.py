@@ -91,6 +91,10 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from splice.errors import CaptureError
 from splice.ir import meta as M
+from splice.ir.dd_sizes import DenseSelections
+from splice.ir.moe_capture import ATTR as _MOE_ATTR
+from splice.ir.moe_capture import ATTR_UNRECOGNISED as _MOE_ATTR_UNRECOGNISED
+from splice.ir.moe_capture import MoERecord, recognise_moe
 from splice.ir.outputs import unify_outputs
 from splice.ir.program import Program, build_graph_module
 from splice.ir.signatures import SignatureSet, signature_of_values
@@ -450,25 +454,33 @@ class _Trace:
 
 def _trace_path(
     model: nn.Module, args: tuple[torch.Tensor, ...], forced: list[Any], max_decisions: int
-) -> tuple[torch.export.ExportedProgram, _DecisionMode, Any, int]:
-    original = model.forward
+) -> tuple[torch.export.ExportedProgram, _DecisionMode, Any, int, MoERecord]:
+    """Export ``model`` on the path ``forced`` (then first values), as :func:`splice.capture`
+    would: sparse-MoE blocks as ``splice::moe_ffn`` and ``nonzero()``/``where(mask)`` token
+    dispatch densely (:mod:`splice.ir.moe_capture`, :mod:`splice.ir.dd_sizes`)."""
     state: dict[str, Any] = {}
+    with recognise_moe(model) as moe:  # entered first: it may replace the root's forward
+        original = model.forward
 
-    @functools.wraps(original)
-    def forward(*a: Any, **kw: Any) -> tuple[Any, ...]:
-        mode = _DecisionMode(forced, max_decisions=max_decisions)
-        with _numpy_hooks(), mode:
-            out = original(*a, **kw)
-        leaves, spec = pytree.tree_flatten(out)
-        state.update(mode=mode, spec=spec, n=len(leaves))
-        return (*leaves, *mode.preds)
+        @functools.wraps(original)
+        def forward(*a: Any, **kw: Any) -> tuple[Any, ...]:
+            mode = _DecisionMode(forced, max_decisions=max_decisions)
+            with _numpy_hooks(), mode, DenseSelections() as dense:
+                out = dense.check_outputs(original(*a, **kw))
+            leaves, spec = pytree.tree_flatten(out)
+            state.update(mode=mode, spec=spec, n=len(leaves))
+            return (*leaves, *mode.preds)
 
-    model.forward = forward  # type: ignore[method-assign]
-    try:
-        ep = torch.export.export(model, args, strict=False)
-    finally:
-        del model.forward
-    return ep, state["mode"], state["spec"], state["n"]
+        had = "forward" in model.__dict__
+        model.forward = forward  # type: ignore[method-assign]
+        try:
+            ep = torch.export.export(model, args, strict=False)
+        finally:
+            if had:
+                model.forward = original  # type: ignore[method-assign]
+            else:
+                del model.forward
+    return ep, state["mode"], state["spec"], state["n"], moe
 
 
 @dataclass(eq=False)
@@ -714,6 +726,7 @@ class _Explorer:
         self.conds = 0
         self.pad = pad
         self.raws: dict[tuple[Any, ...], _Raw] = {}
+        self.moe_attrs: dict[str, Any] = {}  # what moe_capture recognised, on any path
         self.structures: dict[Any, _Raw] = {}  # output structure -> first path with it
         self.table: Any = None  # the variant table, where paths return different structures
 
@@ -784,11 +797,15 @@ class _Explorer:
                 "branches, Python state set in a branch) multiply",
             )
         try:
-            ep, mode, spec, n_out = _trace_path(
+            ep, mode, spec, n_out, moe = _trace_path(
                 self.model, self.args, list(forced), self.max_decisions
             )
-        except CaptureError:
-            raise
+        except CaptureError as e:
+            if not forced:
+                raise
+            # dd_sizes / moe_capture refusals: say on which path the model did it
+            on = " ".join(f"{d}" for d in forced)
+            raise e.with_message(f"{e.message} (on the path that decides {on})") from e
         except Exception as e:
             where = " ".join(f"{d}" for d in forced)
             err = _capture_error(self.model, e, dynamic=True)
@@ -796,6 +813,10 @@ class _Explorer:
                 f"{err.message} (on the path that decides {where or 'nothing yet'})"
             ) from e
         program = _to_program(ep, self.args, {}, {}, type(self.model).__name__)
+        moe.annotate(program)
+        self.moe_attrs.update(
+            {k: program.attrs[k] for k in (_MOE_ATTR, _MOE_ATTR_UNRECOGNISED) if k in program.attrs}
+        )
         outputs = list(program.graph.find_nodes(op="output")[0].args[0][:n_out])
         raw = _Raw(program, spec, n_out, mode, outputs)
         self.raws[forced] = raw
@@ -1223,7 +1244,20 @@ class _Emitter:
                 prev = u
             ds.discard(id(u))
             deps[id(u)] = ds
-            for x in ds:
+        # only what the outputs and the conds need (a node of a trace that nothing reads
+        # may read a value that a cond's side now computes)
+        inf = len(B.pos) + 1
+        stack = [id(c) for c in R.conds]
+        stack += [id(x) for x in (dep_of(resolve(v, inf)) for v in R.outputs) if x is not None]
+        needed: set[int] = set()
+        while stack:
+            i = stack.pop()
+            if i not in needed:
+                needed.add(i)
+                stack.extend(deps[i])
+        units = [u for u in units if id(u) in needed]
+        for u in units:
+            for x in deps[id(u)]:
                 users.setdefault(x, []).append(u)
         env: dict[int, Any] = {}
 
@@ -1266,7 +1300,6 @@ class _Emitter:
                 where=", ".join(c.decision.site for c in R.conds[:3]),
                 hint="report this model",
             )
-        inf = len(B.pos) + 1
         return [get(resolve(v, inf)) for v in R.outputs]
 
     def _sides(self, c: _Cond) -> tuple[dict[Any, tuple[fx.Graph, dict, dict]], list[Value]]:
@@ -1590,6 +1623,7 @@ def capture_dynamic(
     )
     if ex.table is not None:
         program.attrs["variants"] = ex.table
+    program.attrs.update(ex.moe_attrs)
     program.attrs["paths"] = _paths(region)
     program.attrs["traces"] = len({id(t) for t in ex.traces.values()})
     program.attrs["conds"] = ex.conds
