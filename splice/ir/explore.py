@@ -58,7 +58,12 @@ join is not sound (a Python-state difference, a value read both before and after
 merge, a nested decision whose effect leaves its side), that decision and the ones around
 it are built in tail form instead -- exact, and exponential only in such decisions.
 Python state kept outside the stack's locals (an attribute set in one branch and read
-later) is not seen; such a model must keep that state in a local or a tensor.
+later) is not seen; such a model must keep that state in a local or a tensor. The side of
+a later decision that the default path never runs reads each value in its latest version
+(after the merges before it): a model that keeps an alias of a variable from before a
+branch that reassigns it, and reads that old alias *only* inside the untaken side of a
+later branch (``old = x; if a: x = f(x); if b: x = x + old``), is not checked -- where
+the default path itself reads both versions, the explorer sees it and uses tail form.
 
 The result is an ordinary Program with ``higher_order.cond`` nodes (one per decision site,
 an index decision is a chain of ``cond(idx == k, ...)``), which the ``branches`` pass splits
