@@ -33,9 +33,9 @@ A block of a recognised class whose structure differs (biases, transposed or int
 weights, an activation ``moe_ffn`` lacks, router logits requested as outputs) raises a
 :class:`~splice.errors.CaptureError` naming its module path. A module that holds a
 ``transformers`` experts module but is of no known class is left as it is and listed in the
-program's ``moe.unrecognised`` attribute — except with the ``"eager"`` experts
-implementation, whose capture would fail anyway on a data-dependent guard: then it is a
-CaptureError naming the block and what to do.
+program's ``moe.unrecognised`` attribute: with the ``"eager"`` experts implementation its
+``nonzero()`` loop is captured densely by :mod:`splice.ir.dd_sizes` (exact, every expert on
+every token), otherwise as ``transformers`` exports it.
 
 Computed in the input dtype: ``transformers`` takes the router's softmax in fp32, so fp16 /
 bf16 models differ by rounding (fp32 models agree to rounding).
@@ -373,22 +373,8 @@ def find_sites(model: nn.Module) -> MoERecord:
             record.sites[path] = rule.inspect(path, module)
             inside.append(path)
             continue
-        for child_name, child in module.named_children():
-            if _is_experts(child):
-                record.unrecognised[path] = type(module).__name__
-                if _impl(child) == "eager":
-                    raise CaptureError(
-                        "sparse-MoE block not recognised: its experts "
-                        f"({path + '.' if path else ''}{child_name}, {type(child).__name__}) "
-                        "use the 'eager' implementation, a loop over nonzero() that "
-                        "torch.export cannot capture (a guard on a data-dependent size)",
-                        where=_where(path, module),
-                        hint="splice captures routed experts as splice::moe_ffn for "
-                        f"{sorted(b for r in RULES.values() for b in r.blocks)}; for this "
-                        "block set model.config._experts_implementation = 'batched_mm' "
-                        "(plain ATen ops) before capture",
-                    )
-                break
+        if any(_is_experts(c) for c in module.children()):
+            record.unrecognised[path] = type(module).__name__
     return record
 
 
