@@ -1,0 +1,343 @@
+"""Generation benchmark: tokens/s of a compiled prefill/decode loop over a static KV cache.
+
+For LLaMA at the decode benchmarks' shape (``common.LLAMA_DECODE_SHAPE``: hidden 2048,
+4 layers, inter 5632, 16 heads, vocab 1024) and a small GPT-2 (hidden 768, 4 layers,
+12 heads, vocab 4096), all with seeded random weights, fp32, batch 1: 128 new tokens
+after a 128-token prompt (greedy; stop tokens off, so every run makes exactly 128 tokens).
+
+Peers:
+
+* ``eager``: ``transformers`` ``generate()`` (its DynamicCache), ``do_sample=False``,
+  ``min_new_tokens=max_new_tokens``;
+* ``compile``: ``generate()`` with ``cache_implementation="static"`` and its forward
+  auto-compiled by ``torch.compile`` (``CompileConfig(mode="default", _compile_all_devices=
+  True)``: transformers only auto-compiles on accelerators otherwise); the first, compiling
+  call is a warm-up;
+* ``dense``, ``lowrank``, ``experts``: :func:`splice.capture_lm` (max_len = prompt + new),
+  then nothing / ``lowrank{ratio=0.5}`` / ``experts{num_experts=8,top_k=2}`` on both
+  programs, :class:`splice.runtime.Generator` compiled for the host (TVM).
+
+Reported per peer: prefill ms (transformers: one forward over the prompt with a cache;
+splice: the prefill program), decode tokens/s (transformers: 127 steps over the time of
+``generate()`` minus that prefill), end-to-end tokens/s (128 / the whole call), and whether
+the greedy tokens equal the eager ones (lowrank/experts are approximations: they differ).
+For splice decode, the fraction of the bandwidth bound: the bytes one step must read
+(weights, minus the embedding table but one row, plus the whole static cache) over the
+torch STREAM-triad rate, divided by the measured step time.
+
+Also: the LLaMA decode step at position 10 and at position 1000 of a 1024-position cache
+(splice dense; median of ``--repeats`` steps each): the cost of a step does not depend on
+the position (it reads the whole static cache).
+
+::
+
+    python benchmarks/generate.py                       # full run (< 10 min on 2 quiet cores)
+    python benchmarks/generate.py --quick               # smoke run: tiny shapes, no write
+    python benchmarks/generate.py --models gpt2 --peers eager,dense --no-results
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from common import (
+    LLAMA_DECODE_SHAPE,
+    busy_seconds,
+    cpu_model,
+    git_state,
+    llama_lm,
+    log,
+    other_cores,
+    torch_triad_gbs,
+    version,
+    write_marked_section,
+)
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+HEADING = "## Generation (benchmarks/generate.py)"
+BEGIN, END = "<!-- generate:begin -->", "<!-- generate:end -->"
+PEERS = ("eager", "compile", "dense", "lowrank", "experts")
+PIPELINES = {
+    "dense": None,
+    "lowrank": "lowrank{ratio=0.5}",
+    "experts": "experts{num_experts=8,top_k=2}",
+}
+GPT2_SHAPE = {"layers": 4, "hidden": 768, "heads": 12, "vocab": 4096}
+QUICK_LLAMA = {"layers": 2, "hidden": 128, "inter": 344, "heads": 4, "kv_heads": 4, "vocab": 256}
+QUICK_GPT2 = {"layers": 2, "hidden": 64, "heads": 4, "vocab": 256}
+
+
+@dataclass
+class Row:
+    model: str
+    peer: str
+    prefill_ms: float = float("nan")
+    decode_tps: float = float("nan")
+    total_tps: float = float("nan")
+    same_tokens: str = ""
+    bound_fraction: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    position: dict[int, float] = field(default_factory=dict)
+
+
+def build(model: str, quick: bool, max_positions: int) -> torch.nn.Module:
+    """The benchmark's LLaMA or GPT-2 (seeded random weights, eval mode)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    if model == "llama":
+        lm = llama_lm(
+            (QUICK_LLAMA if quick else LLAMA_DECODE_SHAPE)["layers"],
+            QUICK_LLAMA if quick else LLAMA_DECODE_SHAPE,
+        )
+        lm.config.max_position_embeddings = max_positions  # RoPE: a limit, not a table
+        lm.config.eos_token_id = lm.generation_config.eos_token_id = None
+        return lm
+    s = QUICK_GPT2 if quick else GPT2_SHAPE
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        n_layer=s["layers"], n_embd=s["hidden"], n_head=s["heads"], vocab_size=s["vocab"],
+        n_positions=max_positions, bos_token_id=0, eos_token_id=None,
+    )  # fmt: skip
+    lm = transformers.GPT2LMHeadModel(cfg).eval()
+    lm.generation_config.eos_token_id = None
+    return lm
+
+
+def step_bytes(lm: torch.nn.Module, max_len: int) -> int:
+    """Bytes one decode step must read: the parameters (the input embedding table counted as
+    one row unless tied) and the static cache (keys and values, every layer, all slots)."""
+    emb = lm.get_input_embeddings().weight
+    out = lm.get_output_embeddings()
+    tied = out is not None and out.weight is emb
+    total = 0
+    for p in lm.parameters():
+        total += (p.shape[1] if p is emb and not tied else p.numel()) * p.element_size()
+    with torch.no_grad():
+        past = lm(input_ids=torch.zeros(1, 1, dtype=torch.int64), use_cache=True).past_key_values
+    for layer in past.layers:
+        for t in (layer.keys, layer.values):
+            total += t.shape[1] * max_len * t.shape[3] * t.element_size()
+    return total
+
+
+def time_transformers(
+    lm: torch.nn.Module, ids: torch.Tensor, new: int, static: bool, repeats: int
+) -> tuple[Row, list[int]]:
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import CompileConfig
+
+    kwargs: dict = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False}
+    if static:
+        kwargs["cache_implementation"] = "static"
+        compile_config = CompileConfig(fullgraph=False, mode="default")
+        compile_config._compile_all_devices = True  # transformers compiles on accelerators only
+        kwargs["compile_config"] = compile_config
+    config = GenerationConfig(**{**lm.generation_config.to_dict(), **kwargs})
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        out = lm.generate(ids, attention_mask=mask, generation_config=config)  # warm-up
+        totals, prefills = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            lm(input_ids=ids, attention_mask=mask, use_cache=True)
+            prefills.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            out = lm.generate(ids, attention_mask=mask, generation_config=config)
+            totals.append(time.perf_counter() - t0)
+    total, prefill = statistics.median(totals), statistics.median(prefills)
+    row = Row("", "compile" if static else "eager", prefill * 1e3)
+    row.decode_tps = (new - 1) / max(total - prefill, 1e-9)
+    row.total_tps = new / total
+    if static:
+        row.note = "prefill ms: eager forward (the compiled one is inside generate)"
+    return row, out[0, ids.shape[1] :].tolist()
+
+
+def time_splice(
+    lm: torch.nn.Module,
+    ids: torch.Tensor,
+    new: int,
+    peer: str,
+    repeats: int,
+    tmp: Path,
+    bound_bytes: int,
+    gbs: float,
+) -> tuple[Row, list[int]]:
+    import splice
+    from splice.passes import parse_pipeline
+    from splice.runtime.generate import Generator
+
+    t0 = time.perf_counter()
+    programs = splice.capture_lm(lm, max_len=ids.shape[1] + new, prompt_len=ids.shape[1])
+    if PIPELINES[peer]:
+        programs = programs.run_pipeline(parse_pipeline(PIPELINES[peer]))
+    gen = Generator.compile(programs, "host", output=tmp / peer)
+    log(f"    {peer}: captured and compiled in {time.perf_counter() - t0:.0f} s")
+    gen.generate(ids, max_new_tokens=4, stop_tokens=[])  # warm-up
+    results = [gen.generate(ids, max_new_tokens=new, stop_tokens=[]) for _ in range(repeats)]
+    pre = statistics.median(r.prefill_seconds for r in results)
+    dec = statistics.median(r.decode_seconds for r in results)
+    row = Row("", peer, pre * 1e3, (new - 1) / dec, new / (pre + dec))
+    if peer == "dense":
+        row.bound_fraction = bound_bytes / (gbs * 1e9) / (dec / (new - 1))
+    tokens = results[0].tokens
+    del gen, programs
+    gc.collect()
+    return row, tokens
+
+
+def time_positions(lm: torch.nn.Module, repeats: int, tmp: Path) -> dict[int, float]:
+    """Median seconds of a dense decode step at positions 10 and 1000 of a 1024 cache."""
+    import splice
+
+    programs = splice.capture_lm(lm, max_len=1024, prompt_len=16)
+    art = splice.compile(programs.decode, "host", output=tmp / "decode1024.artifact")
+    model = art.load()
+    cache = programs.empty_cache()
+    out: dict[int, float] = {}
+    for pos in (10, 1000):
+        ids, p = torch.tensor([[1]]), torch.tensor([pos])
+        model.run(ids, p, *cache)
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model.run(ids, p, *cache)
+            ts.append(time.perf_counter() - t0)
+        out[pos] = statistics.median(ts)
+    return out
+
+
+def section(report: Report, args: argparse.Namespace, gbs: float, load: tuple[float, float]) -> str:
+    lines = [
+        HEADING,
+        BEGIN,
+        "",
+        f"- date: {time.strftime('%Y-%m-%dT%H:%M:%S%z')}",
+        f"- machine: {cpu_model()}, {os.cpu_count()} cores (torch threads: "
+        f"{torch.get_num_threads()}); torch STREAM triad {gbs:.1f} GB/s; 1-min load "
+        f"average {load[0]:.2f} before; other processes kept {load[1]:.2f} cores busy "
+        "during the run",
+        f"- software: Python {sys.version.split()[0]}, torch {torch.__version__}, transformers "
+        f"{version('transformers')}, tvm {version('tvm')}, splice at {git_state()}",
+        f"- command: `{args.command}`",
+        f"- workload: prompt {args.prompt} tokens, {args.new} new tokens, greedy, batch 1, "
+        f"fp32; median of {args.repeats} run(s) after a warm-up; LLaMA "
+        f"{'(quick shape)' if args.quick else 'hidden 2048, 4 layers, inter 5632, vocab 1024'}"
+        f", GPT-2 {'(quick shape)' if args.quick else 'hidden 768, 4 layers, vocab 4096'}",
+        "",
+        "| model | peer | prefill ms | decode tokens/s | end-to-end tokens/s | tokens = eager "
+        "| of bandwidth bound | note |",
+        "|---|---|--:|--:|--:|---|--:|---|",
+    ]
+    for r in report.rows:
+        frac = f"{r.bound_fraction:.0%}" if r.bound_fraction is not None else ""
+        lines.append(
+            f"| {r.model} | {r.peer} | {r.prefill_ms:.1f} | {r.decode_tps:.1f} | "
+            f"{r.total_tps:.1f} | {r.same_tokens} | {frac} | {r.note} |"
+        )
+    if report.position:
+        a, b = report.position[10], report.position[1000]
+        lines += [
+            "",
+            f"LLaMA dense decode step, cache of 1024 positions: position 10 {a * 1e3:.2f} ms, "
+            f"position 1000 {b * 1e3:.2f} ms (ratio {b / a:.2f}).",
+        ]
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="llama,gpt2")
+    ap.add_argument("--peers", default=",".join(PEERS))
+    ap.add_argument("--prompt", type=int, default=None, help="prompt tokens (128)")
+    ap.add_argument("--new", type=int, default=None, help="new tokens (128)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed generate() calls (1)")
+    ap.add_argument("--no-position", action="store_true", help="skip the position 10/1000 check")
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny shapes, no write")
+    ap.add_argument("--no-results", action="store_true", help="print only; do not write")
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    args.prompt = args.prompt or (8 if args.quick else 128)
+    args.new = args.new or (8 if args.quick else 128)
+    args.repeats = args.repeats or 1
+    peers = [p for p in args.peers.split(",") if p]
+    bad = [p for p in peers if p not in PEERS]
+    if bad:
+        ap.error(f"unknown peers {bad}; peers: {', '.join(PEERS)}")
+    args.command = shlex.join(
+        ["python", *(sys.argv if argv is None else ["benchmarks/generate.py", *argv])]
+    )
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TVM_NUM_THREADS", str(torch.get_num_threads()))
+    load_before = os.getloadavg()[0]
+    start, t_start = busy_seconds(), time.perf_counter()
+    gbs = torch_triad_gbs()
+    report = Report()
+    with tempfile.TemporaryDirectory(prefix="splice-generate-") as d:
+        tmp = Path(d)
+        for model in [m for m in args.models.split(",") if m]:
+            lm = build(model, args.quick, max(1024, args.prompt + args.new))
+            ids = torch.randint(
+                0,
+                lm.config.vocab_size,
+                (1, args.prompt),
+                generator=torch.Generator().manual_seed(0),
+            )
+            bound = step_bytes(lm, args.prompt + args.new)
+            ref: list[int] | None = None
+            for peer in peers:
+                log(f"{model}: {peer}…")
+                if peer in ("eager", "compile"):
+                    row, tokens = time_transformers(
+                        lm, ids, args.new, peer == "compile", args.repeats
+                    )
+                else:
+                    row, tokens = time_splice(
+                        lm, ids, args.new, peer, args.repeats, tmp / model, bound, gbs
+                    )
+                row.model = model
+                if peer == "eager":
+                    ref = tokens
+                row.same_tokens = "" if ref is None or peer == "eager" else (
+                    "yes" if tokens == ref else f"no ({sum(a == b for a, b in zip(tokens, ref))}/{len(ref)})"
+                )  # fmt: skip
+                report.rows.append(row)
+                log(
+                    f"  {peer}: prefill {row.prefill_ms:.1f} ms, decode {row.decode_tps:.1f} "
+                    f"tokens/s, end-to-end {row.total_tps:.1f} tokens/s {row.same_tokens}"
+                )
+            if model == "llama" and not args.no_position and "dense" in peers:
+                log("llama: decode step at positions 10 and 1000 of 1024…")
+                report.position = time_positions(lm, max(5, 4 * args.repeats), tmp / "pos")
+            del lm
+            gc.collect()
+    wall = time.perf_counter() - t_start
+    text = section(report, args, gbs, (load_before, other_cores(start, wall)))
+    print(text)
+    log(f"done in {wall:.0f} s")
+    if not (args.quick or args.no_results):
+        write_marked_section(args.results, HEADING, BEGIN, END, text)
+        log(f"wrote {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
