@@ -29,6 +29,17 @@ The caller's lists are restored when the run ends.
 
 The pipeline's :class:`~splice.passes.base.PassResult` carries one record per pass in
 ``stats["passes"]``: name, changed, seconds, stats, and ``skipped_by`` where it applies.
+
+**A SignatureSet runs member by member** (:meth:`SignatureSet.map`): one capture per input
+signature (:func:`splice.capture_dynamic` with ``signatures=``) goes through the pipeline
+as a whole. Every sample (and calibration) tuple goes to the member whose signature it has
+(one that matches none is a :class:`~splice.errors.PassError`), so each member calibrates
+on inputs of its own shapes (on its samples when no calibration tuple has its signature);
+a member's failure names its signature. The result's program
+is a new SignatureSet; ``stats["signatures"]`` holds each member's own pipeline stats, and
+each record of ``stats["passes"]`` has ``changed`` (any member), ``seconds`` (the sum) and
+``stats = {"signatures": [one stats dict per member]}``. Instruments see each member as a
+pipeline run of its own.
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ from typing import Any
 
 from splice.errors import PassError, SpliceError, VerificationError
 from splice.ir.program import Program
+from splice.ir.signatures import SignatureSet, signature_of_values, signature_text
 from splice.ir.verify import verify as verify_program
 from splice.passes.base import Pass, PassContext, PassResult
 from splice.passes.instruments import Instrument, VerifyEach
@@ -71,21 +83,65 @@ class PassManager:
 
     def run(
         self,
-        program: Program,
+        program: Program | SignatureSet,
         ctx: PassContext | None = None,
         *,
         sample_inputs: Sequence[Sequence[Any]] | None = None,
     ) -> PassResult:
-        """Run the pipeline on a copy of ``program`` (see the module docstring)."""
+        """Run the pipeline on a copy of ``program`` (see the module docstring); a
+        :class:`~splice.ir.signatures.SignatureSet` runs member by member."""
         if ctx is None:
             ctx = PassContext(sample_inputs)
         elif sample_inputs is not None:
             ctx.sample_inputs = [tuple(s) for s in sample_inputs]
         saved = (ctx.sample_inputs, ctx.calibration_inputs)
         try:
+            if isinstance(program, SignatureSet):
+                return self._run_set(program, ctx)
             return self._run(program, ctx)
         finally:
             ctx.sample_inputs, ctx.calibration_inputs = saved
+
+    def _run_set(self, sset: SignatureSet, ctx: PassContext) -> PassResult:
+        """Each member through :meth:`_run` with the samples of its own signature."""
+        samples = _by_member(sset, ctx.sample_inputs, "sample")
+        calib = (
+            _by_member(sset, ctx.calibration_inputs, "calibration")
+            if ctx.calibration_inputs is not None
+            else None
+        )
+        results: list[PassResult] = []
+
+        def one(member: Program) -> Program:
+            i = len(results)
+            ctx.sample_inputs = samples[i]
+            # a member none of the calibration tuples fits calibrates on its samples
+            ctx.calibration_inputs = calib[i] if calib is not None and calib[i] else None
+            try:
+                result = self._run(member, ctx)
+            except SpliceError as e:
+                sig = signature_text(sset.signatures[i], sset.input_names)
+                _add_where(e, f"member {i} of SignatureSet {sset.name!r}, signature {sig}")
+                raise
+            results.append(result)
+            return result.program
+
+        out = sset.map(one)
+        records = []
+        for index, entry in enumerate(self.pipeline.entries):
+            mine = [r.stats["passes"][index] for r in results]
+            rec: dict[str, Any] = {
+                "pass": str(entry),
+                "changed": any(m["changed"] for m in mine),
+                "seconds": sum(m["seconds"] for m in mine),
+                "stats": {"signatures": [m["stats"] for m in mine]},
+            }
+            skipped_by = sorted({m["skipped_by"] for m in mine if "skipped_by" in m})
+            if skipped_by:
+                rec["skipped_by"] = ", ".join(skipped_by)
+            records.append(rec)
+        stats = {"passes": records, "signatures": [r.stats for r in results]}
+        return PassResult(out, any(r.changed for r in results), stats)
 
     def _run(self, program: Program, ctx: PassContext) -> PassResult:
         for inst in self.instruments:
@@ -238,6 +294,33 @@ def _problem(program: Program) -> VerificationError | None:
     except VerificationError as e:
         return e
     return None
+
+
+def _add_where(e: SpliceError, place: str) -> None:
+    """Append ``place`` to the error's ``where`` (its text and ``one_line`` follow)."""
+    e.where = f"{e.where}; {place}" if e.where else place
+    parts = [e.message, f"  at: {e.where}"] + ([f"  hint: {e.hint}"] if e.hint else [])
+    e.args = ("\n".join(parts), *e.args[1:])
+
+
+def _by_member(
+    sset: SignatureSet, batches: Sequence[Sequence[Any]] | None, what: str
+) -> list[list[tuple[Any, ...]]]:
+    """``batches`` grouped by the member of ``sset`` whose signature each one has."""
+    out: list[list[tuple[Any, ...]]] = [[] for _ in sset.programs]
+    known = set(sset.signatures)
+    for j, b in enumerate(batches or []):
+        sig = signature_of_values(b)
+        if sig not in known:
+            listing = "; ".join(signature_text(s, sset.input_names) for s in sset.signatures)
+            raise PassError(
+                f"{what} input {j} has signature {signature_text(sig, sset.input_names)}, "
+                f"which is none of SignatureSet {sset.name!r}'s: {listing}",
+                hint="give samples of the captured shapes (each goes to the member of its "
+                "signature)",
+            )
+        out[sset.index(sig)].append(tuple(b))
+    return out
 
 
 def _follow_samples(ctx: PassContext, before: Program, result: PassResult) -> None:

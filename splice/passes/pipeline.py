@@ -79,8 +79,10 @@ class Pipeline:
     ) -> PassResult:
         """Run the passes through a :class:`~splice.passes.manager.PassManager`.
 
-        The result is verified unless ``verify=False``; ``verify_each`` verifies after
-        every pass (see :mod:`splice.passes.manager`).
+        ``program`` is a Program or a :class:`~splice.ir.signatures.SignatureSet` (every
+        member runs the pipeline with the samples of its own signature, and the result's
+        program is a SignatureSet; see :mod:`splice.passes.manager`). The result is
+        verified unless ``verify=False``; ``verify_each`` verifies after every pass.
         """
         from splice.passes.manager import PassManager
 

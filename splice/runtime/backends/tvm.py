@@ -5,7 +5,10 @@ Lowering, step by step:
 1. **Export.** The Program's GraphModule is exported with ``torch.export`` (non-strict) on
    placeholder inputs built from its input specs. Parameters stay parameters; buffers and
    constants are bound into the module as constants ("linked into the module").
-2. **Import.** ``tvm.relax.frontend.torch.from_exported_program`` with
+2. **Import.** Views become reshapes (:func:`views_as_reshapes`: torch's decompositions
+   can change strides, and reshape copies only where a view is impossible), torch
+   decomposes the export into core ATen ops (:func:`decompose`; its errors are shown in
+   full), and ``tvm.relax.frontend.torch.from_exported_program`` imports it with
    ``keep_params_as_input=True`` and :data:`CONVERT_MAP`, which lowers splice dialect ops.
 3. **Optimise.** Relax: ``DecomposeOpsForInference``, ``CanonicalizeBindings``,
    ``FuseTransposeMatmul`` (``x @ Wᵀ`` as one NT-matmul reading W row-major), splice's
@@ -414,6 +417,66 @@ def native_stderr_into(sink: list[str]) -> Iterator[None]:
                     sink.append(msg)
 
 
+def views_as_reshapes(ep: torch.export.ExportedProgram) -> int:
+    """Rewrite every ``aten.view`` of ``ep`` (sub-graphs included) as ``aten.reshape``, in
+    place; returns how many.
+
+    Strides are not part of a Program's specs, and torch's decompositions (which run before
+    TVM's import) can give a value other strides than the capture saw: after GPT-2's SDPA at
+    batch 2 the attention output is [2, 8, 64] with strides (64, 128, 1) once SDPA is
+    decomposed, and GPT-2's ``view(-1, 64)`` of it fails ("Cannot view a tensor with shape
+    ...") although it ran eagerly. ``reshape`` is ``view`` wherever the strides allow a view
+    and a copy where they do not, decided by torch on the strides the decomposed graph really
+    has; on any input the eager program accepts it returns what ``view`` returns. TVM
+    imports both as ``R.reshape``, so the rewrite changes nothing else.
+    """
+    view, reshape = torch.ops.aten.view.default, torch.ops.aten.reshape.default
+    count = 0
+    for gm in ep.graph_module.modules():
+        if not isinstance(gm, torch.fx.GraphModule):
+            continue
+        hits = gm.graph.find_nodes(op="call_function", target=view)
+        for node in hits:
+            node.target = reshape
+        if hits:
+            gm.recompile()
+            count += len(hits)
+    return count
+
+
+def decompose(ep: torch.export.ExportedProgram, name: str) -> torch.export.ExportedProgram:
+    """``ep`` with its views as reshapes (:func:`views_as_reshapes`), decomposed by torch
+    into the core ATen ops TVM imports (what ``from_exported_program`` would run itself).
+    A failure here is torch's, and its message is given in full."""
+    views_as_reshapes(ep)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            return ep.run_decompositions()
+    except Exception as e:
+        raise LoweringError(
+            f"torch could not decompose program {name!r} into core ATen ops (the step before "
+            f"TVM's import): {type(e).__name__}: {str(e).strip()}",
+            hint="this is torch's own error (ExportedProgram.run_decompositions) on the "
+            "program's export; splice.verify(program) and running it eagerly show whether the "
+            "program itself is at fault",
+        ) from e
+
+
+def import_error(name: str, e: BaseException) -> LoweringError:
+    """The LoweringError for a failed Relax import: TVM's whole message, and the missing-
+    converter hint only when TVM says an op has no converter."""
+    text = str(e).strip() or type(e).__name__
+    missing = "Unsupported function type" in text or "Unsupported function target" in text
+    return LoweringError(
+        f"TVM could not import program {name!r}: {type(e).__name__}: {text}",
+        hint="an op without a Relax converter: add one to CONVERT_MAP in "
+        "splice/runtime/backends/tvm.py, or rewrite the op in the program"
+        if missing
+        else "TVM's Relax importer failed on an op it knows; the message above is TVM's",
+    )
+
+
 def check_no_opaque_experts(program: Program) -> None:
     """Raise a LoweringError naming the first opaque grouped-matmul node (the routed experts
     of transformers' Mixtral/Qwen2-MoE, ``transformers::grouped_mm_fallback``, or
@@ -464,18 +527,19 @@ def lower(
 
     t0 = time.perf_counter()
     say("importing into Relax", 1, 4)
+    ep = decompose(ep, program.name)
     try:
         with warnings.catch_warnings():
             # torch's pytree deprecation, raised while TVM walks the exported program
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
             mod = from_exported_program(
-                ep, keep_params_as_input=True, custom_convert_map=CONVERT_MAP
+                ep,
+                keep_params_as_input=True,
+                custom_convert_map=CONVERT_MAP,
+                run_ep_decomposition=False,  # done above by decompose()
             )
     except Exception as e:
-        raise LoweringError(
-            f"TVM could not import program {program.name!r}: {type(e).__name__}: {_first(e)}",
-            hint="an op without a Relax converter; see CONVERT_MAP in splice/runtime/backends/tvm.py",
-        ) from e
+        raise import_error(program.name, e) from e
     mod, _ = relax.frontend.detach_params(mod)
     report.seconds["import"] = time.perf_counter() - t0
     report.target = {
