@@ -136,3 +136,24 @@ def test_lowrank_twice_leaves_factors_alone_and_says_so():
 
 def second_expected(program) -> int:
     return _count(program, lowrank_linear)
+
+
+def test_orders_that_leave_layers_say_so():
+    model, inputs = models.mlp(d=16, hidden=64)
+    p = splice.capture(model, inputs)
+    # lowrank after hyper: the generated weights are not parameters; named with the reason
+    r = parse_pipeline("hyper{targets=fc*.weight},lowrank{ratio=0.5}").run(p)
+    st = r.stats["passes"][1]["stats"]
+    left = {s["layer"]: s["reason"] for s in st["skipped"]}
+    assert set(left) == {"fc1", "fc2"}
+    assert all(v.startswith("its weight is computed") for v in left.values())
+    # experts after experts: the routed experts are listed, not silently passed over
+    r = parse_pipeline("experts{num_experts=4,top_k=2},experts{num_experts=4,top_k=2}").run(p)
+    st = r.stats["passes"][1]["stats"]
+    assert not st["changed"]
+    assert [e["op"] for e in st["existing_experts"]] == ["splice.moe_ffn"]
+    # hyper after lowrank on the factored names: the old names are gone, an error at once
+    from splice.errors import PassError
+
+    with pytest.raises(PassError, match="no parameter of program"):
+        parse_pipeline("lowrank{ratio=0.5},hyper{targets=fc1.weight}").run(p)

@@ -525,9 +525,15 @@ def recognise(
     tree = tree or GraphTree(program)
     sites = find_linears(program, tree) + find_factored_linears(program, tree)
     by_node = {s.node: s for s in sites}
-    for _path, gm in tree.graphs:
+    for path, gm in tree.graphs:
         for n in gm.graph.nodes:
-            if n.op == "call_function" and "grouped_mm" in _opname(n):
+            if n.op == "call_function" and n.target is moe_ffn.overload:
+                rec.existing.append({
+                    "node": f"{path}:{n.name}" if path else n.name, "op": _opname(n),
+                    "module": M.loc(n).module_path or "",
+                    "reason": "already routed experts (splice::moe_ffn); left unchanged",
+                })  # fmt: skip
+            elif n.op == "call_function" and "grouped_mm" in _opname(n):
                 rec.existing.append({
                     "node": n.name, "op": _opname(n), "module": M.loc(n).module_path or "",
                     "reason": "already routed experts (an opaque grouped matmul); left unchanged",

@@ -224,22 +224,35 @@ def _linear_site(program: Program, tree: GraphTree, node: fx.Node) -> tuple[Any,
 
 
 def unresolved_linears(tree: GraphTree) -> list[dict[str, str]]:
-    """``aten.linear`` nodes inside sub-graphs whose weight operand is not one program
-    weight (an opaque sub-graph, or calls that pass different weights): left alone."""
+    """``aten.linear`` nodes (in any graph) whose weight is not a program parameter: a
+    computed weight (``hyper``'s generated values), a program input, a buffer, or a
+    sub-graph placeholder that is not one program weight on every call. Left alone, and
+    said so."""
     out = []
-    for path, gm in tree.graphs:
-        if path == "":
-            continue
-        for n in gm.graph.nodes:
-            if n.op == "call_function" and n.target is aten.linear.default:
-                w = n.args[1]
-                if isinstance(w, fx.Node) and w.op == "placeholder" and tree.weight_of(w) is None:
-                    out.append({
-                        "layer": f"{path}:%{n.name}",
-                        "site": f"{path}:%{n.name}",
-                        "reason": f"its weight %{w.name} is not one program weight on every "
-                        "call of the sub-graph",
-                    })  # fmt: skip
+    for _path, gm in tree.graphs:
+        for n in gm.graph.find_nodes(op="call_function", target=aten.linear.default):
+            w = n.args[1]
+            if not isinstance(w, fx.Node):
+                continue
+            name = tree.weight_of(w)
+            if name is not None:
+                kind = tree.program.weight_kind(name)
+                if kind == "param":
+                    continue
+                why = f"its weight @{name} is a {kind}, not a parameter"
+            elif w.op == "placeholder" and not tree.is_top(w):
+                why = (
+                    f"its weight %{w.name} is not one program weight on every call of the sub-graph"
+                )
+            elif w.op == "placeholder":
+                why = f"its weight is the program input %{w.name}"
+            else:
+                why = (
+                    f"its weight is computed (%{w.name}), not a parameter (a weight generated "
+                    "by a hypernetwork is factored only through its generator)"
+                )
+            out.append({"layer": M.loc(n).module_path or tree.where(n), "site": tree.where(n),
+                        "reason": why})  # fmt: skip
     return out
 
 
