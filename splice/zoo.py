@@ -7,7 +7,8 @@ two MiniLM cases, which load the real all-MiniLM-L6-v2 shipped inside the
 (:func:`splice.models.minilm`) and once as a ``sentence_transformers.SentenceTransformer``.
 The dynamic models of :mod:`splice.models_dynamic` are cases too (``kind="dynamic"``, and
 ``"signatures"`` for a branch on an input's shape); a model added to
-:data:`splice.models_dynamic.ZOO` joins the zoo by itself.
+:data:`splice.models_dynamic.ZOO` or ``SELECT_ZOO`` (models that dispatch rows with
+``nonzero()``) joins the zoo by itself.
 
 ``tests/test_zoo.py`` runs every case through the whole path: capture (``capture_dynamic``
 for dynamic cases), text round trip, ``compile(program, "host")`` and equality with eager
@@ -350,7 +351,7 @@ def _minilm_sentence_transformers() -> ZooModel:
 
 def _dynamic(name: str) -> Callable[[], ZooModel]:
     def build() -> ZooModel:
-        case = dynamic.ZOO[name]()
+        case = (dynamic.ZOO.get(name) or dynamic.SELECT_ZOO[name])()
         inputs = list(case.branch_inputs)
         if name == "shape_branch":
             first = inputs[0]
@@ -369,14 +370,23 @@ _DYNAMIC_HYPER = {
     "dynamic_depth": "fc.weight",
     "routed_moe": "experts.*.2.weight",
     "shape_branch": "fc.weight",
+    "switch_moe": "experts.*.2.weight",
+    "token_early_exit": "head.weight",
+    "capacity_moe": "experts.*.2.weight",
 }
+
+
+# FFNs (Linear -> activation -> wider Linear) inside the branches
+_DYNAMIC_FFNS = {"routed_moe": 4, "switch_moe": 4, "token_early_exit": 3, "capacity_moe": 4}
 
 
 def _dynamic_cases() -> list[Case]:
     out = []
-    for name in dynamic.ZOO:
+    select = dynamic.SELECT_ZOO  # rows dispatched with nonzero(): data-dependent sizes
+    for name in [*dynamic.ZOO, *select]:
         kind: Kind = "signatures" if name == "shape_branch" else "dynamic"
-        doc = (dynamic.ZOO[name].__doc__ or name).strip().splitlines()[0]
+        factory = dynamic.ZOO.get(name) or select[name]
+        doc = (factory.__doc__ or name).strip().splitlines()[0]
         out.append(
             Case(
                 name,
@@ -384,8 +394,9 @@ def _dynamic_cases() -> list[Case]:
                 "dynamic",
                 doc,
                 _dynamic(name),
-                passes=("lowrank", "hyper", "branches"),
+                passes=("lowrank", "experts", "hyper", "branches"),
                 hyper=_DYNAMIC_HYPER.get(name, "*.weight"),
+                ffns=_DYNAMIC_FFNS.get(name, 0),
                 rtol=1e-5,
             )
         )
