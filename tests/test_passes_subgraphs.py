@@ -376,3 +376,22 @@ def test_lowrank_and_experts_reach_into_stitch_routes():
     assert st_lr["factored"] == len({s.weight for s in sites})  # each weight once
     assert st_ex["ffns_split"] == 4 and st_ex["ffn_sites_in_subgraphs"] == st_ex["ffn_sites"]
     _close(both.program, lr.program, samples)
+
+
+def test_set_rank_lowers_ranks_inside_branches_once_per_layer():
+    from splice.passes.lowrank import lowrank_nodes, set_rank
+
+    model, p, inputs = _captured(SharedBranches)
+    q = parse_pipeline("lowrank{ratio=0.9}").run(p, sample_inputs=inputs).program
+    k = q.get_weight("fc.lowrank_A").shape[1]
+    inside = [n for n in lowrank_nodes(q) if n.graph is not q.graph]
+    assert len(inside) == 2  # fc, read in both branches
+    cut = set_rank(q, 0.5)
+    verify(cut)
+    assert cut.get_weight("fc.lowrank_A").shape[1] == max(1, int(0.5 * k))
+    lazy = set_rank(q, 0.5, physical=False)
+    verify(lazy)
+    with torch.no_grad():
+        for b in inputs:
+            torch.testing.assert_close(cut(*b), lazy(*b), rtol=1e-5, atol=1e-6)
+    _close(cut, _with_factors(model, cut), inputs)

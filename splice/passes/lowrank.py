@@ -759,13 +759,19 @@ def _rows(x: fx.Node) -> int:
 
 
 def lowrank_nodes(program: Program) -> list[fx.Node]:
-    return [n for n in program.graph.nodes if n.target is lowrank_linear.overload]
+    """Every ``lowrank_linear`` node, top graph first, then sub-graphs (branches, parts)."""
+    return [
+        n
+        for _path, gm in GraphTree(program).graphs
+        for n in gm.graph.find_nodes(op="call_function", target=lowrank_linear.overload)
+    ]
 
 
 def set_rank(
     program: Program, rank: float | int | dict[str, int], *, physical: bool = True
 ) -> Program:
-    """A copy of ``program`` with lower ranks in its ``lowrank_linear`` layers.
+    """A copy of ``program`` with lower ranks in its ``lowrank_linear`` layers, in every
+    graph (a layer read in several branches gets one rank; its factors are sliced once).
 
     ``rank``: a float in (0, 1] keeps that fraction of each layer's stored rank; an int sets
     every layer's rank (capped at the stored one); a dict maps layer names (the ``A`` weight's
@@ -775,36 +781,49 @@ def set_rank(
     ``rank`` argument, keeping the full factors for raising the rank later.
     """
     out = program.copy()
+    tree = GraphTree(out)
     nodes = lowrank_nodes(out)
     if not nodes:
         raise PassError(
             f"program {program.name!r} has no lowrank_linear layers", hint="run lowrank first"
         )
-    rw = Rewriter(out, "set-rank")
+    if isinstance(rank, float) and not 0.0 < rank <= 1.0:
+        raise PassError(f"set_rank: a fraction must be in (0, 1], got {rank}")
+    sliced: dict[str, int] = {}
     for node in nodes:
-        a_node, b_node = node.args[1], node.args[2]
-        layer = str(a_node.target).removesuffix(".lowrank_A")
-        k = int(M.spec(a_node).shape[1])
-        if isinstance(rank, dict):
-            if layer not in rank:
-                continue
-            r = int(rank[layer])
-        elif isinstance(rank, float):
-            if not 0.0 < rank <= 1.0:
-                raise PassError(f"set_rank: a fraction must be in (0, 1], got {rank}")
-            r = max(1, math.floor(rank * k))
+        a_name, b_name = tree.weight_of(node.args[1]), tree.weight_of(node.args[2])
+        if a_name is None or b_name is None:
+            continue  # factors that are not program weights: nothing to slice
+        layer = a_name.removesuffix(".lowrank_A")
+        if isinstance(rank, dict) and layer not in rank:
+            continue
+        if a_name in sliced:  # the same layer read at another site: the same rank
+            r = sliced[a_name]
         else:
-            r = int(rank)
-        r = max(1, min(r, k))
+            k = int(out.get_weight(a_name).shape[1])
+            if isinstance(rank, dict):
+                r = int(rank[layer])
+            elif isinstance(rank, float):
+                r = max(1, math.floor(rank * k))
+            else:
+                r = int(rank)
+            r = max(1, min(r, k))
         args = list(node.args) + [None] * (5 - len(node.args))
         if physical:
-            a_name, b_name = str(a_node.target), str(b_node.target)
-            rw.set_weight(a_name, out.get_weight(a_name)[:, :r].contiguous())
-            rw.set_weight(b_name, out.get_weight(b_name)[:r].contiguous())
+            if a_name not in sliced:
+                for name, t in ((a_name, out.get_weight(a_name)[:, :r]),
+                                (b_name, out.get_weight(b_name)[:r])):  # fmt: skip
+                    out.add_weight(name, t.contiguous(), out.weight_kind(name))
+                    spec = M.spec_of_value(out.get_weight(name))
+                    for v in tree.values_of(name):  # its get_attr and branch placeholders
+                        M.set_spec(v, spec)
             args[4] = None
         else:
             args[4] = r
+        sliced[a_name] = r
+        rw = tree.rewriter(tree.gm_of(node), "set-rank")
         rw.set_args(node, args[: 5 if args[4] is not None else 4])
+    out.bump_version()
     return out
 
 
