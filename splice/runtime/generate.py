@@ -154,7 +154,8 @@ class Generator:
         **compile_kwargs: Any,
     ) -> Generator:
         """Compile both programs (:func:`splice.compile`) into ``output`` (a new temp dir by
-        default) and load them."""
+        default) and load them; an artifact for another machine (``aarch64-linux`` on x86)
+        is run through :meth:`edge`."""
         import tempfile
 
         from splice.runtime.compile import compile as compile_program
@@ -164,7 +165,12 @@ class Generator:
         compile_program(lm.prefill, target, output=out / PREFILL, **compile_kwargs)
         compile_program(lm.decode, target, output=out / DECODE, **compile_kwargs)
         (out / META).write_text(json.dumps(cls._meta_of(lm).to_json(), indent=2) + "\n")
-        gen = cls.load(out, num_threads=num_threads)
+        from splice.runtime.artifact import is_foreign, read_manifest
+
+        if is_foreign(read_manifest(out / PREFILL)):  # e.g. aarch64 on x86: the edge runner
+            gen = cls.edge(out)
+        else:
+            gen = cls.load(out, num_threads=num_threads)
         gen.tokenizer = lm.tokenizer
         return gen
 
@@ -186,6 +192,29 @@ class Generator:
         prefill = CompiledModel(path / PREFILL, num_threads=num_threads)
         decode = CompiledModel(path / DECODE, num_threads=num_threads)
         return cls(prefill.run, decode.run, meta)
+
+    @classmethod
+    def edge(cls, path: str | Path, *, root: Path | None = None) -> Generator:
+        """The loop over an aarch64 generator folder (:meth:`compile` with target
+        ``aarch64-linux``), each step run by the edge runner under ``qemu-aarch64``
+        (:func:`splice.runtime.edge.run_under_qemu`).
+
+        A correctness path, not a fast one: every prefill and decode call is one emulated
+        process (TVM imported each time) and the cache passes through ``.npy`` files between
+        steps. On a board, the loop belongs inside the runner's process."""
+        from splice.runtime.edge import run_under_qemu
+
+        path = Path(path)
+        meta = _Meta.from_json(json.loads((path / META).read_text()))
+
+        def remote(artifact: Path) -> Callable[..., list[torch.Tensor]]:
+            def call(*inputs: torch.Tensor) -> list[torch.Tensor]:
+                run = run_under_qemu(artifact, list(inputs), root=root)
+                return [torch.from_numpy(o) for o in run.outputs]
+
+            return call
+
+        return cls(remote(path / PREFILL), remote(path / DECODE), meta)
 
     # -- the loop -----------------------------------------------------------------------
 
