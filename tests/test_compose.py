@@ -157,3 +157,17 @@ def test_orders_that_leave_layers_say_so():
 
     with pytest.raises(PassError, match="no parameter of program"):
         parse_pipeline("lowrank{ratio=0.5},hyper{targets=fc1.weight}").run(p)
+
+
+def test_a_gated_ffn_with_one_factored_projection_keeps_exact_dense_slices():
+    model, inputs = models.llama()
+    p = splice.capture(model, inputs)
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    first = "lowrank{ratio=0.5,targets=*.up_proj|*.down_proj}"
+    lr = _run(p, first, args)
+    both = _run(p, f"{first},{EXPERTS}", args)
+    for f in both.stats["passes"][1]["stats"]["ffns"]:
+        assert f["factored"]["up"] and not f["factored"]["gate"] and f["factored"]["down"]
+        assert "only one of gate/up" in f["factored"]["note"]
+        assert f["factored"]["expert_input_width"] == f["d_model"]
+    _assert_close(both.program, lr.program, args)
