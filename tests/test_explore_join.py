@@ -226,6 +226,29 @@ def test_python_state_set_in_a_branch_keeps_the_capture_exact():
     assert len({tuple(cond_trace(eager_decisions(m, x))) for x in inputs}) == 4
 
 
+class OldAlias(nn.Module):
+    """``old`` keeps x from before the first branch; only the second branch's untaken side
+    reads it. Reading the latest x there would double the first branch's result."""
+
+    def forward(self, x):
+        old = x
+        if x[0, 0] > 0:
+            x = x * 3
+        if x[0, 1] > 0:
+            x = x + old
+        return x
+
+
+def test_an_alias_that_outlives_a_branch_keeps_the_capture_exact():
+    m = OldAlias().eval()
+    inputs = sign_inputs(3, [0, 1], 9)
+    p = capture_dynamic(m, inputs[-1])  # default path: neither branch
+    for x in inputs:
+        with torch.no_grad():
+            assert close(p(*x), m(*x))
+    assert len({tuple(cond_trace(eager_decisions(m, x))) for x in inputs}) == 4
+
+
 class EarlyExit(nn.Module):
     def __init__(self, exits: int = 4):
         super().__init__()

@@ -60,10 +60,10 @@ it are built in tail form instead -- exact, and exponential only in such decisio
 Python state kept outside the stack's locals (an attribute set in one branch and read
 later) is not seen; such a model must keep that state in a local or a tensor. The side of
 a later decision that the default path never runs reads each value in its latest version
-(after the merges before it): a model that keeps an alias of a variable from before a
-branch that reassigns it, and reads that old alias *only* inside the untaken side of a
-later branch (``old = x; if a: x = f(x); if b: x = x + old``), is not checked -- where
-the default path itself reads both versions, the explorer sees it and uses tail form.
+(after the merges before it). Where that could be wrong -- a tensor held by a local
+before a branch stays held by another local after the other side rebinds the first
+(``old = x; if a: x = f(x); if b: x = x + old``) -- the decision is built in tail form;
+an alias held outside the frames' locals (an attribute, a global) is not seen.
 
 The result is an ordinary Program with ``higher_order.cond`` nodes (one per decision site,
 an index decision is a chain of ``cond(idx == k, ...)``), which the ``branches`` pass splits
@@ -153,6 +153,7 @@ class _DecisionMode(TorchDispatchMode):
         self.record_only = record_only
         self.decisions: list[Decision] = []
         self.keys: list[tuple[str, int]] = []  # (site, Python-state fingerprint) per decision
+        self.bindings: list[dict[Any, int]] = []  # tensors held by locals, per decision
         self.preds: list[torch.Tensor] = []
         self.item_kinds: list[bool] = []  # per conversion of a traced tensor: is a decision
         self._domain: dict[int, int] = {}  # id(tensor) -> n for index tensors
@@ -237,7 +238,11 @@ class _DecisionMode(TorchDispatchMode):
 
     # -- decisions --------------------------------------------------------------------
     def _decide(self, t: torch.Tensor) -> Any:
-        site, fingerprint = _user_state(with_fingerprint=not self.record_only)
+        bindings: dict[Any, int] = {}
+        site, fingerprint = _user_state(
+            with_fingerprint=not self.record_only,
+            bindings=None if self.record_only else bindings,
+        )
         k = len(self.decisions)
         if k >= self.max_decisions:
             raise CaptureError(
@@ -280,6 +285,7 @@ class _DecisionMode(TorchDispatchMode):
             self.preds.append(t)
         self.decisions.append(Decision(site, domain, value))
         self.keys.append((site, fingerprint))
+        self.bindings.append(bindings)
         return value
 
 
@@ -298,10 +304,15 @@ def _plain(v: Any) -> bool:
     return isinstance(v, (tuple, list)) and len(v) <= 64 and all(isinstance(x, _PLAIN) for x in v)
 
 
-def _user_state(*, with_fingerprint: bool) -> tuple[str, int]:
+def _user_state(
+    *, with_fingerprint: bool, bindings: dict[Any, int] | None = None
+) -> tuple[str, int]:
     """(file:line of the innermost frame of the model's code, fingerprint of the Python state
     of every such frame: code, line and plain-value locals). Lines, not instruction
-    offsets: CPython's specialising interpreter reports different offsets for one call."""
+    offsets: CPython's specialising interpreter reports different offsets for one call.
+
+    ``bindings``: filled with ``(frame, local name) -> id(tensor)`` of the tensors those
+    frames hold (directly or in a list/tuple), to see aliases that outlive a rebinding."""
     f = sys._getframe(1)
     site = ""
     parts: list[Any] = []
@@ -314,8 +325,24 @@ def _user_state(*, with_fingerprint: bool) -> tuple[str, int]:
                     break
             local = tuple(sorted((k, repr(v)) for k, v in f.f_locals.items() if _plain(v)))
             parts.append((name, f.f_code.co_firstlineno, f.f_code.co_name, f.f_lineno, local))
+            if bindings is not None:
+                for k, v in f.f_locals.items():
+                    if isinstance(v, torch.Tensor):
+                        bindings[(id(f), k)] = id(v)
+                    elif isinstance(v, (list, tuple)) and len(v) <= 256:
+                        for i, x in enumerate(v):
+                            if isinstance(x, torch.Tensor):
+                                bindings[(id(f), k, i)] = id(x)
         f = f.f_back
     return site, hash(tuple(parts)) if with_fingerprint else 0
+
+
+def _outlives_rebinding(before: dict[Any, int], after: dict[Any, int]) -> bool:
+    """Does a tensor that a rebound name held at ``before`` stay held by another name at
+    ``after`` (``old = x; ... x = f(x) ...``)? Then a later branch side could read either
+    version, which one trace per decision cannot tell apart."""
+    old = {oid for key, oid in before.items() if key in after and after[key] != oid}
+    return any(oid in old for oid in after.values())
 
 
 def _user_site() -> str:
@@ -435,6 +462,7 @@ class _Trace:
     n_out: int
     spec: Any  # the output's pytree spec
     pos: dict[fx.Node, int] = field(default_factory=dict)
+    bindings: list[dict[Any, int]] = field(default_factory=list)  # per decision
     items: list[fx.Node] = field(default_factory=list)  # the decision items, in order
     preds: list[fx.Node] = field(default_factory=list)  # what each decision converted
     outputs: list[Value] = field(default_factory=list)
@@ -778,6 +806,7 @@ class _Explorer:
             n_out,
             raw.spec,
         )
+        t.bindings = mode.bindings
         self._index(t, mode.item_kinds)
         if len(self.traces) > 0:
             self._check_outputs(t)
@@ -1016,6 +1045,12 @@ class _Explorer:
             walks[v] = w
         bP = B.pos[B.items[k]]
         later = range(k + 1, len(B.decisions))
+        # a tensor aliased before the branch and rebound in the other side: a later side
+        # may read the old alias, which the latest-version rule would miss (module docs)
+        for v, w in walks.items():
+            for jq in w.pairs.values():
+                if _outlives_rebinding(qs[v].bindings[k], qs[v].bindings[jq]):
+                    raise conflict
         nested = {j for j in later if any(j not in w.pairs for w in walks.values())}
         if any(j in w.pairs for j in nested for w in walks.values()):
             raise conflict
