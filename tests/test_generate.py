@@ -111,6 +111,18 @@ def test_lowrank_loop_equals_transformed_program(tmp_path) -> None:
     assert got.generate(ids, max_new_tokens=NEW, stop_tokens=[]).tokens == want
 
 
+def test_calibrating_pipeline_gets_samples_for_both_programs() -> None:
+    _, lm = _lm("llama")
+    pre, dec = lm.calibration_samples([_prompt(8), _prompt(5, seed=2)], steps=2)
+    assert len(pre) == 2 and len(dec) == 4
+    assert [int(s[1]) for s in dec] == [8, 9, 5, 6]  # positions after each prompt
+    assert dec[0][2].abs().sum() > 0  # decode calibrates on the real cache, not zeros
+    low = lm.run_pipeline(parse_pipeline("lowrank{method=whitened,ratio=0.5}"), [_prompt(8)])
+    differ = low.shared_weights()[1]
+    assert differ and all("lowrank" in w for w in differ)  # each calibrated on its own inputs
+    assert len(Generator.eager(low).generate(_prompt(6), max_new_tokens=3).tokens) == 3
+
+
 def test_sampling_stop_tokens_and_callback() -> None:
     _, lm = _lm("llama")
     gen = Generator.eager(lm)
