@@ -162,6 +162,8 @@ def test_errors() -> None:
         gen.generate([1, 2], max_new_tokens=2, do_sample=True, top_p=0.0)
     with pytest.raises(splice.CaptureError, match="prompt_len=30 is more than max_len=24"):
         capture_lm(build("llama"), max_len=24, prompt_len=30)
+    with pytest.raises(splice.CaptureError, match="expects a transformers causal LM"):
+        capture_lm(torch.nn.Linear(4, 4), max_len=8)
     with pytest.raises(splice.CaptureError, match="more than the model's 64 positions"):
         capture_lm(build("llama"), max_len=100)
 

@@ -298,12 +298,12 @@ def capture_lm(
     max_len: int,
     prompt_len: int | None = None,
     tokenizer: Any = None,
-    dtype: torch.dtype | None = None,
     name: str | None = None,
 ) -> LMPrograms:
     """Capture a ``transformers`` causal LM as a prefill and a decode program over a static
     cache of ``max_len`` positions; prefill takes ``prompt_len`` tokens (default:
-    ``min(32, max_len)``). Both are captured with :func:`splice.capture` (non-strict
+    ``min(32, max_len)``). ``tokenizer`` (optional) lets a Generator take text. Both are
+    captured with :func:`splice.capture` (non-strict
     ``torch.export``), from the same modules, so their weights have the same names.
 
     Raises :class:`~splice.errors.CaptureError` for a model that is not a causal LM with a
@@ -316,7 +316,7 @@ def capture_lm(
     config = model.config
     vocab = int(config.vocab_size)
     n_layers, kv_shape = _cache_geometry(model)
-    dtype = dtype or next(model.parameters()).dtype
+    dtype = next(model.parameters()).dtype  # the cache holds what attention computes
     specs: list[tuple[str, tuple[int, ...], torch.dtype]] = []
     for i in range(n_layers):
         heads, hd_k, hd_v = kv_shape[i]
