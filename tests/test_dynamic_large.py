@@ -6,6 +6,13 @@ MSDNet-style anytime net returning the list of outputs computed so far, and a Sh
 greedy caption decoder that stops at ``<end>``. Each model's branch inputs take at least
 five different paths, every decision at least ``MIN_MARGIN`` from its threshold; which
 blocks ``forward`` ran is also observed with forward hooks, independently of ``probe``.
+
+The second half captures each model from its own ``forward`` with ``capture_dynamic``,
+splits it with the ``branches`` pass and compiles it for the host (``splice.compile(program,
+"host")``): the loaded artifact must equal eager on those inputs and report the branches it
+took (``last_trace``) equal to eager's (``cond_trace(eager_decisions(...))``, as in
+tests/test_branches.py). That half is most of this file's time: one capture and one TVM
+compile per model (tens of parts for the gated ResNets).
 """
 
 from __future__ import annotations
@@ -19,7 +26,10 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+import splice
 from splice import models_dynamic as md
+from splice.ir.explore import capture_dynamic, cond_trace, eager_decisions
+from splice.ir.program import iter_graphs
 from splice.models_dynamic import MIN_MARGIN, ZOO_LARGE, Decision, DynamicCase
 
 NAMES = list(ZOO_LARGE)
@@ -259,3 +269,51 @@ def test_show_tell_stops_at_end_or_at_the_maximum_length(
     assert (model.max_seq_length, True) in lengths  # <end> as the last possible word
     observed = _run_observed(case, [model.lstm])
     assert [len(s) for s in observed] == [n for n, _ in lengths]
+
+
+# --------------------------------------------------------------------------------------
+# capture_dynamic -> branches -> host compile, against eager
+
+
+def _diff(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest difference relative to the output's magnitude (exact for integers)."""
+    assert got.shape == want.shape and got.dtype == want.dtype
+    if not want.dtype.is_floating_point:
+        return 0.0 if torch.equal(got, want) else float("inf")
+    scale = max(1.0, want.abs().max().item())
+    return (got - want).abs().max().item() / scale
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def compiled(request, cases, tmp_path_factory):
+    case = cases[request.param]
+    program = capture_dynamic(case.model, case.example)
+    out = tmp_path_factory.mktemp("large") / f"{case.name}.artifact"
+    art = splice.compile(program, "host", output=out, samples=[case.example])
+    return case, program, splice.load(art.path)
+
+
+def test_compiled_equals_eager_and_takes_the_same_branches(compiled) -> None:
+    case, _, cm = compiled
+    traces = set()
+    for x in case.branch_inputs:
+        with torch.no_grad():
+            want = pytree.tree_leaves(case.model(*x))
+        got = pytree.tree_leaves(cm(*x))
+        assert len(got) == len(want), case.name  # path-dependent: list length, sequence
+        for g, w in zip(got, want):
+            assert _diff(g, w) <= 1e-4, case.name
+        eager = cond_trace(eager_decisions(case.model, x))
+        assert [t for _, t in cm.last_trace] == eager
+        traces.add(tuple(eager))
+    assert len(traces) >= 5
+
+
+def test_program_grows_with_the_decision_sites_not_the_paths(compiled) -> None:
+    """One cond per decision site: the captured program holds a few graphs per site, not
+    one per path (2**18 for SkipNet-38, 2**54 for BlockDrop-110)."""
+    case, program, cm = compiled
+    sites = max(len(eager_decisions(case.model, x)) for x in case.branch_inputs)
+    graphs = sum(1 for _ in iter_graphs(program))
+    assert graphs <= 4 * sites + 4, (case.name, graphs, sites)
+    assert len(cm.manifest["parts"]) <= 4 * sites + 4
