@@ -49,7 +49,8 @@ Run from the repository root::
 ``is_output`` flags, SkipNet-38's 18 gates, BlockDrop's policy over ResNet-110's 54
 blocks, an MSDNet-style anytime net returning a list, a greedy Show-and-Tell decoder) with
 10 rounds and 2 warm-up calls, and writes a section of its own. Most of its time is
-setup: torch.compile compiles a graph per branch side, splice compiles a part per segment.
+setup: torch.compile compiles a graph per branch side, splice compiles a part per segment
+(BlockDrop-110: 55 traces and over a hundred parts), so expect well over ten minutes.
 """
 
 from __future__ import annotations

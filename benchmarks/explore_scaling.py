@@ -36,7 +36,9 @@ default threads, TVM with ``TVM_NUM_THREADS = torch.get_num_threads()`` unless s
 ``gc.collect()`` before each timed step. The load average and the CPU time other processes
 used during the run are recorded: both times are wall-clock and grow on a busy machine.
 
-Run from the repository root (about 3-5 minutes on a quiet 2-core machine)::
+Run from the repository root (estimated 4-6 minutes on a quiet 2-core machine: 88 traces
+and 172 parts in all; on a machine loaded by other jobs at load 9 it took 5 minutes for
+the captures alone)::
 
     python benchmarks/explore_scaling.py                  # writes benchmarks/RESULTS.md
     python benchmarks/explore_scaling.py --quick          # 3 and 9 gates, no write
