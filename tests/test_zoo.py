@@ -29,17 +29,6 @@ pytest.importorskip("transformers")
 
 ALL = zoo.names()
 
-# Cases that fail until another change of issue #16 lands, by test: they run from
-# tests/test_zoo_pending.py, which stays out of the repository until they pass (then the
-# entry goes). mixtral, qwen2_moe: `experts` does not list the routed experts that capture
-# now makes (splice::moe_ffn) in stats["existing_experts"].
-PENDING: dict[str, set[str]] = {"experts": {"mixtral", "qwen2_moe"}}
-
-
-def cases(pass_name: str) -> list[str]:
-    """The zoo's cases to which ``pass_name`` applies, less the pending ones."""
-    return [n for n in zoo.names(passes=pass_name) if n not in PENDING.get(pass_name, ())]
-
 
 def members(p) -> list:
     return list(p) if isinstance(p, SignatureSet) else [p]
@@ -199,10 +188,13 @@ def _linear_layers(model: nn.Module, program) -> set[str]:
     return out
 
 
-@pytest.mark.parametrize("name", cases("lowrank"))
+@pytest.mark.parametrize("name", zoo.names(passes="lowrank"))
 def test_lowrank_factors_or_lists_every_linear(name):
-    targets = zoo.BY_NAME[name].lowrank_targets
-    result = _run(name, f'lowrank{{ratio=0.5,targets="{targets}"}}')
+    case = zoo.BY_NAME[name]
+    # plain SVD needs no samples; dynamic cases calibrate anyway (activations in branches)
+    samples = built(name).inputs[:1] if case.kind != "static" else None
+    pipeline = f'lowrank{{ratio=0.5,targets="{case.lowrank_targets}"}}'
+    result = _run(name, pipeline, sample_inputs=samples)
     linears = _linear_layers(built(name).model, captured(name))
     assert linears, name
     for stats in _member_stats(result):
@@ -223,12 +215,14 @@ def verify_all(p) -> None:
         verify(m)
 
 
-@pytest.mark.parametrize("name", cases("experts"))
+@pytest.mark.parametrize("name", zoo.names(passes="experts"))
 def test_experts_splits_every_ffn_or_says_why(name):
     case = zoo.BY_NAME[name]
     before = count_op(captured(name), "moe_ffn")
     # all four experts active with unit gates: the routed FFN equals the dense one
-    result = _run(name, f'experts{{num_experts=4,top_k=4,targets="{case.experts_targets}"}}')
+    # (contiguous slices: the k-means split is tested in test_experts.py)
+    options = f'num_experts=4,top_k=4,split=contiguous,targets="{case.experts_targets}"'
+    result = _run(name, f"experts{{{options}}}")
     stats = _stats(result)
     verify_all(result.program)
     if case.ffns:
@@ -245,7 +239,7 @@ def test_experts_splits_every_ffn_or_says_why(name):
             assert len(stats["existing_experts"]) == before, stats
 
 
-@pytest.mark.parametrize("name", cases("hyper"))
+@pytest.mark.parametrize("name", zoo.names(passes="hyper"))
 def test_hyper_conditions_the_chosen_weights_and_preserves_the_program(name):
     case = zoo.BY_NAME[name]
     result = _run(name, f'hyper{{targets="{case.hyper}"}}')
@@ -269,7 +263,7 @@ def test_hyper_conditions_the_chosen_weights_and_preserves_the_program(name):
             assert rel_err(a, b) <= 1e-5, name
 
 
-@pytest.mark.parametrize("name", cases("stitch"))
+@pytest.mark.parametrize("name", zoo.names(passes="stitch"))
 def test_stitch_joins_two_widths_of_the_family(name):
     case = zoo.BY_NAME[name]
     small_zm = case.family(case.family_width)
@@ -298,7 +292,7 @@ def test_stitch_joins_two_widths_of_the_family(name):
             assert all(torch.isfinite(t).all() for t in got)
 
 
-@pytest.mark.parametrize("name", cases("branches"))
+@pytest.mark.parametrize("name", zoo.names(passes="branches"))
 def test_branches_splits_and_equals_the_capture_on_every_path(name):
     zm = built(name)
     program = captured(name)
