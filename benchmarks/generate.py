@@ -14,7 +14,9 @@ Peers:
   True)``: transformers only auto-compiles on accelerators otherwise); the first, compiling
   call is a warm-up;
 * ``dense``, ``lowrank``, ``experts``: :func:`splice.capture_lm` (max_len = prompt + new),
-  then nothing / ``lowrank{ratio=0.5}`` / ``experts{num_experts=8,top_k=2}`` on both
+  then nothing / ``lowrank{method=svd,ratio=0.5,targets=*.layers.*}`` (the decoder layers'
+  Linears, as benchmarks/lowrank_decode.py; not the LM head) /
+  ``experts{num_experts=8,top_k=2}`` on both
   programs, :class:`splice.runtime.Generator` compiled for the host (TVM).
 
 Reported per peer: prefill ms (transformers: one forward over the prompt with a cache;
@@ -71,7 +73,7 @@ BEGIN, END = "<!-- generate:begin -->", "<!-- generate:end -->"
 PEERS = ("eager", "compile", "dense", "lowrank", "experts")
 PIPELINES = {
     "dense": None,
-    "lowrank": "lowrank{ratio=0.5}",
+    "lowrank": "lowrank{method=svd,ratio=0.5,targets=*.layers.*}",
     "experts": "experts{num_experts=8,top_k=2}",
 }
 GPT2_SHAPE = {"layers": 4, "hidden": 768, "heads": 12, "vocab": 4096}
