@@ -8,6 +8,7 @@ folder atomically.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 import time
@@ -20,7 +21,7 @@ import torch
 
 from splice.errors import LoweringError
 from splice.ir import meta as M
-from splice.ir.program import Program
+from splice.ir.program import Program, build_graph_module
 from splice.ir.serialize import atomic_dir, check_output_path, sha256_file
 from splice.ir.signatures import SignatureSet
 from splice.ir.verify import verify
@@ -252,9 +253,9 @@ def _bind_libraries(tmp: Path, manifest: dict[str, Any], files: list[str]) -> No
 
     libs = {p["library"] for p in manifest["parts"]}
     bound = {f: sha256_file(tmp / f) for f in files if f not in libs and f != SAMPLES}
-    for part in manifest["parts"]:
-        with open(tmp / part["library"], "ab") as f:
-            f.write(E.binding_bytes(part["name"], bound))
+    for lib in sorted(libs):  # a library shared by twin parts is bound once, to its owner
+        with open(tmp / lib, "ab") as f:
+            f.write(E.binding_bytes(E.library_owner(manifest, lib), bound))
 
 
 @dataclass
@@ -302,6 +303,71 @@ def _split(program: Program, samples: Sequence[Sequence[torch.Tensor]] | None) -
     runner = H.HostProgram(host, eager, tensors)
     examples = H.explore_part_inputs(runner, _first_sample(program, samples))
     return _Split(program, host, parts, weights, eager, examples)
+
+
+def _structure(program: Program) -> tuple[str, list[str]]:
+    """A part's computation without its weights' names: ops, literals, specs, and which
+    weight each read is (by first-read order); and the weight names in that order."""
+    ids: dict[Any, int] = {}
+    names: list[str] = []
+    lines = []
+    for i, n in enumerate(program.graph.nodes):
+        ids[n] = i
+        if n.op == "get_attr":
+            if n.target not in names:
+                names.append(n.target)
+            target = f"w{names.index(n.target)}"
+        else:
+            target = "" if n.op == "placeholder" else str(n.target)
+        args = torch.fx.node.map_arg((n.args, n.kwargs), lambda a: f"%{ids[a]}")
+        lines.append(f"{n.op}|{target}|{args}|{M.get_spec(n)}")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest(), names
+
+
+def _weights_as_parameters(part: Program) -> Program:
+    """``part`` with every weight a parameter (taking no gradient): the lowering keeps
+    parameters as the library's run-time inputs, where it would hold buffers inside."""
+    ws = {w: (part.get_weight(w), "param") for w in part.weight_kinds}
+    g = torch.fx.Graph()
+    out = g.graph_copy(part.graph, {})
+    g.output(out)
+    gm = build_graph_module(g, ws, {}, class_name=f"Part_{part.name}")
+    for prm in gm.parameters():
+        prm.requires_grad_(False)
+    return Program(
+        gm,
+        output_names=list(part.output_names),
+        weight_kinds={w: "param" for w in ws},
+        name=part.name,
+    )
+
+
+def _twin_groups(parts: dict[str, Any], weights: dict[str, Any]) -> dict[str, str]:
+    """Part name -> structure key, for the parts whose computation another part repeats."""
+    keys = {name: _structure(info.program(weights))[0] for name, info in parts.items()}
+    count: dict[str, int] = {}
+    for k in keys.values():
+        count[k] = count.get(k, 0) + 1
+    return {name: k for name, k in keys.items() if count[k] > 1}
+
+
+def _reuse(
+    owner: tuple[str, Program, list[str], Any] | None, part: Program
+) -> tuple[str, list[str], Any] | None:
+    """(library, parameter names, report) of ``owner``'s library for ``part``, if the
+    prepared programs are the same computation and every weight the library holds inside
+    it (not a run-time parameter) has the same value in both; else None."""
+    if owner is None:
+        return None
+    lib, first, params, report = owner
+    key, names = _structure(part)
+    first_key, first_names = _structure(first)
+    if key != first_key:
+        return None
+    for a, b in zip(first_names, names, strict=True):
+        if a not in params and not torch.equal(first.get_weight(a), part.get_weight(b)):
+            return None
+    return lib, [names[first_names.index(w)] for w in params], report
 
 
 def _compile_split(
@@ -354,7 +420,6 @@ def _compile_split(
         sp = _split(program, samples)
         host, parts, eager, examples, weights = sp.host, sp.parts, sp.eager, sp.examples, sp.weights
         reference = sp.program
-    tensors = {w: t for w, (t, _) in weights.items()}
     t0 = time.perf_counter()
     output = _output_path(output, reference)
     entries: list[dict[str, Any]] = []
@@ -362,20 +427,34 @@ def _compile_split(
     runnable = target.kind != "cuda" and not is_foreign({"target": target.to_json()})
     with atomic_dir(output, overwrite=overwrite) as tmp:
         files = []
+        # parts that are the same computation on different weights (the blocks of a gated
+        # ResNet, one per gate) share one library: weights are its run-time parameters
+        twins = _twin_groups(parts, weights)
+        shared: dict[str, tuple[str, Program, list[str], Any]] = {}
         for i, (name, info) in enumerate(sorted(parts.items())):
-            say(f"compiling {name}", i, len(parts))
+            key = twins.get(name)
             part = info.program(weights)
             if prepare:
                 part = parse_pipeline(PREPARE_PIPELINE).run(part).program
-            ex, param_names, report = tvm_backend.lower(
-                part, target, trials=tune, fast_math=fast_math, rpc=rpc
-            )
-            lib = f"{name}.so"
-            tvm_backend.export_library(ex, tmp / lib, target, report.objects)
-            files.append(lib)
+            if key is not None:  # every weight a run-time parameter, so that twins can share
+                part = _weights_as_parameters(part)
+            reuse = _reuse(shared.get(key), part) if key is not None else None
+            if reuse is not None:
+                lib, param_names, report = reuse
+                say(f"compiling {name} (shares {lib})", i, len(parts))
+            else:
+                say(f"compiling {name}", i, len(parts))
+                ex, param_names, report = tvm_backend.lower(
+                    part, target, trials=tune, fast_math=fast_math, rpc=rpc
+                )
+                lib = f"{name}.so"
+                tvm_backend.export_library(ex, tmp / lib, target, report.objects)
+                files.append(lib)
+                if key is not None and key not in shared:
+                    shared[key] = (lib, part, param_names, report)
             diff = None
             if name in examples and runnable:
-                compiled = tvm_backend.TVMPart(tmp / lib, [tensors[w] for w in param_names])
+                compiled = tvm_backend.TVMPart(tmp / lib, [part.get_weight(w) for w in param_names])
                 got = compiled(*examples[name])
                 want = eager[name](*examples[name])
                 diff = max(

@@ -427,6 +427,12 @@ def bound_files(manifest: dict) -> dict[str, str]:
     return {f: d for f, d in manifest["files"].items() if f not in libs and f != SAMPLES}
 
 
+def library_owner(manifest: dict, library: str) -> str:
+    """The part a library is bound to: the first part that calls it (parts that are the same
+    computation on other weights call their twin's library with their own parameters)."""
+    return next(p["name"] for p in manifest["parts"] if p["library"] == library)
+
+
 def check_binding(name: str, part: str, binding: dict | None, manifest: dict) -> None:
     """The library ``name`` of part ``part`` was compiled for this artifact's program files."""
     if binding is None:
@@ -490,7 +496,7 @@ def check_library(root: Path, manifest: dict, part: dict) -> Path:
     data, binding = split_binding(path.read_bytes())
     arch = str(manifest["target"].get("triple", "")).split("-")[0]
     check_elf(name, data, arch)
-    check_binding(name, part["name"], binding, manifest)
+    check_binding(name, library_owner(manifest, name), binding, manifest)
     return path
 
 
