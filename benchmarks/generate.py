@@ -33,8 +33,12 @@ the position (it reads the whole static cache).
 
 ::
 
-    python benchmarks/generate.py                       # full run (about 10 min on 2 quiet cores)
-    python benchmarks/generate.py --models llama        # LLaMA only (about 7 min)
+    python benchmarks/generate.py                       # full run (see the note below)
+    python benchmarks/generate.py --peers eager,compile,dense,experts   # about 10 min
+
+Note: at the LLaMA shape the ``lowrank`` peer dominates the run: the pass factors each of
+the 28 decoder Linears with a float64 full SVD, and ``run_pipeline`` runs it on both
+programs (56 SVDs; over 13 minutes under load on 2 cores, not measured quietly).
     python benchmarks/generate.py --quick               # smoke run: tiny shapes, no write
     python benchmarks/generate.py --models gpt2 --peers eager,dense --no-results
 """
