@@ -508,9 +508,7 @@ def run_case(case: Case, args: argparse.Namespace, threads: int) -> CaseResult:
         )
         for peer in splice_peers():
             log(f"compiling {case.name}: {peer} ({SPLICE_TARGETS[peer]}, tune={args.tune})…")
-            res.peers[peer] = run_splice(
-                case, ref, args.warmup, args.repeats, args.tune, tmp, peer
-            )
+            res.peers[peer] = run_splice(case, ref, args.warmup, args.repeats, args.tune, tmp, peer)
     for peer in PEERS:
         if peer not in res.peers:
             continue
@@ -569,9 +567,7 @@ def table(results: list[CaseResult]) -> str:
         )
         if v3:
             q = p.get("splice v3", missing)
-            row += (
-                f"| {_ms(q)} | {_ratio(p['eager'], q)} | {_ratio(p['onnxruntime'], q)} "
-            )
+            row += f"| {_ms(q)} | {_ratio(p['eager'], q)} | {_ratio(p['onnxruntime'], q)} "
         out.append(row + f"| {diffs} |")
     return "\n".join(out)
 
@@ -768,7 +764,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per peer (30)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed calls before timing (5)")
-    ap.add_argument("--tune", type=int, default=0, help="splice.compile tune= trials (0, the default)")
+    ap.add_argument(
+        "--tune", type=int, default=0, help="splice.compile tune= trials (0, the default)"
+    )
     ap.add_argument(
         "--models",
         default=",".join(ALL_MODELS),

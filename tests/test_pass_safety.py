@@ -541,7 +541,9 @@ def test_an_added_input_without_samples_is_a_clear_calibration_error():
         name = "adds-input"
 
         def run(self, program, ctx):
-            node = Rewriter(program, self.name).add_input("extra", M.TensorSpec((1,), torch.float32))
+            node = Rewriter(program, self.name).add_input(
+                "extra", M.TensorSpec((1,), torch.float32)
+            )
             del node
             return PassResult(program, True, {})
 
@@ -578,7 +580,9 @@ def test_stitch_of_linear_blocks_then_specialize_and_lowrank_verify():
     x = torch.randn(4, 8, generator=g)
     small = splice.capture(_LinearBlocks(16).eval(), (x,))
     large = splice.capture(_LinearBlocks(32).eval(), (x,))
-    ctx = PassContext([(torch.randn(4, 8, generator=g),) for _ in range(2)], programs={"large": large})
+    ctx = PassContext(
+        [(torch.randn(4, 8, generator=g),) for _ in range(2)], programs={"large": large}
+    )
     r = PassManager(parse_pipeline("stitch{anchors=large,calib_samples=2}")).run(small, ctx)
     n_configs = r.stats["passes"][0]["stats"]["configs"]
     assert n_configs > 2
@@ -587,5 +591,6 @@ def test_stitch_of_linear_blocks_then_specialize_and_lowrank_verify():
     q = parse_pipeline("specialize{config=1},lowrank{ratio=0.5}").run(r.program)
     assert [rec["changed"] for rec in q.stats["passes"]] == [True, True]
     torch.testing.assert_close(
-        parse_pipeline("specialize{config=1}").run(r.program).program(x), r.program(x, torch.tensor(1))
+        parse_pipeline("specialize{config=1}").run(r.program).program(x),
+        r.program(x, torch.tensor(1)),
     )

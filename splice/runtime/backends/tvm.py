@@ -645,9 +645,7 @@ def lower(
     return ex, param_names, report
 
 
-def export_library(
-    ex: Any, path: Path, target: Target, objects: Sequence[str] = ()
-) -> None:
+def export_library(ex: Any, path: Path, target: Target, objects: Sequence[str] = ()) -> None:
     """Link the built module (and ``objects``: splice's C kernels) into one shared library."""
     fcompile = cross_compiler(target)
     addons = [str(o) for o in objects] or None

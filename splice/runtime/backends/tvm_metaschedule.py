@@ -85,7 +85,9 @@ class RpcSpec:
             raise LoweringError(f"bad rpc address {text!r}: expected HOST:PORT:KEY", hint=hint)
         host, port, key = parts
         if not port.isdigit() or not 0 < int(port) < 65536:
-            raise LoweringError(f"bad rpc address {text!r}: port {port!r} is not 1..65535", hint=hint)
+            raise LoweringError(
+                f"bad rpc address {text!r}: port {port!r} is not 1..65535", hint=hint
+            )
         return cls(host, int(port), key)
 
     def __str__(self) -> str:
@@ -667,9 +669,11 @@ class MetaScheduleTuner:
         else:
             hand_s = self.measurer().measure(hand_func) if hand_func is not None else None
             self.hand_measured += 1
-        winner = "metaschedule" if best is not None and ms_s is not None and (
-            hand_s is None or ms_s < hand_s
-        ) else "hand"
+        winner = (
+            "metaschedule"
+            if best is not None and ms_s is not None and (hand_s is None or ms_s < hand_s)
+            else "hand"
+        )
         flop = _flop(info)
         new = {
             "winner": winner,

@@ -291,9 +291,7 @@ def default_matmul_config(info: MatmulInfo, cpu: CpuShape | None = None) -> Matm
         # B is an activation packed per batch inside the kernel (attention): one cache line
         # (16 fp32) of B per step of k. Measured on a GPT-2 block's QKᵀ / PV (Zen 4,
         # AVX-512): 4×16 0.24 ms, 4×32 2.3 ms, 8×32 2.9 ms, 4×64 3.1 ms; AVX2's 4×16 0.41 ms
-        line = [c for c in cands if c.nb == 16 and c.mi == 4] or [
-            c for c in cands if c.nb == 16
-        ]
+        line = [c for c in cands if c.nb == 16 and c.mi == 4] or [c for c in cands if c.nb == 16]
         if line:
             return line[0]
     two = 2 * cpu.lanes
@@ -750,9 +748,7 @@ def schedule_module(
         info = analyse_matmul(func) if new is None else None
         if info is not None:
             cfg = (
-                choose(name, func, info)
-                if choose is not None
-                else default_matmul_config(info, cpu)
+                choose(name, func, info) if choose is not None else default_matmul_config(info, cpu)
             )
             if cfg is not None:
                 try:
