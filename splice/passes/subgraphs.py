@@ -365,26 +365,9 @@ def collect_activations(
     of ``values`` — (graph path, node name) pairs, ``""`` for the top graph — over
     ``ctx.calibration``. A value inside a branch is recorded on the batches that run it
     (its ``count`` is 0 when none does). Cache it with ``ctx.analysis``."""
-    from splice.passes.analysis.calibration import STATS, ActivationStats, _accumulate
+    from splice.passes.analysis.calibration import ActivationStats, _accumulate, check_samples
 
-    bad = [s for s in stats if s not in STATS]
-    if bad:
-        raise PassError(f"unknown calibration statistics {bad}", hint=f"choose from {STATS}")
-    data = list(getattr(ctx, "calibration", []) or [])
-    if not data:
-        raise PassError(
-            "calibration needs sample inputs, and none were given",
-            hint="pass sample_inputs=[...] to the pipeline run (or --calib-samples on the CLI)",
-        )
-    names = program.input_names
-    for batch in data:
-        if len(batch) != len(names):
-            raise PassError(
-                f"calibration: a sample gives {len(batch)} values, but program "
-                f"{program.name!r} has {len(names)} inputs {names}",
-                hint="give one value per program input; an input an earlier pass added "
-                "(hyper's `cond`, stitch's `config`) needs a sample value from that pass",
-            )
+    data = check_samples(program, ctx, stats)
     probe = program.copy()
     graphs = dict(iter_graphs(probe))
     result = {v: ActivationStats() for v in values}

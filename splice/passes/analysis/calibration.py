@@ -57,15 +57,14 @@ class CalibrationResult:
         return self.values[name]
 
 
-def calibrate(
+def check_samples(
     program: Program,
     ctx: Any,
-    *,
-    nodes: Sequence[str],
-    stats: Sequence[str] = ("raw",),
+    stats: Sequence[str],
     batches: Sequence[Sequence[Any]] | None = None,
-) -> CalibrationResult:
-    """Collect activation statistics at ``nodes`` (see the module docstring)."""
+) -> list[Sequence[Any]]:
+    """The calibration batches (``batches``, else ``ctx.calibration``), after checking the
+    statistics' names and that every batch gives one value per program input."""
     bad = [s for s in stats if s not in STATS]
     if bad:
         raise PassError(f"unknown calibration statistics {bad}", hint=f"choose from {STATS}")
@@ -85,6 +84,19 @@ def calibrate(
                 "(hyper's `cond`, stitch's `config`) needs a sample value from that pass "
                 "(PassResult.sample_inputs_for_new_inputs), or calibrate before adding it",
             )
+    return data
+
+
+def calibrate(
+    program: Program,
+    ctx: Any,
+    *,
+    nodes: Sequence[str],
+    stats: Sequence[str] = ("raw",),
+    batches: Sequence[Sequence[Any]] | None = None,
+) -> CalibrationResult:
+    """Collect activation statistics at ``nodes`` (see the module docstring)."""
+    data = check_samples(program, ctx, stats, batches)
     probe = program.copy()
     by_name = {n.name: n for n in probe.graph.nodes}
     extra = []
