@@ -11,14 +11,23 @@ Each op is registered with ``torch.library`` under the ``splice`` namespace and 
   programs containing the op can be fine-tuned;
 * a **cost function** (FLOPs, bytes) that the cost model reads.
 
-Backends register their own lowering per op (``runtime/backends``); they never change
-what an op means. The registry :data:`OPS` maps ``"splice::name"`` to its :class:`OpDef`.
+The schema is the one spelling of an op's signature: the reference's Python signature is
+checked against it when the op is defined (:meth:`OpDef.check_signature`), and the fake
+and cost functions receive the call's arguments bound to it (:meth:`OpDef.bind`), so
+they do not repeat it.
+
+Backends register their own lowering per op in :mod:`splice.ir.lowerings` (from the
+backend modules under ``runtime/backends``); they never change what an op means. The
+registry :data:`OPS` maps ``"splice::name"`` to its :class:`OpDef`.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -35,9 +44,27 @@ class OpCost:
     bytes_written: int
 
 
+class OpArgs(SimpleNamespace):
+    """The arguments of one call of a splice op, bound by name to its schema (one attribute
+    per schema argument, defaults filled in): what :meth:`OpDef.bind` returns."""
+
+
+@dataclass(frozen=True)
+class OpParam:
+    """One argument of an op's schema: its name and, unless ``required``, its default."""
+
+    name: str
+    required: bool
+    default: Any = None
+
+
 @dataclass(frozen=True)
 class OpDef:
-    """One op of the dialect."""
+    """One op of the dialect.
+
+    ``fake`` and ``cost`` take the op's arguments as the op does (positional or by name);
+    ``differentiable`` lists the positional arguments that receive gradients.
+    """
 
     name: str
     schema: str
@@ -45,6 +72,7 @@ class OpDef:
     fake: Callable[..., Any]
     cost: Callable[..., OpCost] | None
     doc: str
+    differentiable: tuple[int, ...] = ()
 
     @property
     def qualname(self) -> str:
@@ -53,6 +81,87 @@ class OpDef:
     @property
     def overload(self) -> torch._ops.OpOverload:
         return getattr(getattr(torch.ops, NAMESPACE), self.name).default
+
+    @property
+    def params(self) -> tuple[OpParam, ...]:
+        """The schema's arguments, in order."""
+        return _schema_params(f"{self.name}{self.schema}")
+
+    def bind(self, *args: Any, **kwargs: Any) -> OpArgs:
+        """The arguments of a call ``op(*args, **kwargs)`` by schema name, defaults filled.
+
+        Raises TypeError, as Python does for a function, on too many arguments, an unknown
+        or repeated name, or a missing required argument.
+        """
+        return _bind(self.qualname, self.params, args, kwargs)
+
+    def check_signature(self, fn: Callable[..., Any]) -> None:
+        """Raise TypeError unless ``fn`` takes the schema's arguments: same names in the
+        same order, same defaults; ``fn`` may add keyword-only parameters with defaults
+        (a kernel launcher's tuning knobs)."""
+        _check_signature(self.qualname, self.params, fn)
+
+
+@functools.cache
+def _schema_params(text: str) -> tuple[OpParam, ...]:
+    schema = torch._C.parse_schema(text)
+    return tuple(
+        OpParam(a.name, True)
+        if not a.has_default_value()
+        else OpParam(a.name, False, a.default_value)
+        for a in schema.arguments
+    )
+
+
+def _bind(qual: str, params: tuple[OpParam, ...], args: tuple, kwargs: dict[str, Any]) -> OpArgs:
+    if len(args) > len(params):
+        raise TypeError(f"{qual} takes {len(params)} arguments, {len(args)} given")
+    values = {p.name: v for p, v in zip(params, args)}
+    names = {p.name for p in params}
+    for k, v in kwargs.items():
+        if k not in names:
+            raise TypeError(f"{qual} has no argument {k!r} (it takes {[p.name for p in params]})")
+        if k in values:
+            raise TypeError(f"{qual} got argument {k!r} twice")
+        values[k] = v
+    for p in params:
+        if p.name not in values:
+            if p.required:
+                raise TypeError(f"{qual} is missing its argument {p.name!r}")
+            values[p.name] = p.default
+    return OpArgs(**{p.name: values[p.name] for p in params})
+
+
+def _check_signature(qual: str, params: tuple[OpParam, ...], fn: Callable[..., Any]) -> None:
+    got = list(inspect.signature(fn).parameters.values())
+    positional = [p for p in got if p.kind is not p.KEYWORD_ONLY]
+    extra = [p for p in got if p.kind is p.KEYWORD_ONLY]
+
+    def spell(ps: Any) -> str:
+        return ", ".join(str(p) for p in ps)
+
+    want = [
+        inspect.Parameter(
+            p.name,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            default=inspect.Parameter.empty if p.required else p.default,
+        )
+        for p in params
+    ]
+    same = len(positional) == len(want) and all(
+        g.name == w.name and g.kind is w.kind and _same_default(g.default, w.default)
+        for g, w in zip(positional, want)
+    )
+    if not same or any(p.default is inspect.Parameter.empty for p in extra):
+        name = getattr(fn, "__qualname__", repr(fn))
+        raise TypeError(
+            f"{name} does not take the arguments of {qual}: it takes ({spell(got)}), the "
+            f"schema says ({spell(want)}) (extra parameters must be keyword-only with defaults)"
+        )
+
+
+def _same_default(a: Any, b: Any) -> bool:
+    return type(a) is type(b) and a == b if a is not inspect.Parameter.empty else a is b
 
 
 OPS: dict[str, OpDef] = {}
@@ -63,26 +172,50 @@ def define_op(
     schema: str,
     *,
     reference: Callable[..., Any],
-    fake: Callable[..., Any],
-    cost: Callable[..., OpCost] | None = None,
+    fake: Callable[[OpArgs], Any],
+    cost: Callable[[OpArgs], OpCost] | None = None,
     differentiable: tuple[int, ...] = (),
 ) -> OpDef:
     """Register ``splice::name`` with its schema, reference, fake and autograd.
 
-    ``differentiable`` lists the positional arguments that receive gradients.
+    ``reference`` takes the schema's arguments (checked: same names, order and defaults);
+    ``fake`` and ``cost`` take one :class:`OpArgs`, the call's arguments bound to the
+    schema. ``differentiable`` lists the positional arguments that receive gradients.
     """
-    _lib.define(f"{name}{schema}")
     qual = f"{NAMESPACE}::{name}"
+    params = _schema_params(f"{name}{schema}")
+    _check_signature(qual, params, reference)
+
+    def bound_fake(*args: Any, **kwargs: Any) -> Any:
+        return fake(_bind(qual, params, args, kwargs))
+
+    def bound_cost(*args: Any, **kwargs: Any) -> OpCost:
+        assert cost is not None
+        return cost(_bind(qual, params, args, kwargs))
+
+    _lib.define(f"{name}{schema}")
     torch.library.impl(qual, "CompositeExplicitAutograd", lib=_lib)(reference)
-    torch.library.register_fake(qual, lib=_lib)(fake)
+    torch.library.register_fake(qual, lib=_lib)(bound_fake)
     if differentiable:
-        _register_vjp(qual, reference, differentiable)
-    op = OpDef(name, schema, reference, fake, cost, (reference.__doc__ or "").strip())
+        register_vjp(qual, reference, differentiable)
+    op = OpDef(
+        name,
+        schema,
+        reference,
+        bound_fake,
+        bound_cost if cost is not None else None,
+        (reference.__doc__ or "").strip(),
+        differentiable,
+    )
     OPS[qual] = op
     return op
 
 
-def _register_vjp(qual: str, reference: Callable[..., Any], diff: tuple[int, ...]) -> None:
+def register_vjp(qual: str, reference: Callable[..., Any], diff: tuple[int, ...]) -> None:
+    """Register the autograd of op ``qual`` as the vjp of ``reference`` for the positional
+    arguments ``diff`` (``define_op`` does this; a backend that registers a forward-only
+    copy of a splice op, such as a Triton kernel, gives it the same gradients)."""
+
     def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
         ctx.inputs = inputs
 
@@ -139,13 +272,8 @@ def _lowrank_linear_ref(
     return y if bias is None else y + bias
 
 
-def _lowrank_linear_fake(
-    x: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    rank: int | None = None,
-) -> torch.Tensor:
+def _lowrank_linear_fake(a: OpArgs) -> torch.Tensor:
+    x, A, B = a.x, a.A, a.B
     torch._check(A.dim() == 2 and B.dim() == 2, lambda: "lowrank_linear: A and B must be matrices")
     torch._check(
         A.shape[1] == B.shape[0],
@@ -165,7 +293,8 @@ def _numel(shape: Any) -> int:
     return n
 
 
-def _lowrank_linear_cost(x: Any, A: Any, B: Any, bias: Any = None, rank: Any = None) -> OpCost:
+def _lowrank_linear_cost(a: OpArgs) -> OpCost:
+    x, A, B, bias, rank = a.x, a.A, a.B, a.bias, a.rank
     rows = _numel(x.shape[:-1])
     m, k = int(A.shape[0]), int(A.shape[1])
     n = int(B.shape[1])
@@ -323,23 +452,9 @@ def _moe_ffn_ref(
     return y.reshape(*x.shape[:-1], d_out)
 
 
-def _moe_ffn_fake(
-    x: torch.Tensor,
-    router_w: torch.Tensor,
-    router_b: torch.Tensor | None,
-    w_in: torch.Tensor,
-    b_in: torch.Tensor | None,
-    w_gate: torch.Tensor | None,
-    b_gate: torch.Tensor | None,
-    w_out: torch.Tensor,
-    b_out: torch.Tensor | None,
-    act: str,
-    top_k: int = 0,
-    top_p: float = 0.0,
-    scale: str = "none",
-    weighted: bool = False,
-    router_norm: bool = True,
-) -> torch.Tensor:
+def _moe_ffn_fake(a: OpArgs) -> torch.Tensor:
+    x, router_w, w_in, w_gate, w_out = a.x, a.router_w, a.w_in, a.w_gate, a.w_out
+    act, top_k, top_p, scale = a.act, a.top_k, a.top_p, a.scale
     torch._check(
         w_in.dim() == 3 and w_out.dim() == 3, lambda: "moe_ffn: w_in and w_out are [E, s, .]"
     )
@@ -368,26 +483,13 @@ def _moe_ffn_fake(
     return x.new_empty((*x.shape[:-1], w_out.shape[2]))
 
 
-def _moe_ffn_cost(
-    x: Any,
-    router_w: Any,
-    router_b: Any,
-    w_in: Any,
-    b_in: Any,
-    w_gate: Any,
-    b_gate: Any,
-    w_out: Any,
-    b_out: Any,
-    act: Any = "relu",
-    top_k: Any = 0,
-    top_p: Any = 0.0,
-    scale: Any = "none",
-    weighted: Any = False,
-    router_norm: Any = True,
-) -> OpCost:
+def _moe_ffn_cost(a: OpArgs) -> OpCost:
     """Per row: the router (2·E·d) and k experts (2·s·(d·(1 + gated) + d_out)); top-p
     counts all E experts (its upper bound). Bytes: the router and the weights of at most
     min(E, rows·k) experts (a decode step reads only its k experts)."""
+    x, w_in, w_gate, w_out, b_in, b_out, top_k = (
+        a.x, a.w_in, a.w_gate, a.w_out, a.b_in, a.b_out, a.top_k
+    )  # fmt: skip
     rows = _numel(x.shape[:-1])
     E, s, d = (int(v) for v in w_in.shape)
     d_out = int(w_out.shape[2])
@@ -419,8 +521,10 @@ __all__ = [
     "MOE_SCALES",
     "NAMESPACE",
     "OPS",
+    "OpArgs",
     "OpCost",
     "OpDef",
+    "OpParam",
     "define_op",
     "is_splice_op",
     "lowrank_linear",
@@ -428,4 +532,5 @@ __all__ = [
     "moe_gates",
     "moe_select",
     "op_def",
+    "register_vjp",
 ]
