@@ -1,8 +1,9 @@
 """Rewriter: the one API through which passes edit a Program.
 
-Every node the Rewriter creates gets a spec (inferred by fake execution of its op) and a
-Loc (inherited from the node being rewritten, with the pass name appended to
-``from_passes``); every node it changes gets the pass name appended too. Passes therefore
+It is a :class:`~splice.ir.builder.Builder` of the program's top graph: every node the
+Rewriter creates gets a spec (inferred by fake execution of its op) and a Loc (inherited
+from the node being rewritten, with the pass name appended to ``from_passes``); every node
+it changes gets the pass name appended too. Passes therefore
 cannot forget metadata — the complaint users of FX, executorch and onnxscript raise most.
 
 Typical use::
@@ -16,8 +17,7 @@ Typical use::
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -25,97 +25,26 @@ import torch.fx as fx
 
 from splice.errors import PassError
 from splice.ir import meta as M
+from splice.ir.builder import Builder
 from splice.ir.program import Program
-from splice.ir.shape_prop import FakeRunner
 
 
-class Rewriter:
-    """Edits one Program on behalf of one pass (``pass_name``)."""
+class Rewriter(Builder):
+    """Edits one Program on behalf of one pass (``pass_name``): a :class:`Builder` of its top
+    graph that also replaces, re-types and erases nodes and adds weights and inputs."""
 
     def __init__(self, program: Program, pass_name: str | None = None):
-        self.program = program
-        self.pass_name = pass_name
-        self._runner: FakeRunner | None = None
-        self._loc: M.Loc | None = None
-        self.created: list[fx.Node] = []
+        super().__init__(program, pass_name)
         self.changed: set[fx.Node] = set()
 
-    @property
-    def graph(self) -> fx.Graph:
-        return self.program.graph
-
-    @property
-    def runner(self) -> FakeRunner:
-        if self._runner is None:
-            self._runner = FakeRunner(self.program)
-        return self._runner
-
-    def _stamp(self, loc: M.Loc) -> M.Loc:
-        return loc.with_pass(self.pass_name) if self.pass_name else loc
-
-    # -- insertion point ------------------------------------------------------------------
-    @contextlib.contextmanager
-    def at(self, node: fx.Node, *, after: bool = False) -> Iterator[None]:
-        """Insert new nodes before (or after) ``node``; they inherit its Loc."""
-        prev = self._loc
-        self._loc = M.loc(node)
-        ctx = self.graph.inserting_after(node) if after else self.graph.inserting_before(node)
-        try:
-            with ctx:
-                yield
-        finally:
-            self._loc = prev
-
-    # -- creating nodes ---------------------------------------------------------------------
-    def call(
-        self,
-        target: Any,
-        args: Sequence[Any] = (),
-        kwargs: dict[str, Any] | None = None,
-        *,
-        name: str | None = None,
-        loc: M.Loc | None = None,
-    ) -> fx.Node:
-        """A new ``call_function`` node; its spec is inferred, its Loc stamped with the pass."""
-        if name is None and isinstance(target, torch._ops.OpOverload):
-            name = target._schema.name.split("::")[-1]  # "linear", as export names nodes
-        node = self.graph.call_function(target, tuple(args), dict(kwargs or {}), name=name)
-        self._finish(node, loc)
-        return node
+    def _what(self) -> str:
+        return self.pass_name or "rewrite"
 
     def call_module(
         self, target: str, args: Sequence[Any] = (), *, loc: M.Loc | None = None
     ) -> fx.Node:
         node = self.graph.call_module(target, tuple(args))
         self._finish(node, loc)
-        return node
-
-    def _finish(self, node: fx.Node, loc: M.Loc | None) -> None:
-        M.set_loc(node, self._stamp(loc or self._loc or M.UNKNOWN_LOC))
-        try:
-            M.set_spec(node, self.runner.infer(node))
-        except Exception as e:
-            self.graph.erase_node(node)
-            raise PassError(
-                f"{self.pass_name or 'rewrite'}: new node {_describe(node)} does not type-check: {e}",
-                where=str(M.loc(node)) if not M.loc(node).is_unknown() else None,
-            ) from e
-        self.created.append(node)
-
-    def weight(self, name: str) -> fx.Node:
-        """A ``get_attr`` node reading weight ``name`` (reusing an existing one)."""
-        for n in self.graph.find_nodes(op="get_attr"):
-            if n.target == name:
-                return n
-        if not self.program.has_weight(name):
-            raise PassError(f"{self.pass_name or 'rewrite'}: program has no weight @{name}")
-        first = next((n for n in self.graph.nodes if n.op != "placeholder"), None)
-        ctx = self.graph.inserting_before(first) if first is not None else contextlib.nullcontext()
-        with ctx:
-            node = self.graph.get_attr(name)
-        M.set_spec(node, self.runner.env.spec_of(self.runner.weight_fake(name)))
-        M.set_loc(node, self._stamp(M.Loc(module_path=name.rpartition(".")[0])))
-        self.created.append(node)
         return node
 
     def add_weight(
@@ -204,19 +133,6 @@ class Rewriter:
         for w in dropped:
             self.program.remove_weight(w)
         return dropped
-
-
-def _describe(node: fx.Node) -> str:
-    from splice.ir.printer import format_target
-
-    return f"{format_target(node)}({', '.join(_arg_str(a) for a in node.args)})"
-
-
-def _arg_str(a: Any) -> str:
-    if isinstance(a, fx.Node):
-        s = M.get_spec(a)
-        return f"%{a.name}" + (f": {s}" if s is not None else "")
-    return repr(a)
 
 
 __all__ = ["Rewriter"]

@@ -1,8 +1,9 @@
 """Spec inference by fake-tensor execution.
 
 :class:`FakeRunner` runs a node's op on fake values to learn the spec of what it produces.
-The Rewriter uses it for every node it creates (inputs taken from their stored specs); the
-verifier uses it to re-propagate a whole graph and compare against the stored specs.
+The Builder (and the Rewriter, a Builder) uses it for every node it creates (inputs taken
+from their stored specs); ``cond`` and ``invoke_subgraph`` take their specs from the called
+graphs' stored output specs instead of tracing them. The verifier uses it to re-propagate a whole graph and compare against the stored specs.
 """
 
 from __future__ import annotations
@@ -14,13 +15,18 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
 from splice.ir import meta as M
 from splice.ir.program import Program, get_attr_path
 
 
 class FakeRunner:
-    """Fake execution of single nodes under one FakeEnv for one program."""
+    """Fake execution of single nodes under one FakeEnv for one program.
+
+    ``gm`` arguments name the module that a graph's ``get_attr`` targets resolve in: the
+    program's module (the default), a sub-graph's, or any holder of a new graph's sub-graphs.
+    """
 
     def __init__(self, program: Program):
         self.program = program
@@ -38,10 +44,10 @@ class FakeRunner:
             self._weight_fakes[name] = f
         return f
 
-    def stored_fake(self, node: fx.Node, gm: fx.GraphModule | None = None) -> Any:
+    def stored_fake(self, node: fx.Node, gm: nn.Module | None = None) -> Any:
         """A fake value for ``node`` built from its stored spec (or its weight)."""
         if node.op == "get_attr":
-            return self._get_attr_fake(node, gm or self.program.graph_module)
+            return self._get_attr_fake(node, self.program.graph_module if gm is None else gm)
         s = M.get_spec(node)
         if s is None:
             raise KeyError(f"node %{node.name} has no spec")
@@ -51,7 +57,7 @@ class FakeRunner:
             f = self._spec_fakes[s] = self.env.fake(s)
         return f
 
-    def _get_attr_fake(self, node: fx.Node, gm: fx.GraphModule) -> Any:
+    def _get_attr_fake(self, node: fx.Node, gm: nn.Module) -> Any:
         if gm is self.program.graph_module and self.program.has_weight(node.target):
             return self.weight_fake(node.target)
         obj = get_attr_path(gm, node.target)
@@ -61,10 +67,10 @@ class FakeRunner:
 
     # -- running one node
     def run(
-        self, node: fx.Node, value_of: Callable[[fx.Node], Any], gm: fx.GraphModule | None = None
+        self, node: fx.Node, value_of: Callable[[fx.Node], Any], gm: nn.Module | None = None
     ) -> Any:
         """Fake-run ``node`` with input values given by ``value_of``."""
-        gm = gm or self.program.graph_module
+        gm = self.program.graph_module if gm is None else gm
         if node.op == "get_attr":
             return self._get_attr_fake(node, gm)
         if node.op == "placeholder":
@@ -73,6 +79,8 @@ class FakeRunner:
         kwargs = fx.node.map_arg(node.kwargs, value_of)
         if node.op == "call_function" and node.target is torch.ops.higher_order.cond:
             return self._cond(node, args, gm)
+        if node.op == "call_function" and node.target is torch.ops.higher_order.invoke_subgraph:
+            return self._invoke(node, args, gm)
         with self.env.mode:
             if node.op == "call_function":
                 return node.target(*args, **kwargs)
@@ -82,7 +90,7 @@ class FakeRunner:
                 return getattr(args[0], node.target)(*args[1:], **kwargs)
         raise ValueError(f"cannot fake-run node %{node.name} (op {node.op})")
 
-    def _cond(self, node: fx.Node, args: tuple, gm: fx.GraphModule) -> tuple:
+    def _cond(self, node: fx.Node, args: tuple, gm: nn.Module) -> tuple:
         """A ``cond`` from its branches' stored specs, without tracing them.
 
         torch's fake ``cond`` traces both branches, and each nested ``cond`` in them again,
@@ -108,14 +116,28 @@ class FakeRunner:
             )
         return tuple(self.env.fake(s) for s in outs[0])
 
-    def infer(self, node: fx.Node, gm: fx.GraphModule | None = None) -> M.Spec:
+    def _invoke(self, node: fx.Node, args: tuple, gm: nn.Module) -> tuple:
+        """An ``invoke_subgraph(@part, id, *operands)`` from the part's stored specs, for the
+        reason given at :meth:`_cond`: the operands must match the part's inputs."""
+        sub = get_attr_path(gm, node.args[0].target)
+        have = [self.env.spec_of(v) for v in args[2:]]
+        want = [M.spec(p) for p in sub.graph.nodes if p.op == "placeholder"]
+        if want != have:
+            raise ValueError(
+                f"invoke_subgraph %{node.name}: part {node.args[0].target} takes {want}, "
+                f"operands are {have}"
+            )
+        out = next(iter(sub.graph.find_nodes(op="output"))).args[0]
+        return tuple(self.env.fake(M.spec(o)) for o in out)
+
+    def infer(self, node: fx.Node, gm: nn.Module | None = None) -> M.Spec:
         """The spec of ``node``, running it on fakes of its inputs' stored specs.
 
         Results are memoised by (op, input specs, literal arguments): shape functions are
         deterministic, and real models repeat the same op on the same shapes in every layer.
         """
         if node.op == "get_attr":
-            v = self._get_attr_fake(node, gm or self.program.graph_module)
+            v = self._get_attr_fake(node, self.program.graph_module if gm is None else gm)
             if isinstance(v, fx.GraphModule):
                 return M.GraphRefSpec(node.target)
             return self.env.spec_of(v)
