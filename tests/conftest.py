@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,6 +18,9 @@ os.environ.setdefault("SPLICE_CACHE_DIR", os.path.join(os.path.dirname(__file__)
 
 import splice
 from splice import models
+from splice.ir import Program, verify
+from splice.ir.meta import dtype_from_name
+from splice.passes import VerifyEach, parse_pipeline
 
 ARCHS = ["gpt2", "llama", "bert", "vit", "mixtral", "convnet"]
 
@@ -104,3 +110,62 @@ def small(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     model = SmallMLP().eval()
     x = torch.randn(4, 64)
     return splice.capture(model, (x,)), model, x, tmp_path
+
+
+def seeded_weights(text: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Deterministic values for every weight a text program declares (``weight @n : spec``),
+    in declaration order from one ``torch.Generator`` seeded with ``seed``: standard normal
+    floats, zeros for other dtypes."""
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("weight @"):
+            continue
+        name, spec = line.removeprefix("weight @").split(" : ", 1)
+        dtype_name, dims = spec.split("[", 1)
+        shape = [int(d) for d in dims.split("]", 1)[0].split(",") if d.strip()]
+        dtype = dtype_from_name(dtype_name)
+        out[name] = (
+            torch.randn(shape, generator=g).to(dtype)
+            if dtype.is_floating_point
+            else torch.zeros(shape, dtype=dtype)
+        )
+    return out
+
+
+def _normalised(text: str) -> list[str]:
+    return [line.strip() for line in text.strip().splitlines()]
+
+
+def check_pass(
+    pipeline: str,
+    before_text: str,
+    expected_text: str,
+    weights: Mapping[str, torch.Tensor] | None = None,
+    **run: Any,
+) -> Program:
+    """Run ``pipeline`` on the program ``before_text`` and pin its printed result.
+
+    ``before_text`` is splice's text IR; ``weights`` maps weight names (dotted) to tensors
+    (default: :func:`seeded_weights` of the text). The pipeline string is parsed as
+    ``splice opt`` does and run with :class:`VerifyEach` (``run`` goes to
+    :meth:`Pipeline.run`: ``ctx``, ``sample_inputs``). The result must verify, print as
+    ``expected_text`` (leading/trailing whitespace and indentation of each line are not
+    compared; a mismatch fails with a unified diff) and read back from its own text to the
+    same text. Returns the resulting Program, for numeric checks.
+    """
+    if weights is None:
+        weights = seeded_weights(before_text)
+    program = splice.parse_ir(before_text, dict(weights))
+    result = parse_pipeline(pipeline).run(program, instruments=[VerifyEach()], **run).program
+    verify(result)
+    got = splice.print_ir(result)
+    if _normalised(got) != _normalised(expected_text):
+        diff = difflib.unified_diff(
+            _normalised(expected_text), _normalised(got), "expected", "got", lineterm=""
+        )
+        pytest.fail(f"{pipeline} printed an unexpected program:\n" + "\n".join(diff))
+    again = splice.print_ir(splice.parse_ir(got, result.weights))
+    assert again == got, "the result does not read back from its own text"
+    return result
