@@ -5,8 +5,6 @@ passes (:mod:`splice.passes`), compile it for a target (:func:`compile`) and run
 artifact (:func:`load`).
 """
 
-__version__ = "0.1.0"
-
 from splice.errors import (
     ArtifactError,
     CaptureError,
@@ -22,6 +20,7 @@ from splice.ir.explore import capture_dynamic
 from splice.ir.lm import GenerationError, LMPrograms, capture_lm
 from splice.ir.signatures import SignatureSet
 from splice.runtime import Artifact, CompiledModel, Generator, compile, load
+from splice.version import __version__
 
 __all__ = [
     "Artifact",

@@ -46,6 +46,8 @@ from splice.errors import ArtifactError, ParseError, VerificationError
 from splice.ir.parser import parse_ir
 from splice.ir.printer import print_ir
 from splice.ir.program import Program
+from splice.ir.verify import verify
+from splice.version import __version__
 
 FORMAT = "splice.program/1"
 PROGRAM_FILE = "program.ir"
@@ -67,7 +69,9 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def _weights_for_safetensors(program: Program) -> dict[str, torch.Tensor]:
+def weights_for_safetensors(program: Program) -> dict[str, torch.Tensor]:
+    """The program's weights as safetensors writes them: detached, contiguous, and no two
+    sharing storage (a shared or strided tensor is copied)."""
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, t in program.weights.items():
@@ -265,11 +269,9 @@ def save(
     ``overwrite=True`` to replace anything else (see :func:`atomic_dir`)."""
     from safetensors.torch import save_file
 
-    from splice import __version__
-
     check_output_path(path, overwrite=overwrite)  # before printing a large program
     text = print_ir(program, locations=True)
-    weights = _weights_for_safetensors(program)
+    weights = weights_for_safetensors(program)
     with atomic_dir(path, overwrite=overwrite) as tmp:
         (tmp / PROGRAM_FILE).write_text(text)
         save_file(weights, str(tmp / WEIGHTS_FILE))
@@ -336,8 +338,6 @@ def _text(root: Path, files: dict[str, bytes]) -> str:
 
 def _parse_and_verify(root: Path, text: str, weights: dict[str, torch.Tensor]) -> Program:
     """``parse_ir`` then ``verify``, with errors that name the file."""
-    from splice.ir.verify import verify
-
     where = root / PROGRAM_FILE
     try:
         program = parse_ir(text, weights)
@@ -548,4 +548,5 @@ __all__ = [
     "load_with_samples",
     "save",
     "sha256_file",
+    "weights_for_safetensors",
 ]

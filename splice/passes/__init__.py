@@ -10,8 +10,8 @@ from splice.passes.instruments import (
     Timing,
     VerifyEach,
 )
-from splice.passes.manager import PassManager
-from splice.passes.pipeline import Pipeline, describe_passes, make_pass, parse_pipeline
+from splice.passes.manager import PassManager, Pipeline, parse_pipeline
+from splice.passes.pipeline import describe_passes, make_pass
 from splice.passes.registry import available_passes, get_pass_class, register_pass
 
 __all__ = [

@@ -26,16 +26,18 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
+import math
+import re
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
+from splice.errors import PipelineError
 from splice.ir.program import Program
-
-if typing.TYPE_CHECKING:
-    from splice.target import Target
+from splice.target import Target
 
 Semantics = Literal["exact", "approximate"]
 
@@ -147,10 +149,6 @@ class Pass(ABC):
         """Every float in the options (also inside tuples/lists) must be finite: no pass
         means anything by nan or inf, and nan slips through range checks (``nan < 0`` is
         False). Raises PipelineError naming the option."""
-        import math
-
-        from splice.errors import PipelineError
-
         for f in self.options():
             v = getattr(self, f.name)
             items = v if isinstance(v, (list, tuple)) else (v,)
@@ -190,8 +188,6 @@ class Pass(ABC):
         return out
 
     def __str__(self) -> str:
-        from splice.passes.pipeline import format_pass
-
         return format_pass(self, self.non_default_options())
 
 
@@ -204,4 +200,61 @@ def enum_values(tp: Any) -> list[str] | None:
     return None
 
 
-__all__ = ["Pass", "PassContext", "PassResult", "Semantics", "enum_values"]
+# ---------------------------------------------------------------------------------------
+# the text of a pass: `lowrank{method=whitened,ratio=0.5}`
+
+_SAFE = re.compile(r"[A-Za-z0-9_.*/:+\-@?]+")
+
+
+def format_value(v: Any) -> str:
+    """An option value in pipeline syntax: ``none``, ``true``, numbers, ``[a,b]``, and
+    strings bare where the grammar allows, JSON-quoted otherwise."""
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(format_value(x) for x in v) + "]"
+    s = str(getattr(v, "value", v))
+    return s if _SAFE.fullmatch(s) else json.dumps(s)
+
+
+def format_pass(p: Pass, keys: Sequence[str]) -> str:
+    """``p`` in pipeline syntax with the options ``keys`` (its name alone when none)."""
+    if not keys:
+        return p.name
+    return p.name + "{" + ",".join(f"{k}={format_value(getattr(p, k))}" for k in keys) + "}"
+
+
+@dataclass(frozen=True)
+class PipelineEntry:
+    """One pass of a pipeline and the options that were given explicitly (``str()`` prints
+    those, so parse -> print -> parse is stable)."""
+
+    pass_: Pass
+    explicit: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return format_pass(self.pass_, list(self.explicit))
+
+
+class PassSequence(Protocol):
+    """What instruments see of the pipeline they run in: its entries; ``str()`` gives its
+    pipeline text. :class:`splice.passes.manager.Pipeline` is one."""
+
+    entries: list[PipelineEntry]
+
+
+__all__ = [
+    "Pass",
+    "PassContext",
+    "PassResult",
+    "PassSequence",
+    "PipelineEntry",
+    "Semantics",
+    "enum_values",
+    "format_pass",
+    "format_value",
+]

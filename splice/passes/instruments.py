@@ -21,24 +21,24 @@ import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 import torch
 
 from splice.errors import PassError, VerificationError
 from splice.ir.printer import print_ir
 from splice.ir.program import Program
+from splice.ir.serialize import save
 from splice.ir.verify import verify
-
-if TYPE_CHECKING:
-    from splice.passes.base import Pass, PassContext, PassResult
-    from splice.passes.pipeline import Pipeline
+from splice.passes.base import Pass, PassContext, PassResult, PassSequence
 
 
 class Instrument:
     """Base class: every hook is a no-op."""
 
-    def before_pipeline(self, pipeline: Pipeline, program: Program, ctx: PassContext) -> None: ...
+    def before_pipeline(
+        self, pipeline: PassSequence, program: Program, ctx: PassContext
+    ) -> None: ...
 
     def should_run(self, p: Pass, program: Program, ctx: PassContext) -> bool:
         return True
@@ -56,10 +56,12 @@ class Instrument:
         ctx: PassContext,
         index: int,
         error: BaseException,
-        pipeline: Pipeline,
+        pipeline: PassSequence,
     ) -> None: ...
 
-    def after_pipeline(self, pipeline: Pipeline, program: Program, ctx: PassContext) -> None: ...
+    def after_pipeline(
+        self, pipeline: PassSequence, program: Program, ctx: PassContext
+    ) -> None: ...
 
 
 class Timing(Instrument):
@@ -360,8 +362,6 @@ class CrashReproducer(Instrument):
         self.folders: list[Path] = []
 
     def after_pass_failed(self, p, before, ctx, index, error, pipeline):
-        from splice.ir.serialize import save
-
         folder = self.directory / f"crash_{index + 1:03d}_{_slug(p.name)}"
         folder.mkdir(parents=True, exist_ok=True)
         save(before, folder / "input.splice")

@@ -1,4 +1,7 @@
-"""PassManager: runs a pipeline with instruments around every pass.
+"""Pipeline and PassManager: a list of passes, and what runs it with instruments.
+
+``parse_pipeline(text)`` (the grammar is in :mod:`splice.passes.pipeline`) returns a
+:class:`Pipeline`; ``pipeline.run(program, ...)`` runs it through a :class:`PassManager`.
 
 For each pass the manager
 
@@ -45,7 +48,7 @@ pipeline run of its own.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,9 +56,61 @@ from splice.errors import PassError, SpliceError, VerificationError
 from splice.ir.program import Program
 from splice.ir.signatures import SignatureSet, signature_of_values, signature_text
 from splice.ir.verify import verify as verify_program
-from splice.passes.base import Pass, PassContext, PassResult
+from splice.passes.base import Pass, PassContext, PassResult, PipelineEntry
 from splice.passes.instruments import Instrument, VerifyEach
-from splice.passes.pipeline import Pipeline, PipelineEntry, parse_pipeline
+from splice.passes.pipeline import parse_entries
+
+
+class Pipeline:
+    """An ordered list of passes; ``str()`` gives its pipeline text."""
+
+    def __init__(self, passes: Sequence[Pass | PipelineEntry] = ()):
+        self.entries: list[PipelineEntry] = [
+            p if isinstance(p, PipelineEntry) else PipelineEntry(p, tuple(p.non_default_options()))
+            for p in passes
+        ]
+
+    @property
+    def passes(self) -> list[Pass]:
+        return [e.pass_ for e in self.entries]
+
+    def __iter__(self) -> Iterator[Pass]:
+        return iter(self.passes)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __str__(self) -> str:
+        return ",".join(str(e) for e in self.entries)
+
+    def __repr__(self) -> str:
+        return f"Pipeline({str(self)!r})"
+
+    def run(
+        self,
+        program: Program | SignatureSet,
+        *,
+        sample_inputs: Sequence[Sequence[Any]] | None = None,
+        instruments: Sequence[Instrument] = (),
+        ctx: PassContext | None = None,
+        verify_each: bool = False,
+        verify: bool = True,
+    ) -> PassResult:
+        """Run the passes through a :class:`PassManager`.
+
+        ``program`` is a Program or a :class:`~splice.ir.signatures.SignatureSet` (every
+        member runs the pipeline with the samples of its own signature, and the result's
+        program is a SignatureSet; see the module docstring). The result is verified unless
+        ``verify=False``; ``verify_each`` verifies after every pass.
+        """
+        return PassManager(
+            self, instruments=instruments, verify_each=verify_each, verify=verify
+        ).run(program, ctx=ctx, sample_inputs=sample_inputs)
+
+
+def parse_pipeline(text: str) -> Pipeline:
+    """Parse pipeline text into a :class:`Pipeline` (grammar: :mod:`splice.passes.pipeline`)."""
+    return Pipeline(parse_entries(text))
 
 
 class PassManager:
@@ -350,4 +405,4 @@ def _follow_samples(ctx: PassContext, before: Program, result: PassResult) -> No
     ctx.calibration_inputs = follow(ctx.calibration_inputs)
 
 
-__all__ = ["PassManager"]
+__all__ = ["PassManager", "Pipeline", "parse_pipeline"]

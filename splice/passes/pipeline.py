@@ -1,6 +1,8 @@
-"""Pipelines: ``parse_pipeline("cse,lowrank{method=whitened,ratio=0.5},dce")``.
+"""Pipeline text: ``"cse,lowrank{method=whitened,ratio=0.5},dce"`` -> pipeline entries.
 
-Grammar (xDSL/MLIR style, flat)::
+:func:`parse_entries` reads the text into :class:`~splice.passes.base.PipelineEntry`
+values; :func:`splice.passes.parse_pipeline` wraps them into a runnable
+:class:`~splice.passes.manager.Pipeline`. Grammar (xDSL/MLIR style, flat)::
 
     pipeline := pass ("," pass)*
     pass     := NAME ["{" [option ("," option)*] "}"]
@@ -16,102 +18,18 @@ exists.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import re
 import types
 import typing
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from splice.errors import PipelineError
-from splice.passes.base import Pass, PassContext, PassResult, enum_values
+from splice.passes.base import Pass, PipelineEntry, enum_values, format_value
 from splice.passes.registry import available_passes, get_pass_class
 
 _BARE = re.compile(r"[^,{}\[\]=\s\"']+")
-_SAFE = re.compile(r"[A-Za-z0-9_.*/:+\-@?]+")
-
-
-@dataclass(frozen=True)
-class PipelineEntry:
-    pass_: Pass
-    explicit: tuple[str, ...]
-
-    def __str__(self) -> str:
-        return format_pass(self.pass_, list(self.explicit))
-
-
-class Pipeline:
-    """An ordered list of passes; ``str()`` gives its pipeline text."""
-
-    def __init__(self, passes: Sequence[Pass | PipelineEntry] = ()):
-        self.entries: list[PipelineEntry] = [
-            p if isinstance(p, PipelineEntry) else PipelineEntry(p, tuple(p.non_default_options()))
-            for p in passes
-        ]
-
-    @property
-    def passes(self) -> list[Pass]:
-        return [e.pass_ for e in self.entries]
-
-    def __iter__(self):
-        return iter(self.passes)
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __str__(self) -> str:
-        return ",".join(str(e) for e in self.entries)
-
-    def __repr__(self) -> str:
-        return f"Pipeline({str(self)!r})"
-
-    def run(
-        self,
-        program,
-        *,
-        sample_inputs=None,
-        instruments=(),
-        ctx: PassContext | None = None,
-        verify_each: bool = False,
-        verify: bool = True,
-    ) -> PassResult:
-        """Run the passes through a :class:`~splice.passes.manager.PassManager`.
-
-        ``program`` is a Program or a :class:`~splice.ir.signatures.SignatureSet` (every
-        member runs the pipeline with the samples of its own signature, and the result's
-        program is a SignatureSet; see :mod:`splice.passes.manager`). The result is
-        verified unless ``verify=False``; ``verify_each`` verifies after every pass.
-        """
-        from splice.passes.manager import PassManager
-
-        return PassManager(
-            self, instruments=instruments, verify_each=verify_each, verify=verify
-        ).run(program, ctx=ctx, sample_inputs=sample_inputs)
-
-
-# ---------------------------------------------------------------------------------------
-# formatting
-
-
-def format_value(v: Any) -> str:
-    if v is None:
-        return "none"
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ",".join(format_value(x) for x in v) + "]"
-    s = str(getattr(v, "value", v))
-    return s if _SAFE.fullmatch(s) else json.dumps(s)
-
-
-def format_pass(p: Pass, keys: Sequence[str]) -> str:
-    if not keys:
-        return p.name
-    return p.name + "{" + ",".join(f"{k}={format_value(getattr(p, k))}" for k in keys) + "}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -185,12 +103,13 @@ class _Quoted(str):
     """A value that was quoted in the text: always a string."""
 
 
-def parse_pipeline(text: str) -> Pipeline:
-    """Parse pipeline text into a :class:`Pipeline` (see the module docstring)."""
+def parse_entries(text: str) -> list[PipelineEntry]:
+    """Parse pipeline text into its entries (see the module docstring); PipelineError
+    points at the column."""
     cur = _Cursor(text)
     entries: list[PipelineEntry] = []
     if not text.strip():
-        return Pipeline([])
+        return []
     while True:
         start = cur.pos
         name = cur.name()
@@ -235,7 +154,7 @@ def parse_pipeline(text: str) -> Pipeline:
         if cur.peek() == "":
             break
         cur.expect(",")
-    return Pipeline(entries)
+    return entries
 
 
 def make_pass(name: str, **options: Any) -> Pass:
@@ -371,8 +290,6 @@ def describe_passes() -> list[dict[str, Any]]:
     """Name, semantics, summary and options of every registered pass (for docs and the CLI)."""
     out = []
     for name, cls in available_passes().items():
-        import dataclasses
-
         opts = []
         for f in cls.options():
             default = f.default if f.default is not dataclasses.MISSING else None
@@ -389,13 +306,4 @@ def describe_passes() -> list[dict[str, Any]]:
     return out
 
 
-__all__ = [
-    "Pipeline",
-    "PipelineEntry",
-    "convert_option",
-    "describe_passes",
-    "format_pass",
-    "format_value",
-    "make_pass",
-    "parse_pipeline",
-]
+__all__ = ["convert_option", "describe_passes", "make_pass", "parse_entries"]
