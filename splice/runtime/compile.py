@@ -165,13 +165,13 @@ def _write_program_files(
     from safetensors.torch import save_file
 
     from splice.ir.printer import print_ir
-    from splice.ir.serialize import _weights_for_safetensors
+    from splice.ir.serialize import weights_for_safetensors
 
     members = list(program) if isinstance(program, SignatureSet) else [program]
     weights: dict[str, torch.Tensor] = {}
     files = [WEIGHTS]
     for i, p in enumerate(members):
-        for w, t in _weights_for_safetensors(p).items():
+        for w, t in weights_for_safetensors(p).items():
             weights.setdefault(w, t)
         (tmp / _member_file(i)).write_text(print_ir(p, locations=True))
         files.append(_member_file(i))
