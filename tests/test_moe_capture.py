@@ -360,7 +360,7 @@ def test_new_options_lower_to_tvm(tmp_path, kw, shape, sparse):
 
 def test_new_options_in_the_triton_kernel():
     pytest.importorskip("triton")
-    from splice.runtime.kernels import moe_ffn as kmod
+    from splice.runtime.kernels import triton_moe_ffn as kmod
 
     if not kmod.is_interpreted():
         kmod = importlib.reload(kmod)

@@ -18,7 +18,7 @@ import torch
 import splice
 from splice.errors import LoweringError
 from splice.runtime import edge
-from splice.runtime.backends import tvm_gemm as G
+from splice.runtime.kernels import tvm_gemm as G
 from splice.target import X86_LEVELS, get_target, host_target
 
 pytest.importorskip("tvm")

@@ -25,7 +25,7 @@ from splice.errors import LoweringError
 from splice.ir import moe_capture
 from splice.ir.ops import _moe_ffn_ref, moe_gates
 from splice.runtime.backends import triton as tb
-from splice.runtime.kernels import moe_ffn as kmod
+from splice.runtime.kernels import triton_moe_ffn as kmod
 
 if not kmod.is_interpreted():  # imported earlier in this process without the interpreter
     kmod = importlib.reload(kmod)

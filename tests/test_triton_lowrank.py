@@ -25,7 +25,7 @@ pytest.importorskip("triton")
 from splice.errors import LoweringError
 from splice.ir.ops import _lowrank_linear_ref
 from splice.runtime.backends import triton as tb
-from splice.runtime.kernels import lowrank_linear as kmod
+from splice.runtime.kernels import triton_lowrank_linear as kmod
 
 if not kmod.is_interpreted():  # imported earlier in this process without the interpreter
     kmod = importlib.reload(kmod)

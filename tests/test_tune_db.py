@@ -5,8 +5,9 @@ from __future__ import annotations
 import multiprocessing as mp
 from pathlib import Path
 
-from splice.runtime.backends.tvm_schedules import MatmulConfig
-from splice.runtime.backends.tvm_tuner import TuningDatabase, file_lock
+from splice.runtime.backends.tvm_tuner import TuningDatabase
+from splice.runtime.cache import file_lock
+from splice.runtime.kernels.tvm_schedules import MatmulConfig
 
 RECORDS = 300  # per process, each by its own short-lived database (like 300 compiles)
 

@@ -28,7 +28,7 @@ from splice.errors import ArtifactError, LoweringError
 from splice.ir import meta as M
 from splice.runtime.artifact import FORMAT, MANIFEST
 from splice.runtime.backends import tvm as tvm_backend
-from splice.runtime.backends.tvm_tuner import cache_dir
+from splice.runtime.cache import cache_dir
 from splice.target import host_target
 
 tvm = pytest.importorskip("tvm")
@@ -500,8 +500,8 @@ def test_artifact_folder_is_written_atomically(mlp, tmp_path, host, monkeypatch)
 
 
 def test_tuning_database_merges_concurrent_writers(tmp_path):
-    from splice.runtime.backends.tvm_schedules import MatmulConfig
     from splice.runtime.backends.tvm_tuner import TuningDatabase
+    from splice.runtime.kernels.tvm_schedules import MatmulConfig
 
     path = tmp_path / "tvm_tuning.json"
     a, b = TuningDatabase(path), TuningDatabase(path)  # both read the (missing) file first
@@ -519,7 +519,7 @@ def test_fast_math_turns_small_integer_powers_into_multiplications():
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
-    from splice.runtime.backends.tvm_fastmath import FastMath
+    from splice.runtime.kernels.tvm_fastmath import FastMath
 
     class Powers(torch.nn.Module):
         def forward(self, x):

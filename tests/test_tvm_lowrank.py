@@ -15,8 +15,8 @@ from torch import nn
 
 import splice
 from splice.ir.ops import lowrank_linear
-from splice.runtime.backends import tvm as tvm_backend
-from splice.runtime.backends.tvm_schedules import lowrank_plan
+from splice.runtime.kernels.tvm_lowrank_linear import LOWRANK_FUSED_MAX_ROWS
+from splice.runtime.kernels.tvm_schedules import lowrank_plan
 
 pytest.importorskip("tvm")
 
@@ -126,7 +126,7 @@ def test_many_rows_untileable_shapes_stay_fused(tmp_path, m, n, k, bias, rank, x
 
 
 def test_fused_row_limit_is_inclusive(tmp_path):
-    rows = tvm_backend.LOWRANK_FUSED_MAX_ROWS
+    rows = LOWRANK_FUSED_MAX_ROWS
     report = compile_and_check(tmp_path, LowRank(32, 24, 8, bias=True), (rows, 24))
     assert report["schedule_rules"].get("lowrank") == 1
     report = compile_and_check(tmp_path / "more", LowRank(32, 24, 8, bias=True), (rows + 1, 24))

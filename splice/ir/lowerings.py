@@ -17,9 +17,11 @@ the callable's calling convention is the backend's own, stated there:
 * ``"tvm"``: a Relax converter ``(node, importer) -> relax.Expr``, as TVM's
   ``from_exported_program(custom_convert_map=...)`` calls it; a fallback is inlined as
   its reference before the import;
-* ``"triton"``: a function with the op's schema that launches the op's Triton kernels,
-  registered as ``splice_triton::<op>`` with ``torch.library.triton_op``; a fallback
-  keeps the ``splice::<op>`` node, which runs its reference.
+* ``"triton"``: a loader ``() -> launcher`` (the kernel module imports triton, which is
+  optional, so it is imported at first use); the launcher takes the op's arguments and
+  launches its Triton kernels, and is registered as ``splice_triton::<op>`` with
+  ``torch.library.triton_op``; a fallback keeps the ``splice::<op>`` node, which runs its
+  reference.
 """
 
 from __future__ import annotations

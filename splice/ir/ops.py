@@ -87,6 +87,11 @@ class OpDef:
         """The schema's arguments, in order."""
         return _schema_params(f"{self.name}{self.schema}")
 
+    def signature(self) -> inspect.Signature:
+        """The schema as an annotated Python signature (for APIs that infer a schema from a
+        function's signature, as ``torch.library.triton_op`` does)."""
+        return _schema_signature(f"{self.name}{self.schema}")
+
     def bind(self, *args: Any, **kwargs: Any) -> OpArgs:
         """The arguments of a call ``op(*args, **kwargs)`` by schema name, defaults filled.
 
@@ -111,6 +116,43 @@ def _schema_params(text: str) -> tuple[OpParam, ...]:
         else OpParam(a.name, False, a.default_value)
         for a in schema.arguments
     )
+
+
+_PY_TYPES: dict[str, type] = {
+    "Tensor": torch.Tensor,
+    "int": int,
+    "SymInt": int,
+    "float": float,
+    "str": str,
+    "bool": bool,
+}
+
+
+def _py_type(t: str) -> Any:
+    if t.startswith("Optional[") and t.endswith("]"):
+        return _py_type(t[len("Optional[") : -1]) | None
+    if t not in _PY_TYPES:
+        raise TypeError(f"no Python type for schema type {t!r}")
+    return _PY_TYPES[t]
+
+
+@functools.cache
+def _schema_signature(text: str) -> inspect.Signature:
+    schema = torch._C.parse_schema(text)
+    params = [
+        inspect.Parameter(
+            a.name,
+            inspect.Parameter.KEYWORD_ONLY
+            if a.kwarg_only
+            else inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            default=a.default_value if a.has_default_value() else inspect.Parameter.empty,
+            annotation=_py_type(str(a.type)),
+        )
+        for a in schema.arguments
+    ]
+    returns = [_py_type(str(r.type)) for r in schema.returns]
+    ret = returns[0] if len(returns) == 1 else tuple[tuple(returns)]
+    return inspect.Signature(params, return_annotation=ret)
 
 
 def _bind(qual: str, params: tuple[OpParam, ...], args: tuple, kwargs: dict[str, Any]) -> OpArgs:

@@ -9,12 +9,15 @@ Lowering, step by step:
    can change strides, and reshape copies only where a view is impossible), torch
    decomposes the export into core ATen ops (:func:`decompose`; its errors are shown in
    full), and ``tvm.relax.frontend.torch.from_exported_program`` imports it with
-   ``keep_params_as_input=True`` and :data:`CONVERT_MAP`, which lowers splice dialect ops.
+   ``keep_params_as_input=True`` and :func:`convert_map`: the Relax converter of each splice
+   dialect op, registered below in :mod:`splice.ir.lowerings` (the kernels are in
+   ``splice/runtime/kernels/tvm_*.py``); an op declared to fall back to its reference on
+   TVM is inlined as that reference by :func:`decompose` instead.
 3. **Optimise.** Relax: ``DecomposeOpsForInference``, ``CanonicalizeBindings``,
    ``FuseTransposeMatmul`` (``x @ Wᵀ`` as one NT-matmul reading W row-major), splice's
    ``FastMath`` (vectorisable GELU/SiLU/sigmoid/exp/tanh/softmax; optional), ``LegalizeOps``, ``AnnotateTIROpPattern``, ``FoldConstant``, ``FuseOps``, ``FuseTIR``,
    ``AttachAttrLayoutFreeBuffers``; then every TIR function is scheduled by splice's CPU
-   rules (:mod:`.tvm_schedules`, tile sizes from :mod:`.tvm_tuner`); then
+   rules (:mod:`splice.runtime.kernels.tvm_schedules`, tile sizes from :mod:`.tvm_tuner`); then
    ``SplitLayoutRewritePreproc`` and ``LiftTransformParams`` move the weight repacking into
    ``main_transform_params``, which the runtime runs once at load time.
 4. **Build and export.** ``tvm.compile`` for the target and ``export_library``; for
@@ -30,7 +33,6 @@ which extra to install.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import platform
 import shutil
@@ -47,7 +49,16 @@ import torch
 
 from splice.errors import LoweringError
 from splice.ir import meta as M
+from splice.ir.lowerings import lowering_for, register_lowering
+from splice.ir.ops import OPS
 from splice.ir.program import Program
+from splice.runtime.backends.tvm_metaschedule import tune_module
+from splice.runtime.backends.tvm_tuner import Tuner
+from splice.runtime.kernels.tvm_fastmath import FastMath
+from splice.runtime.kernels.tvm_gemm import compile_kernel, rewrite_gemms
+from splice.runtime.kernels.tvm_lowrank_linear import convert_lowrank_linear
+from splice.runtime.kernels.tvm_moe_ffn import convert_moe_ffn
+from splice.runtime.kernels.tvm_schedules import CpuShape, schedule_module
 from splice.target import Target
 
 TVM_EXTRA = "pip install 'splice[tvm]'  (apache-tvm 0.27)"
@@ -128,208 +139,29 @@ def cross_compiler(target: Target) -> Any | None:
 
 
 # ---------------------------------------------------------------------------------------
-# splice dialect ops -> Relax
+# splice dialect ops -> Relax: the TVM lowerings, a Relax converter ``(node, importer)`` per op
+
+register_lowering("splice::lowrank_linear", "tvm")(convert_lowrank_linear)
+register_lowering("splice::moe_ffn", "tvm")(convert_moe_ffn)
 
 
-LOWRANK_FUSED_MAX_ROWS = 4
-"""``splice::lowrank_linear`` with at most this many rows (the product of ``x``'s leading
-dimensions) lowers to the fused kernel. More rows lower to two ``linear`` ops (two
-matmul-rule kernels with 4-row register tiles) when the matmul rule can tile both (rank and
-m multiples of 8, or at most 32), and to the fused kernel otherwise.
-
-Measured with one-op programs on the 2-core EPYC VM (m = n = 2048, k = 512, weights
-L3-resident, median of 10 alternating rounds): fused vs two matmuls 153 vs 157 µs at M = 1,
-147 vs 144 at M = 2, 136 vs 137 at M = 4, then 2–7% slower fused at M = 8, 16, 32 (486 vs
-475, 634 vs 590, 1364 vs 1305 µs). From DRAM at M = 1 the two are within 3% (403 vs 411
-µs). When the rank is not a multiple of 8 (k = 750 for 5632×2048 at 50%) the matmul rule
-cannot tile ``x Bᵀ`` and the two-linear path is 2–10× slower than the fused kernel at
-every M measured (1–128)."""
-
-
-def _matmul_tileable(n_out: int) -> bool:
-    """The matmul rule has a panel width for ``n_out`` output columns (matmul_candidates)."""
-    return n_out % 8 == 0 or n_out <= 32
-
-
-def _static_shape(expr: Any) -> list[int] | None:
-    ty = getattr(expr, "ty", None)
-    shape = getattr(ty, "shape", None)
-    values = getattr(shape, "values", None)
-    if values is None:
-        return None
-    try:
-        return [int(v) for v in values]
-    except (TypeError, ValueError):
-        return None
-
-
-def _lowrank_te(x: Any, Ap: Any, Bp: Any, bias: Any, *, m: int, plan: Any) -> Any:
-    """TE of the fused kernel, for ``x`` with M rows (its leading dimensions) and n columns:
-
-    * ``lowrank_hs[M, s1, kp]``: ``x Bᵀ`` with the n-long reduction cut into ``s1`` segments,
-      each accumulated on its own (``s1`` independent streams through the weight panel);
-    * ``lowrank_h[M, kp]``: the sum of the segments;
-    * ``lowrank_ys[M, s2, mp]`` and ``lowrank_y[M, mp]``: the same for ``h Aᵀ`` (kp long);
-    * ``lowrank_out``: ``y[:, :m] + bias`` in ``x``'s leading shape.
-
-    ``Bp[kp/nb1, n, nb1]`` and ``Ap[mp/nb2, kp, nb2]`` are B and A packed into column
-    panels, zero-padded to ``kp`` (k rounded up to a multiple of 16) and ``mp`` (m rounded
-    up to a multiple of 8); ``plan`` is the :class:`~.tvm_schedules.LowRankPlan`.
-    ``tvm_schedules.schedule_lowrank`` schedules the blocks by name.
-    """
-    import math
-
-    from tvm import te
-
-    lead = [int(d) for d in x.shape[:-1]]
-    n = int(x.shape[-1])
-    rows = math.prod(lead)
-    kp, mp, nb1, nb2, s1, s2 = plan.kp, plan.mp, plan.nb1, plan.nb2, plan.s1, plan.s2
-    len1, len2 = n // s1, kp // s2
-
-    def unravel(i: Any) -> list[Any]:  # a row of h -> x's leading indices
-        idx = []
-        for d in reversed(lead):
-            idx.append(i % d)
-            i = i // d
-        return idx[::-1]
-
-    def ravel(idx: Sequence[Any]) -> Any:  # x's leading indices -> a row of h
-        out: Any = 0
-        for d, v in zip(lead, idx):
-            out = out * d + v
-        return out
-
-    r = te.reduce_axis((0, len1), name="r")
-    hs = te.compute(
-        (rows, s1, kp),
-        lambda i, g, c: te.sum(
-            x[(*unravel(i), g * len1 + r)] * Bp[c // nb1, g * len1 + r, c % nb1], axis=r
-        ),
-        name="lowrank_hs",
-    )
-    g1 = te.reduce_axis((0, s1), name="g1")
-    h = te.compute((rows, kp), lambda i, c: te.sum(hs[i, g1, c], axis=g1), name="lowrank_h")
-    t = te.reduce_axis((0, len2), name="t")
-    ys = te.compute(
-        (rows, s2, mp),
-        lambda i, g, j: te.sum(h[i, g * len2 + t] * Ap[j // nb2, g * len2 + t, j % nb2], axis=t),
-        name="lowrank_ys",
-    )
-    g2 = te.reduce_axis((0, s2), name="g2")
-    y = te.compute((rows, mp), lambda i, j: te.sum(ys[i, g2, j], axis=g2), name="lowrank_y")
-    if bias is None:
-        return te.compute((*lead, m), lambda *idx: y[ravel(idx[:-1]), idx[-1]], name="lowrank_out")
-    return te.compute(
-        (*lead, m), lambda *idx: y[ravel(idx[:-1]), idx[-1]] + bias[idx[-1]], name="lowrank_out"
-    )
-
-
-def _convert_lowrank_linear(node: Any, importer: Any) -> Any:
-    """``y = (x Bᵀ) Aᵀ + bias``, A ``[m, k]``, B ``[k, n]``, ``rank`` r: the prefix A[:, :r], B[:r].
-
-    Few rows (decode, at most :data:`LOWRANK_FUSED_MAX_ROWS`) or shapes the matmul rule
-    cannot tile, fp32 and static shapes: one fused kernel (``_lowrank_te``, scheduled by
-    the ``lowrank`` rule). A and B are sliced to the rank, zero-padded and packed into
-    column panels by Relax ops that depend on the parameters only, so
-    ``LiftTransformParams`` moves that work into ``main_transform_params`` (run once at load
-    time); the kernel streams each weight byte once, and ``h = x Bᵀ`` never leaves the
-    call. Otherwise: two ``relax.op.linear``.
-    """
-    from tvm import relax
-
-    from splice.runtime.backends.tvm_schedules import LOWRANK_KERNEL, lowrank_plan
-
-    args = importer.retrieve_args(node)
-    x, A, B = args[0], args[1], args[2]
-    bias = args[3] if len(args) > 3 else node.kwargs.get("bias")
-    rank = args[4] if len(args) > 4 else node.kwargs.get("rank")
-    bb = importer.block_builder
-    xs, As, Bs = _static_shape(x), _static_shape(A), _static_shape(B)
-    k = As[1] if As is not None else None
-    r = k if rank is None or k is None else max(0, min(int(rank), k))
-    if rank is not None and r != k:
-        A = bb.emit(relax.op.strided_slice(A, axes=[1], begin=[0], end=[int(r)]))
-        B = bb.emit(relax.op.strided_slice(B, axes=[0], begin=[0], end=[int(r)]))
-
-    def fp32(e: Any) -> bool:
-        return str(getattr(getattr(e, "ty", None), "dtype", "")) == "float32"
-
-    fused = (
-        xs is not None
-        and As is not None
-        and Bs is not None
-        and r is not None
-        and r > 0
-        and all(fp32(t) for t in (x, A, B))
-        and (bias is None or fp32(bias))
-        and _numel(xs[:-1]) >= 1
-        and (
-            _numel(xs[:-1]) <= LOWRANK_FUSED_MAX_ROWS
-            or not (_matmul_tileable(r) and _matmul_tileable(As[0]))
-        )
-    )
-    if not fused:
-        h = bb.emit(relax.op.linear(x, B, None, "float32"))
-        return bb.emit(relax.op.linear(h, A, bias, "float32"))
-    m, n = As[0], Bs[1]
-    rows = _numel(xs[:-1])
-    plan = lowrank_plan(rows, m, n, r)
-    kp, mp, nb1, nb2 = plan.kp, plan.mp, plan.nb1, plan.nb2
-    # zero padding: B's rows and A's columns to kp (h's padded entries are 0), A's rows to
-    # mp (the padded outputs are computed, not stored)
-    if kp != r:
-        B = bb.emit(relax.op.nn.pad(B, [0, kp - r, 0, 0]))
-    if kp != r or mp != m:
-        A = bb.emit(relax.op.nn.pad(A, [0, mp - m, 0, kp - r]))
-    Bp = bb.emit(
-        relax.op.permute_dims(relax.op.reshape(B, (kp // nb1, nb1, n)), [0, 2, 1])
-    )  # [kp/nb1, n, nb1]
-    Ap = bb.emit(
-        relax.op.permute_dims(relax.op.reshape(A, (mp // nb2, nb2, kp)), [0, 2, 1])
-    )  # [mp/nb2, kp, nb2]
-    attrs = {
-        "op_pattern": 8,  # kOpaque: FuseOps leaves the call (and its packed operands) alone
-        "splice.kernel": LOWRANK_KERNEL,
-        "splice.rows": rows,
-        "splice.m": m,
-        "splice.n": n,
-        "splice.k": r,
-        **{f"splice.{key}": value for key, value in plan.to_json().items()},
-    }
-    return bb.emit(
-        bb.call_te(
-            functools.partial(_lowrank_te, m=m, plan=plan),  # call_te takes Relax/TE kwargs only
-            x,
-            Ap,
-            Bp,
-            bias,
-            primfunc_name_hint="lowrank_linear",
-            primfunc_attrs=attrs,
-        )
-    )
-
-
-def _numel(shape: Sequence[int]) -> int:
-    out = 1
-    for d in shape:
-        out *= int(d)
+def convert_map() -> dict[str, Callable[[Any, Any], Any]]:
+    """The ``custom_convert_map`` of TVM's importer (``"<op>.default"`` -> converter): the
+    TVM lowering of every splice op (LoweringError, naming the op, for one with none)."""
+    out = {}
+    for qual, op in OPS.items():
+        lowering = lowering_for(qual, "tvm")
+        if lowering.fn is not None:
+            out[f"{op.name}.default"] = lowering.fn
     return out
 
 
-def _convert_moe_ffn(node: Any, importer: Any) -> Any:
-    """``splice::moe_ffn``: the sparse kernel of :mod:`.tvm_moe` (only the selected experts'
-    weights are read) when rows·k ≤ E — a decode step always —, else the dense formula."""
-    from splice.runtime.backends.tvm_moe import convert_moe_ffn
-
-    return convert_moe_ffn(node, importer)
-
-
-CONVERT_MAP: dict[str, Callable[[Any, Any], Any]] = {
-    "lowrank_linear.default": _convert_lowrank_linear,
-    "moe_ffn.default": _convert_moe_ffn,
-}
-"""splice dialect op (``op.overload``) -> Relax converter. Each op's issue adds its own."""
+def fallback_decompositions() -> dict[Any, Callable[..., Any]]:
+    """``{op overload: reference}`` of the splice ops that fall back to their reference on
+    TVM: :func:`decompose` inlines them, so TVM imports their plain torch ops."""
+    return {
+        op.overload: op.reference for q, op in OPS.items() if lowering_for(q, "tvm").is_fallback
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -446,13 +278,18 @@ def views_as_reshapes(ep: torch.export.ExportedProgram) -> int:
 
 def decompose(ep: torch.export.ExportedProgram, name: str) -> torch.export.ExportedProgram:
     """``ep`` with its views as reshapes (:func:`views_as_reshapes`), decomposed by torch
-    into the core ATen ops TVM imports (what ``from_exported_program`` would run itself).
-    A failure here is torch's, and its message is given in full."""
+    into the core ATen ops TVM imports (what ``from_exported_program`` would run itself),
+    splice ops that fall back to their reference on TVM inlined as it. A failure here is torch's, and its message is given in full."""
     views_as_reshapes(ep)
+    inline = fallback_decompositions()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-            return ep.run_decompositions()
+            if not inline:
+                return ep.run_decompositions()
+            table = torch.export.default_decompositions()
+            table.update(inline)
+            return ep.run_decompositions(table)
     except Exception as e:
         raise LoweringError(
             f"torch could not decompose program {name!r} into core ATen ops (the step before "
@@ -470,8 +307,10 @@ def import_error(name: str, e: BaseException) -> LoweringError:
     missing = "Unsupported function type" in text or "Unsupported function target" in text
     return LoweringError(
         f"TVM could not import program {name!r}: {type(e).__name__}: {text}",
-        hint="an op without a Relax converter: add one to CONVERT_MAP in "
-        "splice/runtime/backends/tvm.py, or rewrite the op in the program"
+        hint="an op without a Relax converter: a splice op gets one with "
+        "@register_lowering(op, 'tvm') (splice.ir.lowerings); any other op needs an entry in "
+        "TVM's importer (custom_convert_map, the CONVERT_MAP that convert_map() builds) or a "
+        "rewrite in the program"
         if missing
         else "TVM's Relax importer failed on an op it knows; the message above is TVM's",
     )
@@ -514,9 +353,6 @@ def lower(
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
-    from splice.runtime.backends.tvm_schedules import CpuShape, schedule_module
-    from splice.runtime.backends.tvm_tuner import Tuner
-
     report = LoweringReport()
     say = progress or (lambda message, done, total: None)
     check_no_opaque_experts(program)
@@ -535,7 +371,7 @@ def lower(
             mod = from_exported_program(
                 ep,
                 keep_params_as_input=True,
-                custom_convert_map=CONVERT_MAP,
+                custom_convert_map=convert_map(),
                 run_ep_decomposition=False,  # done above by decompose()
             )
     except Exception as e:
@@ -551,8 +387,6 @@ def lower(
         "cores": target.cores,
     }
     if target.kind != "cuda":
-        from splice.runtime.backends.tvm_gemm import compile_kernel, rewrite_gemms
-
         mod, sites = rewrite_gemms(mod, target)
         for site in sites:
             report.matmuls[site.name] = site.to_json()
@@ -573,8 +407,6 @@ def lower(
     )
     ms_log: dict[str, dict[str, Any]] = {}
     with ttarget:
-        from splice.runtime.backends.tvm_fastmath import FastMath
-
         with native_stderr_into(report.tvm_warnings):
             mod = tvm.transform.Sequential(
                 [
@@ -591,8 +423,6 @@ def lower(
                 ]
             )(mod)
         if target.kind != "cuda":
-            from splice.runtime.backends.tvm_metaschedule import tune_module
-
             mod, ms_log = tune_module(
                 mod, target, ttarget, trials, choose=tuner, rpc=rpc,
                 fcompile=cross_compiler(target), foreign=foreign, progress=progress,
@@ -747,11 +577,13 @@ class TVMPart:
 
 
 __all__ = [
-    "CONVERT_MAP",
     "TVMPart",
     "check_no_opaque_experts",
+    "convert_map",
+    "decompose",
     "export_library",
     "export_program",
+    "fallback_decompositions",
     "lower",
     "make_tvm_target",
     "require_tvm",

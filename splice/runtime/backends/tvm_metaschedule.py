@@ -1,7 +1,7 @@
 """MetaSchedule, TVM's tuner, as the search engine against splice's hand rules.
 
 When a compile asks for tuning (``tune=N``), every matmul-like PrimFunc of the module (the
-ones :func:`~.tvm_schedules.analyse_matmul` recognises) is tuned by MetaSchedule for ``N``
+ones :func:`~splice.runtime.kernels.tvm_schedules.analyse_matmul` recognises) is tuned by MetaSchedule for ``N``
 trials on the compile target; the hand-rule schedule of the same function is measured the
 same way (same builder, same runner, same random data), and the faster one is kept.
 ``tune=0`` never tunes: it uses the database's decision where there is one, else the hand
@@ -44,7 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from splice.errors import LoweringError
-from splice.runtime.backends.tvm_tuner import cache_dir, file_lock
+from splice.runtime.cache import cache_dir, file_lock
+from splice.runtime.kernels.tvm_schedules import analyse_matmul, schedule_module
 
 Progress = Callable[[str, int, int], None]
 
@@ -806,8 +807,6 @@ def iter_matmuls(mod: Any) -> Iterator[tuple[Any, str, Any, Any]]:
     """(global var, name, PrimFunc, MatmulInfo) of each unscheduled matmul-like function."""
     from tvm import tirx
 
-    from splice.runtime.backends.tvm_schedules import analyse_matmul
-
     for gv, func in list(mod.functions.items()):
         if not isinstance(func, tirx.PrimFunc):
             continue
@@ -861,8 +860,6 @@ def tune_module(
     ``ttarget``. ``choose`` is the hand rules' tile chooser (the :class:`~.tvm_tuner.Tuner`).
     A ``foreign`` target (another architecture) can be measured only over ``rpc``: without
     it nothing is tuned, and database decisions are still used."""
-    from splice.runtime.backends.tvm_schedules import schedule_module
-
     spec = RpcSpec.parse(rpc) if isinstance(rpc, str) else rpc
     if foreign and spec is None:
         trials = 0

@@ -1,7 +1,7 @@
 """A small tuner for the matmul schedules, with an on-disk database keyed by workload.
 
 For each matmul function it builds every candidate tile size
-(:func:`~splice.runtime.backends.tvm_schedules.matmul_candidates`, at most ``trials``),
+(:func:`~splice.runtime.kernels.tvm_schedules.matmul_candidates`, at most ``trials``),
 times the kernel in this process with TVM's ``time_evaluator`` on random data (weights
 already packed, as at run time) and keeps the fastest. Results are stored in
 ``<cache>/tvm_tuning.json`` under ``sha256(target + TIR text)``, so compiling the same
@@ -9,23 +9,24 @@ shapes again costs no tuning: a database hit is used even when ``trials`` is 0.
 
 This is the hand rules' own small search; MetaSchedule, TVM's tuner, competes with it per
 function when a compile asks for tuning (:mod:`.tvm_metaschedule`). Both databases are
-merged under a file lock (:func:`file_lock`), so concurrent compiles keep every record.
+merged under a file lock (:func:`splice.runtime.cache.file_lock`), so concurrent compiles
+keep every record.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from splice.runtime.backends.tvm_schedules import (
+from splice.runtime.cache import cache_dir, file_lock
+from splice.runtime.kernels.tvm_schedules import (
     CpuShape,
     MatmulConfig,
     MatmulInfo,
@@ -33,27 +34,6 @@ from splice.runtime.backends.tvm_schedules import (
     matmul_candidates,
     schedule_matmul,
 )
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("SPLICE_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "splice"
-    )
-    return Path(base)
-
-
-@contextlib.contextmanager
-def file_lock(path: str | os.PathLike[str], *, shared: bool = False) -> Iterator[None]:
-    """Hold ``fcntl.flock`` on ``path`` (created if missing) for the block: exclusive for a
-    writer, ``shared`` for a reader. Blocks until the lock is free; the kernel drops it when
-    the process dies, so a crashed writer never leaves it held."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
 
 
 class TuningDatabase:
@@ -205,4 +185,4 @@ class Tuner:
             self._dirty = False
 
 
-__all__ = ["Tuner", "TuningDatabase", "cache_dir", "file_lock", "measure_kernel"]
+__all__ = ["Tuner", "TuningDatabase", "measure_kernel"]

@@ -24,7 +24,7 @@ expert work — all the FLOPs and weight bytes — runs in two kernels over (tok
 
 A decode step (one token, k experts) is k blocks of one valid row each: the kernels read
 k/E of the expert weights. Accumulation is fp32 (``input_precision="ieee"`` for fp32
-unless TF32 is allowed, as in :mod:`.lowrank_linear`); under ``TRITON_INTERPRET=1`` a
+unless TF32 is allowed, as in :mod:`.triton_lowrank_linear`); under ``TRITON_INTERPRET=1`` a
 bfloat16 ``tl.dot`` is upcast to fp32 first (triton-lang/triton#11584). Block sizes are
 defaults, not tuned (tuning needs a GPU).
 """

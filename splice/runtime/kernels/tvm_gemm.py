@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from splice.errors import LoweringError
-from splice.runtime.backends.tvm_tuner import cache_dir
+from splice.runtime.cache import cache_dir
 from splice.target import X86_LEVELS, Target
 
 SOURCE = Path(__file__).with_name("cpu_gemm.c")

@@ -1,7 +1,7 @@
 """TVM lowering of ``splice::moe_ffn``: a kernel that computes only the selected experts.
 
-Two paths, chosen per call site by :func:`convert_moe_ffn` (the converter in
-``tvm.CONVERT_MAP``):
+Two paths, chosen per call site by :func:`convert_moe_ffn` (the Relax converter that
+:mod:`splice.runtime.backends.tvm` registers for the op):
 
 **Sparse kernel** (``rows · K ≤ E`` with K = ``top_k``, or E for top-p — so a decode step,
 one token, always; fp32; static shapes). One hand-written, already scheduled TIR function
@@ -50,18 +50,13 @@ from typing import Any
 import numpy as np
 
 from splice.errors import LoweringError
+from splice.ir.ops import moe_ffn
 
 MOE_KERNEL = "moe_ffn"
 """Value of the ``splice.kernel`` attribute of the sparse ``moe_ffn`` PrimFunc."""
 
 ACCUMULATORS = 8
 """Vector registers (of 8 fp32 lanes) one tile accumulates in."""
-
-_SCHEMA = (
-    "x", "router_w", "router_b", "w_in", "b_in", "w_gate", "b_gate", "w_out", "b_out",
-    "act", "top_k", "top_p", "scale", "weighted", "router_norm",
-)  # fmt: skip
-_DEFAULTS = {"top_k": 0, "top_p": 0.0, "scale": "none", "weighted": False, "router_norm": True}
 
 
 @dataclass(frozen=True)
@@ -384,17 +379,10 @@ def _dtype(e: Any) -> str:
 
 
 def _arguments(node: Any, importer: Any) -> dict[str, Any]:
-    args = list(importer.retrieve_args(node))
+    """The node's arguments as Relax values, by schema name (defaults filled)."""
+    args = importer.retrieve_args(node)
     kwargs = importer._retrieve_args(dict(node.kwargs))
-    out = {}
-    for i, name in enumerate(_SCHEMA):
-        if i < len(args):
-            out[name] = args[i]
-        elif name in kwargs:
-            out[name] = kwargs[name]
-        else:
-            out[name] = _DEFAULTS.get(name)
-    return out
+    return vars(moe_ffn.bind(*args, **kwargs))
 
 
 def sparse_applies(rows: int, E: int, top_k: int) -> bool:
@@ -408,7 +396,7 @@ def convert_moe_ffn(node: Any, importer: Any) -> Any:
     """Relax for one ``splice::moe_ffn`` node: the sparse kernel or the dense path."""
     v = _arguments(node, importer)
     xs, wis, wos = _static_shape(v["x"]), _static_shape(v["w_in"]), _static_shape(v["w_out"])
-    tensors = [v[k] for k in _SCHEMA[:9] if v[k] is not None]
+    tensors = [v[p.name] for p in moe_ffn.params[:9] if v[p.name] is not None]
     if xs is not None and wis is not None and wos is not None:
         rows = math.prod(xs[:-1])
         E = wis[0]

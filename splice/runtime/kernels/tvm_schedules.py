@@ -30,7 +30,7 @@ converter emits for decode, marked ``splice.kernel = "lowrank_linear"``, gets th
 ``lowrank`` rule (:func:`schedule_lowrank`): both products tiled like the matmul rule's GEMV
 from panels packed at load time, each phase parallel over its output panels, ``x Bᵀ``
 kept in a buffer local to the call. Likewise the sparse ``splice::moe_ffn`` kernel
-(``tvm_moe.py``, ``splice.kernel = "moe_ffn"``) is written already scheduled and kept as it
+(``tvm_moe_ffn.py``, ``splice.kernel = "moe_ffn"``) is written already scheduled and kept as it
 is (rule ``moe_ffn``).
 
 Each rule returns ``None`` when it does not apply, and the next rule is tried; a function
@@ -736,7 +736,7 @@ def schedule_module(
             except Exception as e:  # left to the generic rules (correct, slow)
                 errors.append(f"lowrank: {_first_line(e)}")
         if func.attrs is not None and func.attrs.get("splice.kernel", None) == "moe_ffn":
-            # the sparse moe_ffn kernel (tvm_moe.py) is written scheduled: kept as it is
+            # the sparse moe_ffn kernel (tvm_moe_ffn.py) is written scheduled: kept as it is
             new, rule = func, "moe_ffn"
             matmuls[name] = {
                 "kernel": "moe_ffn",
