@@ -1,7 +1,7 @@
 /* splice's CPU GEMM: C[M,N] = A[M,K] · B, fp32, B packed at load time.
  *
  * One source for every CPU target: the vector width and the register tile are compile-time
- * constants derived from the Target (splice/runtime/backends/tvm_gemm.py: gemm_plan), and
+ * constants derived from the Target (splice/runtime/kernels/tvm_gemm.py: gemm_plan), and
  * GCC's generic vector extension maps `vf` to AVX2 (8 lanes), AVX-512 (16) or NEON (4)
  * registers according to -march/-mcpu. The structure is BLIS's (Van Zee & van de Geijn,
  * "BLIS: A Framework for Rapidly Instantiating BLAS Functionality", TOMS 2015; Low et al.,
