@@ -82,3 +82,24 @@ def test_export_keeps_the_op_as_one_node_and_costs_it():
     c = cost_model(p).total
     # 2 rows, rank 3: 2·2·3·(6+5) FLOPs for the two thin products, plus the bias add
     assert c.flops == 2 * 2 * 3 * (6 + 5) + 2 * 6
+
+
+def test_fake_and_cost_take_the_arguments_by_schema_name():
+    """fake and cost receive the call bound to the schema: keywords and defaults alike."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from splice.ir.ops import moe_ffn
+
+    E, s, d = 4, 3, 5
+    w = [torch.randn(E, d), None, torch.randn(E, s, d), None, None, None, torch.randn(E, s, 6)]
+    with FakeTensorMode() as mode:
+        f = [None if t is None else mode.from_tensor(t) for t in w]
+        x = mode.from_tensor(torch.randn(2, d))
+        out = torch.ops.splice.moe_ffn(x, *f, b_out=None, act="relu", top_k=2)
+    assert out.shape == (2, 6)
+    by_position = moe_ffn.cost(torch.randn(2, d), *w, None, "relu", 2)
+    by_name = moe_ffn.cost(torch.randn(2, d), *w, b_out=None, act="relu", top_k=2)
+    assert by_position == by_name and by_name.flops > 0
+    assert lowrank_linear.cost(torch.randn(2, 5), *_factors()[:2]) == lowrank_linear.cost(
+        torch.randn(2, 5), *_factors()[:2], bias=None, rank=None
+    )
