@@ -28,12 +28,14 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import nn
 
 from splice.errors import CaptureError
 from splice.ir import meta as M
 from splice.ir.dd_sizes import dense_selections_in
 from splice.ir.moe_capture import recognise_moe
+from splice.ir.output_tree import constant_leaf, output_names, tree_from_spec
 from splice.ir.program import Program, build_graph_module, get_attr_path, weight_name_problem
 
 _INLINE_HOPS = ("wrap_with_set_grad_enabled", "wrap_with_autocast")
@@ -60,7 +62,7 @@ def capture(
             hint="wrap a function in an nn.Module whose forward calls it",
         )
     _check_weight_names(model)
-    args, kwargs = _split_inputs(example_inputs)
+    args, kwargs = split_inputs(example_inputs)
     user_kwargs = set(kwargs)
     kwargs = _transformers_kwargs(model, kwargs)
     dims_by_name = _dims_by_input_name(model, args, dynamic_shapes)
@@ -74,7 +76,7 @@ def capture(
             ep = _export(model, args, kwargs, dynamic_shapes)
     finally:
         model.train(was_training)
-    program = _to_program(ep, args, kwargs, dims_by_name, name or type(model).__name__)
+    program = to_program(ep, args, kwargs, dims_by_name, name or type(model).__name__)
     moe.annotate(program)
     return program
 
@@ -115,7 +117,9 @@ def _dims_by_input_name(model: nn.Module, args: tuple, dynamic_shapes: Any) -> d
     return dict(zip(names, dynamic_shapes))
 
 
-def _split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(args, kwargs)`` of what capture takes: a tensor, a tuple (or list) of positional
+    inputs, a dict of keyword inputs, or ``(args, kwargs)``; CaptureError otherwise."""
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,), {}
     if isinstance(example_inputs, Mapping):
@@ -163,17 +167,13 @@ def _export(
         text = str(e)
         if "not a known type" in text and "in output" in text:
             _check_output_constants(model, args, kwargs)
-        raise _capture_error(model, e) from e
+        raise capture_error(model, e) from e
 
 
 def _check_output_constants(model: nn.Module, args: tuple, kwargs: dict) -> None:
     """After export refused a type in the output: run the model once and raise the
-    CaptureError of :func:`splice.ir.outputs.constant_leaf`, which names the output and
+    CaptureError of :func:`splice.ir.output_tree.constant_leaf`, which names the output and
     says what to do (returns if the eager run does not show it)."""
-    import torch.utils._pytree as pytree
-
-    from splice.ir.outputs import constant_leaf
-
     try:
         with torch.no_grad():
             out = model(*args, **kwargs)
@@ -193,7 +193,7 @@ _DATA_DEP = (
 )
 
 
-def _capture_error(model: nn.Module, e: BaseException, *, dynamic: bool = False) -> CaptureError:
+def capture_error(model: nn.Module, e: BaseException, *, dynamic: bool = False) -> CaptureError:
     """The CaptureError for export's exception ``e``; ``dynamic``: raised while
     :func:`splice.capture_dynamic` traces a path (its hint cannot be "use capture_dynamic")."""
     module_path, source = _locate(model, e)
@@ -289,33 +289,6 @@ _HERE = __file__.rsplit("/", 2)[0]
 
 # ---------------------------------------------------------------------------------------
 # normalisation into a Program
-
-
-def _output_names(out_spec: Any, n: int) -> list[str]:
-    import torch.utils._pytree as pytree
-
-    tree = pytree.tree_unflatten(list(range(n)), out_spec)
-    leaves = pytree.tree_flatten_with_path(tree)[0]
-    names: list[str] = []
-    for path, _ in leaves:
-        parts = []
-        for k in path:
-            key = getattr(k, "key", getattr(k, "idx", getattr(k, "name", None)))
-            parts.append(str(key))
-        name = "_".join(parts) if parts else "out"
-        name = re.sub(r"\W", "_", name)
-        if not name or name[0].isdigit():
-            name = f"out{name}"
-        names.append(name)
-    # make unique
-    seen: dict[str, int] = {}
-    for i, nm in enumerate(names):
-        if nm in seen:
-            seen[nm] += 1
-            names[i] = f"{nm}_{seen[nm]}"
-        else:
-            seen[nm] = 0
-    return names
 
 
 def _symbol_names(
@@ -472,13 +445,16 @@ def _convert_sub(sub: fx.GraphModule, expr_str) -> fx.GraphModule:
     return build_graph_module(graph, {}, nested, class_name="SubGraph")
 
 
-def _to_program(
+def to_program(
     ep: torch.export.ExportedProgram,
     args: tuple,
     kwargs: dict,
     dims_by_name: Mapping[str, Any],
     name: str,
 ) -> Program:
+    """The Program of an exported program, normalised into splice's form (see the module
+    docstring): flat named inputs and outputs, weights as ``get_attr``, specs and Locs on
+    every node, symbols named after ``dims_by_name`` (input name -> its ``Dim`` objects)."""
     gm = ep.module()
     sig = ep.graph_signature
     kinds: dict[str, str] = {p: "param" for p in sig.parameters}
@@ -510,18 +486,18 @@ def _to_program(
         # constants among the outputs: the tensors are the outputs, the tree keeps the rest
         out_names, attrs["output_tree"] = _output_tree(out_spec, leaves, n_out, name)
     else:
-        out_names = _output_names(out_spec, n_out) if out_spec else None
+        out_names = output_names(out_spec, n_out) if out_spec else None
     if out_names is not None and len(out_names) != n_out:
         out_names = None
     used = {n.target for n in graph.find_nodes(op="get_attr")}
     weights = {w: (get_attr_path(gm, w), k) for w, k in kinds.items() if w in used}
-    new_gm = build_graph_module(graph, weights, subgraphs, class_name=f"Program_{_ident(name)}")
+    new_gm = build_graph_module(graph, weights, subgraphs, class_name=f"Program_{ident(name)}")
     program = Program(
         new_gm,
         output_names=out_names,
         weight_kinds={w: k for w, (_, k) in weights.items()},
         symbols={v[0]: v[1] for v in syms.values()},
-        name=_ident(name),
+        name=ident(name),
         attrs=attrs,
     )
     return program
@@ -539,8 +515,6 @@ def _output_tree(
     """(output names, output tree) of an output with constant leaves: each node leaf is an
     output (named from its place, as for tensor-only outputs), each constant a ``const``
     leaf; a constant that is not a JSON scalar is a CaptureError naming the output."""
-    from splice.ir.outputs import constant_leaf, tree_from_spec
-
     if out_spec.num_leaves != len(leaves):
         raise CaptureError(
             f"torch.export returned {len(leaves)} output values for an output structure of "
@@ -548,7 +522,7 @@ def _output_tree(
             where=f"the output of {model}",
             hint="return a flat tuple of tensors",
         )
-    all_names = _output_names(out_spec, len(leaves))
+    all_names = output_names(out_spec, len(leaves))
     names = [n for n, a in zip(all_names, leaves) if isinstance(a, fx.Node)]
     if len(names) != n_out:
         raise CaptureError(
@@ -565,9 +539,19 @@ def _output_tree(
     return names, tree_from_spec(out_spec, leaves, leaf, where=model)
 
 
-def _ident(name: str) -> str:
+def ident(name: str) -> str:
+    """``name`` as a Python identifier (non-word characters become ``_``; a leading digit
+    gets a ``p_`` prefix): program and graph-module class names."""
     s = re.sub(r"\W", "_", name)
     return s if s and not s[0].isdigit() else f"p_{s}"
 
 
-__all__ = ["capture"]
+# The names splice.ir.explore imported while they were private; to be removed once it uses
+# the public ones (#18 item 5).
+_capture_error = capture_error
+_ident = ident
+_output_names = output_names
+_split_inputs = split_inputs
+_to_program = to_program
+
+__all__ = ["capture", "capture_error", "ident", "output_names", "split_inputs", "to_program"]

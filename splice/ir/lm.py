@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from splice.errors import CaptureError, SpliceError
+from splice.ir.capture import capture
 from splice.ir.program import Program
 
 
@@ -309,8 +310,6 @@ def capture_lm(
     Raises :class:`~splice.errors.CaptureError` for a model that is not a causal LM with a
     KV cache, or sizes that do not fit it.
     """
-    from splice.ir.capture import capture
-
     _check_sizes(model, max_len, prompt_len)
     prompt_len = min(32, max_len) if prompt_len is None else prompt_len
     config = model.config

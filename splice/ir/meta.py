@@ -28,6 +28,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from splice.errors import ArtifactError
+
 _SPEC_KEY = "splice.spec"
 _LOC_KEY = "splice.loc"
 
@@ -143,6 +145,15 @@ class GraphRefSpec:
 
 NONE = NoneSpec()
 Spec = TensorSpec | ScalarSpec | TupleSpec | NoneSpec | GraphRefSpec
+
+
+def spec_json(s: Spec) -> dict[str, Any]:
+    """The JSON form of a tensor spec, as artifact manifests, host programs and variant
+    tables hold it: ``{"shape": [...], "dtype": "f32"}`` (symbolic dims stay expression
+    strings). Those hold tensors only: any other spec is an ArtifactError."""
+    if not isinstance(s, TensorSpec):
+        raise ArtifactError(f"artifact inputs and outputs must be tensors, got {s}")
+    return {"shape": list(s.shape), "dtype": dtype_name(s.dtype)}
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -451,6 +462,7 @@ __all__ = [
     "set_loc",
     "set_spec",
     "spec",
+    "spec_json",
     "spec_of_value",
     "tensor_spec",
 ]

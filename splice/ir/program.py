@@ -36,7 +36,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from splice.errors import VerificationError
 from splice.ir import meta as M
+from splice.ir.output_tree import rename_in_attrs
+from splice.ir.output_tree import unflatten as unflatten_outputs
 
 WeightKind = Literal["param", "buffer", "constant"]
 WEIGHT_KINDS: tuple[str, ...] = ("param", "buffer", "constant")
@@ -393,8 +396,6 @@ class Program:
         names = self.output_names
         names[i] = new
         self._set_outputs(self.output_values, names)
-        from splice.ir.outputs import rename_in_attrs
-
         rename_in_attrs(self.attrs, {old: new})
 
     def _output_index(self, name: str) -> int:
@@ -530,9 +531,7 @@ class Program:
         :attr:`output_names` order, as :meth:`run` returns them): the recorded tree with its
         constants, or the path's own structure for a program with variants (the padded one
         with ``pad``). Without either: one value for one output, a tuple otherwise."""
-        from splice.ir.outputs import unflatten
-
-        return unflatten(outputs, self._output_names, self.attrs)
+        return unflatten_outputs(outputs, self._output_names, self.attrs)
 
     def run(self, *args: Any, **kwargs: Any) -> list[Any]:
         """Run the program; returns the list of outputs (in ``output_names`` order)."""
@@ -586,8 +585,6 @@ class Program:
         Values are named by their node names. Weights are carried along; any other value
         the outputs need must be listed in ``inputs``.
         """
-        from splice.errors import VerificationError
-
         by_name = {n.name: n for n in self.graph.nodes}
         for v in [*inputs, *outputs]:
             if v not in by_name:
@@ -680,6 +677,16 @@ def _graph_module_cls() -> type[fx.GraphModule]:
     except ImportError:  # pragma: no cover - other torch versions
         return fx.GraphModule
     return _LazyGraphModule
+
+
+def weight_for_input(graph: fx.Graph, weight: str, placeholder: fx.Node) -> fx.Node:
+    """A ``get_attr`` of ``weight`` in ``graph`` that stands for ``placeholder``, an input
+    bound to that weight (as a part's trailing weight inputs are): it has the placeholder's
+    spec, and no location of its own."""
+    node = graph.get_attr(weight)
+    M.set_spec(node, M.spec(placeholder))
+    M.set_loc(node, M.UNKNOWN_LOC)
+    return node
 
 
 def build_graph_module(
@@ -827,6 +834,7 @@ __all__ = [
     "compose",
     "iter_graphs",
     "safe_weight_name",
+    "weight_for_input",
     "weight_getters",
     "weight_name_problem",
 ]
