@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 import pytest
 import torch
 
-import splice.runtime.backends.triton as triton_backend  # registers the Triton lowerings
-import splice.runtime.backends.tvm as tvm_backend  # registers the TVM lowerings
+import splice.runtime.backends
+import splice.runtime.backends.triton as triton_backend
+import splice.runtime.backends.tvm as tvm_backend
 from splice.errors import LoweringError
 from splice.ir.lowerings import (
     BACKENDS,
@@ -21,6 +25,8 @@ from splice.ir.ops import OPS, lowrank_linear, moe_ffn
 
 
 def test_every_op_has_a_lowering_or_a_fallback_on_every_backend():
+    for mod in pkgutil.iter_modules(splice.runtime.backends.__path__):
+        importlib.import_module(f"splice.runtime.backends.{mod.name}")  # registers lowerings
     assert set(BACKENDS) >= {"tvm", "triton"}
     assert set(OPS) >= {"splice::lowrank_linear", "splice::moe_ffn"}
     assert LOWERINGS.missing() == []
