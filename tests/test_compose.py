@@ -12,6 +12,7 @@ from splice.ir import verify
 from splice.ir.ops import lowrank_linear, moe_ffn
 from splice.ir.program import iter_graphs
 from splice.passes import parse_pipeline
+from splice.passes.linears import find_linears
 
 # the FFN Linears of each architecture (what experts consumes), as lowrank layer globs
 FFN = {
@@ -50,8 +51,6 @@ def _assert_close(a, b, args, tol=1e-5):
 
 
 def _linears(program) -> int:
-    from splice.passes.lowrank import find_linears
-
     return len({s.weight for s in find_linears(program)})
 
 

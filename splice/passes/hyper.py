@@ -49,7 +49,8 @@ into C = ⌈N/c⌉ chunks; chunk j gets a learned embedding ``{prefix}.chunk_emb
 and the surplus of the last chunk is dropped. The head is [c, hidden[-1]] instead of
 [N, hidden[-1]]: far fewer hypernetwork parameters for large targets.
 
-Per-sample weights (``per_sample=true``) rewrite each use of a target into a batched form:
+Per-sample weights (``per_sample=true``) rewrite each use of a target into a batched form
+(the op -> rule tables of :mod:`splice.passes.hyper_batching`):
 ``linear``/``addmm``/``mm``/``matmul`` (GPT-2's Conv1D, LLaMA's projections) become
 ``bmm`` over [B, rows, in]; ``conv1d/2d/3d``/``convolution`` become one grouped convolution
 over [1, B·C, …] (groups·B); ``embedding`` reads one [B·V, D] table at indices offset by
@@ -71,7 +72,6 @@ loop; ``num_chunks == ⌈N/c⌉``; ``specialize`` at γ equals the conditioned p
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -87,6 +87,8 @@ from splice.ir.program import Program, weight_getters, weight_name_problem
 from splice.ir.rewriter import Rewriter
 from splice.ir.verify import reserved_name_reason
 from splice.passes.base import Pass, PassContext, PassResult
+from splice.passes.globs import matches
+from splice.passes.hyper_batching import PerSample
 from splice.passes.registry import register_pass
 from splice.passes.subgraphs import GraphTree
 
@@ -109,14 +111,6 @@ def encode(cond: torch.Tensor, encoding: str = "mip") -> torch.Tensor:
         z = cond * (math.pi / 2)
         return torch.cat([torch.cos(z), torch.sin(z)], dim=-1)
     raise PassError(f"hyper: unknown encoding {encoding!r}", hint="encodings: mip, identity")
-
-
-def matches(name: str, targets: str, exclude: str) -> bool:
-    inc = [p for p in targets.split("|") if p]
-    exc = [p for p in exclude.split("|") if p]
-    return any(fnmatch.fnmatchcase(name, p) for p in inc) and not any(
-        fnmatch.fnmatchcase(name, p) for p in exc
-    )
 
 
 @dataclass
@@ -350,7 +344,7 @@ class Hyper(Pass):
 
         rw = Rewriter(program, self.name)
         lead = [] if batch is None else [batch]
-        cond = rw.add_input(input_name, M.TensorSpec((*lead, self.cond_dim), dtype))
+        cond = rw.placeholder(input_name, M.TensorSpec((*lead, self.cond_dim), dtype))
         loc = M.Loc(module_path=self.prefix, from_passes=(self.name,))
         first = cond.next  # placeholders may follow get_attr nodes: insert after the input
         names: dict[str, str] = {}
@@ -406,7 +400,7 @@ class Hyper(Pass):
                 for g in getters.get(t.name, []):
                     rw.replace(g, values[t.name])
         else:
-            _PerSample(program, rw, batch, cond).rewrite(
+            PerSample(program, rw, batch, cond).rewrite(
                 {g: values[t.name] for t in targets for g in getters.get(t.name, [])}
             )
         getters = weight_getters(program)
@@ -454,350 +448,6 @@ class Hyper(Pass):
         g = torch.Generator().manual_seed(self.seed)
         sample = torch.rand((*lead, self.cond_dim), generator=g).to(dtype)
         return PassResult(program, True, stats, sample_inputs_for_new_inputs={input_name: sample})
-
-
-# ---------------------------------------------------------------------------------------
-# per-sample rewriting
-
-_VIEW_LIKE = {
-    aten.alias.default, aten.clone.default, aten.detach.default, aten.contiguous.default,
-    aten.lift_fresh_copy.default,
-}  # fmt: skip
-_TO = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as.default}
-_CONVS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3}
-for _op, _k in list(_CONVS.items()):
-    _pad = getattr(getattr(aten, _op._schema.name.split("::")[-1]), "padding", None)
-    if _pad is not None:
-        _CONVS[_pad] = _k
-_FLATTENING = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-               aten.flatten.using_ints}  # fmt: skip
-
-
-class _PerSample:
-    """Rewrites the uses of per-sample weights ([B, *shape] values) into batched forms."""
-
-    def __init__(self, program: Program, rw: Rewriter, batch: int, cond: fx.Node):
-        self.program, self.rw, self.B, self.cond = program, rw, batch, cond
-
-    def rewrite(self, roots: dict[fx.Node, fx.Node]) -> None:
-        # values that vary with the program's inputs (activations); the rest are constants
-        live: set[fx.Node] = set()
-        values = set(roots.values())
-        for n in self.program.graph.nodes:
-            is_input = n.op == "placeholder" and n is not self.cond
-            if is_input or any(a in live for a in n.all_input_nodes):
-                live.add(n)
-        self.live = live
-        self.batched: dict[fx.Node, fx.Node] = dict(roots)
-        for node in list(self.program.graph.nodes):
-            if node in values or node in self.batched or node.op != "call_function":
-                if node.op == "output" and any(a in self.batched for a in node.all_input_nodes):
-                    raise PassError(
-                        "hyper{per_sample=true}: a target weight is a program output",
-                        where=str(M.loc(node)),
-                        hint="use per_sample=false",
-                    )
-                continue
-            if not any(a in self.batched for a in node.all_input_nodes):
-                continue
-            if isinstance(node.target, torch._ops.HigherOrderOperator):
-                names = ", ".join(f"%{a.name}" for a in node.all_input_nodes if a in self.batched)
-                raise PassError(
-                    f"hyper{{per_sample=true}}: %{node.name} ({node.target.name()}) passes "
-                    f"per-sample weights ({names}) into a sub-graph (a branch or part); "
-                    "per-sample weights are rewritten in the top-level graph only",
-                    where=str(M.loc(node)),
-                    hint="use per_sample=false (one cond for the whole batch: weights read "
-                    "inside branches are generated too), or exclude= the weights read inside "
-                    "branches",
-                )
-            with self.rw.at(node):
-                if node in live:
-                    new = self._consumer(node)
-                    self.rw.replace(node, new)
-                else:
-                    self.batched[node] = self._weight_op(node)
-        for node in reversed(list(self.batched)):
-            if node not in roots and not node.users:
-                self.rw.erase(node)
-
-    # -- helpers ---------------------------------------------------------------------------
-    def call(self, op: Any, *args: Any) -> fx.Node:
-        return self.rw.call(op, args)
-
-    def shape(self, n: fx.Node) -> tuple[int, ...]:
-        return tuple(M.tensor_spec(n).shape)  # type: ignore[arg-type]
-
-    def error(self, node: fx.Node, why: str) -> PassError:
-        from splice.ir.printer import format_target
-
-        return PassError(
-            f"hyper{{per_sample=true}}: %{node.name} ({format_target(node)}) reads a target "
-            f"weight and {why}",
-            where=str(M.loc(node)),
-            hint="per-sample weights support linear/addmm/mm/matmul, conv, embedding, "
-            "layer_norm, batch_norm and pointwise uses; exclude= this weight, or use "
-            "per_sample=false (one cond for the whole batch)",
-        )
-
-    def align(self, wb: fx.Node, rank: int, node: fx.Node) -> fx.Node:
-        """[B, *s] -> [B, 1…, *s] with ``rank`` dims (broadcasts against [B, …] values)."""
-        s = list(self.shape(wb))
-        pad = rank - len(s)
-        if pad < 0 and all(d == 1 for d in s[1 : 1 - pad]):
-            # the value has the batch's dim already, as 1 (broadcast over the batch): drop it
-            return self.call(aten.view.default, wb, [s[0], *s[1 - pad :]])
-        if pad < 0:
-            raise self.error(node, f"broadcasts a weight of rank {len(s) - 1} into rank {rank - 1}")
-        if pad == 0:
-            return wb
-        return self.call(aten.view.default, wb, [s[0], *([1] * pad), *s[1:]])
-
-    def rows(self, x: fx.Node, node: fx.Node) -> fx.Node:
-        """An activation [..., in] as [B, R, in]: rows grouped by sample."""
-        B = self.B
-        s = self.shape(x)
-        if len(s) == 2:
-            src = x
-            for _ in range(4):  # a batch-major flattening: view(t [B, ...], [-1, in])
-                if src.op != "call_function" or src.target not in _FLATTENING:
-                    break
-                src = src.args[0]
-                ss = self.shape(src)
-                if len(ss) >= 2 and ss[0] == B and math.prod(ss) == math.prod(s):
-                    return self.call(aten.reshape.default, x, [B, s[0] // B, s[1]])
-        if len(s) >= 2 and s[0] == B:
-            return self.call(aten.reshape.default, x, [B, math.prod(s[1:-1]), s[-1]])
-        raise self.error(
-            node,
-            f"its input %{x.name} {M.spec(x)} has no batch dimension of size {B} "
-            "(dim 0, or a batch-major flattening of a [B, …] value)",
-        )
-
-    # -- weight-only ops: stay per-sample ------------------------------------------------------
-    def _weight_op(self, node: fx.Node) -> fx.Node:
-        t = node.target
-        a0 = node.args[0] if node.args else None
-        b = self.batched.get(a0) if isinstance(a0, fx.Node) else None
-        rank = len(self.shape(node)) if isinstance(M.get_spec(node), M.TensorSpec) else None
-
-        def dim(d: int, r: int) -> int:
-            return (d % r) + 1
-
-        if b is not None and all(a not in self.batched for a in node.all_input_nodes[1:]):
-            r0 = len(self.shape(a0))
-            if t is aten.t.default:
-                return self.call(aten.transpose.int, b, 1, 2) if r0 == 2 else b
-            if t is aten.transpose.int:
-                return self.call(
-                    aten.transpose.int, b, dim(node.args[1], r0), dim(node.args[2], r0)
-                )
-            if t is aten.permute.default:
-                return self.call(aten.permute.default, b, [0, *(dim(d, r0) for d in node.args[1])])
-            if t in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
-                return self.call(aten.reshape.default, b, [self.B, *self.shape(node)])
-            if t is aten.unsqueeze.default:
-                return self.call(aten.unsqueeze.default, b, dim(node.args[1], r0 + 1))
-            if t in _VIEW_LIKE:
-                return b
-            if t in _TO:
-                return self.rw.call(t, (b, *node.args[1:]), dict(node.kwargs))
-            if t is aten.embedding.default:  # a table read at constant indices (positions)
-                return self._embedding(node, live_ids=False)
-        if (
-            isinstance(t, torch._ops.OpOverload)
-            and torch.Tag.pointwise in t.tags
-            and rank is not None
-        ):
-            return self._pointwise(node, rank + 1, batched_out=True)
-        raise self.error(node, "has no per-sample form")
-
-    def _pointwise(self, node: fx.Node, rank: int, *, batched_out: bool) -> fx.Node:
-        args = [
-            self.align(self.batched[a], rank, node) if a in self.batched else a for a in node.args
-        ]
-        if not batched_out:
-            for a in node.args:
-                if (
-                    isinstance(a, fx.Node)
-                    and isinstance(M.get_spec(a), M.TensorSpec)
-                    and a in self.live
-                ):
-                    s = self.shape(a)
-                    if len(s) != rank or s[0] != self.B:
-                        raise self.error(
-                            node, f"its input %{a.name} {M.spec(a)} is not a [B={self.B}, …] value"
-                        )
-        kwargs = {k: self.batched.get(v, v) for k, v in node.kwargs.items()}
-        return self.rw.call(node.target, args, kwargs)
-
-    # -- consumers: activations meet per-sample weights ------------------------------------------
-    def _consumer(self, node: fx.Node) -> fx.Node:
-        t = node.target
-        bt = self.batched
-        out_shape = list(self.shape(node))
-        args = list(node.args)
-        if t is aten.linear.default:
-            x, w = args[0], args[1]
-            b = args[2] if len(args) > 2 else node.kwargs.get("bias")
-            return self._matmul(node, x, w, b, weight_is_out_in=True, out_shape=out_shape)
-        if t is aten.addmm.default:
-            if any(v != 1 for v in node.kwargs.values()):
-                raise self.error(node, "has beta/alpha != 1")
-            return self._matmul(
-                node, args[1], args[2], args[0], weight_is_out_in=False, out_shape=out_shape
-            )
-        if t in (aten.mm.default, aten.matmul.default):
-            if args[0] in bt:
-                raise self.error(node, "multiplies by the weight from the left")
-            if len(self.shape(args[1])) != 2:
-                raise self.error(node, "is a batched matmul of a weight")
-            return self._matmul(
-                node, args[0], args[1], None, weight_is_out_in=False, out_shape=out_shape
-            )
-        if t in _CONVS or t is aten.convolution.default:
-            return self._conv(node, out_shape)
-        if t is aten.layer_norm.default:
-            x, shape = args[0], args[1]
-            w = args[2] if len(args) > 2 else None
-            b = args[3] if len(args) > 3 else None
-            rest = args[4:]
-            if x in bt:
-                raise self.error(node, "normalises a weight")
-            y = self.call(aten.layer_norm.default, x, shape, None, None, *rest)
-            return self._affine(node, y, w, b, channel_dim=None)
-        if t is aten.embedding.default:
-            return self._embedding(node, live_ids=True)
-        if t is aten.batch_norm.default:
-            x, w, b = args[0], args[1], args[2]
-            if x in bt or args[3] in bt or args[4] in bt:
-                raise self.error(node, "normalises with per-sample statistics")
-            y = self.call(aten.batch_norm.default, x, None, None, *args[3:])
-            return self._affine(node, y, w, b, channel_dim=1)
-        if isinstance(t, torch._ops.OpOverload) and torch.Tag.pointwise in t.tags:
-            if out_shape and out_shape[0] == self.B:
-                return self._pointwise(node, len(out_shape), batched_out=False)
-            raise self.error(node, f"produces {M.spec(node)}, which has no batch dimension")
-        raise self.error(node, "has no per-sample form")
-
-    def _matmul(
-        self, node: fx.Node, x: Any, w: Any, b: Any, *, weight_is_out_in: bool, out_shape: list[int]
-    ) -> fx.Node:
-        """x·W (+ b) with W [in, out] (or [out, in] when ``weight_is_out_in``), per sample."""
-        bt = self.batched
-        if x in bt:
-            raise self.error(node, "multiplies two weights")
-        x3 = self.rows(x, node)
-        if w in bt:
-            wb = bt[w]
-            if weight_is_out_in:
-                wb = self.call(aten.transpose.int, wb, 1, 2)
-            y = self.call(aten.bmm.default, x3, wb)
-        elif weight_is_out_in:
-            y = self.call(aten.linear.default, x3, w)
-        else:
-            y = self.call(aten.matmul.default, x3, w)
-        if b is not None:
-            if b in bt:
-                bb = bt[b]
-                if len(self.shape(bb)) != 2:
-                    raise self.error(node, "has a bias that is not a vector")
-                y = self.call(aten.add.Tensor, y, self.call(aten.unsqueeze.default, bb, 1))
-            else:
-                y = self.call(aten.add.Tensor, y, b)
-        return self.call(aten.view.default, y, out_shape)
-
-    def _conv(self, node: fx.Node, out_shape: list[int]) -> fx.Node:
-        bt, B = self.batched, self.B
-        t = node.target
-        args = list(node.args)
-        if t is aten.convolution.default:
-            x, w, b, stride, padding, dilation, transposed, _out_pad, groups = args
-            if transposed:
-                raise self.error(node, "is a transposed convolution")
-            k = len(self.shape(w)) - 2
-            op = {1: aten.conv1d.default, 2: aten.conv2d.default, 3: aten.conv3d.default}[k]
-        else:
-            k = _CONVS[t]
-            defaults = [None, None, None, [1] * k, [0] * k, [1] * k, 1]
-            full = args + defaults[len(args) :]
-            for i, key in enumerate(
-                ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
-            ):
-                if key in node.kwargs:
-                    full[i] = node.kwargs[key]
-            x, w, b, stride, padding, dilation, groups = full
-            op = t
-        if x in bt:
-            raise self.error(node, "convolves a weight")
-        xs = self.shape(x)
-        if len(xs) != len(out_shape) or xs[0] != B:
-            raise self.error(
-                node, f"its input %{x.name} {M.spec(x)} has no batch dimension of size {B}"
-            )
-        if w in bt:
-            wb = bt[w]
-            ws = self.shape(wb)  # [B, O, C/g, *k]
-            xr = self.call(aten.reshape.default, x, [1, B * xs[1], *xs[2:]])
-            wr = self.call(aten.reshape.default, wb, [B * ws[1], *ws[2:]])
-            y = self.call(op, xr, wr, None, stride, padding, dilation, B * groups)
-            y = self.call(aten.view.default, y, out_shape)
-        else:
-            y = self.call(op, x, w, None, stride, padding, dilation, groups)
-        if b is not None:
-            y = self._add_channel(y, b, 1, len(out_shape))
-        return y
-
-    def _embedding(self, node: fx.Node, *, live_ids: bool) -> fx.Node:
-        """Rows of a per-sample table [B, V, D]: one [B·V, D] table, sample b's indices + b·V.
-
-        ``padding_idx`` only masks the gradient of the original table's padding row; it is
-        not carried over (the table is generated, its gradient flows to the hypernetwork)."""
-        w, ids = node.args[0], node.args[1]
-        if ids in self.batched or w not in self.batched:
-            raise self.error(node, "indexes with a weight")
-        B, V, D = self.shape(self.batched[w])
-        table = self.call(aten.reshape.default, self.batched[w], [B * V, D])
-        s = self.shape(ids)
-        if live_ids and (not s or s[0] != B):
-            raise self.error(node, f"its indices %{ids.name} {M.spec(ids)} have no batch dim {B}")
-        tail = len(s) - 1 if live_ids else len(s)
-        dtype = M.tensor_spec(ids).dtype
-        off = self.rw.call(aten.arange.start_step, (0, B * V, V), {"dtype": dtype})
-        off = self.call(aten.view.default, off, [B, *([1] * tail)])
-        return self.call(aten.embedding.default, table, self.call(aten.add.Tensor, ids, off))
-
-    def _add_channel(self, y: fx.Node, b: fx.Node, channel_dim: int, rank: int) -> fx.Node:
-        """y + b along ``channel_dim`` of [B, C, *sp] (b [C] shared or [B, C] per sample)."""
-        tail = [1] * (rank - channel_dim - 1)
-        if b in self.batched:
-            bb = self.batched[b]
-            bs = self.shape(bb)
-            bv = self.call(aten.view.default, bb, [bs[0], bs[1], *tail])
-        else:
-            bv = self.call(aten.view.default, b, [self.shape(b)[0], *tail])
-        return self.call(aten.add.Tensor, y, bv)
-
-    def _affine(
-        self, node: fx.Node, y: fx.Node, w: Any, b: Any, *, channel_dim: int | None
-    ) -> fx.Node:
-        """y·w + b for a normalisation's affine part, w/b per sample or shared."""
-        rank = len(self.shape(node))
-        for p, op in ((w, aten.mul.Tensor), (b, aten.add.Tensor)):
-            if p is None:
-                continue
-            if channel_dim is None:  # layer_norm: w/b over the trailing dims
-                pv = self.align(self.batched[p], rank, node) if p in self.batched else p
-                y = self.call(op, y, pv)
-            else:
-                tail = [1] * (rank - channel_dim - 1)
-                if p in self.batched:
-                    ps = self.shape(self.batched[p])
-                    pv = self.call(aten.view.default, self.batched[p], [ps[0], ps[1], *tail])
-                else:
-                    pv = self.call(aten.view.default, p, [self.shape(p)[0], *tail])
-                y = self.call(op, y, pv)
-        return y
 
 
 # ---------------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ and BitStack (rank budgets, nested truncation).
 A decode step is a matrix–vector product per layer, bound by the bytes of weights it reads;
 A·B reads k(m+n) values instead of mn. Every matching linear — ``aten.linear(x, W, b)``,
 ``aten.addmm(b, x, Wᵀ | W)`` (GPT-2's Conv1D), ``aten.matmul``/``aten.mm`` with a 2-D
-parameter — whose weight is a parameter read by linear sites only becomes
-``splice::lowrank_linear(x, A, B, bias)``.
+parameter (:mod:`splice.passes.linears` recognises them) — whose weight is a parameter read
+by linear sites only becomes ``splice::lowrank_linear(x, A, B, bias)``.
 
 Sites are found in every graph of the program: the top graph and every sub-graph (``cond``
 branches from ``capture_dynamic``, ``branches`` parts, ``stitch`` routes). Inside a
@@ -60,7 +60,6 @@ sqrt(Σ_{i>k}σ_i(WL)²) and is ≤ plain SVD's; asvd with S = I equals svd; the
 
 from __future__ import annotations
 
-import fnmatch
 import heapq
 import math
 from dataclasses import dataclass
@@ -71,204 +70,24 @@ import torch.fx as fx
 
 from splice.errors import PassError, PipelineError
 from splice.ir import meta as M
-from splice.ir.ops import lowrank_linear
+from splice.ir.ops import lowrank_linear, moe_ffn
 from splice.ir.program import Program
 from splice.ir.rewriter import Rewriter
 from splice.passes.base import Pass, PassContext, PassResult
+from splice.passes.globs import matches
+from splice.passes.linears import (
+    LinearSite,
+    find_linears,
+    is_transpose,
+    linear_readers,
+    unresolved_linears,
+)
 from splice.passes.registry import register_pass
 from splice.passes.subgraphs import GraphTree, collect_activations, merge_stats
+from splice.target import host_target
 
 aten = torch.ops.aten
 Method = Literal["svd", "asvd", "whitened"]
-
-
-# ---------------------------------------------------------------------------------------
-# finding the layers
-
-
-@dataclass
-class LinearSite:
-    """One linear node: y = x Wᵀ + b with W read from parameter ``weight``.
-
-    ``x`` and ``bias`` are the operands when the site was found. Rewriting one site can
-    replace the operand of another (a Linear feeding a Linear: the second one's ``x`` is the
-    first one's node, erased when it is replaced), so code that edits the graph reads the
-    operands through :meth:`current_x` / :meth:`current_bias`, which follow ``node.args``.
-    """
-
-    node: fx.Node
-    x: fx.Node
-    weight: str
-    transposed: bool  # the parameter holds Wᵀ ([in, out]), as GPT-2's Conv1D does
-    bias: fx.Node | None
-    layer: str  # the weight name without ".weight": the layer's module path
-    path: str = ""  # the graph it is in: "" for the top graph, else the sub-graph's path
-    gm: fx.GraphModule | None = None  # that graph's module (None: the top graph)
-    #: an already factored layer (``splice::lowrank_linear``): the names of its A and B
-    #: weights (``weight`` is then A's name) and its run-time rank argument
-    factors: tuple[str, str] | None = None
-    rank: int | None = None
-
-    @property
-    def name(self) -> str:
-        return self.layer
-
-    @property
-    def site(self) -> str:
-        """``%node`` for a top-level site, ``path:%node`` for one inside a sub-graph."""
-        return f"{self.path}:%{self.node.name}" if self.path else f"%{self.node.name}"
-
-    def current_x(self) -> fx.Node:
-        """The input operand as the graph has it now (see the class docstring)."""
-        return self.node.args[1] if self.node.target is aten.addmm.default else self.node.args[0]
-
-    def current_bias(self) -> Any:
-        """The bias operand as the graph has it now (None for matmul/mm sites)."""
-        t = self.node.target
-        if t is aten.addmm.default:
-            return self.node.args[0]
-        if t is lowrank_linear.overload:
-            return self.node.args[3] if len(self.node.args) > 3 else self.node.kwargs.get("bias")
-        if t is aten.linear.default:
-            return self.node.args[2] if len(self.node.args) > 2 else self.node.kwargs.get("bias")
-        return None
-
-
-def _param_of(program: Program, a: Any, tree: GraphTree | None = None) -> fx.Node | None:
-    """``a`` if it reads a parameter: a ``get_attr`` of a weight of kind param, or (with
-    ``tree``) a placeholder of a sub-graph that every call binds to such a weight."""
-    if not isinstance(a, fx.Node):
-        return None
-    if tree is not None:
-        w = tree.weight_of(a)
-        return a if w is not None and program.weight_kind(w) == "param" else None
-    if (
-        a.op == "get_attr"
-        and program.has_weight(a.target)
-        and program.weight_kind(a.target) == "param"
-    ):
-        return a
-    return None
-
-
-def _transpose_of(a: Any) -> fx.Node | None:
-    """``a`` = t(p) or permute(p, [1, 0]) or transpose(p, 0, 1) -> p."""
-    if not isinstance(a, fx.Node) or a.op != "call_function":
-        return None
-    if a.target is aten.t.default:
-        return a.args[0]
-    if a.target is aten.permute.default and list(a.args[1]) == [1, 0]:
-        return a.args[0]
-    if a.target is aten.transpose.int and sorted(int(d) % 2 for d in a.args[1:3]) == [0, 1]:
-        return a.args[0]
-    return None
-
-
-def find_linears(program: Program, tree: GraphTree | None = None) -> list[LinearSite]:
-    """Every linear site of every graph of ``program`` (top first, then sub-graphs: cond
-    branches, parts, stitch routes), weights followed through operand chains."""
-    tree = tree or GraphTree(program)
-    sites = []
-    for path, gm in tree.graphs:
-        for node in gm.graph.nodes:
-            site = _linear_site(program, tree, node)
-            if site is None:
-                continue
-            x, w_node, transposed, bias = site
-            wspec = M.spec(w_node)
-            if not isinstance(wspec, M.TensorSpec) or len(wspec.shape) != 2:
-                continue
-            if not isinstance(x, fx.Node) or not wspec.dtype.is_floating_point:
-                continue
-            w = str(tree.weight_of(w_node))
-            layer = w.removesuffix(".weight")
-            sites.append(
-                LinearSite(node, x, w, transposed, bias, layer, path, None if path == "" else gm)
-            )
-    return sites
-
-
-def _linear_site(program: Program, tree: GraphTree, node: fx.Node) -> tuple[Any, ...] | None:
-    """(x, weight node, transposed, bias) if ``node`` is a linear layer on a parameter."""
-    if node.op != "call_function":
-        return None
-    site = None
-    if node.target is aten.linear.default:
-        w = _param_of(program, node.args[1], tree)
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        if w is not None and isinstance(node.args[0], fx.Node):
-            site = (node.args[0], w, False, bias)
-    elif node.target is aten.addmm.default and not node.kwargs:
-        bias, x, mat = node.args[0], node.args[1], node.args[2]
-        inner = _transpose_of(mat)
-        w = _param_of(program, inner, tree) if inner is not None else None
-        if w is not None:
-            site = (x, w, False, bias)
-        elif (w := _param_of(program, mat, tree)) is not None:
-            site = (x, w, True, bias)
-        if site is not None and not (
-            isinstance(bias, fx.Node)
-            and isinstance(M.spec(bias), M.TensorSpec)
-            and len(M.spec(bias).shape) == 1
-        ):
-            site = None  # addmm with a broadcast matrix "bias" is not a linear layer
-    elif node.target in (aten.matmul.default, aten.mm.default):
-        x, mat = node.args[0], node.args[1]
-        inner = _transpose_of(mat)
-        w = _param_of(program, inner, tree) if inner is not None else None
-        if w is not None:
-            site = (x, w, False, None)
-        elif (w := _param_of(program, mat, tree)) is not None:
-            site = (x, w, True, None)
-    return site
-
-
-def unresolved_linears(tree: GraphTree) -> list[dict[str, str]]:
-    """``aten.linear`` nodes (in any graph) whose weight is not a program parameter: a
-    computed weight (``hyper``'s generated values), a program input, a buffer, or a
-    sub-graph placeholder that is not one program weight on every call. Left alone, and
-    said so."""
-    out = []
-    for _path, gm in tree.graphs:
-        for n in gm.graph.find_nodes(op="call_function", target=aten.linear.default):
-            w = n.args[1]
-            if not isinstance(w, fx.Node):
-                continue
-            name = tree.weight_of(w)
-            if name is not None:
-                kind = tree.program.weight_kind(name)
-                if kind == "param":
-                    continue
-                why = f"its weight @{name} is a {kind}, not a parameter"
-            elif w.op == "placeholder" and not tree.is_top(w):
-                why = (
-                    f"its weight %{w.name} is not one program weight on every call of the sub-graph"
-                )
-            elif w.op == "placeholder":
-                why = f"its weight is the program input %{w.name}"
-            else:
-                why = (
-                    f"its weight is computed (%{w.name}), not a parameter (a weight generated "
-                    "by a hypernetwork is factored only through its generator)"
-                )
-            out.append({"layer": M.loc(n).module_path or tree.where(n), "site": tree.where(n),
-                        "reason": why})  # fmt: skip
-    return out
-
-
-def _readers(program: Program, weight: str, tree: GraphTree | None = None) -> set[fx.Node]:
-    """The nodes, in every graph, that use ``weight`` (through its get_attr or the
-    placeholders it is bound to, and any transpose of it); passing it on is not a use."""
-    tree = tree or GraphTree(program)
-    return tree.readers(weight, through=lambda u: _transpose_of(u) is not None)
-
-
-def matches(layer: str, targets: str, exclude: str) -> bool:
-    inc = [p for p in targets.split("|") if p]
-    exc = [p for p in exclude.split("|") if p]
-    return any(fnmatch.fnmatchcase(layer, p) for p in inc) and not any(
-        fnmatch.fnmatchcase(layer, p) for p in exc
-    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -473,7 +292,7 @@ class LowRank(Pass):
                     {"layer": layer, "sites": where, "reason": "already a low-rank factor"}
                 )
                 continue
-            readers = _readers(program, weight, tree)
+            readers = linear_readers(tree, weight)
             tied = (
                 readers - {s.node for s in group}  # read by something else
                 or len({s.node.graph for s in group}) < len(group)  # two Linears, one graph
@@ -624,11 +443,7 @@ class LowRank(Pass):
             dense = [float(m * n) for m, n in shapes]
             budget = self.budget_params * sum(dense)
         else:
-            target = ctx.target
-            if target is None:
-                from splice.target import host_target
-
-                target = host_target()
+            target = ctx.target if ctx.target is not None else host_target()
             costs, dense = [], []
             for g, f, (m, n) in zip(groups, factors, shapes):
                 rows = sum(_rows(s.x) for s in g)
@@ -674,7 +489,7 @@ class LowRank(Pass):
                     name="lowrank_linear",
                 )
             rw.replace(s.node, new)
-            if isinstance(w_arg, fx.Node) and _transpose_of(w_arg) is not None and not w_arg.users:
+            if is_transpose(w_arg) and not w_arg.users:
                 rw.erase(w_arg)
         rows = sum(_rows(s.x) for s in group)
         item = w.element_size()
@@ -730,8 +545,6 @@ def _factored_skips(tree: GraphTree) -> list[dict[str, Any]]:
 
 def _moe_skips(program: Program, tree: GraphTree) -> list[dict[str, Any]]:
     """Routed experts (``splice::moe_ffn``) are not factored: say so."""
-    from splice.ir.ops import moe_ffn
-
     out = []
     for _path, gm in tree.graphs:
         for n in gm.graph.nodes:
