@@ -5,7 +5,8 @@ Pinned: every graph is cut at its ``cond`` nodes into branch-free parts called t
 outputs its live-out values (a branch predicate included), leaving host code (part calls,
 ``cond`` over host graphs, ``getitem``); outputs that are a live-in through an identity op
 or depend on weights only are hoisted into the host (the latter as constant weights), and
-a segment left with no outputs is no part; a program with no ``cond`` is left alone. The
+a segment left with no outputs is no part; a program with no ``cond``, or one already split,
+is left alone. The
 split program equals the input on every path. The pass has no error on user input.
 """
 
@@ -42,59 +43,57 @@ program @M(%x : f32[2,4]) {
 """
 
 
+SPLIT = """
+# splice IR v1
+weight @a.weight : f32[4,4] param
+weight @a.bias : f32[4] param
+weight @b.weight : f32[4,4] param
+weight @b.bias : f32[4] param
+program @M(%x : f32[2,4]) {
+  graph @part_0(%x : f32[2,4], %w_a_weight : f32[4,4], %w_a_bias : f32[4]) {
+    %linear : f32[2,4] = aten.linear(%x, %w_a_weight, %w_a_bias)
+    %relu : f32[2,4] = aten.relu(%linear)
+    %sum_1 : f32[] = aten.sum(%relu)
+    %gt : bool[] = aten.gt.Scalar(%sum_1, 0)
+    return (%relu, %gt)
+  }
+  graph @true_graph_0(%relu : f32[2,4], %p_b_bias : f32[4], %p_b_weight : f32[4,4]) {
+    graph @part_1(%relu : f32[2,4], %w_b_weight : f32[4,4], %w_b_bias : f32[4]) {
+      %linear : f32[2,4] = aten.linear(%relu, %w_b_weight, %w_b_bias)
+      return (%linear,)
+    }
+    %invoke_subgraph : (f32[2,4],) = higher_order.invoke_subgraph(@part_1, "part_1", %relu, %p_b_weight, %p_b_bias)
+    %getitem : f32[2,4] = operator.getitem(%invoke_subgraph, 0)
+    return (%getitem,)
+  }
+  graph @false_graph_0(%relu : f32[2,4], %p_b_bias : f32[4], %p_b_weight : f32[4,4]) {
+    graph @part_2(%relu : f32[2,4]) {
+      %mul : f32[2,4] = aten.mul.Tensor(%relu, 2.0)
+      return (%mul,)
+    }
+    %invoke_subgraph : (f32[2,4],) = higher_order.invoke_subgraph(@part_2, "part_2", %relu)
+    %getitem : f32[2,4] = operator.getitem(%invoke_subgraph, 0)
+    return (%getitem,)
+  }
+  graph @part_3(%getitem : f32[2,4]) {
+    %add : f32[2,4] = aten.add.Tensor(%getitem, 1.0)
+    return (%add,)
+  }
+  %invoke_subgraph : (f32[2,4], bool[]) = higher_order.invoke_subgraph(@part_0, "part_0", %x, @a.weight, @a.bias)
+  %getitem : f32[2,4] = operator.getitem(%invoke_subgraph, 0)
+  %getitem_1 : bool[] = operator.getitem(%invoke_subgraph, 1)
+  %cond : (f32[2,4],) = higher_order.cond(%getitem_1, @true_graph_0, @false_graph_0, (%getitem, @b.bias, @b.weight))
+  %getitem_2 : f32[2,4] = operator.getitem(%cond, 0)
+  %invoke_subgraph_1 : (f32[2,4],) = higher_order.invoke_subgraph(@part_3, "part_3", %getitem_2)
+  %getitem_3 : f32[2,4] = operator.getitem(%invoke_subgraph_1, 0)
+  return out=%getitem_3
+}
+"""
+
+
 def test_a_cond_becomes_parts_and_host_code():
     w = seeded_weights(CAPTURED)
-    q = check_pass(
-        "branches",
-        CAPTURED,
-        """
-        # splice IR v1
-        weight @a.weight : f32[4,4] param
-        weight @a.bias : f32[4] param
-        weight @b.weight : f32[4,4] param
-        weight @b.bias : f32[4] param
-        program @M(%x : f32[2,4]) {
-          graph @part_0(%x : f32[2,4], %w_a_weight : f32[4,4], %w_a_bias : f32[4]) {
-            %linear : f32[2,4] = aten.linear(%x, %w_a_weight, %w_a_bias)
-            %relu : f32[2,4] = aten.relu(%linear)
-            %sum_1 : f32[] = aten.sum(%relu)
-            %gt : bool[] = aten.gt.Scalar(%sum_1, 0)
-            return (%relu, %gt)
-          }
-          graph @true_graph_0(%relu : f32[2,4], %p_b_bias : f32[4], %p_b_weight : f32[4,4]) {
-            graph @part_1(%relu : f32[2,4], %w_b_weight : f32[4,4], %w_b_bias : f32[4]) {
-              %linear : f32[2,4] = aten.linear(%relu, %w_b_weight, %w_b_bias)
-              return (%linear,)
-            }
-            %invoke_subgraph : (f32[2,4],) = higher_order.invoke_subgraph(@part_1, "part_1", %relu, %p_b_weight, %p_b_bias)
-            %getitem : f32[2,4] = operator.getitem(%invoke_subgraph, 0)
-            return (%getitem,)
-          }
-          graph @false_graph_0(%relu : f32[2,4], %p_b_bias : f32[4], %p_b_weight : f32[4,4]) {
-            graph @part_2(%relu : f32[2,4]) {
-              %mul : f32[2,4] = aten.mul.Tensor(%relu, 2.0)
-              return (%mul,)
-            }
-            %invoke_subgraph : (f32[2,4],) = higher_order.invoke_subgraph(@part_2, "part_2", %relu)
-            %getitem : f32[2,4] = operator.getitem(%invoke_subgraph, 0)
-            return (%getitem,)
-          }
-          graph @part_3(%getitem : f32[2,4]) {
-            %add : f32[2,4] = aten.add.Tensor(%getitem, 1.0)
-            return (%add,)
-          }
-          %invoke_subgraph : (f32[2,4], bool[]) = higher_order.invoke_subgraph(@part_0, "part_0", %x, @a.weight, @a.bias)
-          %getitem : f32[2,4] = operator.getitem(%invoke_subgraph, 0)
-          %getitem_1 : bool[] = operator.getitem(%invoke_subgraph, 1)
-          %cond : (f32[2,4],) = higher_order.cond(%getitem_1, @true_graph_0, @false_graph_0, (%getitem, @b.bias, @b.weight))
-          %getitem_2 : f32[2,4] = operator.getitem(%cond, 0)
-          %invoke_subgraph_1 : (f32[2,4],) = higher_order.invoke_subgraph(@part_3, "part_3", %getitem_2)
-          %getitem_3 : f32[2,4] = operator.getitem(%invoke_subgraph_1, 0)
-          return out=%getitem_3
-        }
-        """,
-        w,
-    )
+    q = check_pass("branches", CAPTURED, SPLIT, w)
     p = splice.parse_ir(CAPTURED, w)
     # x whose first Linear is all -1 (relu 0: the false branch), then +1 (the true branch)
     for target in (-1.0, 1.0):
@@ -168,6 +167,10 @@ def test_identity_and_weight_only_outputs_are_hoisted_into_the_host():
     x = torch.randn(2, 4)
     for flag in (True, False):
         assert torch.equal(q(x, torch.tensor(flag)), p(x, torch.tensor(flag)))
+
+
+def test_an_already_split_program_is_left_alone():
+    check_pass("branches", SPLIT, SPLIT, seeded_weights(CAPTURED))
 
 
 def test_a_program_without_cond_is_left_alone():
