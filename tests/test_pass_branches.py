@@ -6,8 +6,8 @@ outputs its live-out values (a branch predicate included), leaving host code (pa
 ``cond`` over host graphs, ``getitem``); outputs that are a live-in through an identity op
 or depend on weights only are hoisted into the host (the latter as constant weights), and
 a segment left with no outputs is no part; a program with no ``cond``, or one already split,
-is left alone. The
-split program equals the input on every path. The pass has no error on user input.
+is left alone. The split program equals the input on every path. The pass has no error on
+user input.
 """
 
 from __future__ import annotations
