@@ -25,15 +25,15 @@ from splice.passes import (
     VerifyEach,
     parse_pipeline,
 )
-from splice.passes.experts import (
+from splice.passes.experts_partition import (
     balanced_assign,
     balanced_kmeans,
     coactivation_partition,
     inside_weight,
     parts_of,
-    recognise,
     train_router,
 )
+from splice.passes.ffns import recognise
 
 ACTS = ["relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh", "quick_gelu", "relu2"]
 
@@ -592,3 +592,12 @@ def test_reference_is_the_ground_truth_of_the_pass(captured, arch_model):
             for a in node.args[1:]]  # fmt: skip
     y = _moe_ffn_ref(x, *vals)
     torch.testing.assert_close(y, torch.ops.splice.moe_ffn(x, *vals))
+
+
+def test_experts_keeps_its_public_names_where_they_were():
+    """recognition and partition live in their own modules; experts re-exports them."""
+    from splice.passes import experts, experts_partition, ffns
+
+    assert experts.recognise is ffns.recognise and experts.FFNMatch is ffns.FFNMatch
+    assert experts.balanced_kmeans is experts_partition.balanced_kmeans
+    assert experts.train_router is experts_partition.train_router

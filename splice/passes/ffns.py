@@ -12,8 +12,8 @@ Recognition
     casts and eval-mode dropout, up to the Linears they start from. The FFN matches when
     that region reads one or two Linears of the same input x (and constant scalars) and
     nothing else, its values are used only inside the FFN, the weights are not shared
-    (tied) except by the same layer in other graphs, and the hidden width d_ff is a multiple
-    of E and larger than x's width. The element-wise function is then identified by
+    (tied) except by the same layer in other graphs, and the hidden width d_ff is larger
+    than x's width (and a multiple of ``num_experts`` when :func:`recognise` is given one). The element-wise function is then identified by
     evaluating the region on probe values (a grid over [-12, 12] and random values) against
     the activations ``splice::moe_ffn`` knows (:data:`splice.ir.ops.MOE_ACTIVATIONS`: relu,
     gelu, gelu_tanh — GPT-2's decomposed ``gelu_new`` —, silu, sigmoid, tanh, quick_gelu,
