@@ -4,8 +4,9 @@ Pinned: a gated FFN (SwiGLU) becomes one ``splice.moe_ffn`` whose expert e holds
 W_gate and W_up and columns S_e of W_down (``contiguous``: S_e = [e·s, (e+1)·s)), with every
 expert selected it equals the dense FFN; a plain FFN with biases keeps b_out once, outside
 the experts, and the selection options reach the op's literals (``top_p``, ``prob`` gates,
-``e_over_k``); FFNs the pass must not split are left alone; the option errors. (A plain ReLU
-FFN with ``top_k=1`` is pinned in tests/test_experts.py.)
+``e_over_k``); one FFN read in both branches of a ``cond`` is split once, its experts
+threaded into both; FFNs the pass must not split are left alone; the option errors. (A
+plain ReLU FFN with ``top_k=1`` is pinned in tests/test_experts.py.)
 """
 
 from __future__ import annotations
@@ -95,6 +96,64 @@ def test_a_plain_ffn_with_biases_and_top_p_selection():
     order = [int((w["fc1.weight"] == r).all(1).nonzero()) for r in rows]
     assert sorted(order) == list(range(8))
     assert torch.equal(q.get_weight("fc1.experts.b_in").reshape(8), w["fc1.bias"][order])
+
+
+BRANCHES = """
+weight @up.weight : f32[8,4] param
+weight @down.weight : f32[4,8] param
+program @p(%x : f32[2,4], %flag : bool[]) {
+  graph @t(%x : f32[2,4], %wu : f32[8,4], %wd : f32[4,8]) {
+    %h : f32[2,8] = aten.linear(%x, %wu)
+    %a : f32[2,8] = aten.relu(%h)
+    %y : f32[2,4] = aten.linear(%a, %wd)
+    return (%y,)
+  }
+  graph @f(%x : f32[2,4], %wu : f32[8,4], %wd : f32[4,8]) {
+    %n : f32[2,4] = aten.neg(%x)
+    %h : f32[2,8] = aten.linear(%n, %wu)
+    %a : f32[2,8] = aten.relu(%h)
+    %y : f32[2,4] = aten.linear(%a, %wd)
+    return (%y,)
+  }
+  %cond : (f32[2,4],) = higher_order.cond(%flag, @t, @f, (%x, @up.weight, @down.weight))
+  %out : f32[2,4] = operator.getitem(%cond, 0)
+  return out=%out
+}
+"""
+
+
+def test_one_ffn_in_both_branches_is_split_once():
+    w = seeded_weights(BRANCHES)
+    q = check_pass(
+        "experts{num_experts=2,top_k=2,split=contiguous}",
+        BRANCHES,
+        """
+        # splice IR v1
+        weight @up.experts.router_w : f32[2,4] param
+        weight @up.experts.w_in : f32[2,4,4] param
+        weight @up.experts.w_out : f32[2,4,4] param
+        program @p(%x : f32[2,4], %flag : bool[]) {
+          graph @t(%x : f32[2,4], %w_up_experts_router_w : f32[2,4], %w_up_experts_w_in : f32[2,4,4], %w_up_experts_w_out : f32[2,4,4]) {
+            %moe_ffn : f32[2,4] = splice.moe_ffn(%x, %w_up_experts_router_w, None, %w_up_experts_w_in, None, None, None, %w_up_experts_w_out, None, "relu", 2, 0.0, "none", False)
+            return (%moe_ffn,)
+          }
+          graph @f(%x : f32[2,4], %w_up_experts_router_w : f32[2,4], %w_up_experts_w_in : f32[2,4,4], %w_up_experts_w_out : f32[2,4,4]) {
+            %n : f32[2,4] = aten.neg(%x)
+            %moe_ffn : f32[2,4] = splice.moe_ffn(%n, %w_up_experts_router_w, None, %w_up_experts_w_in, None, None, None, %w_up_experts_w_out, None, "relu", 2, 0.0, "none", False)
+            return (%moe_ffn,)
+          }
+          %cond : (f32[2,4],) = higher_order.cond(%flag, @t, @f, (%x, @up.experts.router_w, @up.experts.w_in, @up.experts.w_out))
+          %out : f32[2,4] = operator.getitem(%cond, 0)
+          return out=%out
+        }
+        """,
+        w,
+    )
+    p = splice.parse_ir(BRANCHES, w)
+    x = torch.randn(2, 4)
+    for flag in (True, False):
+        want = p(x, torch.tensor(flag))
+        torch.testing.assert_close(q(x, torch.tensor(flag)), want, atol=1e-5, rtol=1e-5)
 
 
 NOT_AN_FFN = """

@@ -3,9 +3,10 @@
 Pinned: a target weight becomes the output of a hypernetwork, θ = θ0 + Δθ(E(γ)), fed by a
 new program input (named by ``input=``), with the MIP encoding [cos(πγ/2), sin(πγ/2)]; the
 chunked form (⌈N/c⌉ chunk embeddings, one shared head of c rows, the surplus dropped);
-weights the targets leave out are untouched; what the pass refuses, with its message. (The
-hidden-layer and per-sample forms are pinned in tests/test_hyper.py.) The pass has no
-"nothing to do" outcome: targets matching no parameter is an error.
+weights the targets leave out are untouched; a target read inside ``cond`` branches is
+computed once in the top graph and passed in as the operand; what the pass refuses, with
+its message. (The hidden-layer and per-sample forms are pinned in tests/test_hyper.py.)
+The pass has no "nothing to do" outcome: targets matching no parameter is an error.
 """
 
 from __future__ import annotations
@@ -92,6 +93,78 @@ def test_chunked_hypernetwork():
     )
     x = torch.randn(2, 4)
     torch.testing.assert_close(q(x, torch.rand(2)), splice.parse_ir(LINEAR, w)(x))
+
+
+BRANCHES = """
+weight @up.weight : f32[8,4] param
+weight @down.weight : f32[4,8] param
+program @p(%x : f32[2,4], %flag : bool[]) {
+  graph @t(%x : f32[2,4], %wu : f32[8,4], %wd : f32[4,8]) {
+    %h : f32[2,8] = aten.linear(%x, %wu)
+    %a : f32[2,8] = aten.relu(%h)
+    %y : f32[2,4] = aten.linear(%a, %wd)
+    return (%y,)
+  }
+  graph @f(%x : f32[2,4], %wu : f32[8,4], %wd : f32[4,8]) {
+    %n : f32[2,4] = aten.neg(%x)
+    %h : f32[2,8] = aten.linear(%n, %wu)
+    %a : f32[2,8] = aten.relu(%h)
+    %y : f32[2,4] = aten.linear(%a, %wd)
+    return (%y,)
+  }
+  %cond : (f32[2,4],) = higher_order.cond(%flag, @t, @f, (%x, @up.weight, @down.weight))
+  %out : f32[2,4] = operator.getitem(%cond, 0)
+  return out=%out
+}
+"""
+
+
+def test_a_target_read_in_branches_is_computed_once_and_passed_in():
+    """The new input is ``cond_1``: the program already has a value ``%cond``."""
+    w = seeded_weights(BRANCHES)
+    q = check_pass(
+        "hyper{targets=up.weight,hidden=[]}",
+        BRANCHES,
+        """
+        # splice IR v1
+        attr hyper = {"hyper": {"batch": null, "chunk_size": null, "cond_dim": 1, "encoding": "mip", "hidden": [], "hypernet": ["hyper.net.0.weight"], "init": "preserve", "input": "cond_1", "num_chunks": null, "per_sample": false, "targets": [{"name": "up.weight", "offset": 0, "shape": [8, 4], "value": "hyper_w"}], "theta0": "hyper.theta0"}}
+        weight @down.weight : f32[4,8] param
+        weight @hyper.net.0.weight : f32[32,2] param
+        weight @hyper.theta0 : f32[32] param
+        program @p(%x : f32[2,4], %flag : bool[], %cond_1 : f32[1]) {
+          graph @t(%x : f32[2,4], %wu : f32[8,4], %wd : f32[4,8]) {
+            %h : f32[2,8] = aten.linear(%x, %wu)
+            %a : f32[2,8] = aten.relu(%h)
+            %y : f32[2,4] = aten.linear(%a, %wd)
+            return (%y,)
+          }
+          graph @f(%x : f32[2,4], %wu : f32[8,4], %wd : f32[4,8]) {
+            %n : f32[2,4] = aten.neg(%x)
+            %h : f32[2,8] = aten.linear(%n, %wu)
+            %a : f32[2,8] = aten.relu(%h)
+            %y : f32[2,4] = aten.linear(%a, %wd)
+            return (%y,)
+          }
+          %mul : f32[1] = aten.mul.Tensor(%cond_1, 1.5707963267948966)
+          %cos : f32[1] = aten.cos(%mul)
+          %sin : f32[1] = aten.sin(%mul)
+          %cat : f32[2] = aten.cat([%cos, %sin], -1)
+          %hyper_delta : f32[32] = aten.linear(%cat, @hyper.net.0.weight)
+          %hyper_theta : f32[32] = aten.add.Tensor(%hyper_delta, @hyper.theta0)
+          %slice_1 : f32[32] = aten.slice.Tensor(%hyper_theta, 0, 0, 32)
+          %hyper_w : f32[8,4] = aten.view(%slice_1, [8, 4])
+          %cond : (f32[2,4],) = higher_order.cond(%flag, @t, @f, (%x, %hyper_w, @down.weight))
+          %out : f32[2,4] = operator.getitem(%cond, 0)
+          return out=%out
+        }
+        """,
+        w,
+    )
+    p = splice.parse_ir(BRANCHES, w)
+    x = torch.randn(2, 4)
+    for flag in (True, False):
+        want = p(x, torch.tensor(flag))
+        torch.testing.assert_close(q(x, torch.tensor(flag), torch.rand(1)), want)
 
 
 def test_targets_matching_no_parameter_are_an_error():
