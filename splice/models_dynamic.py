@@ -19,6 +19,9 @@ Every model has a ``probe(*inputs)`` method that repeats ``forward`` step by ste
 returns ``(output, decisions)``: the list of :class:`Decision` taken, in order, with the
 distance of each compared quantity from its threshold. ``probe`` is for tests and for
 checking a compiled program against eager decisions; ``forward`` itself records nothing.
+
+Like :mod:`splice.models`, a model library: above the compiler, below the tools
+(``tests/test_imports.py``).
 """
 
 from __future__ import annotations

@@ -132,7 +132,8 @@ def measure_host(repeats: int = 5) -> dict[str, float]:
     return {"mem_bandwidth_gbs": bandwidth, "peak_gflops": 2 * m**3 / best / 1e9}
 
 
-def _cpu_flags() -> tuple[str, ...]:
+def cpu_flags() -> tuple[str, ...]:
+    """This machine's CPU feature flags (``/proc/cpuinfo``), sorted; empty where unknown."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -171,7 +172,7 @@ def _cache_sizes() -> dict[str, int]:
 
 def host_target(*, measure: bool = True) -> Target:
     """The machine splice runs on, with measured bandwidth and peak (cached on disk)."""
-    flags = _cpu_flags()
+    flags = cpu_flags()
     machine = platform.machine()
     arm = machine in ("aarch64", "arm64")
     vec = 128 if arm else 512 if "avx512f" in flags else 256 if "avx2" in flags else 128
@@ -329,6 +330,7 @@ __all__ = [
     "TARGET_NAMES",
     "X86_LEVELS",
     "Target",
+    "cpu_flags",
     "get_target",
     "host_target",
     "measure_host",

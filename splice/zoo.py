@@ -20,6 +20,9 @@ model, what ``capture`` takes, the flat input sets in the program's input order,
 
 The CNN with ResNet-18's topology is transformers' ``ResNetModel`` with basic blocks and
 depths [2, 2, 2, 2] at width 8-64: torchvision is not a dependency of splice.
+
+Like :mod:`splice.models`, a model library: above the compiler, below the tools
+(``tests/test_imports.py``).
 """
 
 from __future__ import annotations

@@ -173,3 +173,20 @@ def test_capture_restores_training_mode(arch_model):
         assert norms and all(n.args[5] is False for n in norms)  # captured in eval mode
     finally:
         model.eval()
+
+
+def test_the_capture_core_explore_uses_is_public():
+    """capture_dynamic builds on these; the underscore names stay until it switches."""
+    import importlib
+
+    C = importlib.import_module("splice.ir.capture")  # splice.ir.capture is the function
+
+    x = torch.zeros(2)
+    assert C.split_inputs(x) == ((x,), {})
+    assert C.split_inputs({"a": x}) == ((), {"a": x})
+    assert C.split_inputs(((x,), {"b": x})) == ((x,), {"b": x})
+    with pytest.raises(CaptureError, match="example_inputs must be"):
+        C.split_inputs(3)
+    assert C.ident("0.layer-1") == "p_0_layer_1"
+    for name in ("capture_error", "ident", "output_names", "split_inputs", "to_program"):
+        assert getattr(C, f"_{name}") is getattr(C, name)

@@ -290,7 +290,7 @@ def test_help_of_every_model_command_says_model_specs_run_code(command):
 
 
 def test_real_factories_still_load(in_ws, capfd):
-    from splice.tools.cli import load_model_spec
+    from splice.tools.common import load_model_spec
 
     for spec in ("userfac:tiny", "userfac:wrapped", "userfac:cached"):
         _, (x,) = load_model_spec(spec)

@@ -166,3 +166,27 @@ def test_compose_rejects_mismatched_bindings():
 
 def test_repr_is_informative():
     assert repr(mlp()).startswith("Program('mlp', inputs=['x'], outputs=['y'], ops=3, weights=3")
+
+
+def test_weight_for_input_reads_the_weight_with_the_inputs_spec():
+    import torch.fx as fx
+
+    from splice.ir.program import weight_for_input
+
+    g = fx.Graph()
+    ph = g.placeholder("w")
+    M.set_spec(ph, M.TensorSpec((8, 4), torch.float32))
+    node = weight_for_input(g, "fc1.weight", ph)
+    assert node.op == "get_attr" and node.target == "fc1.weight"
+    assert M.spec(node) == M.spec(ph) and M.loc(node).is_unknown()
+
+
+def test_spec_json_is_the_manifest_form_of_a_tensor_spec():
+    from splice.errors import ArtifactError
+
+    assert M.spec_json(M.TensorSpec((2, "s0"), torch.float32)) == {
+        "shape": [2, "s0"],
+        "dtype": "f32",
+    }
+    with pytest.raises(ArtifactError, match="must be tensors"):
+        M.spec_json(M.ScalarSpec("int"))

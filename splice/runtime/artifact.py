@@ -59,7 +59,13 @@ import torch
 
 from splice.errors import ArtifactError, SpliceError
 from splice.ir import meta as M
+from splice.ir.output_tree import unflatten
+from splice.ir.parser import parse_ir
+from splice.ir.signatures import SignatureSet
 from splice.runtime import edge_runner as E
+from splice.runtime.host import HostProgram, validate_host
+from splice.runtime.index_bounds import index_bounds
+from splice.target import cpu_flags
 
 FORMAT = "splice.artifact/1"
 MANIFEST = "manifest.json"
@@ -82,12 +88,6 @@ CHECKED_FEATURES = (
     "avx512_bf16",
     "amx_tile",
 )
-
-
-def spec_json(spec: M.Spec) -> dict[str, Any]:
-    if not isinstance(spec, M.TensorSpec):
-        raise ArtifactError(f"artifact inputs and outputs must be tensors, got {spec}")
-    return {"shape": list(spec.shape), "dtype": M.dtype_name(spec.dtype)}
 
 
 def _manifest_bytes(root: Path) -> bytes:
@@ -191,9 +191,7 @@ def check_target(manifest: dict[str, Any]) -> None:
             f"this machine is {platform.machine()}",
             hint="run it on that machine, or under qemu-user (see docs/lowering.md)",
         )
-    from splice.target import _cpu_flags
-
-    have = set(_cpu_flags())
+    have = set(cpu_flags())
     missing = [f for f in manifest.get("required_features", []) if f not in have]
     if have and missing:
         raise ArtifactError(
@@ -234,8 +232,6 @@ class CompiledModel:
         self._host = None
         self.last_trace: list[tuple[str, bool]] = []
         if self.manifest.get("host"):
-            from splice.runtime.host import HostProgram, validate_host
-
             host = _read_json(self.path, self.manifest["host"])
             arity = {
                 p["name"]: (
@@ -360,7 +356,6 @@ class CompiledModel:
         manifest's ``output_tree`` (constants beside the tensors) or, for a program whose
         structure depends on its path, the ``variants`` entry the run's variant index names
         (the padded structure with ``pad``). Without either: one value or a tuple."""
-        from splice.ir.outputs import unflatten
 
         def error(message: str, hint: str | None) -> ArtifactError:
             return ArtifactError(message, where=str(self.path), hint=hint or E.REBUILD)
@@ -404,8 +399,6 @@ def _load_weights(root: Path) -> dict[str, torch.Tensor]:
 
 def _programs(root: Path, manifest: dict[str, Any], weights: dict[str, torch.Tensor]) -> list:
     """The Programs of ``program.ir`` (and of each further signature), parsed."""
-    from splice.ir.parser import parse_ir
-
     files = [s["program"] for s in manifest.get("signatures") or []] or [PROGRAM]
     out = []
     for f in files:
@@ -426,7 +419,7 @@ def _programs(root: Path, manifest: dict[str, Any], weights: dict[str, torch.Ten
 
 
 def _specs_of(names: Sequence[str] | None, specs: Sequence[M.Spec]) -> list[dict[str, Any]]:
-    out = [spec_json(s) for s in specs]
+    out = [M.spec_json(s) for s in specs]
     return [{"name": n, **s} for n, s in zip(names, out)] if names is not None else out
 
 
@@ -436,8 +429,6 @@ def check_against_program(
     """The manifest agrees with the program(s) it was compiled from: inputs, outputs,
     signatures, the weights its parts read, and an ``index_bound`` at most the embedding's
     rows on every integer input that indexes one (recomputed as compile does)."""
-    from splice.runtime.compile import _index_bounds
-
     programs = _programs(root, manifest, weights)
     first = programs[0]
     strip = [{k: v for k, v in i.items() if k != "index_bound"} for i in manifest["inputs"]]
@@ -472,7 +463,7 @@ def check_against_program(
             )
     rows: dict[str, int] = {}
     for p in programs:
-        for name, b in _index_bounds(p).items():
+        for name, b in index_bounds(p).items():
             rows[name] = min(rows.get(name, b["index_bound"]), b["index_bound"])
     for spec in manifest["inputs"]:
         need, bound = rows.get(spec["name"]), spec.get("index_bound")
@@ -495,6 +486,7 @@ def _load_part(
 ) -> Any:
     """One part's library, loaded after the checks that need no call into it: complete ELF,
     bound to this artifact, and its own parameter checks agree with the manifest."""
+    # the backend is imported when a library is loaded (seconds to import; see compile.py)
     from splice.runtime.backends.tvm import TVMPart, require_tvm
 
     tvm = require_tvm()
@@ -588,9 +580,6 @@ class Artifact:
 def read_reference(path: Path):
     """The program an artifact was compiled from (a SignatureSet for several signatures)."""
     from safetensors.torch import load_file
-
-    from splice.ir.parser import parse_ir
-    from splice.ir.signatures import SignatureSet
 
     weights = load_file(str(path / WEIGHTS))
     sigs = read_manifest(path).get("signatures")

@@ -4,6 +4,10 @@
 ``fold-constants``, ``dce``) so that backends see constant masks folded, lowers it with a
 backend (TVM, the CPU and edge path) and writes an :mod:`artifact <splice.runtime.artifact>`
 folder atomically.
+
+The backend modules (:mod:`splice.runtime.backends`) are imported where a program is
+lowered, not at the top: they bring their schedules, tuners and kernels (seconds to
+import), and ``import splice`` stays fast and works without TVM.
 """
 
 from __future__ import annotations
@@ -19,12 +23,21 @@ from typing import Any
 
 import torch
 
-from splice.errors import LoweringError
+from splice.errors import ArtifactError, LoweringError
 from splice.ir import meta as M
+from splice.ir import serialize
+from splice.ir.host_steps import has_control_flow, is_split
+from splice.ir.output_tree import TREE_ATTR, VARIANTS_ATTR
+from splice.ir.printer import print_ir
 from splice.ir.program import Program, build_graph_module
-from splice.ir.serialize import atomic_dir, check_output_path, sha256_file
+from splice.ir.serialize import atomic_dir, check_output_path, sha256_file, weights_for_safetensors
 from splice.ir.signatures import SignatureSet
 from splice.ir.verify import verify
+from splice.passes import parse_pipeline
+from splice.passes.branches import split_program
+from splice.passes.lowrank import set_rank
+from splice.runtime import edge_runner as E
+from splice.runtime import host as H
 from splice.runtime.artifact import (
     CHECKED_FEATURES,
     FORMAT,
@@ -33,11 +46,14 @@ from splice.runtime.artifact import (
     SAMPLES,
     WEIGHTS,
     Artifact,
+    CompiledModel,
+    check_pin,
     is_foreign,
-    spec_json,
     write_samples,
 )
-from splice.target import Target, get_target
+from splice.runtime.index_bounds import index_bounds, merged_index_bounds
+from splice.target import Target, cpu_flags, get_target
+from splice.version import __version__
 
 PREPARE_PIPELINE = "cse,fold-constants,dce"
 
@@ -91,8 +107,6 @@ def compile(
         rpc = str(RpcSpec.parse(rpc))  # a bad address fails before any work
     if output is not None:
         check_output_path(output, overwrite=overwrite)
-    from splice.passes.branches import has_control_flow, is_split
-
     members = list(program) if isinstance(program, SignatureSet) else [program]
     for p in members:
         verify(p)
@@ -104,12 +118,8 @@ def compile(
             samples=samples, progress=progress, overwrite=overwrite, rpc=rpc,
         )  # fmt: skip
     if lowrank_rank is not None:
-        from splice.passes.lowrank import set_rank
-
         program = set_rank(program, lowrank_rank)
     if prepare:
-        from splice.passes import parse_pipeline
-
         program = parse_pipeline(PREPARE_PIPELINE).run(program).program
     from splice.runtime.backends import tvm as tvm_backend
 
@@ -121,12 +131,12 @@ def compile(
     with atomic_dir(output, overwrite=overwrite) as tmp:
         tvm_backend.export_library(ex, tmp / "main.so", target, report.objects)
         files = ["main.so", *_write_program_files(tmp, program, samples)]
-        index_bounds = _index_bounds(program)
+        bounds = index_bounds(program)
         report.seconds["total"] = time.perf_counter() - t0
         manifest = _manifest(
             program,
             target,
-            index_bounds=index_bounds,
+            index_bounds=bounds,
             parts=[
                 {
                     "name": "main",
@@ -164,9 +174,6 @@ def _write_program_files(
     their weights (their names are disjoint or name the same tensor)."""
     from safetensors.torch import save_file
 
-    from splice.ir.printer import print_ir
-    from splice.ir.serialize import weights_for_safetensors
-
     members = list(program) if isinstance(program, SignatureSet) else [program]
     weights: dict[str, torch.Tensor] = {}
     files = [WEIGHTS]
@@ -195,16 +202,13 @@ def _manifest(
     """The manifest of an artifact (``files`` is added by :func:`_write_manifest`)."""
     import tvm
 
-    from splice import __version__
     from splice.runtime.backends.tvm import tvm_target_dict
 
     bounds = index_bounds or {}
     required: list[str] = []
     if target.kind != "cuda" and target.triple.startswith("x86_64"):
-        from splice.target import _cpu_flags
-
         # host: what this CPU has (LLVM may use all of it); a named ISA level: its features
-        have = set(_cpu_flags()) if target.name == "host" else set(target.features)
+        have = set(cpu_flags()) if target.name == "host" else set(target.features)
         required = [f for f in CHECKED_FEATURES if f in have]
     return {
         "format": FORMAT,
@@ -215,11 +219,12 @@ def _manifest(
         "target": {**target.to_json(), "tvm": tvm_target_dict(target)},
         "required_features": required,
         "inputs": [
-            {"name": n, **spec_json(s), **bounds.get(n, {})}
+            {"name": n, **M.spec_json(s), **bounds.get(n, {})}
             for n, s in zip(program.input_names, program.input_specs)
         ],
         "outputs": [
-            {"name": n, **spec_json(s)} for n, s in zip(program.output_names, program.output_specs)
+            {"name": n, **M.spec_json(s)}
+            for n, s in zip(program.output_names, program.output_specs)
         ],
         "parts": parts,
         "host": host,
@@ -231,9 +236,7 @@ def _manifest(
 
 def _output_structure(program: Program) -> dict[str, Any]:
     """The manifest's ``output_tree`` and ``variants`` (the program's recorded output
-    structure, see :mod:`splice.ir.outputs`), where the program has them."""
-    from splice.ir.outputs import TREE_ATTR, VARIANTS_ATTR
-
+    structure, see :mod:`splice.ir.output_tree`), where the program has them."""
     return {k: program.attrs[k] for k in (TREE_ATTR, VARIANTS_ATTR) if k in program.attrs}
 
 
@@ -249,8 +252,6 @@ def _bind_libraries(tmp: Path, manifest: dict[str, Any], files: list[str]) -> No
     """Append to each part's library the sha256 of the files it was compiled with (all but
     libraries and samples: program text, weights, host program), so that loading can refuse
     a library copied from another artifact (see :mod:`splice.runtime.artifact`)."""
-    from splice.runtime import edge_runner as E
-
     libs = {p["library"] for p in manifest["parts"]}
     bound = {f: sha256_file(tmp / f) for f in files if f not in libs and f != SAMPLES}
     for lib in sorted(libs):  # a library shared by twin parts is bound once, to its owner
@@ -291,9 +292,6 @@ def _split(program: Program, samples: Sequence[Sequence[torch.Tensor]] | None) -
     """Split ``program`` (the ``branches`` pass) and find every part's example inputs: what
     its predecessors produce when the host program runs (in PyTorch) on the first sample,
     every branch forced both ways. A program without branches becomes one part."""
-    from splice.passes.branches import is_split, split_program
-    from splice.runtime import host as H
-
     if not is_split(program):
         program, _ = split_program(program)
     host, parts = H.build_host(program)
@@ -394,8 +392,6 @@ def _compile_split(
     prefix ``s<k>_``; a weight whose name another member uses for a different tensor is
     renamed ``s<k>.<name>``).
     """
-    from splice.passes import parse_pipeline
-    from splice.runtime import host as H
     from splice.runtime.backends import tvm as tvm_backend
 
     say = progress or (lambda message, done, total: None)
@@ -468,8 +464,8 @@ def _compile_split(
                     "library": lib,
                     "entry": "main",
                     "params": param_names,
-                    "inputs": [spec_json(s) for s in part.input_specs],
-                    "outputs": [spec_json(s) for s in part.output_specs],
+                    "inputs": [M.spec_json(s) for s in part.input_specs],
+                    "outputs": [M.spec_json(s) for s in part.output_specs],
                     "check_max_abs_diff": diff,
                 }
             )
@@ -481,7 +477,7 @@ def _compile_split(
         manifest = _manifest(
             first,
             target,
-            index_bounds=_merged_index_bounds(reference),
+            index_bounds=merged_index_bounds(reference),
             parts=entries,
             host="host.json",
             options={
@@ -497,8 +493,8 @@ def _compile_split(
             manifest["program"] = reference.name
             manifest["signatures"] = [
                 {
-                    "inputs": [spec_json(s) for s in p.input_specs],
-                    "outputs": [spec_json(s) for s in p.output_specs],
+                    "inputs": [M.spec_json(s) for s in p.input_specs],
+                    "outputs": [M.spec_json(s) for s in p.output_specs],
                     "program": _member_file(i),
                 }
                 for i, p in enumerate(reference)
@@ -544,89 +540,6 @@ def _disjoint_weights(sset: SignatureSet) -> list[Program]:
     return out
 
 
-def _merged_index_bounds(program: Program | SignatureSet) -> dict[str, dict[str, int]]:
-    """:func:`_index_bounds` over every member of a SignatureSet (the smallest per input)."""
-    bounds: dict[str, dict[str, int]] = {}
-    for p in program if isinstance(program, SignatureSet) else [program]:
-        for name, b in _index_bounds(p).items():
-            old = bounds.get(name, b)["index_bound"]
-            bounds[name] = {"index_bound": min(old, b["index_bound"])}
-    return bounds
-
-
-def _index_bounds(program: Program) -> dict[str, dict[str, int]]:
-    """Integer inputs used directly as embedding indices -> {"index_bound": rows}.
-
-    TVM lowers ``take`` without bounds checks (an out-of-range token id reads out of
-    bounds, or crashes), so the runtime checks these inputs against the bound before calling.
-    """
-    aten = torch.ops.aten
-    # ops whose outputs only rearrange or select their first operand's values
-    same_values = {
-        aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-        aten.clone.default, aten.contiguous.default, aten.alias.default,
-        aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.default, aten.flatten.using_ints,
-        aten.expand.default, aten.slice.Tensor, aten.select.int, aten.permute.default,
-        aten.transpose.int,
-    }  # fmt: skip
-    bounds: dict[str, dict[str, int]] = {}
-    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
-    for name in program.input_names:
-        node = placeholders.get(name)
-        if node is None or not isinstance(M.spec(node), M.TensorSpec):
-            continue
-        if M.spec(node).dtype.is_floating_point:
-            continue
-        frontier: list[tuple[Any, Any]] = [(program.graph_module, node)]
-        seen = {node}
-        while frontier:
-            gm, value = frontier.pop()
-            for user in value.users:
-                if user in seen:
-                    continue
-                if user.target in same_values and user.args and user.args[0] is value:
-                    seen.add(user)
-                    frontier.append((gm, user))
-                elif user.target is aten.embedding.default and user.args[1] is value:
-                    rows = _rows(user.args[0])
-                    if isinstance(rows, int):
-                        old = bounds.get(name, {}).get("index_bound", rows)
-                        bounds[name] = {"index_bound": min(old, rows)}
-                else:
-                    frontier += [(sub, ph) for sub, ph in _into_subgraphs(gm, user, value)]
-    return bounds
-
-
-def _rows(table: Any) -> int | None:
-    """The row count of an embedding table node (None when its spec is not known)."""
-    try:
-        spec = M.spec(table)
-    except Exception:  # a subgraph placeholder without a spec
-        return None
-    return spec.shape[0] if isinstance(spec, M.TensorSpec) and spec.shape else None
-
-
-def _into_subgraphs(gm: Any, user: Any, value: Any) -> list[tuple[Any, Any]]:
-    """(subgraph, placeholder) pairs that receive ``value`` when ``user`` is a part call
-    (``invoke_subgraph``) or a ``cond`` of a split program, so that index bounds are found
-    inside the parts too."""
-    hop = torch.ops.higher_order
-    if user.target is hop.invoke_subgraph:
-        subs, operands = [user.args[0]], list(user.args[2:])
-    elif user.target is hop.cond:
-        subs, operands = list(user.args[1:3]), list(user.args[3])
-    else:
-        return []
-    out = []
-    for sub in subs:
-        sub_gm = getattr(gm, sub.target, None) if getattr(sub, "op", None) == "get_attr" else None
-        if sub_gm is None:
-            continue
-        phs = [n for n in sub_gm.graph.nodes if n.op == "placeholder"]
-        out += [(sub_gm, phs[i]) for i, a in enumerate(operands) if a is value and i < len(phs)]
-    return out
-
-
 def load(path: str | Path, *, sha256: str | None = None) -> Any:
     """Load a saved program (a :class:`~splice.ir.program.Program`) or a compiled artifact
     (a :class:`~splice.runtime.artifact.CompiledModel`); both are callables over tensors.
@@ -634,10 +547,6 @@ def load(path: str | Path, *, sha256: str | None = None) -> Any:
     ``sha256`` pins what is loaded: the sha256 of its ``manifest.json``, which lists every
     file's sha256 (``Artifact.sha256``, ``sha256sum PATH/manifest.json``); a different one
     raises ArtifactError before anything else is read."""
-    from splice.errors import ArtifactError
-    from splice.ir import serialize
-    from splice.runtime.artifact import CompiledModel, check_pin
-
     root = Path(path)
     if not (root / MANIFEST).is_file():
         raise ArtifactError(
@@ -656,3 +565,7 @@ def load(path: str | Path, *, sha256: str | None = None) -> Any:
 
 
 __all__ = ["PREPARE_PIPELINE", "compile", "load"]
+
+
+#: the name tests/test_artifact_safety.py imports (now :func:`splice.runtime.index_bounds.index_bounds`)
+_index_bounds = index_bounds

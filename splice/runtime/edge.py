@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from splice.errors import ArtifactError
+from splice.runtime.artifact import read_manifest
 
 PYTHON = "3.11"
 TVM_REQUIREMENT = "apache-tvm==0.27.0"
@@ -194,8 +195,6 @@ def run_under_qemu(
 ) -> EdgeRun:
     """Run an aarch64 artifact under qemu-aarch64 with ``inputs`` (numpy arrays or tensors)."""
     import time
-
-    from splice.runtime.artifact import read_manifest
 
     root = root or default_root()
     reason = why_unavailable(root)

@@ -33,7 +33,12 @@ from typing import Any
 
 import torch
 
+from splice.errors import ArtifactError
+from splice.ir import meta as M
 from splice.ir.lm import GenerationError, LMPrograms, check_prompt, pad_prompt
+from splice.runtime.artifact import CompiledModel, is_foreign, read_manifest
+from splice.runtime.compile import compile as compile_program
+from splice.runtime.edge import run_under_qemu
 
 META = "generator.json"
 PREFILL = "prefill.artifact"
@@ -72,8 +77,6 @@ class _Meta:
     eos_token_ids: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        from splice.ir import meta as M
-
         return {
             "max_len": self.max_len,
             "prompt_len": self.prompt_len,
@@ -87,8 +90,6 @@ class _Meta:
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> _Meta:
-        from splice.ir import meta as M
-
         return _Meta(
             int(data["max_len"]),
             int(data["prompt_len"]),
@@ -158,15 +159,11 @@ class Generator:
         is run through :meth:`edge`."""
         import tempfile
 
-        from splice.runtime.compile import compile as compile_program
-
         out = Path(output) if output is not None else Path(tempfile.mkdtemp(prefix="splice-gen-"))
         out.mkdir(parents=True, exist_ok=True)
         compile_program(lm.prefill, target, output=out / PREFILL, **compile_kwargs)
         compile_program(lm.decode, target, output=out / DECODE, **compile_kwargs)
         (out / META).write_text(json.dumps(cls._meta_of(lm).to_json(), indent=2) + "\n")
-        from splice.runtime.artifact import is_foreign, read_manifest
-
         if is_foreign(read_manifest(out / PREFILL)):  # e.g. aarch64 on x86: the edge runner
             gen = cls.edge(out)
         else:
@@ -177,9 +174,6 @@ class Generator:
     @classmethod
     def load(cls, path: str | Path, *, num_threads: int | None = None) -> Generator:
         """Load a generator folder written by :meth:`compile`."""
-        from splice.errors import ArtifactError
-        from splice.runtime.artifact import CompiledModel
-
         path = Path(path)
         try:
             meta = _Meta.from_json(json.loads((path / META).read_text()))
@@ -202,8 +196,6 @@ class Generator:
         A correctness path, not a fast one: every prefill and decode call is one emulated
         process (TVM imported each time) and the cache passes through ``.npy`` files between
         steps. On a board, the loop belongs inside the runner's process."""
-        from splice.runtime.edge import run_under_qemu
-
         path = Path(path)
         meta = _Meta.from_json(json.loads((path / META).read_text()))
 

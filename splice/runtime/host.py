@@ -43,12 +43,10 @@ import torch.fx as fx
 
 from splice.errors import ArtifactError
 from splice.ir import meta as M
-from splice.ir.program import Program, build_graph_module, get_attr_path
-from splice.passes.branches import is_host_compare
+from splice.ir.host_steps import COND, INVOKE, is_host_compare
+from splice.ir.program import Program, build_graph_module, get_attr_path, weight_for_input
 
 HOST_FORMAT = "splice-host/1"
-COND = torch.ops.higher_order.cond
-INVOKE = torch.ops.higher_order.invoke_subgraph
 
 
 @dataclass
@@ -70,9 +68,7 @@ class PartInfo:
             if i < self.n_values:
                 env[ph] = g.node_copy(ph)
             else:
-                env[ph] = g.get_attr(self.weights[i - self.n_values])
-                M.set_spec(env[ph], M.spec(ph))
-                M.set_loc(env[ph], M.UNKNOWN_LOC)
+                env[ph] = weight_for_input(g, self.weights[i - self.n_values], ph)
         for n in src.nodes:
             if n.op == "placeholder":
                 continue
@@ -416,8 +412,6 @@ def signature_host(
     eager parts and part example inputs (all keyed by part name). Member ``k``'s parts are
     renamed ``s<k>_<name>``. Returns the host program and the merged parts, eager parts and
     examples."""
-    from splice.runtime.artifact import spec_json
-
     parts: dict[str, PartInfo] = {}
     eager: dict[str, Any] = {}
     examples: dict[str, Any] = {}
@@ -433,7 +427,7 @@ def signature_host(
             if name in m_examples:
                 examples[new(name)] = m_examples[name]
         cases.append(
-            {"inputs": [spec_json(s) for s in specs], "block": _rename_parts(host["main"], new)}
+            {"inputs": [M.spec_json(s) for s in specs], "block": _rename_parts(host["main"], new)}
         )
     first = hosts[0][1]["main"]
     params = list(first["params"])

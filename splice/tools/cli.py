@@ -17,7 +17,8 @@
 IN is a saved program folder or a MODEL. MODEL is ``package.module:factory`` naming a
 function that returns ``(model, example_inputs)``; ``-a key=value`` passes arguments to it.
 A MODEL spec imports your module and calls your function: name only code you trust (see
-:func:`load_model_spec` for what is refused before anything runs; it is not a sandbox).
+:func:`splice.tools.common.load_model_spec` for what is refused before anything runs; it
+is not a sandbox).
 
 Errors print as one line on stderr (what, where, what to do) and exit with status 1; an
 unexpected exception (a bug) prints one line too, and its traceback when the environment
@@ -29,393 +30,72 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
-import importlib
-import inspect
-import math
 import os
 import sys
-import tempfile
-import time
 import traceback
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
 from splice._quiet import quiet_torch_logs
-from splice.errors import CaptureError, SpliceError
-
-MODEL_HELP = (
-    "MODEL is package.module:factory, a function returning (model, example_inputs); "
-    "MODEL specs import and call your code, so name only code you trust"
+from splice.errors import SpliceError, one_line
+from splice.ir.output_tree import format_structure
+from splice.ir.printer import format_target, print_ir
+from splice.ir.serialize import save
+from splice.passes import (
+    CrashReproducer,
+    DumpIR,
+    NumericCheck,
+    PassContext,
+    PassManager,
+    PrintIR,
+    Timing,
+    VerifyEach,
+    describe_passes,
+    parse_pipeline,
 )
-
-
-def _console(stderr: bool = False):
-    from rich.console import Console
-
-    return Console(stderr=stderr, highlight=False, soft_wrap=True, markup=False)
-
-
-# ---------------------------------------------------------------------------------------
-# loading inputs
-
-
-class Loaded:
-    """A program plus the sample inputs that came with it (if any)."""
-
-    def __init__(self, program: Any, samples: list[tuple[Any, ...]], source: str):
-        self.program = program
-        self.samples = samples
-        self.source = source
-
-
-def _parse_factory_args(items: list[str] | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items or []:
-        k, eq, v = item.partition("=")
-        if not eq or not k.isidentifier():
-            raise SpliceError(
-                f"factory argument {item!r} is not key=value", hint="e.g. -a layers=2"
-            )
-        val: Any = v
-        for conv in (int, float):
-            try:
-                val = conv(v)
-                break
-            except ValueError:
-                continue
-        out[k] = val
-    return out
-
-
-def load_model_spec(spec: str, factory_args: dict[str, Any] | None = None) -> tuple[Any, Any]:
-    """``package.module:factory`` -> (model, example_inputs).
-
-    This imports ``package.module`` and calls ``factory``: a MODEL spec runs your code, and
-    this is not a sandbox (a module runs code when imported; a factory can do anything).
-    What is refused before anything runs: a module of Python's standard library (no model
-    factory lives there, and some modules act on import); after the import, an attribute
-    that is not a Python function (``os:system``, a class, a builtin), a function defined
-    in the standard library (``shutil:rmtree``), and ``-a`` arguments that the function
-    does not take or whose type does not fit its default. What the factory raises becomes
-    one :class:`CaptureError`.
-    """
-    mod_name, fn_name = _split_spec(spec)
-    if _is_stdlib(mod_name):
-        raise CaptureError(
-            f"{spec}: {mod_name} is part of Python's standard library, not a model factory",
-            hint="name your own function, e.g. mypackage.models:build (MODEL specs run it)",
-        )
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise CaptureError(
-            f"cannot import {mod_name!r}: {e}", hint="is the package installed and on PYTHONPATH?"
-        ) from e
-    fn = getattr(mod, fn_name, None)
-    if fn is None or not callable(fn):
-        names = [
-            n for n in dir(mod) if not n.startswith("_") and inspect.isfunction(getattr(mod, n))
-        ]
-        raise CaptureError(
-            f"{mod_name} has no factory {fn_name!r}",
-            hint=f"functions there: {', '.join(names[:20])}",
-        )
-    _check_factory(spec, fn)
-    kwargs = _fit_factory_args(spec, fn, factory_args or {})
-    result = _call_factory(spec, fn, kwargs)
-    if not (isinstance(result, tuple) and len(result) == 2):
-        raise CaptureError(
-            f"{spec} must return (model, example_inputs), got {type(result).__name__}"
-        )
-    return result
-
-
-def _split_spec(spec: str) -> tuple[str, str]:
-    mod_name, _, fn_name = spec.partition(":")
-    if not mod_name or not fn_name or not fn_name.isidentifier():
-        raise CaptureError(
-            f"{spec!r} is neither a saved program folder nor a MODEL",
-            hint="name a model as package.module:factory, e.g. splice.models:gpt2",
-        )
-    return mod_name, fn_name
-
-
-def _is_stdlib(module: str) -> bool:
-    """Whether ``module`` belongs to Python's standard library, found without importing it
-    (a user's own ``test.py`` or ``code.py`` that shadows a stdlib name is not refused)."""
-    import importlib.util
-    import sysconfig
-
-    top = module.split(".", 1)[0]
-    if top not in sys.stdlib_module_names and top not in sys.builtin_module_names:
-        return False
-    try:
-        spec = importlib.util.find_spec(top)
-    except (ImportError, ValueError):
-        return True
-    if spec is None or spec.origin in (None, "built-in", "frozen"):
-        return True
-    stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
-    return stdlib in Path(spec.origin).resolve().parents
-
-
-def _check_factory(spec: str, fn: Any) -> None:
-    """Refuse what cannot be a model factory before calling it (see load_model_spec)."""
-    target = inspect.unwrap(fn)
-    if not inspect.isfunction(target):
-        kind = "a class" if inspect.isclass(target) else f"a {type(target).__name__}"
-        raise CaptureError(
-            f"{spec} is {kind}, not a Python function returning (model, example_inputs)",
-            hint="MODEL names a factory function defined in your own module",
-        )
-    module = getattr(target, "__module__", None) or ""
-    if _is_stdlib(module):
-        raise CaptureError(
-            f"{spec} is {module}.{target.__qualname__} from Python's standard library, "
-            "not a model factory",
-            hint="name your own function, e.g. mypackage.models:build (MODEL specs run it)",
-        )
-
-
-_SCALAR_TYPES: dict[str, type] = {"int": int, "float": float, "bool": bool, "str": str}
-
-
-def _expected_type(param: inspect.Parameter) -> type | None:
-    if param.default is not inspect.Parameter.empty and param.default is not None:
-        t = type(param.default)
-        return t if t in (int, float, bool, str) else None
-    ann = param.annotation
-    if isinstance(ann, str):
-        return _SCALAR_TYPES.get(ann)
-    return ann if ann in (int, float, bool, str) else None
-
-
-def _fit_factory_args(spec: str, fn: Any, args: dict[str, Any]) -> dict[str, Any]:
-    """``args`` checked against ``fn``'s signature and converted to its defaults' types."""
-    sig = inspect.signature(fn)
-    takes = [
-        p.name
-        for p in sig.parameters.values()
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    ]
-    try:
-        sig.bind(**args)
-    except TypeError as e:
-        raise CaptureError(
-            f"-a arguments do not fit {spec}: {e}",
-            hint=f"its arguments: {', '.join(takes) or 'none'}",
-        ) from None
-    out = dict(args)
-    for name, value in args.items():
-        param = sig.parameters.get(name)
-        want = _expected_type(param) if param is not None else None
-        if want is not None:
-            out[name] = _convert_arg(spec, name, value, want, param)
-    return out
-
-
-def _convert_arg(spec: str, name: str, value: Any, want: type, param: inspect.Parameter) -> Any:
-    if want is str:
-        return str(value)
-    if want is bool and str(value).lower() in ("1", "true", "yes", "0", "false", "no"):
-        return str(value).lower() in ("1", "true", "yes")
-    if want is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if want is int and isinstance(value, int):
-        return value
-    default = "" if param.default is inspect.Parameter.empty else f" (default {param.default!r})"
-    raise CaptureError(
-        f"-a {name}={value}: {spec} takes {want.__name__} for {name!r}{default}",
-        hint=f"pass e.g. -a {name}={param.default if default else '...'}",
-    )
-
-
-def _call_factory(spec: str, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
-    try:
-        return fn(**kwargs)
-    except SpliceError:
-        raise
-    except Exception as e:
-        raise CaptureError(
-            f"{spec} raised {type(e).__name__}: {e}",
-            where=_frame_in(e, inspect.unwrap(fn)),
-            hint="check the -a arguments, or fix the factory (SPLICE_DEBUG=1 prints the traceback)",
-        ) from e
-
-
-def _frame_in(e: BaseException, fn: Any) -> str | None:
-    """``file:line`` of the deepest frame of ``e`` in ``fn``'s source file (else the deepest)."""
-    frames = traceback.extract_tb(e.__traceback__)
-    if not frames:
-        return None
-    code = getattr(fn, "__code__", None)
-    mine = [f for f in frames if code is not None and f.filename == code.co_filename]
-    f = (mine or frames)[-1]
-    return f"{f.filename}:{f.lineno} in {f.name}"
-
-
-def load_input(path_or_model: str, factory_args: dict[str, Any] | None = None) -> Loaded:
-    import splice
-    from splice.ir.serialize import is_saved_program, load_samples
-
-    if is_saved_program(path_or_model):
-        return Loaded(splice.load(path_or_model), load_samples(path_or_model), path_or_model)
-    if os.path.exists(path_or_model):
-        from splice.errors import ArtifactError
-
-        raise ArtifactError(
-            f"{path_or_model} exists but is not a saved splice program",
-            hint="create one with `splice capture MODEL -o FILE`",
-        )
-    model, inputs = load_model_spec(path_or_model, factory_args)
-    with _status(f"capturing {path_or_model}"):
-        program = splice.capture(model, inputs)
-    from splice.ir.capture import _split_inputs
-
-    args, kwargs = _split_inputs(inputs)
-    sample = tuple(args) + tuple(kwargs[n] for n in program.input_names[len(args) :] if n in kwargs)
-    return Loaded(program, [sample], path_or_model)
-
-
-@contextlib.contextmanager
-def _status(message: str):
-    con = _console(stderr=True)
-    if con.is_terminal:
-        with con.status(message):
-            yield
-    else:
-        yield
-
-
-# ---------------------------------------------------------------------------------------
-# checking options before the work starts
-
-
-def _nearest_existing(p: Path) -> Path:
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
-
-
-def _check_parent(path: str, option: str, create: bool) -> None:
-    parent = Path(path).resolve().parent
-    found = _nearest_existing(parent) if create else parent
-    if not found.exists():
-        raise SpliceError(
-            f"{option} {path}: the folder {parent} does not exist", hint="create it first"
-        )
-    if not found.is_dir():
-        raise SpliceError(
-            f"{option} {path}: {found} is a file, not a folder", hint="choose another path"
-        )
-    try:  # the one reliable test of writability (root, read-only mounts, /proc)
-        os.rmdir(tempfile.mkdtemp(prefix=".splice-probe-", dir=found))
-    except OSError as e:
-        raise SpliceError(
-            f"{option} {path}: cannot write into {found} ({e.strerror})",
-            hint="choose a path in a folder you can write to",
-        ) from None
-
-
-def check_output_folder(path: str, option: str = "-o") -> None:
-    """A folder splice will write (created with its parents): not the current folder or
-    one above it, and inside a writable folder. Whether an existing ``path`` may be
-    replaced is decided by the writer (splice programs and artifacts only, or --force)."""
-    p = Path(path)
-    resolved, cwd = p.resolve(), Path.cwd().resolve()
-    if p.name in ("", ".", "..") or resolved == cwd or resolved in cwd.parents:
-        raise SpliceError(
-            f"{option} {path}: that is the current folder or a folder above it",
-            hint=f"name a new folder, e.g. {option} out.splice",
-        )
-    _check_parent(path, option, create=True)
-
-
-def check_output_file(path: str, option: str) -> None:
-    """A file splice will write: its folder exists and ``path`` is not a folder."""
-    if Path(path).is_dir():
-        raise SpliceError(f"{option} {path}: that is a folder", hint="name a file in it")
-    _check_parent(path, option, create=False)
-
-
-def check_dump_folder(path: str, option: str) -> None:
-    """A folder splice writes files into (--dump-dir, --crash-dir): not a file."""
-    if Path(path).exists() and not Path(path).is_dir():
-        raise SpliceError(
-            f"{option} {path}: that is a file, not a folder", hint="name a folder to write into"
-        )
-    _check_parent(path, option, create=True)
-
-
-def int_at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``low``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {low}"
-    return parse
-
-
-def float_at_least(low: float) -> Callable[[str], float]:
-    """An argparse type: a finite number >= ``low``."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value) or value < low:
-            raise argparse.ArgumentTypeError(f"must be a finite number >= {low:g}, got {text}")
-        return value
-
-    parse.__name__ = f"number >= {low:g}"
-    return parse
-
+from splice.passes.instruments import compare_outputs
+from splice.runtime.artifact import FORMAT, Artifact, read_manifest
+from splice.runtime.host import format_host
+from splice.tools.cli_compile import add_commands as add_compile_commands
+from splice.tools.cli_generate import add_command as add_generate_command
+from splice.tools.common import (
+    MODEL_HELP,
+    check_dump_folder,
+    check_output_folder,
+    console,
+    fmt_int,
+    int_at_least,
+    load_input,
+    parse_factory_args,
+    print_pass_records,
+    progress_printer,
+    stats_table,
+)
+from splice.tools.demo import run_demo
+from splice.tools.stitch_table import main_stitch_table
+from splice.version import __version__
 
 # ---------------------------------------------------------------------------------------
 # commands
 
 
 def cmd_capture(a: argparse.Namespace) -> int:
-    from splice.ir.serialize import save
-
     check_output_folder(a.output)
-    loaded = load_input(a.model, _parse_factory_args(a.arg))
+    loaded = load_input(a.model, parse_factory_args(a.arg))
     save(loaded.program, a.output, samples=loaded.samples, overwrite=a.force)
-    _console().print(f"captured {loaded.program!r}\nwrote {a.output}")
+    console().print(f"captured {loaded.program!r}\nwrote {a.output}")
     return 0
 
 
 def cmd_opt(a: argparse.Namespace) -> int:
-    from splice.ir.serialize import save
-    from splice.passes import (
-        CrashReproducer,
-        DumpIR,
-        NumericCheck,
-        PassContext,
-        PassManager,
-        PrintIR,
-        Timing,
-        VerifyEach,
-        parse_pipeline,
-    )
-
     pipeline = parse_pipeline(a.pipeline)
     if a.output:
         check_output_folder(a.output)
     for option, folder in (("--dump-dir", a.dump_dir), ("--crash-dir", a.crash_dir)):
         if folder:
             check_dump_folder(folder, option)
-    loaded = load_input(a.input, _parse_factory_args(a.arg))
+    loaded = load_input(a.input, parse_factory_args(a.arg))
     instruments: list[Any] = []
     timing = Timing() if a.time_passes else None
     if timing:
@@ -438,10 +118,10 @@ def cmd_opt(a: argparse.Namespace) -> int:
         instruments.append(check)
     if a.crash_dir:
         instruments.append(CrashReproducer(a.crash_dir))
-    ctx = PassContext(loaded.samples, progress=_progress_printer())
+    ctx = PassContext(loaded.samples, progress=progress_printer())
     result = PassManager(pipeline, instruments).run(loaded.program, ctx)
-    con = _console(stderr=a.output is None)
-    _print_pass_records(con, result.stats["passes"])
+    con = console(stderr=a.output is None)
+    print_pass_records(con, result.stats["passes"])
     if timing:
         con.print(timing.report())
     if check:
@@ -450,59 +130,15 @@ def cmd_opt(a: argparse.Namespace) -> int:
         save(result.program, a.output, samples=loaded.samples, overwrite=a.force)
         con.print(f"wrote {a.output}")
     elif not (a.print_ir_after_all or a.print_ir_after_change):
-        from splice.ir.printer import print_ir
-
         sys.stdout.write(print_ir(result.program, a.locations))
     return 0
 
 
-def _progress_printer():
-    con = _console(stderr=True)
-    last = {"t": 0.0}
-
-    def report(message: str, done: int, total: int) -> None:
-        now = time.monotonic()
-        if done == total or now - last["t"] > 0.5:
-            last["t"] = now
-            if con.is_terminal:
-                con.print(f"{message}: {done}/{total}", end="\r")
-            elif done == total:
-                con.print(f"{message}: {done}/{total}")
-
-    return report
-
-
-def _print_pass_records(con: Any, records: list[dict[str, Any]]) -> None:
-    from rich.table import Table
-
-    t = Table(title="passes", show_edge=False)
-    t.add_column("pass")
-    t.add_column("changed")
-    t.add_column("seconds", justify="right")
-    t.add_column("stats")
-    for r in records:
-        stats = {k: v for k, v in r["stats"].items() if k != "changed"}
-        note = f"skipped by {r['skipped_by']}" if "skipped_by" in r else _short(stats)
-        t.add_row(r["pass"], "yes" if r["changed"] else "no", f"{r['seconds']:.3f}", note)
-    con.print(t)
-
-
-def _short(stats: dict[str, Any], limit: int = 160) -> str:
-    s = ", ".join(f"{k}={v}" for k, v in stats.items() if not isinstance(v, (list, dict)))
-    return s if len(s) <= limit else s[: limit - 3] + "..."
-
-
 def cmd_show(a: argparse.Namespace) -> int:
-    from splice.ir.outputs import format_structure
-    from splice.ir.printer import print_ir
-    from splice.runtime.artifact import FORMAT, Artifact, read_manifest
-
     root = Path(a.input)
     if (root / "manifest.json").is_file() and read_manifest(root).get("format") == FORMAT:
         # a compiled artifact: its host program and parts, then the program it was built from
         import json
-
-        from splice.runtime.host import format_host
 
         art = Artifact(root)
         m = art.manifest
@@ -514,7 +150,7 @@ def cmd_show(a: argparse.Namespace) -> int:
         sys.stdout.write(format_structure(m))
         sys.stdout.write(print_ir(art.reference(), locations=a.locations))
         return 0
-    program = load_input(a.input, _parse_factory_args(a.arg)).program
+    program = load_input(a.input, parse_factory_args(a.arg)).program
     # the output structure as comment lines: the text stays a program the parser reads
     structure = format_structure(getattr(program, "attrs", {}))
     sys.stdout.write("".join(f"# {line}\n" for line in structure.splitlines()))
@@ -522,46 +158,10 @@ def cmd_show(a: argparse.Namespace) -> int:
     return 0
 
 
-def _fmt_int(n: int) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(n)
-
-
-def stats_table(program: Any, depth: int = 2, title: str | None = None):
-    from rich.table import Table
-
-    from splice.passes.analysis import cost_model
-
-    report = cost_model(program)
-    t = Table(title=title or f"{program.name}: cost by module (depth {depth})", show_edge=False)
-    for col in ("module", "params", "FLOPs", "bytes read", "bytes written"):
-        t.add_column(col, justify="left" if col == "module" else "right")
-    for path, c in report.by_module(depth).items():
-        t.add_row(
-            path or "<root>",
-            _fmt_int(c.params),
-            _fmt_int(c.flops),
-            _fmt_int(c.bytes_read),
-            _fmt_int(c.bytes_written),
-        )
-    tot = report.total
-    t.add_section()
-    t.add_row(
-        "total",
-        _fmt_int(tot.params),
-        _fmt_int(tot.flops),
-        _fmt_int(tot.bytes_read),
-        _fmt_int(tot.bytes_written),
-    )
-    return t, report
-
-
 def cmd_stats(a: argparse.Namespace) -> int:
-    loaded = load_input(a.input, _parse_factory_args(a.arg))
+    loaded = load_input(a.input, parse_factory_args(a.arg))
     table, report = stats_table(loaded.program, a.depth)
-    con = _console()
+    con = console()
     con.print(table)
     if report.uncounted:
         con.print(f"not counted (unknown cost): {', '.join(report.uncounted[:10])}")
@@ -569,11 +169,8 @@ def cmd_stats(a: argparse.Namespace) -> int:
 
 
 def cmd_diff(a: argparse.Namespace) -> int:
-    from splice.ir.printer import print_ir
-    from splice.passes.instruments import compare_outputs
-
     left, right = load_input(a.a), load_input(a.b)
-    con = _console()
+    con = console()
     ta, tb = print_ir(left.program).splitlines(), print_ir(right.program).splitlines()
     ops_a, ops_b = _op_counts(left.program), _op_counts(right.program)
     from rich.table import Table
@@ -588,7 +185,7 @@ def cmd_diff(a: argparse.Namespace) -> int:
     t.add_row("ops", str(sum(ops_a.values())), str(sum(ops_b.values())))
     wa = sum(v.numel() for v in left.program.weights.values())
     wb = sum(v.numel() for v in right.program.weights.values())
-    t.add_row("weight elements", _fmt_int(wa), _fmt_int(wb))
+    t.add_row("weight elements", fmt_int(wa), fmt_int(wb))
     for op in sorted(set(ops_a) | set(ops_b)):
         if ops_a[op] != ops_b[op]:
             t.add_row(f"  {op}", str(ops_a[op]), str(ops_b[op]))
@@ -616,23 +213,17 @@ def cmd_diff(a: argparse.Namespace) -> int:
 
 
 def _op_counts(program: Any) -> Counter[str]:
-    from splice.ir.printer import format_target
-
     return Counter(
         format_target(n) for n in program.graph.nodes if n.op in ("call_function", "call_module")
     )
 
 
 def cmd_stitch_table(a: argparse.Namespace) -> int:
-    from splice.tools.stitch_table import main_stitch_table
-
     return main_stitch_table(a)
 
 
 def cmd_passes(a: argparse.Namespace) -> int:
     from rich.table import Table
-
-    from splice.passes import describe_passes
 
     t = Table(title="passes", show_edge=False)
     for col in ("pass", "semantics", "options", "summary"):
@@ -640,13 +231,11 @@ def cmd_passes(a: argparse.Namespace) -> int:
     for d in describe_passes():
         opts = ", ".join(f"{o['name']}={o['default']} ({o['type']})" for o in d["options"]) or "-"
         t.add_row(d["name"], d["semantics"], opts, d["summary"])
-    _console().print(t)
+    console().print(t)
     return 0
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from splice.tools.demo import run_demo
-
     return run_demo(pipeline=a.pipeline, sentences=a.sentences, lowrank=not a.no_lowrank)
 
 
@@ -662,8 +251,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from splice import __version__
-
     p = _Parser(
         prog="splice",
         description="A compiler for the structure of neural networks.",
@@ -744,13 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--exit-code", action="store_true", help="exit with 1 if the texts differ")
     sp.set_defaults(fn=cmd_diff)
 
-    from splice.tools.cli_compile import add_commands
+    add_compile_commands(sub, model_arg)
 
-    add_commands(sub, model_arg)
-
-    from splice.tools.cli_generate import add_command as add_generate
-
-    add_generate(sub, model_arg)
+    add_generate_command(sub, model_arg)
 
     sp = sub.add_parser(
         "stitch-table",
@@ -818,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if debug:
             traceback.print_exception(e)
-        _console(stderr=True).print(f"error: {error_line(e, debug)}")
+        console(stderr=True).print(f"error: {error_line(e, debug)}")
         return 1
 
 
@@ -829,8 +412,6 @@ def _debug() -> bool:
 def error_line(e: BaseException, debug: bool = False) -> str:
     """One line for ``e``: a SpliceError's what, where and hint; an OSError's file and
     reason; anything else named as a possible bug, with how to see its traceback."""
-    from splice.errors import one_line
-
     if isinstance(e, SpliceError):
         return f"{type(e).__name__}: {e.one_line()}"
     if isinstance(e, OSError) and e.strerror:
@@ -849,16 +430,4 @@ if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
 
-__all__ = [
-    "build_parser",
-    "check_dump_folder",
-    "check_output_file",
-    "check_output_folder",
-    "error_line",
-    "float_at_least",
-    "int_at_least",
-    "load_input",
-    "load_model_spec",
-    "main",
-    "stats_table",
-]
+__all__ = ["build_parser", "error_line", "main"]

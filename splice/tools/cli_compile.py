@@ -22,22 +22,27 @@ from typing import Any
 
 import torch
 
+import splice
 from splice.errors import ArtifactError
+from splice.ir import meta as M
+from splice.runtime import edge
+from splice.runtime.artifact import Artifact, is_foreign
+from splice.tools.common import (
+    check_output_file,
+    check_output_folder,
+    console,
+    float_at_least,
+    int_at_least,
+    load_input,
+    parse_factory_args,
+    progress_printer,
+)
 
 
 def cmd_compile(a: argparse.Namespace) -> int:
-    import splice
-    from splice.tools.cli import (
-        _console,
-        _parse_factory_args,
-        _progress_printer,
-        check_output_folder,
-        load_input,
-    )
-
     check_output_folder(a.output)
-    loaded = load_input(a.input, _parse_factory_args(a.arg))
-    con = _console()
+    loaded = load_input(a.input, parse_factory_args(a.arg))
+    con = console()
     t0 = time.perf_counter()
     art = splice.compile(
         loaded.program,
@@ -46,7 +51,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
         output=a.output,
         fast_math=not a.no_fast_math,
         samples=loaded.samples or None,
-        progress=_progress_printer(),
+        progress=progress_printer(),
         lowrank_rank=_rank_option(a.lowrank_rank),
         overwrite=a.force,
         rpc=a.rpc,
@@ -126,8 +131,6 @@ def _load_tensor_file(p: Path) -> dict[str, torch.Tensor]:
 
 
 def _random_inputs(manifest: dict[str, Any]) -> tuple[torch.Tensor, ...]:
-    from splice.ir import meta as M
-
     g = torch.Generator().manual_seed(0)
     out = []
     for spec in manifest["inputs"]:
@@ -151,19 +154,14 @@ def _inputs_for(a: argparse.Namespace, art: Any, names: list[str]) -> tuple[str,
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from splice.runtime.artifact import Artifact, is_foreign
-    from splice.tools.cli import _console, check_output_file
-
     if a.save:
         check_output_file(a.save, "--save")
     art = Artifact(a.artifact)
     m = art.manifest
     names = [i["name"] for i in m["inputs"]]
     where, inputs = _inputs_for(a, art, names)
-    con = _console()
+    con = console()
     if is_foreign(m):
-        from splice.runtime import edge
-
         con.print(f"running the {m['target']['triple']} artifact under qemu (slow: emulated)")
         run = edge.run_under_qemu(art.path, inputs)
         outs = [torch.from_numpy(o) for o in run.outputs]
@@ -214,9 +212,6 @@ def _time(fn: Any, inputs: tuple, warmup: int, repeats: int) -> list[float]:
 def cmd_bench(a: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from splice.runtime.artifact import Artifact, is_foreign
-    from splice.tools.cli import _console
-
     art = Artifact(a.artifact)
     m = art.manifest
     if is_foreign(m):
@@ -234,7 +229,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         peers.append(("eager PyTorch", reference))
         if a.torch_compile:
             peers.append(("torch.compile", torch.compile(reference.graph_module)))
-        con = _console()
+        con = console()
         con.print(
             f"{m['program']} on {m['target']['name']}, inputs: {where}, "
             f"{a.repeats} repeats after {a.warmup} warm-up, {torch.get_num_threads()} threads"
@@ -256,8 +251,6 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any, model_arg: Any) -> None:
-    from splice.tools.cli import float_at_least, int_at_least
-
     sp = sub.add_parser("compile", help="compile a program into an artifact for a target")
     model_arg(sp)
     sp.add_argument(

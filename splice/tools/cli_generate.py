@@ -19,7 +19,17 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+import splice
 from splice.ir.lm import GenerationError
+from splice.passes import parse_pipeline
+from splice.runtime.generate import Generator
+from splice.tools.common import (
+    console,
+    float_at_least,
+    int_at_least,
+    load_model_spec,
+    parse_factory_args,
+)
 
 
 def _prompt_ids(text: str) -> list[int]:
@@ -41,17 +51,13 @@ def _model_spec(name: str) -> str:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    import splice
-    from splice.runtime.generate import Generator
-    from splice.tools.cli import _console, _parse_factory_args, load_model_spec
-
-    con = _console()
+    con = console()
     if a.prompt is not None and a.prompt_ids is not None:
         raise GenerationError("give --prompt or --prompt-ids, not both")
     if a.prompt is None and a.prompt_ids is None:
         raise GenerationError("give a prompt", hint="--prompt-ids 1,2,3 (or --prompt TEXT)")
     prompt: Any = a.prompt if a.prompt is not None else _prompt_ids(a.prompt_ids)
-    model, _ = load_model_spec(_model_spec(a.model), _parse_factory_args(a.arg))
+    model, _ = load_model_spec(_model_spec(a.model), parse_factory_args(a.arg))
     tokenizer = getattr(model, "tokenizer", None)
     if isinstance(prompt, str) and tokenizer is None:
         raise GenerationError(
@@ -62,8 +68,6 @@ def cmd_generate(a: argparse.Namespace) -> int:
     max_len = a.max_len or n + a.max_new - 1
     lm = splice.capture_lm(model, max_len=max_len, prompt_len=min(n, max_len), tokenizer=tokenizer)
     if a.pipeline:
-        from splice.passes import parse_pipeline
-
         lm = lm.run_pipeline(parse_pipeline(a.pipeline))
     if a.eager:
         gen = Generator.eager(lm)
@@ -98,7 +102,6 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 def add_command(sub: Any, model_arg: Any) -> None:
     """Register ``splice generate`` on the subparsers ``sub`` of the ``splice`` parser."""
-    from splice.tools.cli import float_at_least, int_at_least
 
     sp = sub.add_parser(
         "generate",

@@ -12,6 +12,18 @@ import time
 
 import torch
 
+import splice
+from splice import models
+from splice.passes import (
+    NumericCheck,
+    PassContext,
+    PassManager,
+    Timing,
+    VerifyEach,
+    parse_pipeline,
+)
+from splice.tools.common import print_pass_records, progress_printer, stats_table
+
 LOWRANK = "lowrank{method=whitened,budget_params=0.9}"
 
 
@@ -20,18 +32,6 @@ def run_demo(
 ) -> int:
     from rich.console import Console
     from rich.table import Table
-
-    import splice
-    from splice import models
-    from splice.passes import (
-        NumericCheck,
-        PassContext,
-        PassManager,
-        Timing,
-        VerifyEach,
-        parse_pipeline,
-    )
-    from splice.tools.cli import _print_pass_records, stats_table
 
     con = Console(highlight=False, markup=False)
     texts = (models.SENTENCES * ((sentences + len(models.SENTENCES) - 1) // len(models.SENTENCES)))[
@@ -64,7 +64,7 @@ def run_demo(
     timing, check = Timing(), NumericCheck()
     ctx = PassContext([(ids, mask)])
     result = PassManager(parse_pipeline(pipeline), [VerifyEach(), timing, check]).run(program, ctx)
-    _print_pass_records(con, result.stats["passes"])
+    print_pass_records(con, result.stats["passes"])
     con.print(check.report())
 
     with torch.no_grad():
@@ -103,17 +103,12 @@ def _lowrank_section(con, program, ref, ids, mask) -> bool:
     sentences the demo does not embed; fidelity, size and speed before and after."""
     from rich.table import Table
 
-    import splice
-    from splice import models
-    from splice.passes import PassContext, PassManager, parse_pipeline
-    from splice.tools.cli import _progress_printer
-
     batch = ids.shape[0]
     cal = models.calibration_rows(models.corpus(64))
     cids, cmask = models.minilm_tokenize(cal[: (len(cal) // batch) * batch], ids.shape[1])
     calib = [(cids[i : i + batch], cmask[i : i + batch]) for i in range(0, len(cids), batch)]
     con.print(f"\nlow-rank path: {LOWRANK}, calibrated on {len(cids)} rows of other sentences")
-    ctx = PassContext(calibration_inputs=calib, progress=_progress_printer())
+    ctx = PassContext(calibration_inputs=calib, progress=progress_printer())
     result = PassManager(parse_pipeline(LOWRANK)).run(program, ctx)
     st = result.stats["passes"][0]["stats"]
     factored = result.program

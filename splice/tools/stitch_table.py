@@ -20,9 +20,13 @@ from typing import Any
 
 import torch
 
+import splice
 from splice.errors import SpliceError
+from splice.ir import meta as M
 from splice.ir.program import Program
+from splice.passes.analysis.cost import cost_model
 from splice.passes.stitch import StitchResult, select_config, stitch_programs
+from splice.tools.common import check_output_file, load_model_spec, parse_factory_args
 
 
 @dataclass
@@ -57,7 +61,6 @@ def stitch_table(
 ) -> list[Row]:
     """The table of ``result``'s configurations (module docstring); ``target=None`` skips
     compiling and latency."""
-    from splice.passes.analysis.cost import cost_model
 
     say = progress or (lambda m: None)
     program = result.program
@@ -67,8 +70,6 @@ def stitch_table(
         ref = [program(*x, torch.tensor(largest)) for x in calib]
     cm = None
     if target is not None:
-        import splice
-
         say(f"compiling {len(result.configs)} configurations for {target}")
         cm = splice.compile(program, target, output=output).load()
     rows = []
@@ -146,7 +147,6 @@ def calibration_inputs(
 ) -> list[tuple[torch.Tensor, ...]]:
     """``n`` inputs like ``example``: float inputs drawn from N(0, 1); integer inputs that
     feed an embedding drawn below its number of rows; other inputs kept as they are."""
-    from splice.ir import meta as M
 
     bounds: dict[str, int] = {}
     for node in program.graph.nodes:
@@ -171,8 +171,6 @@ def calibration_inputs(
 
 def main_stitch_table(args: Any) -> int:
     """``splice stitch-table MODEL MODEL... [options]`` (see cli.py)."""
-    import splice
-    from splice.tools.cli import _parse_factory_args, check_output_file, load_model_spec
 
     for option, path in (("-o", args.output), ("--plot", args.plot)):
         if path:
@@ -181,9 +179,7 @@ def main_stitch_table(args: Any) -> int:
     for spec in args.models:
         # package.module:factory?key=value&key=value (each member its own arguments)
         name, _, query = spec.partition("?")
-        model, inputs = load_model_spec(
-            name, _parse_factory_args(query.split("&") if query else [])
-        )
+        model, inputs = load_model_spec(name, parse_factory_args(query.split("&") if query else []))
         inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
         anchors.append(splice.capture(model, inputs))
         example = example or inputs
