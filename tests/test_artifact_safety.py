@@ -429,12 +429,12 @@ def test_the_edge_scanner_finds_the_bounds_compile_records(gpt2):
     from conftest import _captured
 
     from splice.ir import print_ir
-    from splice.runtime.compile import _index_bounds
+    from splice.runtime.index_bounds import index_bounds
 
     text = (gpt2[0].path / "program.ir").read_text()
     assert E.embedding_rows(text, ["input_ids"]) == {"input_ids": 64}
     bert = _captured("bert")
-    want = {k: v["index_bound"] for k, v in _index_bounds(bert).items()}
+    want = {k: v["index_bound"] for k, v in index_bounds(bert).items()}
     assert want and E.embedding_rows(print_ir(bert, locations=True), bert.input_names) == want
 
 

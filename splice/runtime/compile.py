@@ -565,7 +565,3 @@ def load(path: str | Path, *, sha256: str | None = None) -> Any:
 
 
 __all__ = ["PREPARE_PIPELINE", "compile", "load"]
-
-
-#: the name tests/test_artifact_safety.py imports (now :func:`splice.runtime.index_bounds.index_bounds`)
-_index_bounds = index_bounds
