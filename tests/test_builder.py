@@ -245,3 +245,24 @@ def test_rewriter_is_a_builder():
     assert isinstance(rw, Builder)
     with rw.at(p.node("z")), pytest.raises(PassError, match="^x: new node"):
         rw.call(aten.mm.default, (p.node("y"), p.node("y")))
+
+
+def test_a_builder_of_an_existing_sub_graph_and_an_explicit_loc():
+    p = prog()
+    b = Builder(p, "mypass")
+    z = p.node("z")
+    with b.at(p.output_node):
+        ref = b.graph_ref("then_0", _branch(b, M.spec(z), aten.neg.default))
+    sub = p.subgraphs["then_0"]
+    sb = Builder(p, "other", sub)
+    a = next(iter(sub.graph.find_nodes(op="placeholder")))
+    neg = next(n for n in sub.graph.nodes if n.op == "call_function")
+    with sb.at(neg, after=True), sb.loc(M.Loc("here")):
+        t = sb.call(aten.t.default, (a,))
+        w = sb.placeholder("w", M.TensorSpec((2,), torch.float32))
+    assert M.spec(t) == M.TensorSpec((6, 3), torch.float32)
+    assert M.loc(t) == M.Loc("here", from_passes=("other",))
+    assert [n.name for n in sub.graph.find_nodes(op="placeholder")] == ["a", "w"]
+    assert M.spec(w) == M.TensorSpec((2,), torch.float32) and M.spec(ref) == M.GraphRefSpec(
+        "then_0"
+    )

@@ -148,6 +148,10 @@ def test_stitch_configurations_run_and_specialise(stitched):
             static = select_config(p, i)
             assert "config" not in static.input_names
             assert torch.equal(static(*x), p(*x, torch.tensor(i)))
+        # an anchor's configuration deploys with that anchor's weights only
+        alone = select_config(p, 1)
+        assert alone.weight_kinds and all(w.startswith("a1.") for w in alone.weight_kinds)
+        assert len(alone.weight_kinds) <= len(large.weight_kinds)
         assert torch.isnan(p(*x, torch.tensor(len(r.configs)))).all()
 
 

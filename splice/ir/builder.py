@@ -212,17 +212,16 @@ class Builder:
         new.meta = dict(node.meta)
         if loc is not None:
             M.set_loc(new, self._stamp(loc))
-        same = all(
-            M.get_spec(a) == M.get_spec(b) and M.get_spec(a) is not None
-            for a, b in zip(node.all_input_nodes, new.all_input_nodes)
-        ) and len(node.all_input_nodes) == len(new.all_input_nodes)
-        if node.op == "placeholder" or not same or M.get_spec(node) is None:
-            if node.op == "placeholder":
-                if M.get_spec(node) is None:
-                    self.graph.erase_node(new)
-                    raise PassError(f"{self._what()}: placeholder %{node.name} has no spec")
-            else:
-                self._infer(new)
+        olds, news = node.all_input_nodes, new.all_input_nodes
+        keeps = len(olds) == len(news) and all(
+            M.get_spec(o) is not None and M.get_spec(o) == M.get_spec(n) for o, n in zip(olds, news)
+        )
+        if node.op == "placeholder" or (keeps and M.get_spec(node) is not None):
+            if M.get_spec(node) is None:  # a placeholder's spec is given, never inferred
+                self.graph.erase_node(new)
+                raise PassError(f"{self._what()}: placeholder %{node.name} has no spec")
+        else:
+            self._infer(new)
         self.created.append(new)
         return new
 

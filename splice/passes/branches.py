@@ -25,7 +25,7 @@ integer scalar with a literal (``eq(idx, k)`` in the switch chain of an index de
 a run-time configuration number) is host code too: the host evaluates it itself instead of
 calling a part for one comparison.
 
-A node whose ``meta["part_start"]`` is set starts a new part even inside a branch-free
+A node marked with :func:`~splice.ir.builder.mark_part_start` starts a new part even inside a branch-free
 segment. Passes that build programs from repeated pieces (``stitch`` routes made of the
 same blocks) mark where a piece starts, so that the same piece on different paths becomes
 one shared part instead of being compiled into every path's part.
@@ -47,6 +47,7 @@ import torch.fx as fx
 
 from splice.errors import PassError
 from splice.ir import meta as M
+from splice.ir.builder import Builder, starts_part
 from splice.ir.program import Program, build_graph_module, get_attr_path, iter_graphs
 from splice.passes.base import Pass, PassContext, PassResult
 from splice.passes.registry import register_pass
@@ -102,7 +103,7 @@ def is_split(program: Program) -> bool:
 
 @dataclass
 class _State:
-    weights: dict[str, tuple[torch.Tensor, str]]
+    out: Program  # the split program, built in place; owns every weight and constant
     parts: dict[str, str] = field(default_factory=dict)  # structural key -> part name
     part_modules: dict[str, fx.GraphModule] = field(default_factory=dict)
     calls: int = 0
@@ -124,42 +125,37 @@ class _Splitter:
         self.st = state
 
     def split(
-        self, owner: fx.GraphModule, binds: list[_Bind] | None
-    ) -> tuple[fx.Graph, dict[str, fx.GraphModule], list[str]]:
-        """Split ``owner``'s graph into host code and parts.
+        self, owner: fx.GraphModule, binds: list[_Bind] | None, b: Builder
+    ) -> tuple[list[Any], list[str]]:
+        """Split ``owner``'s graph into host code and parts, built by ``b``.
 
         ``binds`` says which placeholders are weights (None: the top graph, where weights
-        are get_attr nodes). Returns the host graph, its sub-modules (parts and branch host
-        graphs) and the constants it needs as extra trailing placeholders (sub-graphs only).
+        are get_attr nodes). Returns the host values of the graph's outputs (a sub-graph's
+        output node is made here) and the constants a sub-graph needs as extra trailing
+        placeholders.
         """
         src = owner.graph
-        host = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
         weight_of: dict[fx.Node, str] = {}
-        subs: dict[str, fx.GraphModule] = {}
         extra: list[str] = []
         top = binds is None
         phs = [n for n in src.nodes if n.op == "placeholder"]
         for i, ph in enumerate(phs):
-            env[ph] = host.node_copy(ph)
+            env[ph] = b.copy(ph, _same)
             if binds is not None and binds[i].weight is not None:
                 weight_of[ph] = binds[i].weight
         segment: list[fx.Node] = []
 
         def const_node(name: str) -> fx.Node:
-            if not top:
-                if name not in extra:
-                    extra.append(name)
-                node = self._const_placeholder(host, name)
-            else:
-                node = host.get_attr(name)
-                M.set_spec(node, self._const_spec(name))
-                M.set_loc(node, M.UNKNOWN_LOC.with_pass("branches"))
-            return node
+            if top:
+                return b.weight(name)
+            if name not in extra:
+                extra.append(name)
+            return self._const_placeholder(b, name)
 
         def flush() -> None:
             if segment:
-                self._emit(host, segment, env, weight_of, subs, const_node)
+                self._emit(b, segment, env, weight_of, const_node)
                 segment.clear()
 
         for n in src.nodes:
@@ -169,19 +165,21 @@ class _Splitter:
                 child = get_attr_path(owner, n.target)
                 if isinstance(child, fx.GraphModule):
                     continue  # a branch; handled at its cond
-                env[n] = host.node_copy(n)
+                env[n] = b.copy(n, _same)
                 weight_of[n] = n.target
                 continue
             if n.op == "output":
                 flush()
-                host.output(fx.node.map_arg(n.args[0], env.__getitem__))
-                continue
+                outs = fx.node.map_arg(n.args[0], env.__getitem__)
+                if not top:
+                    b.output(outs)
+                return list(outs), extra
             if is_cond(n):
                 flush()
-                self._cond(owner, host, n, env, weight_of, subs, const_node)
+                self._cond(owner, b, n, env, weight_of, const_node)
                 continue
             if n.op == "call_function" and n.target is operator.getitem and is_cond(n.args[0]):
-                env[n] = host.node_copy(n, env.__getitem__)
+                env[n] = b.copy(n, env.__getitem__)
                 continue
             if is_part_call(n):
                 raise PassError(
@@ -190,67 +188,56 @@ class _Splitter:
                     hint="run branches once",
                 )
             if is_host_compare(n) and n.args[0] in env:
-                env[n] = host.node_copy(n, env.__getitem__)
+                env[n] = b.copy(n, env.__getitem__)
                 continue
-            if n.meta.get("part_start"):
+            if starts_part(n):
                 flush()
             segment.append(n)
-        return host, subs, extra
+        raise PassError(f"graph {owner.__class__.__name__} has no output")
 
     # -- branches -------------------------------------------------------------------------
-    def _cond(self, owner, host, n, env, weight_of, subs, const_node) -> None:
+    def _cond(self, owner, b: Builder, n, env, weight_of, const_node) -> None:
         pred, true_ref, false_ref, operands = n.args
         binds = [_Bind(weight_of.get(o)) for o in operands]
-        new_refs = []
+        results: list[tuple[str, Builder]] = []
         extras: list[list[str]] = []
-        results = []
         for ref in (true_ref, false_ref):
             child = get_attr_path(owner, ref.target)
-            g, child_subs, extra = _Splitter(self.st).split(child, binds)
-            results.append((ref.target, g, child_subs))
+            sb = b.sub()
+            _, extra = _Splitter(self.st).split(child, binds, sb)
+            results.append((ref.target, sb))
             extras.append(extra)
         # both branches take the same operands: every constant either of them needs
         needed = list(dict.fromkeys(extras[0] + extras[1]))
-        for target, g, child_subs in results:
+        new_refs = []
+        for target, sb in results:
             # order: the original operands, then the constants in `needed` order
-            anchor = list(g.find_nodes(op="placeholder"))[len(operands) - 1] if operands else None
+            phs = list(sb.graph.find_nodes(op="placeholder"))
+            anchor = phs[len(operands) - 1] if operands else None
             for name in needed:
-                p = self._const_placeholder(g, name)
+                p = self._const_placeholder(sb, name)
                 if anchor is not None:
                     anchor.append(p)
                 else:
-                    next(iter(g.nodes)).prepend(p)
+                    next(iter(sb.graph.nodes)).prepend(p)
                 anchor = p
-            subs[target] = build_graph_module(g, {}, child_subs, class_name="SubGraph")
-            new_ref = host.get_attr(target)
-            M.set_spec(new_ref, M.GraphRefSpec(target))
-            M.set_loc(new_ref, M.loc(true_ref))
-            new_refs.append(new_ref)
+            with b.loc(M.loc(true_ref)):
+                new_refs.append(b.graph_ref(target, sb))
         new_ops = tuple(env[o] for o in operands) + tuple(const_node(c) for c in needed)
-        cond = host.call_function(COND, (env[pred], new_refs[0], new_refs[1], new_ops))
-        cond.meta.update(n.meta)
-        env[n] = cond
+        env[n] = b.call(COND, (env[pred], new_refs[0], new_refs[1], new_ops), loc=M.loc(n))
         self.st.branches += 1
 
-    def _const_spec(self, name: str) -> M.Spec:
-        t = self.st.weights[name][0]
-        return M.TensorSpec(tuple(t.shape), t.dtype)
-
-    def _const_placeholder(self, g: fx.Graph, name: str) -> fx.Node:
-        """The placeholder of hoisted constant ``name`` in sub-graph ``g`` (appended if new)."""
-        for p in g.find_nodes(op="placeholder"):
+    def _const_placeholder(self, b: Builder, name: str) -> fx.Node:
+        """The placeholder of hoisted constant ``name`` in ``b``'s sub-graph (appended if new)."""
+        for p in b.graph.find_nodes(op="placeholder"):
             if p.name == _cname(name):
                 return p
-        phs = list(g.find_nodes(op="placeholder"))
-        where = g.inserting_after(phs[-1]) if phs else g.inserting_before(next(iter(g.nodes)))
-        with where:
-            p = g.placeholder(_cname(name))
-        M.set_spec(p, self._const_spec(name))
-        M.set_loc(p, M.UNKNOWN_LOC.with_pass("branches"))
-        return p
+        # a placeholder's spec is given: the constant's
+        spec = M.spec_of_value(self.st.out.get_weight(name))
+        return b.placeholder(_cname(name), spec, loc=M.UNKNOWN_LOC)
 
     # -- parts ----------------------------------------------------------------------------
-    def _emit(self, host, segment, env, weight_of, subs, const_node) -> None:
+    def _emit(self, b: Builder, segment, env, weight_of, const_node) -> None:
         inside = set(segment)
         outputs: list[fx.Node] = []
         for n in segment:
@@ -295,38 +282,28 @@ class _Splitter:
                     live_in.append(a)
         values = [a for a in live_in if a not in weight_of]
         weights = [a for a in live_in if a in weight_of]
-        g = fx.Graph()
+        pb = b.sub()
         penv: dict[fx.Node, fx.Node] = {}
         for a in values + weights:
             nm = _cname(weight_of[a]) if a in weight_of else a.name
-            ph = g.placeholder(nm)
-            M.set_spec(ph, M.spec(a) if M.get_spec(a) is not None else M.spec(env[a]))
-            M.set_loc(ph, M.loc(a))
-            penv[a] = ph
+            # a part's input has the spec of the value it receives
+            spec = M.spec(a) if M.get_spec(a) is not None else M.spec(env[a])
+            penv[a] = pb.placeholder(nm, spec, loc=M.loc(a))
         for n in body:
-            penv[n] = g.node_copy(n, penv.__getitem__)
-        g.output(tuple(penv[o] for o in part_outputs))
-        key = _part_key(g, [weight_of.get(a) for a in values + weights])
+            penv[n] = pb.copy(n, penv.__getitem__)
+        pb.output(tuple(penv[o] for o in part_outputs))
+        key = _part_key(pb.graph, [weight_of.get(a) for a in values + weights])
         name = self.st.parts.get(key)
         if name is None:
             name = f"part_{len(self.st.parts)}"
             self.st.parts[key] = name
-            self.st.part_modules[name] = build_graph_module(g, {}, {}, class_name="Part")
-        local = name
-        subs[local] = self.st.part_modules[name]
-        ref = host.get_attr(local)
-        M.set_spec(ref, M.GraphRefSpec(local))
-        M.set_loc(ref, M.loc(body[0]))
-        call = host.call_function(INVOKE, (ref, name, *(env[a] for a in values + weights)))
-        specs = tuple(M.spec(o) for o in part_outputs)
-        M.set_spec(call, M.TupleSpec(specs))
-        M.set_loc(call, M.loc(body[-1]).with_pass("branches"))
+            self.st.part_modules[name] = pb.graph_module("Part")
+        with b.loc(M.loc(body[0])):
+            ref = b.graph_ref(name, self.st.part_modules[name])
+        call = b.call(INVOKE, (ref, name, *(env[a] for a in values + weights)), loc=M.loc(body[-1]))
         self.st.calls += 1
         for i, o in enumerate(part_outputs):
-            gi = host.call_function(operator.getitem, (call, i))
-            M.set_spec(gi, specs[i])
-            M.set_loc(gi, M.loc(o))
-            env[o] = gi
+            env[o] = b.call(operator.getitem, (call, i), loc=M.loc(o))
         for o, root in alias.items():
             env[o] = env[root]
 
@@ -352,15 +329,17 @@ class _Splitter:
 
     def _fold(self, node: fx.Node, inside: set[fx.Node], weight_of: dict) -> str:
         values: dict[fx.Node, Any] = {}
+        out = self.st.out
         for n in _topo(node):
             if n not in inside:
-                values[n] = self.st.weights[weight_of[n]][0]
+                values[n] = out.get_weight(weight_of[n])
                 continue
             args, kwargs = fx.node.map_arg((n.args, n.kwargs), values.__getitem__)
             with torch.no_grad():
                 values[n] = n.target(*args, **kwargs)
         value = values[node]
-        for name, (t, kind) in self.st.weights.items():
+        for name, kind in out.weight_kinds.items():
+            t = out.get_weight(name)
             # the same constant folded on another path (or another route) is one weight,
             # so that parts reading it stay structurally identical and are shared
             if (
@@ -373,10 +352,14 @@ class _Splitter:
             ):
                 return name
         name = f"branches.const_{self.st.hoisted_constant}"
-        while name in self.st.weights:
+        while out.has_weight(name):
             name += "_"
-        self.st.weights[name] = (value, "constant")
+        out.add_weight(name, value, "constant")
         return name
+
+
+def _same(n: fx.Node) -> fx.Node:  # pragma: no cover - placeholders and get_attrs take no args
+    return n
 
 
 def _topo(node: fx.Node) -> list[fx.Node]:
@@ -426,20 +409,26 @@ def _part_key(g: fx.Graph, weight_names: list[str | None]) -> str:
 def split_program(program: Program) -> tuple[Program, dict[str, Any]]:
     """The split form of ``program`` (module docstring) and the pass statistics."""
     weights = {w: (program.get_weight(w), k) for w, k in program.weight_kinds.items()}
-    st = _State(weights)
-    host, subs, _ = _Splitter(st).split(program.graph_module, None)
-    # hoisted constants are read at the top too: as get_attr, or as cond operands
-    used = {n.target for n in host.nodes if n.op == "get_attr"} - set(subs)
-    kept = {w: st.weights[w] for w in st.weights if w in used}
-    gm = build_graph_module(host, kept, subs, class_name=f"Program_{program.name}")
+    g = fx.Graph()
+    g.output(())
     out = Program(
-        gm,
-        output_names=program.output_names,
-        weight_kinds={w: k for w, (_, k) in kept.items()},
+        build_graph_module(g, weights, {}, class_name=f"Program_{program.name}"),
+        output_names=[],
+        weight_kinds=program.weight_kinds,
         symbols=program.symbols,
         name=program.name,
         attrs=program.attrs,
     )
+    st = _State(out)
+    b = Builder(out, "branches")
+    with b.at(out.output_node):
+        outs, _ = _Splitter(st).split(program.graph_module, None, b)
+    out.set_outputs(outs, program.output_names)
+    # hoisted constants are read at the top too: as get_attr, or as cond operands
+    read = {n.target for n in out.graph.find_nodes(op="get_attr")}
+    for w in list(out.weight_kinds):
+        if w not in read:
+            out.remove_weight(w)
     stats = {
         "parts": len(st.parts),
         "part_calls": st.calls,

@@ -32,7 +32,6 @@ sites inside branches: a value inside a branch is seen on the batches that take 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,8 +41,10 @@ import torch.fx as fx
 
 from splice.errors import PassError
 from splice.ir import meta as M
+from splice.ir.builder import Builder
 from splice.ir.program import Program, get_attr_path, iter_graphs
 from splice.ir.rewriter import Rewriter
+from splice.ir.shape_prop import FakeRunner
 
 COND = torch.ops.higher_order.cond
 INVOKE = torch.ops.higher_order.invoke_subgraph
@@ -94,6 +95,7 @@ class GraphTree:
         self._path: dict[int, str] = {}
         self._weight: dict[fx.Node, str | None] = {}
         self._values: dict[str, list[fx.Node]] | None = None
+        self._runner: FakeRunner | None = None
         seen: set[int] = set()
         for path, gm in iter_graphs(program):
             if id(gm) in seen:
@@ -230,22 +232,17 @@ class GraphTree:
                         stack.append(get_attr_path(c.parent, ref.target))
         return group
 
+    def _builder(self, graph: fx.Graph) -> Builder:
+        """A Builder of ``graph`` sharing one fake runner (no pass stamp: threading a weight
+        through operands changes no computation)."""
+        if self._runner is None:
+            self._runner = FakeRunner(self.program)
+        return Builder(self.program, None, graph, runner=self._runner)
+
     def thread(self, gm: fx.GraphModule, weight: str) -> fx.Node:
         """A node of ``gm`` that reads ``weight`` (see the module docstring)."""
         if gm is self.top:
-            for n in self.top.graph.find_nodes(op="get_attr"):
-                if n.target == weight:
-                    return n
-            first = next((n for n in self.top.graph.nodes if n.op != "placeholder"), None)
-            ctx = (
-                self.top.graph.inserting_before(first)
-                if first is not None
-                else contextlib.nullcontext()
-            )
-            with ctx:
-                node = self.top.graph.get_attr(weight)
-            M.set_spec(node, M.spec_of_value(self.program.get_weight(weight)))
-            M.set_loc(node, M.Loc(module_path=weight.rpartition(".")[0]))
+            node = self._builder(self.top.graph).weight(weight)
             self._weight[node] = weight
             self._values = None
             return node
@@ -258,19 +255,12 @@ class GraphTree:
             if self.weight_of(ph) == weight:
                 return ph
         group = self._group(gm)
-        spec = M.spec_of_value(self.program.get_weight(weight))
+        spec = M.spec_of_value(self.program.get_weight(weight))  # an input's type is data
         base = "w_" + weight.replace(".", "_")
+        loc = M.Loc(module_path=weight.rpartition(".")[0])
         new: dict[int, fx.Node] = {}
         for g in group:
-            phs = _placeholders(g)
-            ctx = (
-                g.graph.inserting_after(phs[-1]) if phs
-                else g.graph.inserting_before(next(iter(g.graph.nodes), None))
-            )  # fmt: skip
-            with ctx:
-                ph = g.graph.placeholder(base)
-            M.set_spec(ph, spec)
-            M.set_loc(ph, M.Loc(module_path=weight.rpartition(".")[0]))
+            ph = self._builder(g.graph).placeholder(base, spec, loc=loc)
             new[id(g)] = ph
             self._weight[ph] = weight
         done: set[fx.Node] = set()
