@@ -164,11 +164,16 @@ def test_errors():
     with pytest.raises(PipelineError) as e:
         parse_pipeline("specialize")
     assert e.value.message == (
-        "specialize needs cond=[...] (the hypernetwork input to fold) or config=i "
-        "(the stitch configuration to keep)"
+        "specialize needs cond=[...] (the hypernetwork input to fold), config=i "
+        "(the stitch configuration to keep) or input=NAME,value=[...] (any input)"
     )
-    with pytest.raises(PipelineError, match="cond=\\[...\\] or config=i, not both"):
+    with pytest.raises(PipelineError, match="one of cond=.*, not cond and config"):
         parse_pipeline("specialize{cond=[1.0],config=2}")
+    with pytest.raises(PipelineError, match="value=.*needs input=NAME"):
+        parse_pipeline("specialize{value=[1.0]}")
+    with pytest.raises(PipelineError) as e:
+        parse_pipeline("specialize{config=1,input=mode}")
+    assert e.value.hint == "write specialize{input=mode,value=[i]}"
     with pytest.raises(PipelineError, match="specialize: option cond: 'x' is not a float"):
         parse_pipeline("specialize{cond=[x]}")
     with pytest.raises(PassError) as e:
@@ -183,6 +188,61 @@ def test_errors():
     )
     with pytest.raises(PassError, match="has no hypernetwork 'h9'"):
         run(q, "specialize{cond=[0.5,0.5],prefix=h9}")
+    with pytest.raises(PassError, match="no hypernetwork reads input 'x'"):
+        run(q, "specialize{cond=[0.5,0.5],input=x}")
+    with pytest.raises(PassError, match="has no input 'nope'"):
+        run(q, "specialize{input=nope,value=[1.0]}")
+
+
+def test_input_value_names_the_hyper_input_like_cond():
+    _, p, _ = _mlp()
+    q = run(p, "hyper{targets=fc1.*,cond_dim=2,init=fanout}")
+    a = run(q.copy(), "specialize{cond=[0.3,0.8]}")
+    b = run(q.copy(), f"specialize{{input={q.attrs['hyper']['hyper']['input']},value=[0.3,0.8]}}")
+    assert print_ir(a) == print_ir(b)
+
+
+BIND = """weight @w : f32[4,4] param
+weight @other : f32[4] param
+program @p(%x : f32[2,4], %mode : f32[2]) {
+  graph @twice(%x : f32[2,4], %s : f32[4,4]) {
+    %mm : f32[2,4] = aten.mm(%x, %s)
+    %y : f32[2,4] = aten.mul.Tensor(%mm, 2)
+    return (%y,)
+  }
+  graph @negated(%x : f32[2,4], %s : f32[4,4]) {
+    %y : f32[2,4] = aten.neg(%x)
+    return (%y,)
+  }
+  %total : f32[] = aten.sum(%mode)
+  %gt : bool[] = aten.gt.Scalar(%total, 0)
+  %scaled : f32[4,4] = aten.mul.Tensor(@w, %total)
+  %cond : (f32[2,4],) = higher_order.cond(%gt, @twice, @negated, (%x, %scaled))
+  %y : f32[2,4] = operator.getitem(%cond, 0)
+  %m : f32[2,1] = aten.unsqueeze(%mode, 1)
+  %out : f32[2,4] = aten.add.Tensor(%y, %m)
+  return out=%out
+}
+"""
+
+
+@pytest.mark.parametrize("mode", [[1.0, 2.0], [-1.0, 0.5]])
+def test_binding_any_input_decides_its_branches_and_folds_its_values(mode):
+    p = parse_ir(BIND, {"w": torch.randn(4, 4), "other": torch.randn(4)})
+    r = parse_pipeline(f"specialize{{input=mode,value={mode}}}").run(p.copy())
+    s = r.program
+    verify(s)
+    assert s.input_names == ["x"]
+    x = torch.randn(2, 4)
+    assert torch.equal(s(x), p(x, torch.tensor(mode)))
+    text = print_ir(s)
+    assert "higher_order.cond" not in text and "%mode" not in text
+    stats = r.stats["passes"][0]["stats"]
+    assert stats["decided"] == 1
+    # mode's own values that run-time code reads are constants; unread weights leave
+    assert "weight @other" not in text and "weight @w " not in text
+    assert all(c.startswith("specialize.") for c in stats["constants"])
+    assert len(stats["constants"]) == (2 if sum(mode) > 0 else 1)  # w * sum(mode), mode[:, None]
 
 
 # ---------------------------------------------------------------------------------------

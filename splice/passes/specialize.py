@@ -1,25 +1,31 @@
-"""``specialize``: fold a hypernetwork for a fixed input back into constant weights.
+"""``specialize``: bind a program input to a value and fold what it decides.
 
-A program from :mod:`~splice.passes.hyper` computes its target weights at run time as
-θ = θ0 + Δθ(E(cond)). ``specialize{cond=[γ1,…,γd]}`` evaluates that hypernetwork once, for
-this γ, and stores the results as parameters under the targets' original names and shapes;
-the input ``cond``, the hypernetwork's nodes and its weights (``{prefix}.net.*``,
-``{prefix}.chunk_emb``, ``{prefix}.theta0``) are removed. The deployed program carries no
-hypernetwork: same graph as the original around the targets, new weight values — so it
-composes with ``lowrank`` (which factors the restored weights) and ``splice.compile``.
+``specialize{input=NAME,value=[…]}`` fixes input ``NAME`` to ``value`` (reshaped to the
+input's shape) and folds (:func:`splice.passes.bind.bind_input`): every value computed from
+the input, weights and literals is evaluated once, every ``cond`` whose predicate it decides
+is replaced by the branch taken, and the input leaves the program. Two spellings name the
+input for the two passes whose programs take one:
 
-For a program made with ``per_sample=true`` the one γ is given to every sample: the weights
-are restored under their names and shapes and broadcast to the batch (``expand``) where the
-per-sample forms read them; the numbers equal the conditioned program fed γ for each sample.
+* ``specialize{cond=[γ1,…,γd]}`` — the input of a :mod:`~splice.passes.hyper` program (or
+  ``input=`` naming it): its hypernetwork θ = θ0 + Δθ(E(γ)) is evaluated for this γ and the
+  results are stored as parameters under the targets' original names and shapes; the input,
+  the hypernetwork's nodes and its weights (``{prefix}.net.*``, ``{prefix}.chunk_emb``,
+  ``{prefix}.theta0``) are removed. The deployed program carries no hypernetwork: same graph
+  as the original around the targets, new weight values — so it composes with ``lowrank``
+  (which factors the restored weights) and ``splice.compile``. For a program made with
+  ``per_sample=true`` the one γ is given to every sample: the weights are restored under
+  their names and shapes and broadcast to the batch (``expand``) where the per-sample forms
+  read them. ``prefix`` picks the hypernetwork when a program has several.
+* ``specialize{config=i}`` — ``input=config,value=[i]`` on a :mod:`~splice.passes.stitch`
+  program (:func:`splice.passes.stitch.select_config`): its ``cond(config == k)`` chain is
+  decided and the chosen route inlined, with only the weights that route reads.
 
-``specialize{config=i}`` does the same for a program made by :mod:`~splice.passes.stitch`:
-it decides every ``cond(config == k)`` for ``config = i``, inlines the chosen route and
-drops the input ``config`` (:func:`splice.passes.stitch.select_config`), so one stitch
-configuration deploys as a static program with only the weights that route reads.
+Any other input is folded generically: values it decides that run-time code still reads
+become ``constant`` weights ``specialize.<value>``.
 
-Semantics: ``exact`` — the result equals the conditioned program run with ``cond = γ``
-(NumericCheck runs the program before the pass with that value, through
-``PassResult.bound_inputs``). ``prefix`` picks the hypernetwork when a program has several.
+Semantics: ``exact`` — the result equals the program before it run with that input value
+(NumericCheck feeds the value to the program before the pass, through
+``PassResult.bound_inputs``).
 """
 
 from __future__ import annotations
@@ -35,8 +41,10 @@ from splice.ir import meta as M
 from splice.ir.program import Program
 from splice.ir.rewriter import Rewriter
 from splice.passes.base import Pass, PassContext, PassResult
+from splice.passes.bind import bind_input
 from splice.passes.hyper import ATTR, generated_weights, hyper_info, value_nodes
 from splice.passes.registry import register_pass
+from splice.passes.stitch import select_config
 
 aten = torch.ops.aten
 
@@ -44,41 +52,89 @@ aten = torch.ops.aten
 @register_pass
 @dataclass(frozen=True)
 class Specialize(Pass):
-    """Evaluate a hypernetwork for a fixed cond and fold its weights into constants."""
+    """Bind an input to a value and fold what it decides (module docstring): ``cond=`` for a
+    hyper program's input, ``config=`` for a stitched program's, ``input=,value=`` for any."""
 
     name = "specialize"
     semantics = "exact"
     summary = (
-        "fold a hyper program's hypernetwork for a fixed cond into constant weights, or "
-        "pick one configuration of a stitched program"
+        "bind a program input to a value and fold what it decides: a hyper program's "
+        "hypernetwork (cond=), a stitch configuration (config=), any input (input=,value=)"
     )
 
     cond: tuple[float, ...] = ()
     prefix: str | None = None
     config: int | None = None
+    input: str | None = None
+    value: tuple[float, ...] = ()
 
     def validate(self) -> None:
-        if not self.cond and self.config is None:
+        given = [k for k, v in (("cond", self.cond), ("value", self.value)) if v]
+        if self.config is not None:
+            given.append("config")
+        if not given:
             raise PipelineError(
-                "specialize needs cond=[...] (the hypernetwork input to fold) or config=i "
-                "(the stitch configuration to keep)",
-                hint="e.g. specialize{cond=[0.25,1.0]} or specialize{config=3}",
+                "specialize needs cond=[...] (the hypernetwork input to fold), config=i "
+                "(the stitch configuration to keep) or input=NAME,value=[...] (any input)",
+                hint="e.g. specialize{cond=[0.25,1.0]}, specialize{config=3} or "
+                "specialize{input=mode,value=[1]}",
             )
-        if self.cond and self.config is not None:
-            raise PipelineError("specialize takes cond=[...] or config=i, not both")
+        if len(given) > 1:
+            raise PipelineError(
+                f"specialize takes one of cond=[...], config=i or value=[...], not {' and '.join(given)}"
+            )
+        if self.value and not self.input:
+            raise PipelineError(
+                "specialize{value=[...]} needs input=NAME, the input to bind",
+                hint="e.g. specialize{input=mode,value=[1]}",
+            )
+        if self.config is not None and self.input not in (None, "config"):
+            raise PipelineError(
+                f"specialize{{config=i}} binds the input 'config', not {self.input!r}",
+                hint=f"write specialize{{input={self.input},value=[i]}}",
+            )
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         if self.config is not None:
-            from splice.passes.stitch import select_config
-
             out = select_config(program, self.config)
             stats = {"config": self.config, "weights": len(out.weight_kinds)}
             return PassResult(out, True, stats, bound_inputs={"config": torch.tensor(self.config)})
-        prefix, info = hyper_info(program, self.prefix)
+        if self.value:
+            prefix = _hyper_prefix_of_input(program, self.input, self.prefix)
+            if prefix is None:
+                return self._bind(program)
+            return self._fold_hyper(program, prefix, self.value)
+        prefix = self.prefix
+        if self.input is not None:
+            prefix = _hyper_prefix_of_input(program, self.input, self.prefix)
+            if prefix is None:
+                raise PassError(
+                    f"specialize: no hypernetwork reads input {self.input!r}",
+                    hint="cond=[...] folds a hyper program; bind other inputs with value=[...]",
+                )
+        return self._fold_hyper(program, prefix, self.cond)
+
+    def _bind(self, program: Program) -> PassResult:
+        """Generic: bind ``input`` to ``value`` and fold (:func:`bind_input`)."""
+        r = bind_input(program, self.input, list(self.value), pass_name=self.name)
+        stats = {
+            "input": self.input,
+            "decided": r.decided,
+            "folded": r.folded,
+            "constants": r.constants,
+            "weights": len(r.program.weight_kinds),
+        }
+        return PassResult(r.program, True, stats, bound_inputs={self.input: r.value})
+
+    def _fold_hyper(
+        self, program: Program, prefix: str | None, cond: tuple[float, ...]
+    ) -> PassResult:
+        """A hyper program: the hypernetwork for ``cond``, restored under the targets' names."""
+        prefix, info = hyper_info(program, prefix)
         d = int(info["cond_dim"])
-        if len(self.cond) != d:
+        if len(cond) != d:
             raise PassError(
-                f"specialize: cond has {len(self.cond)} values but hypernetwork {prefix!r} takes "
+                f"specialize: cond has {len(cond)} values but hypernetwork {prefix!r} takes "
                 f"cond_dim={d}",
                 hint=f"give {d} values: specialize{{cond=[{','.join(['0.5'] * d)}]}}",
             )
@@ -89,7 +145,7 @@ class Specialize(Pass):
                 f"hypernetwork {prefix!r}"
             )
         spec = M.tensor_spec(cond_node)
-        gamma = torch.tensor(self.cond, dtype=spec.dtype)
+        gamma = torch.tensor(cond, dtype=spec.dtype)
         full = gamma.expand(*spec.shape).contiguous()  # [d], or [B, d] for per-sample
         values = value_nodes(program, prefix)
         region = self._region(program, values, cond_node)
@@ -143,7 +199,7 @@ class Specialize(Pass):
         stats: dict[str, Any] = {
             "changed": True,
             "prefix": prefix,
-            "cond": list(self.cond),
+            "cond": list(cond),
             "restored": restored,
             "nodes_removed": removed,
             "weights_dropped": dropped,
@@ -173,6 +229,15 @@ class Specialize(Pass):
                 hint="specialize folds only the hypernetwork; the other reads need cond at run time",
             )
         return region
+
+
+def _hyper_prefix_of_input(program: Program, name: str | None, prefix: str | None) -> str | None:
+    """The hypernetwork (its prefix) that reads input ``name``, if one does."""
+    nets = program.attrs.get(ATTR, {})
+    found = [p for p, info in nets.items() if info.get("input") == name]
+    if prefix is not None:
+        return prefix if prefix in found else None
+    return found[0] if found else None
 
 
 def specialize(program: Program, cond: Any, *, prefix: str | None = None) -> Program:
