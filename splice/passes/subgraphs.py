@@ -45,6 +45,7 @@ from splice.ir.builder import Builder
 from splice.ir.program import Program, get_attr_path, iter_graphs
 from splice.ir.rewriter import Rewriter
 from splice.ir.shape_prop import FakeRunner
+from splice.passes.analysis.calibration import ActivationStats, accumulate, check_samples
 
 COND = torch.ops.higher_order.cond
 INVOKE = torch.ops.higher_order.invoke_subgraph
@@ -355,8 +356,6 @@ def collect_activations(
     of ``values`` — (graph path, node name) pairs, ``""`` for the top graph — over
     ``ctx.calibration``. A value inside a branch is recorded on the batches that run it
     (its ``count`` is 0 when none does). Cache it with ``ctx.analysis``."""
-    from splice.passes.analysis.calibration import ActivationStats, _accumulate, check_samples
-
     data = check_samples(program, ctx, stats)
     probe = program.copy()
     graphs = dict(iter_graphs(probe))
@@ -369,7 +368,7 @@ def collect_activations(
         acc = result[(path, name)]
 
         def record(t: torch.Tensor, acc: Any = acc) -> None:
-            _accumulate(acc, t, stats)
+            accumulate(acc, t, stats)
 
         record.__name__ = f"splice_record_{len(result)}"
         with gm.graph.inserting_after(node):
