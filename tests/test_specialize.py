@@ -164,11 +164,14 @@ def test_errors():
     with pytest.raises(PipelineError) as e:
         parse_pipeline("specialize")
     assert e.value.message == (
-        "specialize needs cond=[...] (the hypernetwork input to fold), config=i "
-        "(the stitch configuration to keep) or input=NAME,value=[...] (any input)"
+        "specialize needs cond=[...] (the hypernetwork input to fold) or config=i "
+        "(the stitch configuration to keep)"
     )
-    with pytest.raises(PipelineError, match="one of cond=.*, not cond and config"):
+    assert "specialize{input=NAME,value=[...]}" in e.value.hint
+    with pytest.raises(PipelineError, match="cond=\\[...\\] or config=i, not both"):
         parse_pipeline("specialize{cond=[1.0],config=2}")
+    with pytest.raises(PipelineError, match="one of .*, not value and config"):
+        parse_pipeline("specialize{input=config,value=[1],config=2}")
     with pytest.raises(PipelineError, match="value=.*needs input=NAME"):
         parse_pipeline("specialize{value=[1.0]}")
     with pytest.raises(PipelineError) as e:

@@ -74,14 +74,17 @@ class Specialize(Pass):
             given.append("config")
         if not given:
             raise PipelineError(
-                "specialize needs cond=[...] (the hypernetwork input to fold), config=i "
-                "(the stitch configuration to keep) or input=NAME,value=[...] (any input)",
-                hint="e.g. specialize{cond=[0.25,1.0]}, specialize{config=3} or "
-                "specialize{input=mode,value=[1]}",
+                "specialize needs cond=[...] (the hypernetwork input to fold) or config=i "
+                "(the stitch configuration to keep)",
+                hint="e.g. specialize{cond=[0.25,1.0]} or specialize{config=3}; any other "
+                "input: specialize{input=NAME,value=[...]}",
             )
+        if given == ["cond", "config"]:
+            raise PipelineError("specialize takes cond=[...] or config=i, not both")
         if len(given) > 1:
             raise PipelineError(
-                f"specialize takes one of cond=[...], config=i or value=[...], not {' and '.join(given)}"
+                f"specialize takes one of cond=[...], config=i or value=[...], not "
+                f"{' and '.join(given)}"
             )
         if self.value and not self.input:
             raise PipelineError(
