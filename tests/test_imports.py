@@ -54,8 +54,6 @@ KNOWN_TO_FIX: set[tuple[str, str, str]] = {
     ("splice.ir.explore", "splice.ir.capture", "_output_names"),
     ("splice.ir.explore", "splice.ir.capture", "_split_inputs"),
     ("splice.ir.explore", "splice.ir.capture", "_to_program"),
-    # subgraphs.py: calibration.accumulate is public now (aliased)
-    ("splice.passes.subgraphs", "splice.passes.analysis.calibration", "_accumulate"),
 }
 
 #: layer name -> rank; a module may import modules of its own rank or lower

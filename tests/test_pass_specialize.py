@@ -152,7 +152,6 @@ program @s(%x : f32[1,4], %config : i64[]) {
 
 def test_config_inlines_the_chosen_route():
     w = seeded_weights(STITCHED)
-    # dce drops @b.weight, which specialize alone keeps (the xfail below)
     q = check_pass(
         "specialize{config=0},dce",
         STITCHED,
@@ -170,11 +169,6 @@ def test_config_inlines_the_chosen_route():
     assert torch.equal(q(x), splice.parse_ir(STITCHED, w)(x, torch.tensor(0)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="select_config keeps every weight passed to the chain's first cond, also those "
-    "the chosen route never reads (@a.weight here; a stitched family's other anchor)",
-)
 def test_config_keeps_only_the_weights_the_route_reads():
     check_pass(
         "specialize{config=1}",

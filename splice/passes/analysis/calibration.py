@@ -138,8 +138,4 @@ def accumulate(acc: ActivationStats, act: torch.Tensor, stats: Sequence[str]) ->
         acc.abs_max = m if acc.abs_max is None else torch.maximum(acc.abs_max, m)
 
 
-# the name splice.passes.subgraphs imported while it was private; to be removed once it uses
-# the public one (#18 item 5)
-_accumulate = accumulate
-
 __all__ = ["STATS", "ActivationStats", "CalibrationResult", "accumulate", "calibrate"]
