@@ -246,6 +246,25 @@ class Builder:
         self.created.append(node)
         return node
 
+    def set_weight_value(
+        self, name: str, value: torch.Tensor, bound: Sequence[fx.Node] = ()
+    ) -> None:
+        """Give weight ``name`` a new value (keeping its kind) and re-type what stands for it:
+        its ``get_attr`` nodes in the top graph, and ``bound`` -- sub-graph placeholders that
+        every call binds to this weight (the caller knows the bindings; a placeholder bound
+        to anything else must not be listed). Their spec is the new value's."""
+        if not self.program.has_weight(name):
+            raise PassError(f"{self._what()}: program has no weight @{name}")
+        self.program.add_weight(name, value, self.program.weight_kind(name))
+        self.runner._weight_fakes.pop(name, None)
+        spec = self.runner.env.spec_of(self.runner.weight_fake(name))
+        for n in [*self.program.graph.find_nodes(op="get_attr", target=name), *bound]:
+            if n.op not in ("get_attr", "placeholder"):
+                raise PassError(f"{self._what()}: %{n.name} does not stand for weight @{name}")
+            M.set_spec(n, spec)
+            M.set_loc(n, self._stamp(M.loc(n)))
+        self.program.bump_version()
+
     def graph_ref(self, name: str, graph: fx.GraphModule | fx.Graph | Builder) -> fx.Node:
         """Register ``graph`` as sub-graph ``name`` of this graph (a ``Builder`` of a new
         graph gives its :meth:`graph_module`) and return a ``get_attr`` of it. Registering

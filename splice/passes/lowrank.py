@@ -70,6 +70,7 @@ import torch.fx as fx
 
 from splice.errors import PassError, PipelineError
 from splice.ir import meta as M
+from splice.ir.builder import Builder
 from splice.ir.ops import lowrank_linear, moe_ffn
 from splice.ir.program import Program
 from splice.ir.rewriter import Rewriter
@@ -624,12 +625,11 @@ def set_rank(
         args = list(node.args) + [None] * (5 - len(node.args))
         if physical:
             if a_name not in sliced:
+                b = Builder(out, "set-rank")
                 for name, t in ((a_name, out.get_weight(a_name)[:, :r]),
                                 (b_name, out.get_weight(b_name)[:r])):  # fmt: skip
-                    out.add_weight(name, t.contiguous(), out.weight_kind(name))
-                    spec = M.spec_of_value(out.get_weight(name))
-                    for v in tree.values_of(name):  # its get_attr and branch placeholders
-                        M.set_spec(v, spec)
+                    # its get_attr and the branch placeholders bound to it
+                    b.set_weight_value(name, t.contiguous(), tree.values_of(name))
             args[4] = None
         else:
             args[4] = r
