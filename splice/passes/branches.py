@@ -48,13 +48,20 @@ import torch.fx as fx
 from splice.errors import PassError
 from splice.ir import meta as M
 from splice.ir.builder import Builder, starts_part
-from splice.ir.program import Program, build_graph_module, get_attr_path, iter_graphs
+from splice.ir.host_steps import (
+    COND,
+    INVOKE,
+    has_control_flow,
+    is_cond,
+    is_host_compare,
+    is_part_call,
+    is_split,
+)
+from splice.ir.program import Program, build_graph_module, get_attr_path
 from splice.passes.base import Pass, PassContext, PassResult
 from splice.passes.registry import register_pass
 
 _aten = torch.ops.aten
-COND = torch.ops.higher_order.cond
-INVOKE = torch.ops.higher_order.invoke_subgraph
 
 _IDENTITY = {
     _aten.alias.default,
@@ -65,40 +72,6 @@ _IDENTITY = {
     _aten.reshape.default,
     _aten._unsafe_view.default,
 }
-
-
-def is_cond(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target is COND
-
-
-def is_host_compare(node: fx.Node) -> bool:
-    """``eq(v, k)`` of a one-element integer or bool tensor ``v`` with an integer literal ``k``:
-    host code."""
-    if node.op != "call_function" or node.target is not torch.ops.aten.eq.Scalar:
-        return False
-    v, k = node.args[:2]
-    spec = M.get_spec(v) if isinstance(v, fx.Node) else None
-    return (
-        isinstance(k, int)
-        and isinstance(spec, M.TensorSpec)
-        and all(d == 1 for d in spec.shape)
-        and not spec.dtype.is_floating_point
-        and not spec.dtype.is_complex
-    )
-
-
-def is_part_call(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target is INVOKE
-
-
-def has_control_flow(program: Program) -> bool:
-    """True if the program (or any sub-graph) has a ``cond`` node."""
-    return any(is_cond(n) for _, gm in iter_graphs(program) for n in gm.graph.nodes)
-
-
-def is_split(program: Program) -> bool:
-    """True if the program is in split form (it calls parts)."""
-    return any(is_part_call(n) for _, gm in iter_graphs(program) for n in gm.graph.nodes)
 
 
 @dataclass
