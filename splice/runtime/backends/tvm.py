@@ -309,7 +309,7 @@ def import_error(name: str, e: BaseException) -> LoweringError:
         f"TVM could not import program {name!r}: {type(e).__name__}: {text}",
         hint="an op without a Relax converter: a splice op gets one with "
         "@register_lowering(op, 'tvm') (splice.ir.lowerings); any other op needs an entry in "
-        "TVM's importer (custom_convert_map, the CONVERT_MAP that convert_map() builds) or a "
+        "TVM's importer (custom_convert_map, which convert_map() builds) or a "
         "rewrite in the program"
         if missing
         else "TVM's Relax importer failed on an op it knows; the message above is TVM's",
