@@ -226,3 +226,9 @@ def test_options_they_do_not_have_are_errors(name):
         check_pass(f"{name}{{x=1}}", DCE, "")
     assert e.value.message.startswith(f"pass '{name}' has no option 'x'")
     assert e.value.hint == f"options of {name}: (no options)"
+
+
+def test_a_negative_max_numel_is_an_error():
+    with pytest.raises(PipelineError) as e:
+        check_pass("fold-constants{max_numel=-1}", DCE, "")
+    assert e.value.message == "fold-constants: max_numel must be >= 0 (elements), got -1"

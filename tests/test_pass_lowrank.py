@@ -192,6 +192,8 @@ def test_tied_weights_are_left_alone():
         ("emb", ("%c", "%e")),
     }
     assert {s["reason"] for s in skipped} == {"weight shared with other nodes (tied)"}
+    reason = r.stats["passes"][0]["stats"]["reason"]
+    assert reason == "every Linear layer matching targets='*' was skipped (see skipped)"
 
 
 @pytest.mark.parametrize(

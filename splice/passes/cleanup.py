@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from splice.errors import PipelineError
 from splice.ir.program import Program
 from splice.ir.rewriter import Rewriter
 from splice.passes.base import Pass, PassContext, PassResult
@@ -149,6 +150,13 @@ class FoldConstants(Pass):
 
     params: bool = False
     max_numel: int = 1 << 16
+
+    def validate(self) -> None:
+        if self.max_numel < 0:
+            raise PipelineError(
+                f"fold-constants: max_numel must be >= 0 (elements), got {self.max_numel}",
+                hint="0 folds only empty values; the default is 65536",
+            )
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         rw = Rewriter(program, self.name)

@@ -320,7 +320,12 @@ class LowRank(Pass):
                 False,
                 {
                     "changed": False,
-                    "reason": f"no Linear layer matches targets={self.targets!r}",
+                    "reason": (
+                        f"every Linear layer matching targets={self.targets!r} was skipped "
+                        "(see skipped)"
+                        if skipped
+                        else f"no Linear layer matches targets={self.targets!r}"
+                    ),
                     **base,
                 },
             )
