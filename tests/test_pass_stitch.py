@@ -337,7 +337,8 @@ def test_an_unknown_anchor_is_an_error():
     _, _, _, ctx = _family()
     with pytest.raises(PassError) as e:
         check_pass("stitch{anchors=nowhere}", SMALL, "", ctx=ctx)
-    assert e.value.message.startswith(
-        "stitch: anchor 'nowhere' is neither a program in the pass context nor a saved program"
+    assert e.value.message == (
+        "stitch: anchor 'nowhere' is neither a program in the pass context nor a saved program "
+        "(loading it: nowhere is not a saved splice program (no manifest.json))"
     )
     assert e.value.hint == "save it with splice.save or pass PassContext(programs={...})"

@@ -229,9 +229,11 @@ class Stitch(Pass):
                 try:
                     others.append(load(ref))
                 except Exception as e:
+                    # a SpliceError's own message, without its hint (the hint below replaces it)
+                    why = getattr(e, "message", None) or str(e).splitlines()[0]
                     raise PassError(
                         f"stitch: anchor {ref!r} is neither a program in the pass context nor a "
-                        f"saved program ({e})",
+                        f"saved program (loading it: {why})",
                         hint="save it with splice.save or pass PassContext(programs={...})",
                     ) from e
         calib = ctx.calibration[: self.calib_samples]
