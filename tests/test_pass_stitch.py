@@ -6,8 +6,8 @@ others run the front (smaller) anchor's stem and blocks 0..j, a stitching layer 
 anchor's width, and the end anchor's blocks m.. and head (window 2, stride 1 on depth 2:
 cuts (0,0), (0,1), (1,0), (1,1) sharing one layer; window 1: cuts (0,0) and (1,1), one layer
 each); ``kind=lora`` adds the rank-r update ``(x Aᵀ) Bᵀ`` with B = 0; a ``config`` outside the
-range gives NaN; every copied piece starts with a ``part_start`` mark (not part of the text
-form). What the pass refuses, with its message. The pass has no "nothing to do" outcome.
+range gives NaN; every copied piece starts with a ``part`` line (a part-start mark, which a save
+and load keeps). What the pass refuses, with its message. The pass has no "nothing to do" outcome.
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ from conftest import check_pass, seeded_weights
 
 import splice
 from splice.errors import PassError
+from splice.ir.meta import starts_part
+from splice.ir.program import iter_graphs
 from splice.passes import PassContext
+from splice.passes.branches import split_program
 
 
 def _anchor(width: int, name: str, depth: int = 2) -> str:
@@ -63,7 +66,7 @@ def _route(ws, wl, layer, x, cut):
     return h @ wl["head.weight"].T
 
 
-def test_two_anchors_of_two_blocks_window_2():
+def test_two_anchors_of_two_blocks_window_2(tmp_path):
     ws, large, calib, ctx = _family()
     q = check_pass(
         "stitch{anchors=large,calib_samples=8}",
@@ -83,73 +86,105 @@ def test_two_anchors_of_two_blocks_window_2():
         weight @stitch.0_1.0.bias : f32[3] param
         program @stitched_small_large(%x : f32[1,4], %config : i64[]) {
           graph @config_0_then(%x : f32[1,4], %config : i64[], %w_a0__stem__weight : f32[2,4], %w_a0__blocks__0__weight : f32[2,2], %w_a0__blocks__1__weight : f32[2,2], %w_a0__head__weight : f32[2,2], %w_a1__stem__weight : f32[3,4], %w_a1__blocks__0__weight : f32[3,3], %w_a1__blocks__1__weight : f32[3,3], %w_a1__head__weight : f32[2,3], %w_stitch__0_1__0__weight : f32[3,2], %w_stitch__0_1__0__bias : f32[3]) {
+            part
             %s : f32[1,2] = aten.linear(%x, %w_a0__stem__weight)
+            part
             %a0 : f32[1,2] = aten.linear(%s, %w_a0__blocks__0__weight)
             %r0 : f32[1,2] = aten.relu(%a0)
+            part
             %a1 : f32[1,2] = aten.linear(%r0, %w_a0__blocks__1__weight)
             %r1 : f32[1,2] = aten.relu(%a1)
+            part
             %y : f32[1,2] = aten.linear(%r1, %w_a0__head__weight)
             return (%y,)
           }
           graph @config_0_else(%x : f32[1,4], %config : i64[], %w_a0__stem__weight : f32[2,4], %w_a0__blocks__0__weight : f32[2,2], %w_a0__blocks__1__weight : f32[2,2], %w_a0__head__weight : f32[2,2], %w_a1__stem__weight : f32[3,4], %w_a1__blocks__0__weight : f32[3,3], %w_a1__blocks__1__weight : f32[3,3], %w_a1__head__weight : f32[2,3], %w_stitch__0_1__0__weight : f32[3,2], %w_stitch__0_1__0__bias : f32[3]) {
             graph @config_1_then(%x : f32[1,4], %config : i64[], %w_a1__stem__weight : f32[3,4], %w_a1__blocks__0__weight : f32[3,3], %w_a1__blocks__1__weight : f32[3,3], %w_a1__head__weight : f32[2,3], %w_a0__stem__weight : f32[2,4], %w_a0__blocks__0__weight : f32[2,2], %w_stitch__0_1__0__weight : f32[3,2], %w_stitch__0_1__0__bias : f32[3], %w_a0__blocks__1__weight : f32[2,2]) {
+              part
               %s : f32[1,3] = aten.linear(%x, %w_a1__stem__weight)
+              part
               %a0 : f32[1,3] = aten.linear(%s, %w_a1__blocks__0__weight)
               %r0 : f32[1,3] = aten.relu(%a0)
+              part
               %a1 : f32[1,3] = aten.linear(%r0, %w_a1__blocks__1__weight)
               %r1 : f32[1,3] = aten.relu(%a1)
+              part
               %y : f32[1,2] = aten.linear(%r1, %w_a1__head__weight)
               return (%y,)
             }
             graph @config_1_else(%x : f32[1,4], %config : i64[], %w_a1__stem__weight : f32[3,4], %w_a1__blocks__0__weight : f32[3,3], %w_a1__blocks__1__weight : f32[3,3], %w_a1__head__weight : f32[2,3], %w_a0__stem__weight : f32[2,4], %w_a0__blocks__0__weight : f32[2,2], %w_stitch__0_1__0__weight : f32[3,2], %w_stitch__0_1__0__bias : f32[3], %w_a0__blocks__1__weight : f32[2,2]) {
               graph @config_2_then(%x : f32[1,4], %config : i64[], %w_a0__stem__weight : f32[2,4], %w_a0__blocks__0__weight : f32[2,2], %w_stitch__0_1__0__weight : f32[3,2], %w_stitch__0_1__0__bias : f32[3], %w_a1__blocks__0__weight : f32[3,3], %w_a1__blocks__1__weight : f32[3,3], %w_a1__head__weight : f32[2,3], %w_a0__blocks__1__weight : f32[2,2]) {
+                part
                 %s : f32[1,2] = aten.linear(%x, %w_a0__stem__weight)
+                part
                 %a0 : f32[1,2] = aten.linear(%s, %w_a0__blocks__0__weight)
                 %r0 : f32[1,2] = aten.relu(%a0)
+                part
                 %linear_default : f32[1,3] = aten.linear(%r0, %w_stitch__0_1__0__weight, %w_stitch__0_1__0__bias)
+                part
                 %a0_1 : f32[1,3] = aten.linear(%linear_default, %w_a1__blocks__0__weight)
                 %r0_1 : f32[1,3] = aten.relu(%a0_1)
+                part
                 %a1 : f32[1,3] = aten.linear(%r0_1, %w_a1__blocks__1__weight)
                 %r1 : f32[1,3] = aten.relu(%a1)
+                part
                 %y : f32[1,2] = aten.linear(%r1, %w_a1__head__weight)
                 return (%y,)
               }
               graph @config_2_else(%x : f32[1,4], %config : i64[], %w_a0__stem__weight : f32[2,4], %w_a0__blocks__0__weight : f32[2,2], %w_stitch__0_1__0__weight : f32[3,2], %w_stitch__0_1__0__bias : f32[3], %w_a1__blocks__0__weight : f32[3,3], %w_a1__blocks__1__weight : f32[3,3], %w_a1__head__weight : f32[2,3], %w_a0__blocks__1__weight : f32[2,2]) {
                 graph @config_3_then(%x : f32[1,4], %config : i64[], %w_a0__stem__weight : f32[2,4], %w_a0__blocks__0__weight : f32[2,2], %w_stitch__0_1__0__weight : f32[3,2], %w_stitch__0_1__0__bias : f32[3], %w_a1__blocks__1__weight : f32[3,3], %w_a1__head__weight : f32[2,3], %w_a0__blocks__1__weight : f32[2,2], %w_a1__blocks__0__weight : f32[3,3]) {
+                  part
                   %s : f32[1,2] = aten.linear(%x, %w_a0__stem__weight)
+                  part
                   %a0 : f32[1,2] = aten.linear(%s, %w_a0__blocks__0__weight)
                   %r0 : f32[1,2] = aten.relu(%a0)
+                  part
                   %linear_default : f32[1,3] = aten.linear(%r0, %w_stitch__0_1__0__weight, %w_stitch__0_1__0__bias)
+                  part
                   %a1 : f32[1,3] = aten.linear(%linear_default, %w_a1__blocks__1__weight)
                   %r1 : f32[1,3] = aten.relu(%a1)
+                  part
                   %y : f32[1,2] = aten.linear(%r1, %w_a1__head__weight)
                   return (%y,)
                 }
                 graph @config_3_else(%x : f32[1,4], %config : i64[], %w_a0__stem__weight : f32[2,4], %w_a0__blocks__0__weight : f32[2,2], %w_stitch__0_1__0__weight : f32[3,2], %w_stitch__0_1__0__bias : f32[3], %w_a1__blocks__1__weight : f32[3,3], %w_a1__head__weight : f32[2,3], %w_a0__blocks__1__weight : f32[2,2], %w_a1__blocks__0__weight : f32[3,3]) {
                   graph @config_4_then(%x : f32[1,4], %config : i64[], %w_a0__stem__weight : f32[2,4], %w_a0__blocks__0__weight : f32[2,2], %w_a0__blocks__1__weight : f32[2,2], %w_stitch__0_1__0__weight : f32[3,2], %w_stitch__0_1__0__bias : f32[3], %w_a1__blocks__0__weight : f32[3,3], %w_a1__blocks__1__weight : f32[3,3], %w_a1__head__weight : f32[2,3]) {
+                    part
                     %s : f32[1,2] = aten.linear(%x, %w_a0__stem__weight)
+                    part
                     %a0 : f32[1,2] = aten.linear(%s, %w_a0__blocks__0__weight)
                     %r0 : f32[1,2] = aten.relu(%a0)
+                    part
                     %a1 : f32[1,2] = aten.linear(%r0, %w_a0__blocks__1__weight)
                     %r1 : f32[1,2] = aten.relu(%a1)
+                    part
                     %linear_default : f32[1,3] = aten.linear(%r1, %w_stitch__0_1__0__weight, %w_stitch__0_1__0__bias)
+                    part
                     %a0_1 : f32[1,3] = aten.linear(%linear_default, %w_a1__blocks__0__weight)
                     %r0_1 : f32[1,3] = aten.relu(%a0_1)
+                    part
                     %a1_1 : f32[1,3] = aten.linear(%r0_1, %w_a1__blocks__1__weight)
                     %r1_1 : f32[1,3] = aten.relu(%a1_1)
+                    part
                     %y : f32[1,2] = aten.linear(%r1_1, %w_a1__head__weight)
                     return (%y,)
                   }
                   graph @config_4_else(%x : f32[1,4], %config : i64[], %w_a0__stem__weight : f32[2,4], %w_a0__blocks__0__weight : f32[2,2], %w_a0__blocks__1__weight : f32[2,2], %w_stitch__0_1__0__weight : f32[3,2], %w_stitch__0_1__0__bias : f32[3], %w_a1__blocks__0__weight : f32[3,3], %w_a1__blocks__1__weight : f32[3,3], %w_a1__head__weight : f32[2,3]) {
                     graph @config_5_then(%x : f32[1,4], %config : i64[], %w_a0__stem__weight : f32[2,4], %w_a0__blocks__0__weight : f32[2,2], %w_a0__blocks__1__weight : f32[2,2], %w_stitch__0_1__0__weight : f32[3,2], %w_stitch__0_1__0__bias : f32[3], %w_a1__blocks__1__weight : f32[3,3], %w_a1__head__weight : f32[2,3]) {
+                      part
                       %s : f32[1,2] = aten.linear(%x, %w_a0__stem__weight)
+                      part
                       %a0 : f32[1,2] = aten.linear(%s, %w_a0__blocks__0__weight)
                       %r0 : f32[1,2] = aten.relu(%a0)
+                      part
                       %a1 : f32[1,2] = aten.linear(%r0, %w_a0__blocks__1__weight)
                       %r1 : f32[1,2] = aten.relu(%a1)
+                      part
                       %linear_default : f32[1,3] = aten.linear(%r1, %w_stitch__0_1__0__weight, %w_stitch__0_1__0__bias)
+                      part
                       %a1_1 : f32[1,3] = aten.linear(%linear_default, %w_a1__blocks__1__weight)
                       %r1_1 : f32[1,3] = aten.relu(%a1_1)
+                      part
                       %y : f32[1,2] = aten.linear(%r1_1, %w_a1__head__weight)
                       return (%y,)
                     }
@@ -203,8 +238,18 @@ def test_two_anchors_of_two_blocks_window_2():
         assert q(x, torch.tensor(6)).isnan().all()
     # the branches pass cuts parts where each copied piece (stem, block, layer, head) starts
     route = q.graph_module.get_submodule("config_0_else.config_1_else.config_2_then")
-    starts = [n.name for n in route.graph.nodes if n.meta.get("part_start")]
+    starts = [n.name for n in route.graph.nodes if starts_part(n)]
     assert starts == ["s", "a0", "linear_default", "a0_1", "a1", "y"]
+    # the marks survive a save and load, so the loaded program splits into the same parts
+    path = tmp_path / "stitched"
+    splice.save(q, path)
+    back = splice.load(path)
+    marks = [(p, n.name) for p, gm in iter_graphs(back) for n in gm.graph.nodes if starts_part(n)]
+    assert marks == [
+        (p, n.name) for p, gm in iter_graphs(q) for n in gm.graph.nodes if starts_part(n)
+    ]
+    (_, stats), (_, stats_back) = split_program(q), split_program(back)
+    assert stats["parts"] == stats_back["parts"] > 0
 
 
 def test_lora_layers_one_per_window_of_one_block():
@@ -233,53 +278,73 @@ def test_lora_layers_one_per_window_of_one_block():
         weight @stitch.0_1.1.lora_b : f32[3,1] param
         program @stitched_small_large(%x : f32[1,4], %config : i64[]) {
           graph @config_0_then(%x : f32[1,4], %config : i64[], %w_a0__stem__weight : f32[2,4], %w_a0__blocks__0__weight : f32[2,2], %w_a0__blocks__1__weight : f32[2,2], %w_a0__head__weight : f32[2,2], %w_a1__stem__weight : f32[3,4], %w_a1__blocks__0__weight : f32[3,3], %w_a1__blocks__1__weight : f32[3,3], %w_a1__head__weight : f32[2,3], %w_stitch__0_1__0__weight : f32[3,2], %w_stitch__0_1__0__bias : f32[3], %w_stitch__0_1__0__lora_a : f32[1,2], %w_stitch__0_1__0__lora_b : f32[3,1], %w_stitch__0_1__1__weight : f32[3,2], %w_stitch__0_1__1__bias : f32[3], %w_stitch__0_1__1__lora_a : f32[1,2], %w_stitch__0_1__1__lora_b : f32[3,1]) {
+            part
             %s : f32[1,2] = aten.linear(%x, %w_a0__stem__weight)
+            part
             %a0 : f32[1,2] = aten.linear(%s, %w_a0__blocks__0__weight)
             %r0 : f32[1,2] = aten.relu(%a0)
+            part
             %a1 : f32[1,2] = aten.linear(%r0, %w_a0__blocks__1__weight)
             %r1 : f32[1,2] = aten.relu(%a1)
+            part
             %y : f32[1,2] = aten.linear(%r1, %w_a0__head__weight)
             return (%y,)
           }
           graph @config_0_else(%x : f32[1,4], %config : i64[], %w_a0__stem__weight : f32[2,4], %w_a0__blocks__0__weight : f32[2,2], %w_a0__blocks__1__weight : f32[2,2], %w_a0__head__weight : f32[2,2], %w_a1__stem__weight : f32[3,4], %w_a1__blocks__0__weight : f32[3,3], %w_a1__blocks__1__weight : f32[3,3], %w_a1__head__weight : f32[2,3], %w_stitch__0_1__0__weight : f32[3,2], %w_stitch__0_1__0__bias : f32[3], %w_stitch__0_1__0__lora_a : f32[1,2], %w_stitch__0_1__0__lora_b : f32[3,1], %w_stitch__0_1__1__weight : f32[3,2], %w_stitch__0_1__1__bias : f32[3], %w_stitch__0_1__1__lora_a : f32[1,2], %w_stitch__0_1__1__lora_b : f32[3,1]) {
             graph @config_1_then(%x : f32[1,4], %config : i64[], %w_a1__stem__weight : f32[3,4], %w_a1__blocks__0__weight : f32[3,3], %w_a1__blocks__1__weight : f32[3,3], %w_a1__head__weight : f32[2,3], %w_a0__stem__weight : f32[2,4], %w_a0__blocks__0__weight : f32[2,2], %w_stitch__0_1__0__weight : f32[3,2], %w_stitch__0_1__0__bias : f32[3], %w_stitch__0_1__0__lora_a : f32[1,2], %w_stitch__0_1__0__lora_b : f32[3,1], %w_a0__blocks__1__weight : f32[2,2], %w_stitch__0_1__1__weight : f32[3,2], %w_stitch__0_1__1__bias : f32[3], %w_stitch__0_1__1__lora_a : f32[1,2], %w_stitch__0_1__1__lora_b : f32[3,1]) {
+              part
               %s : f32[1,3] = aten.linear(%x, %w_a1__stem__weight)
+              part
               %a0 : f32[1,3] = aten.linear(%s, %w_a1__blocks__0__weight)
               %r0 : f32[1,3] = aten.relu(%a0)
+              part
               %a1 : f32[1,3] = aten.linear(%r0, %w_a1__blocks__1__weight)
               %r1 : f32[1,3] = aten.relu(%a1)
+              part
               %y : f32[1,2] = aten.linear(%r1, %w_a1__head__weight)
               return (%y,)
             }
             graph @config_1_else(%x : f32[1,4], %config : i64[], %w_a1__stem__weight : f32[3,4], %w_a1__blocks__0__weight : f32[3,3], %w_a1__blocks__1__weight : f32[3,3], %w_a1__head__weight : f32[2,3], %w_a0__stem__weight : f32[2,4], %w_a0__blocks__0__weight : f32[2,2], %w_stitch__0_1__0__weight : f32[3,2], %w_stitch__0_1__0__bias : f32[3], %w_stitch__0_1__0__lora_a : f32[1,2], %w_stitch__0_1__0__lora_b : f32[3,1], %w_a0__blocks__1__weight : f32[2,2], %w_stitch__0_1__1__weight : f32[3,2], %w_stitch__0_1__1__bias : f32[3], %w_stitch__0_1__1__lora_a : f32[1,2], %w_stitch__0_1__1__lora_b : f32[3,1]) {
               graph @config_2_then(%x : f32[1,4], %config : i64[], %w_a0__stem__weight : f32[2,4], %w_a0__blocks__0__weight : f32[2,2], %w_stitch__0_1__0__weight : f32[3,2], %w_stitch__0_1__0__bias : f32[3], %w_stitch__0_1__0__lora_a : f32[1,2], %w_stitch__0_1__0__lora_b : f32[3,1], %w_a1__blocks__0__weight : f32[3,3], %w_a1__blocks__1__weight : f32[3,3], %w_a1__head__weight : f32[2,3], %w_a0__blocks__1__weight : f32[2,2], %w_stitch__0_1__1__weight : f32[3,2], %w_stitch__0_1__1__bias : f32[3], %w_stitch__0_1__1__lora_a : f32[1,2], %w_stitch__0_1__1__lora_b : f32[3,1]) {
+                part
                 %s : f32[1,2] = aten.linear(%x, %w_a0__stem__weight)
+                part
                 %a0 : f32[1,2] = aten.linear(%s, %w_a0__blocks__0__weight)
                 %r0 : f32[1,2] = aten.relu(%a0)
+                part
                 %linear_default : f32[1,3] = aten.linear(%r0, %w_stitch__0_1__0__weight, %w_stitch__0_1__0__bias)
                 %linear_default_1 : f32[1,1] = aten.linear(%r0, %w_stitch__0_1__0__lora_a)
                 %linear_default_2 : f32[1,3] = aten.linear(%linear_default_1, %w_stitch__0_1__0__lora_b)
                 %add_tensor : f32[1,3] = aten.add.Tensor(%linear_default, %linear_default_2)
+                part
                 %a0_1 : f32[1,3] = aten.linear(%add_tensor, %w_a1__blocks__0__weight)
                 %r0_1 : f32[1,3] = aten.relu(%a0_1)
+                part
                 %a1 : f32[1,3] = aten.linear(%r0_1, %w_a1__blocks__1__weight)
                 %r1 : f32[1,3] = aten.relu(%a1)
+                part
                 %y : f32[1,2] = aten.linear(%r1, %w_a1__head__weight)
                 return (%y,)
               }
               graph @config_2_else(%x : f32[1,4], %config : i64[], %w_a0__stem__weight : f32[2,4], %w_a0__blocks__0__weight : f32[2,2], %w_stitch__0_1__0__weight : f32[3,2], %w_stitch__0_1__0__bias : f32[3], %w_stitch__0_1__0__lora_a : f32[1,2], %w_stitch__0_1__0__lora_b : f32[3,1], %w_a1__blocks__0__weight : f32[3,3], %w_a1__blocks__1__weight : f32[3,3], %w_a1__head__weight : f32[2,3], %w_a0__blocks__1__weight : f32[2,2], %w_stitch__0_1__1__weight : f32[3,2], %w_stitch__0_1__1__bias : f32[3], %w_stitch__0_1__1__lora_a : f32[1,2], %w_stitch__0_1__1__lora_b : f32[3,1]) {
                 graph @config_3_then(%x : f32[1,4], %config : i64[], %w_a0__stem__weight : f32[2,4], %w_a0__blocks__0__weight : f32[2,2], %w_a0__blocks__1__weight : f32[2,2], %w_stitch__0_1__1__weight : f32[3,2], %w_stitch__0_1__1__bias : f32[3], %w_stitch__0_1__1__lora_a : f32[1,2], %w_stitch__0_1__1__lora_b : f32[3,1], %w_a1__blocks__1__weight : f32[3,3], %w_a1__head__weight : f32[2,3]) {
+                  part
                   %s : f32[1,2] = aten.linear(%x, %w_a0__stem__weight)
+                  part
                   %a0 : f32[1,2] = aten.linear(%s, %w_a0__blocks__0__weight)
                   %r0 : f32[1,2] = aten.relu(%a0)
+                  part
                   %a1 : f32[1,2] = aten.linear(%r0, %w_a0__blocks__1__weight)
                   %r1 : f32[1,2] = aten.relu(%a1)
+                  part
                   %linear_default : f32[1,3] = aten.linear(%r1, %w_stitch__0_1__1__weight, %w_stitch__0_1__1__bias)
                   %linear_default_1 : f32[1,1] = aten.linear(%r1, %w_stitch__0_1__1__lora_a)
                   %linear_default_2 : f32[1,3] = aten.linear(%linear_default_1, %w_stitch__0_1__1__lora_b)
                   %add_tensor : f32[1,3] = aten.add.Tensor(%linear_default, %linear_default_2)
+                  part
                   %a1_1 : f32[1,3] = aten.linear(%add_tensor, %w_a1__blocks__1__weight)
                   %r1_1 : f32[1,3] = aten.relu(%a1_1)
+                  part
                   %y : f32[1,2] = aten.linear(%r1_1, %w_a1__head__weight)
                   return (%y,)
                 }

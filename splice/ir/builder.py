@@ -44,21 +44,10 @@ import torch.nn as nn
 
 from splice.errors import PassError
 from splice.ir import meta as M
+from splice.ir.meta import mark_part_start, starts_part
 from splice.ir.printer import format_target
 from splice.ir.program import Program, build_graph_module, iter_graphs
 from splice.ir.shape_prop import FakeRunner
-
-_PART_START = "part_start"
-
-
-def mark_part_start(node: fx.Node) -> None:
-    """Mark ``node`` as the first node of a piece that ``branches`` makes a part of its own."""
-    node.meta[_PART_START] = True
-
-
-def starts_part(node: fx.Node) -> bool:
-    """True if :func:`mark_part_start` marked ``node``."""
-    return bool(node.meta.get(_PART_START))
 
 
 class Builder:

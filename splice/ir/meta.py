@@ -439,6 +439,21 @@ def iter_tensor_specs(s: Spec) -> Iterable[TensorSpec]:
             yield from iter_tensor_specs(i)
 
 
+_PART_START = "part_start"
+
+
+def mark_part_start(node: fx.Node) -> None:
+    """Mark ``node`` as the first node of a piece that ``branches`` makes a part of its own
+    (``stitch`` marks where each copied block begins). The text form writes the mark as a
+    ``part`` line before the node."""
+    node.meta[_PART_START] = True
+
+
+def starts_part(node: fx.Node) -> bool:
+    """True if :func:`mark_part_start` marked ``node``."""
+    return bool(node.meta.get(_PART_START))
+
+
 __all__ = [
     "DTYPE_NAMES",
     "NONE",
@@ -459,10 +474,12 @@ __all__ = [
     "iter_tensor_specs",
     "loc",
     "loc_from_export_meta",
+    "mark_part_start",
     "set_loc",
     "set_spec",
     "spec",
     "spec_json",
     "spec_of_value",
+    "starts_part",
     "tensor_spec",
 ]

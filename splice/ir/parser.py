@@ -605,6 +605,13 @@ class _Parser:
                 if end is None or not end.accept("}"):
                     raise ParseError("expected `}` after `return`", line=self.i)
                 break
+            if line.text.split("#", 1)[0].strip() == "part":
+                part = self.next_line()
+                if part is None or not part.text.startswith("%"):
+                    raise line.error("`part` must stand before a value line (`%name : ...`)")
+                self._node(part, b)
+                M.mark_part_start(next(reversed(b.graph.nodes)))
+                continue
             self._node(line, b)
         weights = {w: (self.weights[w], k) for w, k in self.weight_kinds.items()} if top else {}
         assert self.weights is not None or not weights

@@ -16,6 +16,8 @@ One line per node, stable value names, specs inline, locations optional::
   ``torch.cond``, split parts), which the graph names as ``@name`` too;
 * ops print as ``namespace.op`` with the overload when it is not ``default``
   (``aten.mul.Tensor``), Python callables on sizes as ``operator.mul``;
+* a ``part`` line before a value marks it as the start of a piece ``branches`` compiles as
+  a part of its own (:func:`splice.ir.meta.mark_part_start`; ``stitch`` marks copied blocks);
 * with ``locations=True`` each line ends in ``# module.path @ file.py:line [passes]``.
 
 :func:`splice.ir.parser.parse_ir` reads this back; printing the parsed program gives the
@@ -146,6 +148,8 @@ def _print_graph(
         if n.op == "output":
             out.append(inner + _format_return(n, output_names))
             continue
+        if M.starts_part(n):
+            out.append(inner + "part")
         out.append(inner + format_node(n, locations))
     out.append(f"{indent}}}")
 
