@@ -11,8 +11,16 @@ it has ``2**n`` paths, and a compiler that joins the two sides of each gate afte
 ``n``:
 
 * ``capture s`` -- wall-clock seconds of ``capture_dynamic(model, example)``;
-* ``traces`` -- paths ``torch.export`` traced during that capture (counted by wrapping
+* ``capture CPU s`` -- CPU seconds of this process during that capture
+  (``time.process_time``; less sensitive than wall-clock to other jobs on the machine);
+* ``traces`` -- ``torch.export.export`` calls during that capture (counted by wrapping
   ``torch.export.export``; ``program.attrs["traces"]`` where the explorer reports it);
+* ``region traces`` -- how many of those paths were assembled from a *region trace*
+  (``program.attrs["region_traces"]``): the first path is a full export of the model,
+  every other path exports only the region from its decision to where it rejoins the
+  first path, its prefix run untraced (``splice.ir.explore``'s module docs, "Cost").
+  Before region traces (up to 3aa5509) every path was a full export, and capture time
+  grew as n^2 (slope 1.95 from 18 to 54 gates in a quiet run);
 * ``conds`` -- ``higher_order.cond`` nodes in the captured program, over all its graphs;
 * ``nodes`` -- FX nodes of the captured program, over all its graphs (placeholders and
   outputs included): the program's size;
@@ -100,7 +108,9 @@ CHANNELS, SIDE = 16, 8
 class Row:
     gates: int
     capture_s: float | None = None
+    capture_cpu_s: float | None = None
     traces: int | None = None
+    region_traces: int | None = None
     traces_reported: int | None = None
     conds: int | None = None
     nodes: int | None = None
@@ -176,15 +186,18 @@ def bench(n: int, args: argparse.Namespace, tmp: Path) -> Row:
     try:
         gc.collect()
         with _CountExports() as counter:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             program = capture_dynamic(model, inputs[0], max_paths=max(64, 4 * n))
             row.capture_s = time.perf_counter() - t0
+            row.capture_cpu_s = time.process_time() - c0
         row.traces = counter.count
         row.traces_reported = program.attrs.get("traces")
+        row.region_traces = program.attrs.get("region_traces")
         row.nodes, row.graphs, row.conds = program_size(program)
         log(
-            f"  {n} gates: captured in {row.capture_s:.1f} s, {row.traces} traces, "
-            f"{row.conds} conds, {row.nodes} nodes"
+            f"  {n} gates: captured in {row.capture_s:.1f} s ({row.capture_cpu_s:.1f} s CPU), "
+            f"{row.traces} traces ({row.region_traces} region), {row.conds} conds, "
+            f"{row.nodes} nodes"
         )
         if not args.compile:
             return row
@@ -236,14 +249,15 @@ def _slope(rows: list[Row], value: str) -> float | None:
 
 def table(rows: list[Row]) -> str:
     out = [
-        "| gates | paths (2^n) | capture s | traces | conds | program nodes | graphs "
-        "| compile + load s | parts | host branches | capture + compile s "
-        "| max abs diff vs eager | branch traces = eager's (distinct paths) |",
-        "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        "| gates | paths (2^n) | capture s | capture CPU s | traces | region traces | conds "
+        "| program nodes | graphs | compile + load s | parts | host branches "
+        "| capture + compile s | max abs diff vs eager "
+        "| branch traces = eager's (distinct paths) |",
+        "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for r in rows:
         if r.error and r.capture_s is None:
-            out.append(f"| {r.gates} | {2**r.gates:.3g} | failed: {r.error[:160]} |" + " — |" * 10)
+            out.append(f"| {r.gates} | {2**r.gates:.3g} | failed: {r.error[:160]} |" + " — |" * 12)
             continue
         traces = _o(r.traces)
         if r.traces_reported is not None and r.traces_reported != r.traces:
@@ -257,7 +271,8 @@ def table(rows: list[Row]) -> str:
         if r.error:
             diff = f"failed: {r.error[:120]}"
         out.append(
-            f"| {r.gates} | {2**r.gates:.3g} | {_f(r.capture_s)} | {traces} | {_o(r.conds)} "
+            f"| {r.gates} | {2**r.gates:.3g} | {_f(r.capture_s)} | {_f(r.capture_cpu_s)} "
+            f"| {traces} | {_o(r.region_traces)} | {_o(r.conds)} "
             f"| {_o(r.nodes)} | {_o(r.graphs)} | {_f(r.compile_s)} | {_o(r.parts)} "
             f"| {_o(r.host_branches)} | {_f(r.total_s)} | {diff} | {check} |"
         )
@@ -280,6 +295,7 @@ def growth(rows: list[Row]) -> list[str]:
         name: _slope(ok, attr)
         for name, attr in (
             ("capture time", "capture_s"),
+            ("capture CPU time", "capture_cpu_s"),
             ("traces", "traces"),
             ("program nodes", "nodes"),
             ("compile time", "compile_s"),
@@ -334,8 +350,10 @@ def section(
         f"- model: `splice.models_dynamic.SkipNet(channels={CHANNELS}, blocks=n)`, seeded "
         f"random weights, input [1, {CHANNELS}, {SIDE}, {SIDE}]; n sequential gates "
         "`if gate(x) > 0.5: x = x + block(x)`. One capture (`capture_dynamic`) and one "
-        '`splice.compile(program, "host")` + `splice.load` per n, wall-clock seconds; '
-        "traces = `torch.export.export` calls during the capture; conds, program nodes and "
+        '`splice.compile(program, "host")` + `splice.load` per n, wall-clock seconds '
+        "(capture also in CPU seconds of the process); traces = `torch.export.export` calls "
+        "during the capture, region traces = paths assembled from a region trace (the "
+        "first path is a full export); conds, program nodes and "
         f"graphs over every graph of the captured program; checks on {args.inputs} seeded "
         "random inputs per n",
         "",

@@ -16,7 +16,8 @@ from torch import nn
 
 import splice
 from splice.errors import CaptureError
-from splice.ir import verify
+from splice.ir import explore, verify
+from splice.ir import meta as M
 from splice.ir.explore import capture_dynamic, cond_trace, eager_decisions
 from splice.ir.program import iter_graphs
 from splice.passes.branches import is_cond, split_program
@@ -473,3 +474,176 @@ def test_too_many_traces_is_an_error():
     m = Gates(6).eval()
     with pytest.raises(CaptureError, match="more than 4 paths"):
         capture_dynamic(m, gate_inputs(6, 10, 1)[0], max_paths=4)
+
+
+# -- region traces: an extra path costs its region, not the model -------------------------
+
+
+def capture_both(model, x):
+    """(capture with region traces, capture with full traces only)."""
+    fast = capture_dynamic(model, x)
+    saved = explore._REGION_TRACES
+    explore._REGION_TRACES = False
+    try:
+        full = capture_dynamic(model, x)
+    finally:
+        explore._REGION_TRACES = saved
+    return fast, full
+
+
+def assert_same_program(a, b):
+    """The same graphs, node for node, with the same locations and specs."""
+    ga, gb = list(iter_graphs(a)), list(iter_graphs(b))
+    assert [n for n, _ in ga] == [n for n, _ in gb]
+    for (_, x), (_, y) in zip(ga, gb):
+        assert x.code == y.code
+        for u, v in zip(x.graph.nodes, y.graph.nodes):
+            assert (M.loc(u), M.get_spec(u)) == (M.loc(v), M.get_spec(v))
+    for key in ("paths", "traces", "conds"):
+        assert a.attrs[key] == b.attrs[key]
+    assert b.attrs["region_traces"] == 0
+
+
+class SkipGates(nn.Module):
+    """SkipNet's form (a gate method, the block indexed from a ModuleList, ``x = x +
+    block(x)`` in the loop) with the gates set by input coordinates as in Gates."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.inner = Gates(n)
+
+    def gate(self, i, x):
+        return torch.sigmoid(self.inner.gates[i](x))
+
+    def forward(self, x):
+        for i, block in enumerate(self.inner.blocks):
+            if self.gate(i, x) > 0.5:
+                x = x + torch.tanh(block(x))
+        return self.inner.head(x)
+
+
+class BlockDropPolicy(nn.Module):
+    """BlockDrop's form: a policy decides every block at once, the loop reads its rows."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.inner = Gates(n)
+        self.n = n
+
+    def forward(self, x):
+        policy = (x[0, : self.n] > 0).float()
+        for i, block in enumerate(self.inner.blocks):
+            if policy[i] > 0.5:
+                x = x + torch.tanh(block(x))
+        return self.inner.head(x)
+
+
+@pytest.mark.parametrize("cls", [Gates, SkipGates, BlockDropPolicy])
+def test_region_traces_stand_for_full_traces(cls):
+    """Every extra path is a region trace, and the program is the full traces' one."""
+    n = 6
+    torch.manual_seed(3)
+    m = cls(n).eval()
+    inputs = gate_inputs(n, n + 4, 12, seed=3)
+    fast, full = capture_both(m, inputs[0])
+    assert fast.attrs["traces"] == n + 1
+    assert fast.attrs["region_traces"] == n
+    assert_same_program(fast, full)
+    assert len(check_eager(fast, m, inputs)) >= 5
+
+
+def test_region_traces_through_the_host_program_equal_eager(tmp_path):
+    torch.manual_seed(4)
+    m = SkipGates(4).eval()
+    inputs = gate_inputs(4, 8, 10, seed=4)
+    p = capture_dynamic(m, inputs[0])
+    assert p.attrs["region_traces"] == 4
+    art = splice.compile(p, "host", output=tmp_path / "s.artifact", samples=[inputs[0]])
+    cm = splice.load(art.path)
+    traces = set()
+    for x in inputs:
+        with torch.no_grad():
+            want = m(*x)
+        assert close(cm(*x), want)
+        eager = cond_trace(eager_decisions(m, x))
+        assert [t for _, t in cm.last_trace] == eager
+        traces.add(tuple(eager))
+    assert len(traces) >= 5
+
+
+class AttributeAcross(nn.Module):
+    """A tensor kept in a module attribute across the gates and read after them: after a
+    gate, the attribute and ``h`` hold different tensors on one side only."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.inner = Gates(n)
+
+    def forward(self, x):
+        h = x * 2
+        self.saved = h
+        for block, gate in zip(self.inner.blocks, self.inner.gates):
+            if gate(h) > 0:
+                h = h + torch.tanh(block(h))
+        return self.inner.head(h + self.saved)
+
+
+class ListAcross(nn.Module):
+    """A tensor kept in a list across the gates (aliases ``h`` where no gate fired)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.inner = Gates(n)
+
+    def forward(self, x):
+        h = x * 2
+        kept = [h]
+        for block, gate in zip(self.inner.blocks, self.inner.gates):
+            if gate(h) > 0:
+                h = h + torch.tanh(block(h))
+        return self.inner.head(h - kept[0])
+
+
+class FlagInBranch(nn.Module):
+    """A Python flag set in a branch changes what the later gates do."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.inner = Gates(n)
+
+    def forward(self, x):
+        boost = False
+        for block, gate in zip(self.inner.blocks, self.inner.gates):
+            if gate(x) > 0:
+                x = x + torch.tanh(block(x)) * (2.0 if boost else 1.0)
+                boost = True
+        return self.inner.head(x)
+
+
+class AttributeFlag(nn.Module):
+    """A Python flag kept in a module attribute, set in a branch: the join does not see
+    it (module docs), so the capture is only compared with the full traces' one."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.inner = Gates(n)
+
+    def forward(self, x):
+        self.boost = False
+        for block, gate in zip(self.inner.blocks, self.inner.gates):
+            if gate(x) > 0:
+                x = x + torch.tanh(block(x)) * (2.0 if self.boost else 1.0)
+                self.boost = True
+        return self.inner.head(x)
+
+
+@pytest.mark.parametrize("cls", [AttributeAcross, ListAcross, FlagInBranch, AttributeFlag])
+def test_an_unsound_region_join_falls_back_to_the_full_trace(cls):
+    n = 4
+    torch.manual_seed(5)
+    m = cls(n).eval()
+    inputs = gate_inputs(n, n + 4, 12, seed=5)
+    fast, full = capture_both(m, inputs[0])
+    assert_same_program(fast, full)
+    if cls is not AttributeFlag:
+        assert len(check_eager(fast, m, inputs)) >= 5

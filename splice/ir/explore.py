@@ -65,6 +65,39 @@ before a branch stays held by another local after the other side rebinds the fir
 (``old = x; if a: x = f(x); if b: x = x + old``) -- the decision is built in tail form;
 an alias held outside the frames' locals (an attribute, a global) is not seen.
 
+**Cost: an extra path traces its region, not the model.** A full trace is a non-strict
+``torch.export`` of the whole model (proxy tracing and fake tensors per op, every weight
+lifted, the unlift and the conversion into a Program): for n sequential gates, n + 1 of
+them cost O(n) each, O(n^2) in all. So only the first path (and any path the fast way
+below refuses) is traced in full; ``Q`` is assembled from a *region trace* instead. The
+region run executes ``forward`` again with ``Q``'s decisions, its prefix untraced (fake
+tensors only, no graph) up to decision ``k``; there each tensor held by a local of the
+frames of the model's code (and of the torch frames between them; in lists, tuples and
+dicts too) becomes an export input that stands for ``P``'s node the same local holds at
+``k`` (``P``'s trace returns those locals as extra outputs), tracing starts, and it stops
+at the first later decision whose Python state equals the one at a decision ``j`` of ``P``
+after which ``P`` takes first values (the *rejoin*: same code position in every frame,
+same plain locals, same modules held, same layout of tensor locals, same plain
+attributes on the modules), or runs to the end. The weights are plain attributes of their
+modules while it runs, so export lifts only the weights the region reads (named back to
+their parameter or buffer by storage). ``Q``'s trace is then ``P``'s graph up to decision
+``k``, the region, and ``P``'s graph after ``j`` with each read of a value from before
+``j`` replaced by what the same local holds at ``Q``'s rejoin: the graph a full trace of
+``Q`` gives (tests compare the programs captured both ways node for node). Whatever the
+region trace cannot vouch for is traced in full instead: a read after the rejoin of a
+value no local holds, locals that alias differently, a traced tensor held by a module
+attribute, a local object of unknown state, a region that writes an input, reads an
+untraced tensor or a constant that is not a weight, a prefix that does not reach ``P``'s
+state, module hooks, dense row selections or MoE blocks (:mod:`splice.ir.dd_sizes`,
+:mod:`splice.ir.moe_capture`), paths with different output structures, any error.
+Python state outside the frames and the modules' attributes (a global, a closure) the
+region trace does not see, as the join above does not. ``program.attrs["region_traces"]``
+counts the paths assembled this way (after four refusals in a row the capture stops trying).
+A region run still executes its prefix (untraced,
+O(k) ops for decision ``k``) and copies ``P``'s graph, and the match walks the graph per
+decision, so capture time still grows faster than linearly, at a much smaller rate than
+with full traces (benchmarks/explore_scaling.py).
+
 The result is an ordinary Program with ``higher_order.cond`` nodes (one per decision site,
 an index decision is a chain of ``cond(idx == k, ...)``), which the ``branches`` pass splits
 into parts and a host program. Why not TorchDynamo graph breaks: Dynamo's resume
@@ -91,15 +124,23 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
+from torch.fx.experimental import proxy_tensor as _proxy
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._python_dispatch import (
+    TorchDispatchMode,
+    _disable_current_modes,
+    _push_mode,
+    _unset_infra_mode,
+)
 
 from splice.errors import CaptureError
 from splice.ir import meta as M
+from splice.ir.capture import capture_error, ident, split_inputs, to_program
 from splice.ir.dd_sizes import DenseSelections
 from splice.ir.moe_capture import ATTR as _MOE_ATTR
 from splice.ir.moe_capture import ATTR_UNRECOGNISED as _MOE_ATTR_UNRECOGNISED
 from splice.ir.moe_capture import MoERecord, recognise_moe
+from splice.ir.output_tree import output_names
 from splice.ir.outputs import unify_outputs
 from splice.ir.program import Program, build_graph_module
 from splice.ir.signatures import SignatureSet, signature_of_values
@@ -146,9 +187,17 @@ class _DecisionMode(TorchDispatchMode):
     their conversions are folded (module docstring).
     """
 
-    def __init__(self, forced: Sequence[Any], *, max_decisions: int, record_only: bool = False):
+    def __init__(
+        self,
+        forced: Sequence[Any],
+        *,
+        max_decisions: int,
+        record_only: bool = False,
+        watch: _Watch | None = None,
+    ):
         super().__init__()
         self.forced = list(forced)
+        self.watch = watch
         self.max_decisions = max_decisions
         self.record_only = record_only
         self.decisions: list[Decision] = []
@@ -286,6 +335,8 @@ class _DecisionMode(TorchDispatchMode):
         self.decisions.append(Decision(site, domain, value))
         self.keys.append((site, fingerprint))
         self.bindings.append(bindings)
+        if self.watch is not None and k >= self.watch.start:
+            self.watch.at_decision(k, self)
         return value
 
 
@@ -348,6 +399,228 @@ def _outlives_rebinding(before: dict[Any, int], after: dict[Any, int]) -> bool:
 def _user_site() -> str:
     """file:line of the innermost frame outside torch and splice."""
     return _user_state(with_fingerprint=False)[0]
+
+
+# ---------------------------------------------------------------------------------------
+# region traces: the Python state at a decision, and the switch into tracing
+
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {"forward"}
+_PROXY = torch._C._TorchDispatchModeKey.PROXY
+
+
+class _Fallback(Exception):
+    """A region trace cannot stand for a full trace here: trace the whole path."""
+
+
+class _Stop(BaseException):
+    """Raised at the rejoin of a region trace (a BaseException: the model's own ``except
+    Exception`` must not catch it)."""
+
+
+@dataclass(eq=False)
+class _Scan:
+    """The Python state at one decision (module docs, "Cost").
+
+    ``key``: code position, plain and module-valued locals and the layout of the tensor
+    locals of every frame from the innermost to the outermost frame of the model's code,
+    and the modules' plain attributes; two decisions with equal keys continue alike up to
+    tensor identities. ``tids``: tensor local -> identity token (``id`` in a live run).
+    ``real``: locals holding real tensors (weights, constants), by id. ``safe``: no state
+    the key cannot see (a traced tensor held by a module attribute, an object local)."""
+
+    key: Any
+    tids: dict[tuple[Any, ...], Any]
+    real: dict[tuple[Any, ...], int]
+    frames: list[Any]
+    safe: bool
+    own: bool = True  # tokens from the run that recorded the trace's bindings
+    meta: dict[tuple[Any, ...], Any] = field(default_factory=dict)  # shape, stride, dtype
+
+
+def _flatten_local(
+    v: Any,
+    path: tuple[Any, ...],
+    items: list[Any],
+    tensors: dict[tuple[Any, ...], torch.Tensor],
+    user: bool,
+) -> bool:
+    """Record local ``v`` under ``path``; False where it may hold state the key cannot see."""
+    if isinstance(v, torch.Tensor):
+        tensors[path] = v
+        items.append((path, "T"))
+        return True
+    if isinstance(v, nn.Module):
+        items.append((path, "M", id(v)))
+        return True
+    if isinstance(v, (tuple, list)) and len(v) <= 256:
+        items.append((path, type(v).__name__, len(v)))
+        ok = True
+        for i, x in enumerate(v):
+            ok = _flatten_local(x, (*path, i), items, tensors, user) and ok
+        return ok
+    if isinstance(v, dict) and len(v) <= 256 and all(isinstance(x, _PLAIN) for x in v):
+        items.append((path, "dict", tuple(repr(x) for x in v)))
+        ok = True
+        for x, y in v.items():
+            ok = _flatten_local(y, (*path, repr(x)), items, tensors, user) and ok
+        return ok
+    if not user:
+        return True  # torch's frames between the model's: only their tensors matter
+    if isinstance(v, (*_PLAIN, torch.dtype, torch.device)):
+        items.append((path, "P", repr(v)))
+        return True
+    if isinstance(v, type) or hasattr(v, "__code__") or hasattr(v, "__func__"):
+        fn = getattr(v, "__func__", v)
+        items.append((path, "F", id(fn), id(getattr(v, "__self__", None))))
+        return True
+    items.append((path, "O", type(v).__name__))
+    return False
+
+
+def _module_state(modules: Sequence[nn.Module], slots: set[tuple[int, str]]) -> tuple[Any, bool]:
+    """(hash of the modules' own attributes, no traced tensor held by one); ``slots``:
+    (module id, name) of the weights (a region run holds them as plain attributes)."""
+    parts: list[Any] = []
+    ok = True
+
+    def enc(v: Any) -> Any:
+        nonlocal ok
+        if isinstance(v, _PLAIN):
+            return repr(v)
+        if isinstance(v, torch.Tensor):
+            ok = ok and not _is_fake(v)
+            return ("T", id(v))
+        return (type(v).__name__, id(v))
+
+    for m in modules:
+        for name, v in m.__dict__.items():
+            if name in _MODULE_INTERNALS or (id(m), name) in slots:
+                continue
+            if isinstance(v, (tuple, list)) and len(v) <= 256:
+                parts.append((id(m), name, type(v).__name__, tuple(enc(x) for x in v)))
+            elif isinstance(v, dict) and len(v) <= 256:
+                items = tuple((repr(x), enc(y)) for x, y in v.items())
+                parts.append((id(m), name, "dict", items))
+            else:
+                parts.append((id(m), name, enc(v)))
+    return hash(tuple(parts)), ok
+
+
+def _scan_state(
+    modules: Sequence[nn.Module], slots: set[tuple[int, str]]
+) -> tuple[_Scan, dict[tuple[Any, ...], torch.Tensor]]:
+    """The :class:`_Scan` of the caller's stack, and its tensor locals."""
+    frames = []
+    f = sys._getframe(1)
+    while f is not None:
+        frames.append(f)
+        f = f.f_back
+    user = [i for i, fr in enumerate(frames) if _is_user_frame(fr.f_code.co_filename)]
+    tensors: dict[tuple[Any, ...], torch.Tensor] = {}
+    if not user:
+        return _Scan(None, {}, {}, [], False), tensors
+    # from the innermost frame of the model's code out to the explorer's wrapper
+    end = next(
+        (i for i in range(user[0], len(frames)) if frames[i].f_code.co_filename == __file__),
+        len(frames),
+    )
+    span = frames[user[0] : end]
+    parts: list[Any] = []
+    safe = True
+    for d, fr in enumerate(span):
+        is_user = _is_user_frame(fr.f_code.co_filename)
+        items: list[Any] = []
+        for name, v in fr.f_locals.items():
+            safe = _flatten_local(v, (d, name), items, tensors, is_user) and safe
+        parts.append((fr.f_code, fr.f_lineno, tuple(items)))
+    mstate, mok = _module_state(modules, slots)
+    tids = {k: id(t) for k, t in tensors.items() if _is_fake(t)}
+    real = {k: id(t) for k, t in tensors.items() if not _is_fake(t)}
+    meta = {k: (tuple(t.shape), t.stride(), t.dtype) for k, t in tensors.items() if _is_fake(t)}
+    frame_ids = [id(fr) for fr in span]
+    return _Scan((tuple(parts), mstate), tids, real, frame_ids, safe and mok, meta=meta), tensors
+
+
+@dataclass(eq=False)
+class _Watch:
+    """Scans the Python state at each decision from ``start`` on (full traces: every one).
+
+    A region run (``switch`` set) runs the path's prefix untraced and starts tracing at
+    decision ``switch``, with each tensor local of that decision traced as the export
+    input ``inputs[key]``; it stops (``_Stop``) at the first later decision whose scan key
+    is in ``stops`` (the base trace's decision index it rejoins)."""
+
+    modules: list[nn.Module]
+    slots: set[tuple[int, str]]
+    start: int = 0
+    switch: int | None = None
+    expect: _Scan | None = None  # the base trace's scan at ``switch``
+    prefix: tuple[list[Decision], list[Any]] = ([], [])  # base decisions and keys to switch
+    inputs: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict)
+    stops: dict[Any, int] = field(default_factory=dict)
+    proxy: Any = None  # the proxy mode, unset while the prefix runs
+    switched: bool = False
+    grad: bool = False  # grad mode when the forward started
+    stopped: int | None = None  # base decision the run stopped at
+    stop_at: int | None = None  # own decision index it stopped at
+    scans: dict[int, _Scan] = field(default_factory=dict)
+    live: dict[int, dict[tuple[Any, ...], torch.Tensor]] = field(default_factory=dict)
+
+    def at_decision(self, k: int, mode: _DecisionMode) -> None:
+        scan, tensors = _scan_state(self.modules, self.slots)
+        self.scans[k] = scan
+        self.live[k] = tensors
+        if self.switch is None:
+            return
+        if k == self.switch:
+            self._start_tracing(scan, tensors, mode)
+        elif k > self.switch and scan.safe and scan.key in self.stops:
+            self.stopped = self.stops[scan.key]
+            self.stop_at = k
+            raise _Stop()
+
+    def _start_tracing(
+        self, scan: _Scan, tensors: dict[tuple[Any, ...], torch.Tensor], mode: _DecisionMode
+    ) -> None:
+        proxy = self.proxy
+        self.proxy = None
+        _push_mode(proxy)
+        self.switched = True
+        exp = self.expect
+        decisions, keys = self.prefix
+        if (
+            exp is None
+            or not scan.safe
+            or scan.key != exp.key
+            or scan.real != exp.real
+            or scan.meta != exp.meta
+            or mode.decisions[:-1] != decisions[:-1]
+            or mode.decisions[-1].domain != decisions[-1].domain
+            or mode.keys != keys
+            or torch.is_grad_enabled() != self.grad
+        ):
+            raise _Fallback("the prefix did not reach the base trace's state")
+        tracer = proxy.tracer
+        traced = {id(t): _proxy.has_proxy_slot(t, tracer) for t in tensors.values()}
+        by_obj: dict[int, torch.Tensor] = {}
+        by_input: dict[int, int] = {}
+        for key, t in tensors.items():
+            if key in exp.real:
+                continue
+            inp = self.inputs.get(key)
+            if inp is None:
+                if not traced[id(t)]:
+                    raise _Fallback("a live tensor has no traced value")
+                continue
+            if traced[id(t)] or t.shape != inp.shape or t.dtype != inp.dtype:
+                raise _Fallback("a live tensor does not match the base trace")
+            if by_obj.setdefault(id(t), inp) is not inp or by_input.setdefault(
+                id(inp), id(t)
+            ) != id(t):
+                raise _Fallback("live tensors alias differently from the base trace")
+        for t_id, inp in by_obj.items():
+            t = next(x for x in tensors.values() if id(x) == t_id)
+            _proxy.set_proxy_slot(t, tracer, _proxy.get_proxy_slot(inp, tracer))
 
 
 class _NumpyMode(TorchFunctionMode):
@@ -463,6 +736,9 @@ class _Trace:
     spec: Any  # the output's pytree spec
     pos: dict[fx.Node, int] = field(default_factory=dict)
     bindings: list[dict[Any, int]] = field(default_factory=list)  # per decision
+    item_kinds: list[bool] = field(default_factory=list)  # per item node: is a decision
+    scans: list[_Scan | None] = field(default_factory=list)  # per decision (region traces)
+    lnodes: list[dict[tuple[Any, ...], fx.Node] | None] = field(default_factory=list)
     items: list[fx.Node] = field(default_factory=list)  # the decision items, in order
     preds: list[fx.Node] = field(default_factory=list)  # what each decision converted
     outputs: list[Value] = field(default_factory=list)
@@ -486,23 +762,31 @@ class _Trace:
 
 
 def _trace_path(
-    model: nn.Module, args: tuple[torch.Tensor, ...], forced: list[Any], max_decisions: int
-) -> tuple[torch.export.ExportedProgram, _DecisionMode, Any, int, MoERecord]:
+    model: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    forced: list[Any],
+    max_decisions: int,
+    watch: _Watch | None = None,
+) -> tuple[torch.export.ExportedProgram, _DecisionMode, Any, int, MoERecord, dict[str, Any]]:
     """Export ``model`` on the path ``forced`` (then first values), as :func:`splice.capture`
     would: sparse-MoE blocks as ``splice::moe_ffn`` and ``nonzero()``/``where(mask)`` token
-    dispatch densely (:mod:`splice.ir.moe_capture`, :mod:`splice.ir.dd_sizes`)."""
+    dispatch densely (:mod:`splice.ir.moe_capture`, :mod:`splice.ir.dd_sizes`).
+
+    With ``watch`` the export also returns the traced tensor locals of every decision after
+    the outputs and the predicates (``state["locals"]``: decision -> local -> output index)."""
     state: dict[str, Any] = {}
     with recognise_moe(model) as moe:  # entered first: it may replace the root's forward
         original = model.forward
 
         @functools.wraps(original)
         def forward(*a: Any, **kw: Any) -> tuple[Any, ...]:
-            mode = _DecisionMode(forced, max_decisions=max_decisions)
+            mode = _DecisionMode(forced, max_decisions=max_decisions, watch=watch)
             with _numpy_hooks(), mode, DenseSelections() as dense:
                 out = dense.check_outputs(original(*a, **kw))
             leaves, spec = pytree.tree_flatten(out)
-            state.update(mode=mode, spec=spec, n=len(leaves))
-            return (*leaves, *mode.preds)
+            state.update(mode=mode, spec=spec, n=len(leaves), dense=_dense_used(dense))
+            extra, state["locals"] = _locals_outputs(watch, range(len(mode.decisions)))
+            return (*leaves, *mode.preds, *extra)
 
         had = "forward" in model.__dict__
         model.forward = forward  # type: ignore[method-assign]
@@ -513,7 +797,155 @@ def _trace_path(
                 model.forward = original  # type: ignore[method-assign]
             else:
                 del model.forward
-    return ep, state["mode"], state["spec"], state["n"], moe
+    return ep, state["mode"], state["spec"], state["n"], moe, state
+
+
+def _dense_used(dense: DenseSelections) -> bool:
+    """Did the path select rows densely (region traces do not model that state)?"""
+    return bool(getattr(dense, "_tags", True) or getattr(dense, "_loops", True))
+
+
+def _locals_outputs(
+    watch: _Watch | None, decisions: Sequence[int]
+) -> tuple[list[torch.Tensor], dict[int, dict[tuple[Any, ...], int]]]:
+    """The traced tensor locals of ``decisions`` as extra export outputs, and their indices."""
+    extra: list[torch.Tensor] = []
+    where: dict[int, dict[tuple[Any, ...], int]] = {}
+    if watch is None:
+        return extra, where
+    index: dict[int, int] = {}
+    for d in decisions:
+        live = watch.live.get(d)
+        if live is None:
+            continue
+        where[d] = {}
+        for key, t in live.items():
+            if not _is_fake(t):
+                continue
+            if id(t) not in index:
+                index[id(t)] = len(extra)
+                extra.append(t)
+            where[d][key] = index[id(t)]
+    return extra, where
+
+
+def _trace_region(
+    model: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    forced: list[Any],
+    max_decisions: int,
+    watch: _Watch,
+    inputs: list[tuple[tuple[Any, ...], torch.Tensor]],
+) -> tuple[torch.export.ExportedProgram, _DecisionMode, dict[str, Any]]:
+    """Export the region of path ``forced`` that starts at its last decision (module docs,
+    "Cost"): the prefix runs untraced, the tensor locals at that decision are the export's
+    inputs after ``args`` (one per distinct tensor of the base trace, ``inputs``: key ->
+    example), tracing stops at ``watch``'s rejoin (or runs to the end). Outputs: the model's
+    outputs (to the end only), the region's predicates, its decisions' tensor locals."""
+    state: dict[str, Any] = {}
+    n = len(args)
+    original = model.forward
+    examples: list[torch.Tensor] = []
+    slot: dict[tuple[Any, ...], int] = {}
+    for key, t in inputs:
+        slot[key] = next((i for i, e in enumerate(examples) if e is t), -1)
+        if slot[key] < 0:
+            slot[key] = len(examples)
+            examples.append(t)
+
+    def forward(*a: Any) -> tuple[Any, ...]:
+        mode = _DecisionMode(forced, max_decisions=max_decisions, watch=watch)
+        watch.inputs = {key: a[n + i] for key, i in slot.items()}
+        watch.grad = torch.is_grad_enabled()
+        watch.proxy = _unset_infra_mode(_PROXY)
+        if watch.proxy is None:
+            raise _Fallback("export does not trace through a proxy mode here")
+        stopped = False
+        try:
+            with _numpy_hooks(), mode, DenseSelections() as dense:
+                try:
+                    out = dense.check_outputs(original(*a[:n]))
+                except _Stop:
+                    out, stopped = None, True
+        finally:
+            if watch.proxy is not None:
+                _push_mode(watch.proxy)
+                watch.proxy = None
+        if not watch.switched or _dense_used(dense):
+            raise _Fallback("the region did not start, or it selected rows densely")
+        leaves, spec = pytree.tree_flatten(out) if not stopped else ([], None)
+        k = watch.switch or 0
+        preds = mode.preds[k + 1 :]
+        extra, state["locals"] = _locals_outputs(watch, range(k + 1, len(mode.decisions)))
+        tracer = _proxy_tracer()
+        for t in [*leaves, *preds, *extra]:
+            if isinstance(t, torch.Tensor) and _is_fake(t) and not _proxy.has_proxy_slot(t, tracer):
+                raise _Fallback("the region returns a tensor it did not trace")
+        state.update(mode=mode, spec=spec, n=len(leaves), n_preds=len(preds), stopped=stopped)
+        return (*leaves, *preds, *extra)
+
+    had = "forward" in model.__dict__
+    model.forward = forward  # type: ignore[method-assign]
+    try:
+        with _weights_unregistered(watch.modules):
+            ep = torch.export.export(model, (*args, *examples), strict=False)
+    finally:
+        if had:
+            model.forward = original  # type: ignore[method-assign]
+        else:
+            del model.forward
+    return ep, state["mode"], state
+
+
+@contextlib.contextmanager
+def _weights_unregistered(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """While active, the modules' parameters and buffers are plain attributes: export lifts
+    only the weights a region reads (as constants, on the weights' own storage), not every
+    weight of the model. The registrations are restored exactly on exit."""
+    saved: list[tuple[nn.Module, dict[str, Any], dict[str, Any]]] = []
+    try:
+        for m in modules:
+            ps, bs = m._parameters, m._buffers
+            if not ps and not bs:
+                continue
+            saved.append((m, ps, bs))
+            m.__dict__["_parameters"] = {}
+            m.__dict__["_buffers"] = {}
+            for name, t in [*ps.items(), *bs.items()]:
+                m.__dict__[name] = t
+        yield
+    finally:
+        for m, ps, bs in reversed(saved):
+            for name in [*ps, *bs]:
+                m.__dict__.pop(name, None)
+            m.__dict__["_parameters"] = ps
+            m.__dict__["_buffers"] = bs
+
+
+def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
+    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.storage_offset())
+
+
+def _weights_by_storage(model: nn.Module) -> dict[tuple[Any, ...], tuple[str, torch.Tensor, str]]:
+    """Each weight of ``model`` by its storage: name, tensor and kind, as capture names them."""
+    out: dict[tuple[Any, ...], tuple[str, torch.Tensor, str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        out.setdefault(_storage_key(p), (name, p, "param"))
+    persistent = set(model.state_dict(keep_vars=True))
+    for name, b in model.named_buffers(remove_duplicate=False):
+        if b is not None:
+            kind = "buffer" if name in persistent else "constant"
+            out.setdefault(_storage_key(b), (name, b, kind))
+    return out
+
+
+def _proxy_tracer() -> Any:
+    from torch._ops import _get_dispatch_mode_pre_dispatch
+
+    mode = _get_dispatch_mode_pre_dispatch(_PROXY) or torch._C._get_dispatch_mode(_PROXY)
+    if mode is None:
+        raise _Fallback("no proxy mode")
+    return mode.tracer
 
 
 @dataclass(eq=False)
@@ -523,8 +955,20 @@ class _Raw:
     program: Program
     spec: Any
     n_out: int
-    mode: _DecisionMode
+    mode: _DecisionMode | _PathInfo
     outputs: list[Any]
+    scans: list[_Scan | None] = field(default_factory=list)  # per decision (region traces)
+    lnodes: list[dict[tuple[Any, ...], fx.Node] | None] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _PathInfo:
+    """The decisions of a path assembled from a region trace (as a mode records them)."""
+
+    decisions: list[Decision]
+    keys: list[tuple[str, int]]
+    bindings: list[dict[Any, Any]]
+    item_kinds: list[bool]
 
 
 class _Restructure(Exception):
@@ -762,17 +1206,25 @@ class _Explorer:
         self.moe_attrs: dict[str, Any] = {}  # what moe_capture recognised, on any path
         self.structures: dict[Any, _Raw] = {}  # output structure -> first path with it
         self.table: Any = None  # the variant table, where paths return different structures
+        self.modules = list(model.modules())
+        self.slots = {(id(m), n) for m in self.modules for n in [*m._parameters, *m._buffers]}
+        self.weights_by_ptr = _weights_by_storage(model)
+        self.fast = _REGION_TRACES and not _has_hooks(self.modules)
+        self.region_traces = 0  # paths assembled from a region trace (module docs, "Cost")
+        self.region_misses = 0  # region traces refused since the last one that stood
 
     # -- tracing ------------------------------------------------------------------------
-    def trace(self, forced: tuple[Any, ...]) -> _Trace:
+    def trace(self, forced: tuple[Any, ...], base: tuple[_Trace, int] | None = None) -> _Trace:
         """The path that takes ``forced`` first, then the first value of every decision.
+        ``base``: a trace that agrees with ``forced`` before its decision ``k`` (a region
+        trace from there may stand for the full one).
 
         Raises ``_Restructure`` when it returns a structure no earlier path returned (the
         traces indexed so far are then in a stale output layout)."""
         known = self.traces.get(forced)
         if known is not None:
             return known
-        raw = self._raw(forced)
+        raw = self._raw(forced, base)
         skey = (str(raw.spec), tuple(str(M.get_spec(a)) for a in raw.outputs))
         if skey not in self.structures:
             self.structures[skey] = raw
@@ -794,9 +1246,7 @@ class _Explorer:
             n_out = len(program.output_names)
             self.out_names = list(program.output_names)
         elif not self.out_names:
-            from splice.ir.capture import _output_names
-
-            self.out_names = _output_names(raw.spec, n_out) if n_out else []
+            self.out_names = output_names(raw.spec, n_out) if n_out else []
         mode = raw.mode
         t = _Trace(
             tuple(d.value for d in mode.decisions),
@@ -807,6 +1257,9 @@ class _Explorer:
             raw.spec,
         )
         t.bindings = mode.bindings
+        t.item_kinds = list(mode.item_kinds)
+        if program is raw.program:
+            t.scans, t.lnodes = raw.scans, raw.lnodes
         self._index(t, mode.item_kinds)
         if len(self.traces) > 0:
             self._check_outputs(t)
@@ -814,12 +1267,10 @@ class _Explorer:
         self.traces.setdefault(t.taken, t)
         return t
 
-    def _raw(self, forced: tuple[Any, ...]) -> _Raw:
+    def _raw(self, forced: tuple[Any, ...], base: tuple[_Trace, int] | None = None) -> _Raw:
         known = self.raws.get(forced)
         if known is not None:
             return known
-        from splice.ir.capture import _capture_error, _to_program
-
         if len({id(r) for r in self.raws.values()}) >= self.max_traces:
             sites = sorted({d.site for r in self.raws.values() for d in r.mode.decisions})
             raise CaptureError(
@@ -830,10 +1281,60 @@ class _Explorer:
                 "cost one trace each, decisions in tail form (early exits nested in "
                 "branches, Python state set in a branch) multiply",
             )
-        try:
-            ep, mode, spec, n_out, moe = _trace_path(
-                self.model, self.args, list(forced), self.max_decisions
+        raw: _Raw | None = None
+        if base is not None and self.fast and len(self.structures) <= 1:
+            try:
+                raw = self._region_raw(forced, *base)
+            except Exception:  # anything unexpected: the full trace decides, as before
+                raw = None
+                self.region_misses += 1
+                if self.region_misses >= 4:
+                    self.fast = False  # the model keeps refusing: stop paying for tries
+            if raw is not None:
+                self.region_traces += 1
+                self.region_misses = 0
+        if raw is None:
+            watch = _Watch(self.modules, self.slots) if self.fast else None
+            try:
+                ep, mode, spec, n_out, moe, st = self._export(forced, watch)
+            except CaptureError:
+                if watch is None:
+                    raise
+                watch = None  # the full trace without the locals' outputs, as before
+                ep, mode, spec, n_out, moe, st = self._export(forced, None)
+            program = to_program(ep, self.args, {}, {}, type(self.model).__name__)
+            moe.annotate(program)
+            self.moe_attrs.update(
+                {
+                    k: program.attrs[k]
+                    for k in (_MOE_ATTR, _MOE_ATTR_UNRECOGNISED)
+                    if k in program.attrs
+                }
             )
+            if moe.sites or st.get("dense", True):
+                self.fast = False  # state the region traces do not model
+            outputs = list(program.graph.find_nodes(op="output")[0].args[0][:n_out])
+            raw = _Raw(program, spec, n_out, mode, outputs)
+            if watch is not None:
+                outs = program.graph.find_nodes(op="output")[0].args[0]
+                at = n_out + len(mode.preds)
+                raw.scans = [watch.scans.get(d) for d in range(len(mode.decisions))]
+                raw.lnodes = [
+                    {key: outs[at + i] for key, i in st["locals"][d].items()}
+                    if d in st["locals"]
+                    else None
+                    for d in range(len(mode.decisions))
+                ]
+        self.raws[forced] = raw
+        self.raws.setdefault(tuple(d.value for d in raw.mode.decisions), raw)
+        return raw
+
+    def _export(
+        self, forced: tuple[Any, ...], watch: _Watch | None
+    ) -> tuple[torch.export.ExportedProgram, _DecisionMode, Any, int, MoERecord, dict[str, Any]]:
+        """:func:`_trace_path`, its errors as CaptureErrors that name the path."""
+        try:
+            return _trace_path(self.model, self.args, list(forced), self.max_decisions, watch)
         except CaptureError as e:
             if not forced:
                 raise
@@ -842,20 +1343,55 @@ class _Explorer:
             raise e.with_message(f"{e.message} (on the path that decides {on})") from e
         except Exception as e:
             where = " ".join(f"{d}" for d in forced)
-            err = _capture_error(self.model, e, dynamic=True)
+            err = capture_error(self.model, e, dynamic=True)
             raise err.with_message(
                 f"{err.message} (on the path that decides {where or 'nothing yet'})"
             ) from e
-        program = _to_program(ep, self.args, {}, {}, type(self.model).__name__)
-        moe.annotate(program)
-        self.moe_attrs.update(
-            {k: program.attrs[k] for k in (_MOE_ATTR, _MOE_ATTR_UNRECOGNISED) if k in program.attrs}
+
+    def _region_raw(self, forced: tuple[Any, ...], P: _Trace, k: int) -> _Raw | None:
+        """Path ``forced`` (``P``'s decisions before ``k``, then another value) from a region
+        trace: ``P``'s graph before decision ``k``, the traced region, and ``P``'s graph
+        after the decision where the region rejoins ``P`` (module docs, "Cost"); None
+        where ``P`` has no state to start from. Raises where the region trace cannot
+        stand for the full trace (the caller then traces the full path)."""
+        exp = P.scans[k] if k < len(P.scans) else None
+        loc = P.lnodes[k] if k < len(P.lnodes) else None
+        if exp is None or loc is None or not exp.safe or tuple(forced[:k]) != P.taken[:k]:
+            return None
+        if any(w == "constant" for w in P.program.weight_kinds.values()):
+            return None  # lifted constants are named in creation order: names would differ
+        items = [n for n in P.program.graph.nodes if n.target is _aten.item.default]
+        if len(items) != len(P.item_kinds):
+            return None  # which conversions are decisions is not known node by node
+        inputs: list[tuple[tuple[Any, ...], torch.Tensor]] = []
+        example: dict[fx.Node, torch.Tensor] = {}
+        for key, node in loc.items():
+            if node.op != "call_function":
+                continue
+            if node not in example:
+                spec = M.tensor_spec(node)
+                if not all(isinstance(d, int) for d in spec.shape):
+                    return None
+                example[node] = torch.zeros(tuple(spec.shape), dtype=spec.dtype)
+            inputs.append((key, example[node]))
+        first = [d.value == d.domain[0] for d in P.decisions]
+        stops: dict[Any, int] = {}
+        for j in range(k + 1, len(P.decisions)):
+            sc = P.scans[j] if j < len(P.scans) else None
+            if sc is None or not sc.safe or not sc.own or P.lnodes[j] is None:
+                continue
+            if all(first[j:]):  # the other path takes first values after its decision
+                stops.setdefault(sc.key, j)
+        watch = _Watch(self.modules, self.slots, start=k, switch=k, expect=exp, stops=stops)
+        watch.prefix = (P.decisions[: k + 1], P.keys[: k + 1])
+        ep, mode, st = _trace_region(
+            self.model, self.args, list(forced), self.max_decisions, watch, inputs
         )
-        outputs = list(program.graph.find_nodes(op="output")[0].args[0][:n_out])
-        raw = _Raw(program, spec, n_out, mode, outputs)
-        self.raws[forced] = raw
-        self.raws.setdefault(tuple(d.value for d in mode.decisions), raw)
-        return raw
+        sig = ep.graph_signature
+        if sig.user_inputs_to_mutate or sig.buffers_to_mutate:
+            raise _Fallback("the region writes a tensor it did not create")
+        R = to_program(ep, (*self.args, *example.values()), {}, {}, type(self.model).__name__)
+        return _synthesize(P, k, R, st, mode, watch, list(example), self.weights_by_ptr)
 
     def _index(self, t: _Trace, kinds: list[bool]) -> None:
         items: list[fx.Node] = []
@@ -1000,7 +1536,7 @@ class _Explorer:
         d = B.decisions[k]
         key = B.taken[:k]
         alts = [v for v in d.domain if v != d.value]
-        qs = {v: self.trace((*key, v)) for v in alts}
+        qs = {v: self.trace((*key, v), base=(B, k)) for v in alts}
         pred = B.value(B.preds[k])
         if key in self.tail:
             if not R.suffix:
@@ -1211,6 +1747,188 @@ class _Explorer:
             pv = r.cond.values[i] if not r.cond.tail else r.parent.outputs[i]
             r = r.parent
         return False
+
+
+def _synthesize(
+    P: _Trace,
+    k: int,
+    R: Program,
+    st: dict[str, Any],
+    mode: _DecisionMode,
+    watch: _Watch,
+    ex_nodes: list[fx.Node],
+    by_storage: dict[tuple[Any, ...], tuple[str, torch.Tensor, str]],
+) -> _Raw:
+    """The full trace of a region run's path: ``P``'s nodes up to its decision ``k``, the
+    region ``R`` (its inputs after the model's read ``ex_nodes``), then -- where the run
+    stopped at ``P``'s decision ``j`` -- ``P``'s nodes after ``j``, each read of a value
+    from before ``j`` through the tensor local that holds it there (any other read: the
+    region cannot stand for the path)."""
+    G = fx.Graph()
+    pg = P.program.graph
+    env: dict[fx.Node, fx.Node] = {}
+    weights: dict[str, tuple[torch.Tensor, str]] = {}
+    attrs: dict[str, fx.Node] = {}
+    cut = P.pos[P.items[k]]
+    for n in pg.nodes:
+        if n.op == "output":
+            break
+        if n.op == "call_function" and P.pos[n] > cut:
+            continue
+        if n.op not in ("placeholder", "get_attr", "call_function"):
+            raise _Fallback("an unexpected node")
+        env[n] = G.node_copy(n, lambda a: env[a])
+        if n.op == "get_attr":
+            weights[n.target] = (P.program.get_weight(n.target), P.program.weight_kinds[n.target])
+            attrs.setdefault(n.target, env[n])
+    # the region
+    pphs = list(pg.find_nodes(op="placeholder"))
+    rphs = list(R.graph.find_nodes(op="placeholder"))
+    if len(rphs) != len(pphs) + len(ex_nodes):
+        raise _Fallback("the region's inputs")
+    rmap: dict[fx.Node, fx.Node] = {}
+    for rp, pn in zip(rphs, [*pphs, *ex_nodes]):
+        if pn not in env:
+            raise _Fallback("a region input computed after its decision")
+        rmap[rp] = env[pn]
+    rout: Sequence[Any] = ()
+    for n in R.graph.nodes:
+        if n.op == "placeholder":
+            continue
+        if n.op == "output":
+            rout = n.args[0]
+            break
+        if n.op == "get_attr":
+            # the region reads the model's weights as constants: name them as capture does
+            known = by_storage.get(_storage_key(R.get_weight(n.target)))
+            if known is None:
+                raise _Fallback("the region lifts a constant that is not a weight")
+            name, tensor, kind = known
+            if name in weights:
+                if weights[name][0] is not tensor:
+                    raise _Fallback("two weights under one name")
+            else:
+                weights[name] = (tensor, kind)
+                attrs[name] = G.get_attr(name)
+                attrs[name].meta.update(n.meta)
+            rmap[n] = attrs[name]
+            continue
+        if n.op != "call_function" or not (
+            isinstance(n.target, torch._ops.OpOverload) or n.target is operator.getitem
+        ):
+            raise _Fallback("the region calls something other than an ATen op")
+        rmap[n] = G.node_copy(n, lambda a: rmap[a])
+    n_leaves, n_preds = st["n"], st["n_preds"]
+
+    def region_local(d: int) -> dict[tuple[Any, ...], fx.Node]:
+        return {key: rmap[rout[n_leaves + n_preds + i]] for key, i in st["locals"][d].items()}
+
+    q = mode.decisions
+    scans: list[_Scan | None] = [
+        _Scan(sc.key, sc.tids, sc.real, sc.frames, sc.safe, own=False) if sc else None
+        for sc in P.scans[: k + 1]
+    ]
+    lnodes: list[dict[tuple[Any, ...], fx.Node] | None] = []
+    for d in range(k + 1):
+        loc = P.lnodes[d] if d < len(P.lnodes) else None
+        ok = loc is not None and all(v in env for v in loc.values())
+        lnodes.append({key: env[v] for key, v in loc.items()} if ok and loc else None)
+    last = watch.stop_at if st["stopped"] else len(q) - 1
+    for d in range(k + 1, (last or 0) + 1):
+        scans.append(watch.scans.get(d))
+        lnodes.append(region_local(d) if d in st["locals"] else None)
+    kinds = list(mode.item_kinds)
+    decisions, keys, bindings = list(q), list(mode.keys), list(mode.bindings)
+    if st["stopped"]:
+        j, i = watch.stopped, watch.stop_at
+        assert j is not None and i is not None
+        ps, qs = P.scans[j], watch.scans[i]
+        if ps is None or ps.real != qs.real or P.lnodes[j] is None:
+            raise _Fallback("the rejoin's state")
+        qloc = region_local(i)
+        sub: dict[fx.Node, fx.Node] = {}
+        for key, pn in (P.lnodes[j] or {}).items():
+            qn = qloc.get(key)
+            if qn is None or sub.setdefault(pn, qn) is not qn:
+                raise _Fallback("the rejoin's tensor locals differ")
+        if len({id(v) for v in sub.values()}) != len(sub):
+            raise _Fallback("the rejoin's tensor locals alias differently")
+        cut_j = P.pos[P.items[j]]
+        post: dict[fx.Node, fx.Node] = {}
+
+        def after(a: fx.Node) -> fx.Node:
+            if a in post:
+                return post[a]
+            if a in sub:
+                return sub[a]
+            if a.op in ("placeholder", "get_attr"):
+                return env[a]
+            raise _Fallback("the path after the rejoin reads a value no local holds")
+
+        for n in pg.nodes:
+            if n.op == "call_function" and P.pos[n] > cut_j:
+                post[n] = G.node_copy(n, after)
+        outs = [after(a) for a in pg.find_nodes(op="output")[0].args[0][: P.n_out]]
+        seen = sum(
+            1
+            for n in pg.nodes
+            if n.op == "call_function" and n.target is _aten.item.default and P.pos[n] <= cut_j
+        )
+        if len(P.item_kinds) < seen:
+            raise _Fallback("the base trace's conversions")
+        kinds += P.item_kinds[seen:]
+        decisions += P.decisions[j + 1 :]
+        keys += P.keys[j + 1 :]
+        tag = id(watch)
+        fmap = dict(zip(ps.frames, qs.frames)) if len(ps.frames) == len(qs.frames) else {}
+        tmap = {ps.tids[key]: qs.tids[key] for key in ps.tids if key in qs.tids}
+        for b in P.bindings[j + 1 :]:
+            bindings.append(
+                {
+                    (fmap.get(key[0], (tag, key[0])), *key[1:]): tmap.get(v, (tag, v))
+                    for key, v in b.items()
+                }
+            )
+        scans += [None] * (len(decisions) - len(scans))
+        lnodes += [None] * (len(decisions) - len(lnodes))
+        spec, n_out, names = P.spec, P.n_out, P.program.output_names[: P.n_out]
+    else:
+        outs = [rmap[a] for a in rout[:n_leaves]]
+        spec, n_out, names = st["spec"], n_leaves, R.output_names[:n_leaves]
+    items = [n for n in G.nodes if n.op == "call_function" and n.target is _aten.item.default]
+    if len(items) != len(kinds) or sum(kinds) != len(decisions):
+        raise _Fallback("the assembled path's conversions")
+    preds = [n.args[0] for n, kind in zip(items, kinds) if kind]
+    out = G.output((*outs, *preds))
+    M.set_loc(out, M.UNKNOWN_LOC)
+    gm = build_graph_module(G, weights, {}, class_name=type(P.program.graph_module).__name__)
+    program = Program(
+        gm,
+        output_names=[*names, *(f"_pred{i}" for i in range(len(preds)))],
+        weight_kinds={w: kind for w, (_, kind) in weights.items()},
+        name=P.program.name,
+    )
+    info = _PathInfo(decisions, keys, bindings, kinds)
+    return _Raw(program, spec, n_out, info, list(outs), scans[: len(decisions)], lnodes)
+
+
+def _has_hooks(modules: Sequence[nn.Module]) -> bool:
+    """Module hooks run Python the region traces do not model."""
+    from torch.nn.modules import module as _module
+
+    hooks = (
+        "_forward_hooks",
+        "_forward_pre_hooks",
+        "_backward_hooks",
+        "_state_dict_hooks",
+    )
+    if any(getattr(_module, f"_global{h}", None) for h in hooks):
+        return True
+    return any(getattr(m, h, None) for m in modules for h in hooks[:2])
+
+
+#: region traces on (module docs, "Cost"); tests turn them off to compare with full traces
+_REGION_TRACES = True
 
 
 def _paths(R: _Region) -> int:
@@ -1563,7 +2281,9 @@ def capture_dynamic(
     Returns a Program with one ``torch.cond`` per decision site (sides that rejoin; tail
     form where the outputs differ); a model with no data-dependent decision gives the same
     Program as :func:`splice.capture`. ``program.attrs`` records ``paths`` (the paths
-    through the conds), ``traces`` (the paths traced to find them) and ``conds``.
+    through the conds), ``traces`` (the paths traced to find them), ``region_traces`` (how
+    many of those were assembled from a region trace rather than a full export; module
+    docs, "Cost") and ``conds``.
 
     ``max_paths`` bounds the number of traced paths (a CaptureError beyond it): k sequential
     gates need k + 1. ``max_decisions`` bounds the decisions on one path (an unbounded
@@ -1582,14 +2302,12 @@ def capture_dynamic(
     the capture by the inputs' shapes (in the artifact too: the host program's
     ``signature`` step).
     """
-    from splice.ir.capture import _ident, _split_inputs
-
     examples = [example_inputs, *(signatures or [])]
     if len(examples) > 1:
         programs: list[Program] = []
         seen: set[Any] = set()
         for ex in examples:
-            args, _ = _split_inputs(ex)
+            args, _ = split_inputs(ex)
             sig = signature_of_values(args)
             if sig in seen:
                 continue
@@ -1607,7 +2325,7 @@ def capture_dynamic(
         if len(programs) > 1:
             return SignatureSet(programs, name=programs[0].name)
         return programs[0]
-    args, kwargs = _split_inputs(example_inputs)
+    args, kwargs = split_inputs(example_inputs)
     if kwargs:
         raise CaptureError(
             "capture of data-dependent control flow takes positional tensor inputs only",
@@ -1621,7 +2339,7 @@ def capture_dynamic(
             root = ex.trace(())
             if not root.decisions:
                 p = root.program
-                p.name = _ident(name or type(model).__name__)
+                p.name = ident(name or type(model).__name__)
                 return p
             region = ex.build()
             root = ex.trace(())
@@ -1653,13 +2371,13 @@ def capture_dynamic(
         graph,
         {w: ex.weights[w] for w in used},
         subgraphs,
-        class_name=f"Program_{_ident(name or type(model).__name__)}",
+        class_name=f"Program_{ident(name or type(model).__name__)}",
     )
     program = Program(
         gm,
         output_names=ex.out_names or None,
         weight_kinds={w: ex.weights[w][1] for w in used},
-        name=_ident(name or type(model).__name__),
+        name=ident(name or type(model).__name__),
     )
     if ex.table is not None:
         program.attrs["variants"] = ex.table
@@ -1667,6 +2385,7 @@ def capture_dynamic(
     program.attrs["paths"] = _paths(region)
     program.attrs["traces"] = len({id(t) for t in ex.traces.values()})
     program.attrs["conds"] = ex.conds
+    program.attrs["region_traces"] = ex.region_traces
     return program
 
 
