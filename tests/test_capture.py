@@ -176,7 +176,7 @@ def test_capture_restores_training_mode(arch_model):
 
 
 def test_the_capture_core_explore_uses_is_public():
-    """capture_dynamic builds on these; the underscore names stay until it switches."""
+    """capture_dynamic builds on these public names (the old underscore aliases are gone)."""
     import importlib
 
     C = importlib.import_module("splice.ir.capture")  # splice.ir.capture is the function
@@ -189,4 +189,4 @@ def test_the_capture_core_explore_uses_is_public():
         C.split_inputs(3)
     assert C.ident("0.layer-1") == "p_0_layer_1"
     for name in ("capture_error", "ident", "output_names", "split_inputs", "to_program"):
-        assert getattr(C, f"_{name}") is getattr(C, name)
+        assert callable(getattr(C, name)) and not hasattr(C, f"_{name}")

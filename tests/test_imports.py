@@ -47,14 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent / "splice"
 
 #: Edges that still break the rules, each ``(importer, imported, name)``: ``name`` is the
 #: private name for a private import, ``""`` for an upward or cyclic module edge. To be emptied.
-KNOWN_TO_FIX: set[tuple[str, str, str]] = {
-    # explore.py uses capture's core under its old private names (public now, aliased)
-    ("splice.ir.explore", "splice.ir.capture", "_capture_error"),
-    ("splice.ir.explore", "splice.ir.capture", "_ident"),
-    ("splice.ir.explore", "splice.ir.capture", "_output_names"),
-    ("splice.ir.explore", "splice.ir.capture", "_split_inputs"),
-    ("splice.ir.explore", "splice.ir.capture", "_to_program"),
-}
+KNOWN_TO_FIX: set[tuple[str, str, str]] = {}
 
 #: layer name -> rank; a module may import modules of its own rank or lower
 RANKS = {"base": 0, "ir": 1, "passes": 2, "runtime": 3, "face": 4, "models": 5, "tools": 6}

@@ -546,12 +546,4 @@ def ident(name: str) -> str:
     return s if s and not s[0].isdigit() else f"p_{s}"
 
 
-# The names splice.ir.explore imported while they were private; to be removed once it uses
-# the public ones (#18 item 5).
-_capture_error = capture_error
-_ident = ident
-_output_names = output_names
-_split_inputs = split_inputs
-_to_program = to_program
-
 __all__ = ["capture", "capture_error", "ident", "output_names", "split_inputs", "to_program"]
