@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent / "splice"
 
 #: Edges that still break the rules, each ``(importer, imported, name)``: ``name`` is the
 #: private name for a private import, ``""`` for an upward or cyclic module edge. To be emptied.
-KNOWN_TO_FIX: set[tuple[str, str, str]] = {}
+KNOWN_TO_FIX: set[tuple[str, str, str]] = set()
 
 #: layer name -> rank; a module may import modules of its own rank or lower
 RANKS = {"base": 0, "ir": 1, "passes": 2, "runtime": 3, "face": 4, "models": 5, "tools": 6}
