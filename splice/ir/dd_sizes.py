@@ -455,6 +455,12 @@ class DenseSelections(TorchFunctionMode):
         self._gate: frozenset[_Cond] = frozenset()  # conditions of the op being run
         self._gate_masks: dict[_Cond, torch.Tensor] = {}
 
+    @property
+    def selected(self) -> bool:
+        """Whether the forward made a data-dependent selection (so this mode holds state
+        about the rows it selected)."""
+        return bool(self._tags or self._loops)
+
     # -- bookkeeping ---------------------------------------------------------------------
 
     def _tag(

@@ -802,7 +802,7 @@ def _trace_path(
 
 def _dense_used(dense: DenseSelections) -> bool:
     """Did the path select rows densely (region traces do not model that state)?"""
-    return bool(getattr(dense, "_tags", True) or getattr(dense, "_loops", True))
+    return dense.selected
 
 
 def _locals_outputs(
