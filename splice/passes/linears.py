@@ -160,12 +160,8 @@ def _linear_site(program: Program, tree: GraphTree, node: fx.Node) -> tuple[Any,
             site = (node.args[0], w, False, bias)
     elif node.target is aten.addmm.default and not node.kwargs:
         bias, x, mat = node.args[0], node.args[1], node.args[2]
-        inner = transpose_of(mat)
-        w = param_of(program, inner, tree) if inner is not None else None
-        if w is not None:
-            site = (x, w, False, bias)
-        elif (w := param_of(program, mat, tree)) is not None:
-            site = (x, w, True, bias)
+        if (found := _matrix_weight(program, tree, mat)) is not None:
+            site = (x, *found, bias)
         if site is not None and not (
             isinstance(bias, fx.Node)
             and isinstance(M.spec(bias), M.TensorSpec)
@@ -174,13 +170,20 @@ def _linear_site(program: Program, tree: GraphTree, node: fx.Node) -> tuple[Any,
             site = None  # addmm with a broadcast matrix "bias" is not a linear layer
     elif node.target in (aten.matmul.default, aten.mm.default):
         x, mat = node.args[0], node.args[1]
-        inner = transpose_of(mat)
-        w = param_of(program, inner, tree) if inner is not None else None
-        if w is not None:
-            site = (x, w, False, None)
-        elif (w := param_of(program, mat, tree)) is not None:
-            site = (x, w, True, None)
+        if (found := _matrix_weight(program, tree, mat)) is not None:
+            site = (x, *found, None)
     return site
+
+
+def _matrix_weight(program: Program, tree: GraphTree, mat: Any) -> tuple[Any, bool] | None:
+    """(weight node, transposed) for the right operand of ``x @ mat``: ``Wᵀ`` of a parameter
+    ``W`` is an ``nn.Linear`` layout (not transposed), ``W`` itself the transposed one."""
+    inner = transpose_of(mat)
+    w = param_of(program, inner, tree) if inner is not None else None
+    if w is not None:
+        return w, False
+    w = param_of(program, mat, tree)
+    return (w, True) if w is not None else None
 
 
 def find_factored_linears(program: Program, tree: GraphTree) -> list[LinearSite]:
