@@ -51,6 +51,7 @@ import triton
 import triton.language as tl
 
 from splice.errors import LoweringError
+from splice.runtime.kernels.triton_common import dot_precision, is_fake_tensor
 
 #: largest number of rows that take the GEMV (decode) path
 GEMV_MAX_ROWS = 16
@@ -321,7 +322,7 @@ def lowrank_linear_triton(
     if rows == 0 or r == 0 or m == 0:
         y = x.new_zeros((rows, m))
         kernel_bias = False
-    elif is_interpreted() and _is_fake(x2):
+    elif is_interpreted() and is_fake_tensor(x2):
         # tracing (torch.export / make_fx) with interpreted kernels: wrap_triton cannot trace
         # an InterpretedFunction (torch returns it as is), so only shapes are produced here;
         # compiled kernels are traced as triton_kernel_wrapper nodes instead
@@ -343,7 +344,7 @@ def lowrank_linear_triton(
             bias.stride(0) if kernel_bias else 0, y.stride(0), y.stride(1),
             HAS_BIAS=kernel_bias, USE_ATOMIC=atomic, SPLIT_M=split,
             BLOCK_B=GEMV_MAX_ROWS, BLOCK_R=br, BLOCK_N=bn, BLOCK_M=bm,
-            PRECISION=_precision(x.dtype), DOT_F32=dot_f32, num_warps=4,
+            PRECISION=dot_precision(x.dtype), DOT_F32=dot_f32, num_warps=4,
         )  # fmt: skip
         y = y.to(x.dtype)
     else:
@@ -359,24 +360,12 @@ def lowrank_linear_triton(
             x2.stride(0), x2.stride(1), A.stride(0), A.stride(1), B.stride(0), B.stride(1),
             bias.stride(0) if kernel_bias else 0, y.stride(0), y.stride(1),
             HAS_BIAS=kernel_bias, BLOCK_B=bb, BLOCK_R=br, BLOCK_N=bn, BLOCK_M=bm,
-            PRECISION=_precision(x.dtype), DOT_F32=dot_f32, num_warps=4, num_stages=2,
+            PRECISION=dot_precision(x.dtype), DOT_F32=dot_f32, num_warps=4, num_stages=2,
         )  # fmt: skip
     y = y.reshape(*lead, m)
     if bias is not None and not kernel_bias:  # broadcast or promoted bias: as the reference
         y = y + bias
     return y
-
-
-def _is_fake(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
-    return is_fake(t)
-
-
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
 
 
 __all__ = ["GEMV_MAX_ROWS", "is_interpreted", "lowrank_linear_triton"]

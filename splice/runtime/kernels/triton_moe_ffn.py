@@ -37,6 +37,7 @@ import triton.language as tl
 
 from splice.errors import LoweringError
 from splice.ir.ops import MOE_ACTIVATIONS, moe_gates
+from splice.runtime.kernels.triton_common import dot_precision, is_fake_tensor
 
 #: activation name -> the ACT code the kernels switch on
 ACT_CODES = {name: i for i, name in enumerate(MOE_ACTIVATIONS)}
@@ -183,18 +184,6 @@ def is_interpreted() -> bool:
     return isinstance(_moe_up_kernel, InterpretedFunction)
 
 
-def _is_fake(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
-    return is_fake(t)
-
-
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
-
-
 def _pow2_block(size: int, cap: int, floor: int = 16) -> int:
     return max(floor, min(cap, triton.next_power_of_2(max(int(size), 1))))
 
@@ -296,7 +285,7 @@ def moe_ffn_triton(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, d)
     N = x2.shape[0]
-    if is_interpreted() and _is_fake(x2):
+    if is_interpreted() and is_fake_tensor(x2):
         # tracing (torch.export / make_fx) with interpreted kernels: wrap_triton cannot trace
         # an InterpretedFunction, so only the shape is produced (as lowrank_linear does)
         return x.new_empty((*lead, d_out))
@@ -310,7 +299,7 @@ def moe_ffn_triton(
             bd = block_d or _pow2_block(d, 64)
             bo = block_o or _pow2_block(d_out, 64)
             dot_f32 = x.dtype == torch.bfloat16 and is_interpreted()
-            prec = _precision(x.dtype)
+            prec = dot_precision(x.dtype)
             a = torch.empty((tok.numel(), s), dtype=x.dtype, device=x.device)
             gated = w_gate is not None
             dummy = x2
