@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from splice.ir.ops import lowrank_linear
+from splice.runtime.kernels.tvm_common import static_shape
 from splice.runtime.kernels.tvm_schedules import LOWRANK_KERNEL, lowrank_plan
 
 LOWRANK_FUSED_MAX_ROWS = 4
@@ -36,18 +37,6 @@ every M measured (1–128)."""
 def _matmul_tileable(n_out: int) -> bool:
     """The matmul rule has a panel width for ``n_out`` output columns (matmul_candidates)."""
     return n_out % 8 == 0 or n_out <= 32
-
-
-def _static_shape(expr: Any) -> list[int] | None:
-    ty = getattr(expr, "ty", None)
-    shape = getattr(ty, "shape", None)
-    values = getattr(shape, "values", None)
-    if values is None:
-        return None
-    try:
-        return [int(v) for v in values]
-    except (TypeError, ValueError):
-        return None
 
 
 def _lowrank_te(x: Any, Ap: Any, Bp: Any, bias: Any, *, m: int, plan: Any) -> Any:
@@ -128,7 +117,7 @@ def convert_lowrank_linear(node: Any, importer: Any) -> Any:
     )
     x, A, B, bias, rank = v.x, v.A, v.B, v.bias, v.rank
     bb = importer.block_builder
-    xs, As, Bs = _static_shape(x), _static_shape(A), _static_shape(B)
+    xs, As, Bs = static_shape(x), static_shape(A), static_shape(B)
     k = As[1] if As is not None else None
     r = k if rank is None or k is None else max(0, min(int(rank), k))
     if rank is not None and r != k:

@@ -51,6 +51,7 @@ import numpy as np
 
 from splice.errors import LoweringError
 from splice.ir.ops import moe_ffn
+from splice.runtime.kernels.tvm_common import static_shape
 
 MOE_KERNEL = "moe_ffn"
 """Value of the ``splice.kernel`` attribute of the sparse ``moe_ffn`` PrimFunc."""
@@ -361,18 +362,6 @@ def build_sparse_kernel(p: MoEPlan) -> Any:
 # the converter
 
 
-def _static_shape(expr: Any) -> list[int] | None:
-    ty = getattr(expr, "ty", None) or getattr(expr, "struct_info", None)
-    shape = getattr(ty, "shape", None)
-    values = getattr(shape, "values", None)
-    if values is None:
-        return None
-    try:
-        return [int(v) for v in values]
-    except (TypeError, ValueError):
-        return None
-
-
 def _dtype(e: Any) -> str:
     ty = getattr(e, "ty", None) or getattr(e, "struct_info", None)
     return str(getattr(ty, "dtype", ""))
@@ -395,7 +384,7 @@ def sparse_applies(rows: int, E: int, top_k: int) -> bool:
 def convert_moe_ffn(node: Any, importer: Any) -> Any:
     """Relax for one ``splice::moe_ffn`` node: the sparse kernel or the dense path."""
     v = _arguments(node, importer)
-    xs, wis, wos = _static_shape(v["x"]), _static_shape(v["w_in"]), _static_shape(v["w_out"])
+    xs, wis, wos = static_shape(v["x"]), static_shape(v["w_in"]), static_shape(v["w_out"])
     tensors = [v[p.name] for p in moe_ffn.params[:9] if v[p.name] is not None]
     if xs is not None and wis is not None and wos is not None:
         rows = math.prod(xs[:-1])
