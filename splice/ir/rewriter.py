@@ -63,16 +63,11 @@ class Rewriter(Builder):
         return self.weight(name)
 
     def set_weight(self, name: str, value: torch.Tensor) -> None:
-        """Replace the value of weight ``name`` (keeping its kind) and re-type its readers."""
-        if not self.program.has_weight(name):
-            raise PassError(f"{self.pass_name or 'rewrite'}: program has no weight @{name}")
-        self.program.add_weight(name, value, self.program.weight_kind(name))
-        self.runner._weight_fakes.pop(name, None)
-        spec = self.runner.env.spec_of(self.runner.weight_fake(name))
-        for n in self.graph.find_nodes(op="get_attr"):
-            if n.target == name:
-                M.set_spec(n, spec)
-                self.mark_changed(n)
+        """Replace the value of weight ``name`` (keeping its kind) and re-type its readers
+        (:meth:`Builder.set_weight_value`), which count as changed."""
+        self.set_weight_value(name, value)
+        for n in self.graph.find_nodes(op="get_attr", target=name):
+            self.mark_changed(n)
 
     def add_input(self, name: str, spec: M.Spec, *, index: int | None = None) -> fx.Node:
         node = self.program.add_input(name, spec, index=index, loc=self._stamp(M.UNKNOWN_LOC))
