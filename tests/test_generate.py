@@ -111,6 +111,29 @@ def test_lowrank_loop_equals_transformed_program(tmp_path) -> None:
     assert got.generate(ids, max_new_tokens=NEW, stop_tokens=[]).tokens == want
 
 
+def test_svd_factors_are_computed_once_for_both_programs(monkeypatch) -> None:
+    import splice.passes.lowrank as L
+
+    _, lm = _lm("llama")
+    calls: list[tuple[int, ...]] = []
+    real = L.factorize
+
+    def counting(w, method, **kw):
+        calls.append(tuple(w.shape))
+        return real(w, method, **kw)
+
+    monkeypatch.setattr(L, "factorize", counting)
+    ctx = parse_pipeline("lowrank{ratio=0.5}").context()
+    low = lm.run_pipeline(parse_pipeline("lowrank{ratio=0.5}"), ctx=ctx)
+    factored = [w for w in low.decode.weights if w.endswith(".lowrank_A")]
+    assert factored and len(calls) == len(factored)  # once per weight, not once per program
+    assert ctx.memo_hits == len(factored)  # the decode run reused every prefill factor
+    assert not low.shared_weights()[1]
+    # a fresh context computes them again (nothing leaks between runs)
+    lm.run_pipeline(parse_pipeline("lowrank{ratio=0.5}"))
+    assert len(calls) == 2 * len(factored)
+
+
 def test_calibrating_pipeline_gets_samples_for_both_programs() -> None:
     _, lm = _lm("llama")
     pre, dec = lm.calibration_samples([_prompt(8), _prompt(5, seed=2)], steps=2)

@@ -219,6 +219,8 @@ class LMPrograms:
         (:meth:`calibration_samples`). Passes that decide from the weights alone (``lowrank``
         with ``method=svd``, ``experts`` with k-means) give both programs the same weights;
         calibrated ones calibrate each on its own inputs. :func:`shared_weights` says which.
+        Both runs share one :class:`~splice.passes.base.PassContext` (unless ``ctx=`` is
+        given), so weight-only work such as ``lowrank{method=svd}``'s SVDs is done once.
         """
         from dataclasses import replace
 
@@ -228,6 +230,10 @@ class LMPrograms:
                 hint='build one with splice.passes.parse_pipeline("lowrank{ratio=0.5}")',
             )
         pre_s, dec_s = self.calibration_samples(prompts)
+        if run_kwargs.get("ctx") is None:
+            # one context for both runs: a result that depends on a weight alone (lowrank's
+            # SVD) is computed once for the two programs, which share their weight tensors
+            run_kwargs["ctx"] = pipeline.context()
         pre = pipeline.run(self.prefill, sample_inputs=pre_s, **run_kwargs).program
         dec = pipeline.run(self.decode, sample_inputs=dec_s, **run_kwargs).program
         return replace(self, prefill=pre, decode=dec)

@@ -35,6 +35,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
+import torch
+
 from splice.errors import PipelineError
 from splice.ir.program import Program
 from splice.target import Target
@@ -89,8 +91,10 @@ class PassContext:
         self.config = dict(config or {})
         self.progress = progress or (lambda message, done, total: None)
         self._cache: dict[tuple[Any, ...], Any] = {}
+        self._memo: dict[tuple[Any, ...], tuple[Any, Any]] = {}
         self.analysis_hits = 0
         self.analysis_misses = 0
+        self.memo_hits = 0
 
     @property
     def calibration(self) -> list[tuple[Any, ...]]:
@@ -112,6 +116,25 @@ class PassContext:
         self.analysis_misses += 1
         result = fn(program, self, **options)
         self._cache[key] = result
+        return result
+
+    def memo(self, key: tuple[Any, ...], of: torch.Tensor, fn: Callable[[], Any]) -> Any:
+        """``fn()``, a result that depends only on the values of the tensor ``of`` (and on
+        ``key``), computed once per context.
+
+        Programs share their (immutable) weight tensors, so the same weight read by two
+        programs run in one context, such as an LM's prefill and decode, or the members of a
+        SignatureSet, is one tensor object. The memo keys on it (its id and version counter)
+        and keeps it alive while the context lives, so an id is never reused for another
+        tensor.
+        """
+        k = (*key, id(of), of._version)
+        hit = self._memo.get(k)
+        if hit is not None:
+            self.memo_hits += 1
+            return hit[1]
+        result = fn()
+        self._memo[k] = (of, result)
         return result
 
 

@@ -344,24 +344,36 @@ class LowRank(Pass):
                     kept.append(g)
             chosen = kept
         ctx.progress("lowrank: factoring", 0, len(chosen))
+        reused = ctx.memo_hits
         factors: list[Factors] = []
         weights: list[torch.Tensor] = []
         for i, g in enumerate(chosen):
             s = g[0]
-            w = program.get_weight(s.weight).detach()
+            stored = program.get_weight(s.weight)
+            w = stored.detach()
             w = w.mT if s.transposed else w
             weights.append(w)
             st = calib.get(s.weight) if calib else None
-            factors.append(
-                factorize(
-                    w,
-                    self.method,
-                    gram=st.gram if st is not None else None,
-                    abs_mean=st.abs_mean if st is not None else None,
-                    alpha=self.alpha,
+            if self.method == "svd":  # from the weight alone: once per weight and context
+                factors.append(
+                    ctx.memo(
+                        ("lowrank.factorize", "svd", s.transposed),
+                        stored,
+                        lambda w=w: factorize(w, "svd"),
+                    )
                 )
-            )
+            else:
+                factors.append(
+                    factorize(
+                        w,
+                        self.method,
+                        gram=st.gram if st is not None else None,
+                        abs_mean=st.abs_mean if st is not None else None,
+                        alpha=self.alpha,
+                    )
+                )
             ctx.progress("lowrank: factoring", i + 1, len(chosen))
+        reused = ctx.memo_hits - reused
 
         ranks = self._ranks(program, ctx, chosen, factors)
         layers: list[dict[str, Any]] = []
@@ -393,6 +405,7 @@ class LowRank(Pass):
             "changed": True,
             "method": self.method,
             "factored": len(layers),
+            "factorizations_reused": reused,  # computed earlier in this context (same weight)
             "sites_factored": sum(len(r["sites"]) for r in layers),
             "sites_in_subgraphs": sum(
                 1 for r in layers for site in r["sites"] if not site.startswith("%")

@@ -86,6 +86,11 @@ class Pipeline:
     def __repr__(self) -> str:
         return f"Pipeline({str(self)!r})"
 
+    def context(self, **kwargs: Any) -> PassContext:
+        """A new :class:`PassContext` (``kwargs`` as its constructor takes them) to pass as
+        ``run(..., ctx=)`` to several runs that should share their cached work."""
+        return PassContext(**kwargs)
+
     def run(
         self,
         program: Program | SignatureSet,
