@@ -4,7 +4,9 @@
 
     model.artifact/
       manifest.json         format, versions, target, input/output specs, parts, sha256 of every file
-      main.so               one shared library per part (TVM: a Relax VM executable)
+      main.so               one shared library per part (TVM: a Relax VM executable), or
+      main.onnx             one ONNX model per part (backend "onnxruntime": its large
+                            initializers are external data inside weights.safetensors)
       weights.safetensors   the program's weights by name (parameters are fed to the parts;
                             buffers and constants are also linked into the parts)
       program.ir            the program's text IR: the PyTorch reference for `splice run --check`
@@ -35,7 +37,11 @@ raises :class:`~splice.errors.ArtifactError` (never a crash, KeyError or TVM err
   fault in the loader), that is not bound to this artifact (``compile`` appends to each
   library the sha256 of the program files it was compiled from: a library copied from
   another artifact names other files), or whose own parameter checks disagree with the
-  manifest's inputs and weights (read from the Relax executable before its first call).
+  manifest's inputs and weights (read from the Relax executable before its first call);
+- an ONNX model (onnxruntime parts) that does not parse as ONNX, is not bound to this
+  artifact (the same sha256 list, in its ``metadata_props``), reads external data from
+  anywhere but ``weights.safetensors`` or past its end, or whose inputs and outputs are
+  not the manifest's (:func:`splice.runtime.backends.ort.check_model`).
 
 ``sha256=`` (:func:`splice.load`, :class:`CompiledModel`) pins a whole artifact: it is the
 sha256 of ``manifest.json`` (``Artifact.sha256``, ``sha256sum manifest.json``), which lists
@@ -485,7 +491,10 @@ def _load_part(
     num_threads: int | None,
 ) -> Any:
     """One part's library, loaded after the checks that need no call into it: complete ELF,
-    bound to this artifact, and its own parameter checks agree with the manifest."""
+    bound to this artifact, and its own parameter checks agree with the manifest (an ONNX
+    Runtime part: :func:`_load_ort_part`)."""
+    if part.get("backend") == "onnxruntime":
+        return _load_ort_part(root, manifest, part, num_threads)
     # the backend is imported when a library is loaded (seconds to import; see compile.py)
     from splice.runtime.backends.tvm import TVMPart, require_tvm
 
@@ -536,6 +545,48 @@ def _load_part(
             hint=E.REBUILD,
         )
     return compiled
+
+
+def _load_ort_part(
+    root: Path, manifest: dict[str, Any], part: dict[str, Any], num_threads: int | None
+) -> Any:
+    """One part's ONNX model in an ONNX Runtime session, after the checks of
+    :func:`splice.runtime.backends.ort.check_model` (parses as ONNX, bound to this artifact,
+    external data only inside ``weights.safetensors``, the manifest's inputs and outputs)."""
+    from splice.runtime.backends.ort import ORTPart, check_model, intra_op_threads, require_ort
+
+    require_ort()
+    threads = intra_op_threads(num_threads)  # a bad count is the caller's error, not the file's
+    name = part["model"]
+    if part["params"]:
+        raise ArtifactError(
+            f"part {part['name']!r}: an onnxruntime part reads its weights from its model, "
+            f"but the manifest lists run-time weights {part['params'][:5]}",
+            where=str(root),
+            hint=E.REBUILD,
+        )
+    try:
+        E.inside(root, name)
+    except E.Invalid as e:
+        raise _error(e, root) from None
+    path = check_model(
+        root,
+        name,
+        part=E.library_owner(manifest, name),
+        bound=E.bound_files(manifest),
+        weights_file=WEIGHTS,
+        inputs=part["inputs"] if "inputs" in part else manifest["inputs"],
+        outputs=part["outputs"] if "outputs" in part else manifest["outputs"],
+    )
+    try:
+        return ORTPart(path, num_threads=threads)
+    except Exception as e:  # onnxruntime's own checks of the model
+        raise ArtifactError(
+            f"part {part['name']!r}: onnxruntime cannot load {name}: "
+            f"{type(e).__name__}: {_last_line(e)}",
+            where=str(root),
+            hint=E.REBUILD,
+        ) from None
 
 
 def _last_line(e: BaseException) -> str:

@@ -2,8 +2,11 @@
 
 ``compile`` verifies the program, runs the exact cleanup pipeline (``cse``,
 ``fold-constants``, ``dce``) so that backends see constant masks folded, lowers it with a
-backend (TVM, the CPU and edge path) and writes an :mod:`artifact <splice.runtime.artifact>`
-folder atomically.
+backend and writes an :mod:`artifact <splice.runtime.artifact>` folder atomically. The
+backends (:data:`BACKENDS`): ``"tvm"`` (the CPU and edge path: a tuned ``.so`` per part) and
+``"onnxruntime"`` (an ``.onnx`` model per part, run by ONNX Runtime on this machine; its
+weights are read from the artifact's ``weights.safetensors``, so they are stored once; see
+:mod:`splice.runtime.backends.ort`).
 
 The backend modules (:mod:`splice.runtime.backends`) are imported where a program is
 lowered, not at the top: they bring their schedules, tuners and kernels (seconds to
@@ -56,6 +59,7 @@ from splice.target import Target, cpu_flags, get_target
 from splice.version import __version__
 
 PREPARE_PIPELINE = "cse,fold-constants,dce"
+BACKENDS = ("tvm", "onnxruntime")
 
 
 def compile(
@@ -93,12 +97,19 @@ def compile(
 
     A program with branches, or a :class:`~splice.ir.signatures.SignatureSet` (one program
     per input shape), compiles into parts and a host program that dispatches between them.
+
+    ``backend="onnxruntime"`` exports each part to ONNX and runs it with ONNX Runtime
+    (graph optimisations on); it compiles only for ``"host"`` (ORT picks its CPU kernels
+    when the model is loaded), and the TVM options ``tune`` and ``rpc`` do not apply to it
+    (``fast_math`` is ignored).
     """
 
-    if backend != "tvm":
-        raise LoweringError(f"unknown backend {backend!r}", hint="backends: tvm")
+    if backend not in BACKENDS:
+        raise LoweringError(f"unknown backend {backend!r}", hint=f"backends: {', '.join(BACKENDS)}")
     if isinstance(target, str):
         target = get_target(target)
+    if backend == "onnxruntime":
+        _check_ort_options(target, tune, rpc)
     if not isinstance(tune, int) or tune < 0:
         raise LoweringError(f"tune must be a number of trials >= 0, got {tune!r}")
     if rpc is not None:
@@ -115,12 +126,18 @@ def compile(
             raise LoweringError("lowrank_rank= is not supported for programs with branches yet")
         return _compile_split(
             program, target, tune=tune, output=output, prepare=prepare, fast_math=fast_math,
-            samples=samples, progress=progress, overwrite=overwrite, rpc=rpc,
+            samples=samples, progress=progress, overwrite=overwrite, rpc=rpc, backend=backend,
         )  # fmt: skip
     if lowrank_rank is not None:
         program = set_rank(program, lowrank_rank)
     if prepare:
         program = parse_pipeline(PREPARE_PIPELINE).run(program).program
+    if backend == "onnxruntime":
+        return _compile_ort(
+            program, target, output=output, samples=samples, progress=progress,
+            overwrite=overwrite,
+            options={"prepare": PREPARE_PIPELINE if prepare else None, "lowrank_rank": lowrank_rank},
+        )  # fmt: skip
     from splice.runtime.backends import tvm as tvm_backend
 
     t0 = time.perf_counter()
@@ -157,6 +174,71 @@ def compile(
         )
         _write_manifest(tmp, manifest, files)
     return Artifact(output)
+
+
+def _check_ort_options(target: Target, tune: int, rpc: str | None) -> None:
+    """LoweringError for what the onnxruntime backend cannot do: another target than the
+    host, tuning, an RPC tracker."""
+    if target.name != "host":
+        raise LoweringError(
+            f"backend 'onnxruntime' compiles for the target 'host' only, not {target.name!r}",
+            hint="ONNX Runtime picks its CPU kernels on the machine that loads the model: "
+            "compile for 'host' (the .onnx runs wherever onnxruntime does), or use "
+            f"backend='tvm' for {target.name!r}",
+        )
+    if tune or rpc is not None:
+        raise LoweringError(
+            "tune= and rpc= tune TVM kernels; backend 'onnxruntime' has nothing to tune",
+            hint="drop tune/rpc, or compile with backend='tvm'",
+        )
+
+
+def _compile_ort(
+    program: Program,
+    target: Target,
+    *,
+    output: str | Path | None,
+    samples: Sequence[Sequence[torch.Tensor]] | None,
+    progress: Callable[[str, int, int], None] | None,
+    overwrite: bool,
+    options: dict[str, Any],
+) -> Artifact:
+    """A branch-free (prepared) program as one ONNX Runtime part, ``main.onnx``."""
+    from splice.runtime.backends import ort as ort_backend
+
+    say = progress or (lambda message, done, total: None)
+    t0 = time.perf_counter()
+    say("exporting to ONNX", 0, 1)
+    model = ort_backend.lower(program)
+    seconds = {"export": time.perf_counter() - t0}
+    output = _output_path(output, program)
+    with atomic_dir(output, overwrite=overwrite) as tmp:
+        files = _write_program_files(tmp, program, samples)
+        external = ort_backend.write_model(model, tmp / "main.onnx", tmp / WEIGHTS)
+        files.insert(0, "main.onnx")
+        seconds["total"] = time.perf_counter() - t0
+        manifest = _manifest(
+            program,
+            target,
+            backend="onnxruntime",
+            index_bounds=index_bounds(program),
+            parts=[{"name": "main", "backend": "onnxruntime", "model": "main.onnx", "params": []}],
+            host=None,
+            options=options,
+            lowering={
+                "seconds": seconds,
+                "opset": _opset(model),
+                "external_initializers": len(external),
+            },
+        )
+        _write_manifest(tmp, manifest, files)
+    say("exported to ONNX", 1, 1)
+    return Artifact(output)
+
+
+def _opset(model: Any) -> int | None:
+    """The default-domain opset of an ONNX model."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
 def _output_path(output: str | Path | None, program: Program | SignatureSet) -> Path:
@@ -198,25 +280,33 @@ def _manifest(
     options: dict[str, Any],
     lowering: dict[str, Any],
     index_bounds: dict[str, dict[str, int]] | None = None,
+    backend: str = "tvm",
 ) -> dict[str, Any]:
     """The manifest of an artifact (``files`` is added by :func:`_write_manifest`)."""
-    import tvm
-
-    from splice.runtime.backends.tvm import tvm_target_dict
-
     bounds = index_bounds or {}
     required: list[str] = []
-    if target.kind != "cuda" and target.triple.startswith("x86_64"):
+    if backend == "onnxruntime":  # ORT chooses its kernels by the CPU it runs on
+        from splice.runtime.backends.ort import backend_versions
+
+        versions, target_json = backend_versions(), target.to_json()
+    else:
+        import tvm
+
+        from splice.runtime.backends.tvm import tvm_target_dict
+
+        versions = {"tvm_version": tvm.__version__}
+        target_json = {**target.to_json(), "tvm": tvm_target_dict(target)}
+    if backend == "tvm" and target.kind != "cuda" and target.triple.startswith("x86_64"):
         # host: what this CPU has (LLVM may use all of it); a named ISA level: its features
         have = set(cpu_flags()) if target.name == "host" else set(target.features)
         required = [f for f in CHECKED_FEATURES if f in have]
     return {
         "format": FORMAT,
         "splice_version": __version__,
-        "backend": "tvm",
-        "tvm_version": tvm.__version__,
+        "backend": backend,
+        **versions,
         "program": program.name,
-        "target": {**target.to_json(), "tvm": tvm_target_dict(target)},
+        "target": target_json,
         "required_features": required,
         "inputs": [
             {"name": n, **M.spec_json(s), **bounds.get(n, {})}
@@ -249,14 +339,33 @@ def _write_manifest(tmp: Path, manifest: dict[str, Any], files: list[str]) -> No
 
 
 def _bind_libraries(tmp: Path, manifest: dict[str, Any], files: list[str]) -> None:
-    """Append to each part's library the sha256 of the files it was compiled with (all but
-    libraries and samples: program text, weights, host program), so that loading can refuse
-    a library copied from another artifact (see :mod:`splice.runtime.artifact`)."""
-    libs = {p["library"] for p in manifest["parts"]}
+    """Bind each part's library or ONNX model to the sha256 of the files it was compiled
+    with (all but libraries, models and samples: program text, weights, host program), so
+    that loading can refuse one copied from another artifact (see
+    :mod:`splice.runtime.artifact`): appended to a ``.so``, in an ``.onnx``'s metadata."""
+    libs = {E.part_file(p) for p in manifest["parts"]}
+    models = {p["model"] for p in manifest["parts"] if "model" in p}
     bound = {f: sha256_file(tmp / f) for f in files if f not in libs and f != SAMPLES}
     for lib in sorted(libs):  # a library shared by twin parts is bound once, to its owner
+        owner = E.library_owner(manifest, lib)
+        if lib in models:
+            from splice.runtime.backends.ort import bind_model
+
+            bind_model(tmp / lib, owner, bound)
+            continue
         with open(tmp / lib, "ab") as f:
-            f.write(E.binding_bytes(E.library_owner(manifest, lib), bound))
+            f.write(E.binding_bytes(owner, bound))
+
+
+@dataclass
+class _OrtReport:
+    """What the onnxruntime backend reports per part (the manifest's ``lowering.parts``)."""
+
+    seconds: dict[str, float]
+    opset: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seconds": self.seconds, "opset": self.opset}
 
 
 @dataclass
@@ -380,9 +489,10 @@ def _compile_split(
     progress: Callable[[str, int, int], None] | None,
     overwrite: bool = False,
     rpc: str | None = None,
+    backend: str = "tvm",
 ) -> Artifact:
     """A program with data-dependent branches, or one program per input signature: one
-    library per part, and ``host.json``.
+    library (TVM) or ONNX model (onnxruntime) per part, and ``host.json``.
 
     Each part is compiled on its own, with its predecessors' outputs as example inputs
     (:func:`_split`), and each compiled part is checked against PyTorch on them
@@ -390,9 +500,15 @@ def _compile_split(
     member; its host program starts with a ``signature`` step that picks the member by the
     inputs' shapes, and parts and weights keep one namespace (a member's part names get the
     prefix ``s<k>_``; a weight whose name another member uses for a different tensor is
-    renamed ``s<k>.<name>``).
+    renamed ``s<k>.<name>``). With ``backend="onnxruntime"`` each part is its own model
+    (no sharing between twin parts: a model's weights are read from ``weights.safetensors``
+    anyway, so a twin costs only its graph).
     """
-    from splice.runtime.backends import tvm as tvm_backend
+    ort = backend == "onnxruntime"
+    if ort:
+        from splice.runtime.backends import ort as ort_backend
+    else:
+        from splice.runtime.backends import tvm as tvm_backend
 
     say = progress or (lambda message, done, total: None)
     if isinstance(program, SignatureSet):
@@ -423,9 +539,10 @@ def _compile_split(
     runnable = target.kind != "cuda" and not is_foreign({"target": target.to_json()})
     with atomic_dir(output, overwrite=overwrite) as tmp:
         files = []
+        models: dict[str, Any] = {}  # onnxruntime: file -> ONNX model, written with the weights
         # parts that are the same computation on different weights (the blocks of a gated
         # ResNet, one per gate) share one library: weights are its run-time parameters
-        twins = _twin_groups(parts, weights)
+        twins = {} if ort else _twin_groups(parts, weights)
         shared: dict[str, tuple[str, Program, list[str], Any]] = {}
         for i, (name, info) in enumerate(sorted(parts.items())):
             key = twins.get(name)
@@ -435,7 +552,14 @@ def _compile_split(
             if key is not None:  # every weight a run-time parameter, so that twins can share
                 part = _weights_as_parameters(part)
             reuse = _reuse(shared.get(key), part) if key is not None else None
-            if reuse is not None:
+            if ort:
+                say(f"exporting {name} to ONNX", i, len(parts))
+                t_part = time.perf_counter()
+                model = ort_backend.lower(part)
+                lib, param_names = f"{name}.onnx", []
+                models[lib] = model
+                report = _OrtReport({"export": time.perf_counter() - t_part}, _opset(model))
+            elif reuse is not None:
                 lib, param_names, report = reuse
                 say(f"compiling {name} (shares {lib})", i, len(parts))
             else:
@@ -450,7 +574,12 @@ def _compile_split(
                     shared[key] = (lib, part, param_names, report)
             diff = None
             if name in examples and runnable:
-                compiled = tvm_backend.TVMPart(tmp / lib, [part.get_weight(w) for w in param_names])
+                if ort:
+                    compiled = ort_backend.ORTPart(models[lib].SerializeToString())
+                else:
+                    compiled = tvm_backend.TVMPart(
+                        tmp / lib, [part.get_weight(w) for w in param_names]
+                    )
                 got = compiled(*examples[name])
                 want = eager[name](*examples[name])
                 diff = max(
@@ -460,9 +589,8 @@ def _compile_split(
             entries.append(
                 {
                     "name": name,
-                    "backend": "tvm",
-                    "library": lib,
-                    "entry": "main",
+                    "backend": backend,
+                    **({"model": lib} if ort else {"library": lib, "entry": "main"}),
                     "params": param_names,
                     "inputs": [M.spec_json(s) for s in part.input_specs],
                     "outputs": [M.spec_json(s) for s in part.output_specs],
@@ -473,19 +601,28 @@ def _compile_split(
         say("compiled parts", len(parts), len(parts))
         (tmp / "host.json").write_text(json.dumps(host, indent=1) + "\n")
         files += ["host.json", *_write_program_files(tmp, reference, samples)]
+        for lib, model in models.items():  # weights.safetensors exists now: point into it
+            external = ort_backend.write_model(model, tmp / lib, tmp / WEIGHTS)
+            reports[lib[: -len(".onnx")]]["external_initializers"] = len(external)
+            files.append(lib)
         first = reference[0] if isinstance(reference, SignatureSet) else reference
         manifest = _manifest(
             first,
             target,
+            backend=backend,
             index_bounds=merged_index_bounds(reference),
             parts=entries,
             host="host.json",
-            options={
-                "tune": tune,
-                "prepare": PREPARE_PIPELINE if prepare else None,
-                "fast_math": fast_math,
-                "lowrank_rank": None,
-            },
+            options=(
+                {"prepare": PREPARE_PIPELINE if prepare else None, "lowrank_rank": None}
+                if ort
+                else {
+                    "tune": tune,
+                    "prepare": PREPARE_PIPELINE if prepare else None,
+                    "fast_math": fast_math,
+                    "lowrank_rank": None,
+                }
+            ),
             lowering={"parts": reports, "seconds": time.perf_counter() - t0},
         )
         manifest["branches"] = H.branch_count(host)

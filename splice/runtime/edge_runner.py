@@ -63,6 +63,15 @@ _ENTRY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 
 
+# the part kinds an artifact may hold: backend -> the field naming its file
+PART_BACKENDS = {"tvm": "library", "onnxruntime": "model"}
+
+
+def part_file(part: dict) -> str:
+    """The file a (validated) part runs: its ``library`` (TVM) or ``model`` (onnxruntime)."""
+    return part["library"] if "library" in part else part["model"]
+
+
 class Invalid(Exception):
     """An artifact that must not be loaded: ``message`` says what, ``hint`` what to do.
 
@@ -161,9 +170,13 @@ def _specs(v: Any, field: str, *, named: bool, bound: bool = False) -> list:
 def _part(v: Any, field: str) -> None:
     part = _obj(v, field)
     _str(_get(part, "name", f"{field}.name"), f"{field}.name")
-    if part.get("backend", "tvm") != "tvm":
-        raise _bad(f"{field}.backend", "'tvm'", part.get("backend"))
-    file_name(_get(part, "library", f"{field}.library"), f"{field}.library")
+    backend = part.get("backend", "tvm")
+    if backend not in PART_BACKENDS:
+        raise _bad(f"{field}.backend", " or ".join(map(repr, PART_BACKENDS)), backend)
+    key = PART_BACKENDS[backend]
+    if key == "model" and "library" in part:
+        raise Invalid(f"manifest.json: field '{field}.library' on an onnxruntime part")
+    file_name(_get(part, key, f"{field}.{key}"), f"{field}.{key}")
     entry = part.get("entry", "main")
     if not isinstance(entry, str) or not _ENTRY.match(entry):
         raise _bad(f"{field}.entry", "a function name", entry)
@@ -226,7 +239,7 @@ def check_manifest(manifest: Any) -> dict:
         file_name(f, f"files[{f!r}]")
         if not isinstance(digest, str) or not _SHA256.match(digest):
             raise _bad(f"files[{f!r}]", "a sha256 (64 lowercase hex digits)", digest)
-    needed = [WEIGHTS, PROGRAM, *(p["library"] for p in parts), *([host] if host else []),
+    needed = [WEIGHTS, PROGRAM, *(part_file(p) for p in parts), *([host] if host else []),
               *(s["program"] for s in sigs or [])]  # fmt: skip
     for f in needed:
         if f not in files:
@@ -422,15 +435,16 @@ def binding_bytes(part: str, files: dict[str, str]) -> bytes:
 
 
 def bound_files(manifest: dict) -> dict[str, str]:
-    """The files a library is bound to: all the artifact's files but libraries and samples."""
-    libs = {p["library"] for p in manifest["parts"]}
+    """The files a library (or ONNX model) is bound to: all the artifact's files but the
+    parts' libraries and models, and samples."""
+    libs = {part_file(p) for p in manifest["parts"]}
     return {f: d for f, d in manifest["files"].items() if f not in libs and f != SAMPLES}
 
 
 def library_owner(manifest: dict, library: str) -> str:
     """The part a library is bound to: the first part that calls it (parts that are the same
     computation on other weights call their twin's library with their own parameters)."""
-    return next(p["name"] for p in manifest["parts"] if p["library"] == library)
+    return next(p["name"] for p in manifest["parts"] if part_file(p) == library)
 
 
 def check_binding(name: str, part: str, binding: dict | None, manifest: dict) -> None:
@@ -637,6 +651,12 @@ def check_artifact(root: Path) -> dict:
     check_manifest(manifest)
     check_files(root, manifest)
     check_index_bounds(manifest, (root / PROGRAM).read_text())
+    ort = [p["name"] for p in manifest["parts"] if p.get("backend") == "onnxruntime"]
+    if ort:
+        raise Invalid(
+            f"part {ort[0]!r} runs on ONNX Runtime; the edge runner runs TVM parts only",
+            hint="load it with splice.load (needs onnxruntime), or compile with backend='tvm'",
+        )
     for part in manifest["parts"]:
         check_library(root, manifest, part)
     return manifest

@@ -2,7 +2,7 @@
 
 ::
 
-    splice compile IN [-t TARGET] [--tune N] -o OUT.artifact
+    splice compile IN [-t TARGET] [--backend tvm|onnxruntime] [--tune N] -o OUT.artifact
     splice run ART [--inputs FILE] [--check] [--save FILE]
     splice bench ART [--repeats N] [--torch-compile]
 
@@ -55,10 +55,19 @@ def cmd_compile(a: argparse.Namespace) -> int:
         lowrank_rank=_rank_option(a.lowrank_rank),
         overwrite=a.force,
         rpc=a.rpc,
+        backend=a.backend,
     )
     seconds = time.perf_counter() - t0
     m = art.manifest
     low = m["lowering"]
+    if m.get("backend") == "onnxruntime":
+        con.print(
+            f"compiled {m['program']} for {m['target']['name']} (onnxruntime "
+            f"{m.get('onnxruntime_version')}) in {seconds:.1f} s -> {art.path}"
+        )
+        for f in art.files:
+            con.print(f"  {f}  {(art.path / f).stat().st_size / 1e6:.2f} MB")
+        return 0
     sources: dict[str, int] = {}
     for rec in low.get("tuning", {}).values():
         sources[rec["source"]] = sources.get(rec["source"], 0) + 1
@@ -259,6 +268,13 @@ def add_commands(sub: Any, model_arg: Any) -> None:
         default="host",
         help="host (default), x86-64-v3 (AVX2), x86-64-v4 (AVX-512), aarch64-linux[:CORE] "
         "(e.g. aarch64-linux:cortex-a76) or cuda",
+    )
+    sp.add_argument(
+        "--backend",
+        choices=("tvm", "onnxruntime"),
+        default="tvm",
+        help="tvm (default): compiled, tuned libraries; onnxruntime: ONNX models run by "
+        "ONNX Runtime (target host only)",
     )
     sp.add_argument(
         "--tune",
