@@ -21,7 +21,14 @@ the callable's calling convention is the backend's own, stated there:
   optional, so it is imported at first use); the launcher takes the op's arguments and
   launches its Triton kernels, and is registered as ``splice_triton::<op>`` with
   ``torch.library.triton_op``; a fallback keeps the ``splice::<op>`` node, which runs its
-  reference.
+  reference;
+* ``"onnx"``: a translation ``(ctx, *args, **kwargs) -> value`` that torch.onnx's dynamo
+  exporter calls (``custom_translation_table``, with ``ctx`` bound first) with the op's
+  arguments: symbolic tensors for its tensors, Python values for the rest. It records the
+  op as a node of domain ``splice`` calling an ONNX function through
+  ``ctx.call(name, function, inputs, attributes)`` (``ctx`` is the export's
+  ``splice.runtime.kernels.onnx_common.OnnxContext``, which adds the function to the
+  model); a fallback is decomposed into its reference's ATen ops before the export.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from typing import Any, TypeVar
 from splice.errors import LoweringError
 from splice.ir.ops import NAMESPACE, OPS, OpDef
 
-BACKENDS: tuple[str, ...] = ("tvm", "triton")
+BACKENDS: tuple[str, ...] = ("tvm", "triton", "onnx")
 """The backends every splice op must have a lowering or a declared fallback for."""
 
 F = TypeVar("F", bound=Callable[..., Any])
