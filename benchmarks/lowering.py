@@ -17,7 +17,12 @@ the same input tensors:
   loaded model picks itself;
 * ``splice v3`` — the same for the target ``x86-64-v3`` (AVX2/FMA), which runs on any
   x86-64 CPU with AVX2, so an AVX-512 machine measures both its own ISA and AVX2's (x86
-  machines with AVX2 only).
+  machines with AVX2 only);
+* ``splice→ORT`` — the same program through ``splice.compile(p, "host",
+  backend="onnxruntime")`` → ``splice.load``: splice's ONNX export run by ONNX Runtime
+  (ORT_ENABLE_ALL, intra-op threads as the loaded model picks them: every core). Unlike the
+  ``onnxruntime`` peer it also runs what torch.onnx cannot export: splice ops (``lowrank``,
+  ``experts``) and data-dependent branches (ORT parts under splice's host program).
 
 Every peer's outputs are checked against eager's (max abs diff over all outputs, printed);
 a difference above 1e-3 fails the run (exit status 1, RESULTS.md left alone).
@@ -41,6 +46,21 @@ Workloads
 * ``llama-prefill`` — the same model on 128 tokens at batch 1 (``use_cache=False``),
   returning the logits ``[1, 128, 4096]``.
 
+Transformed workloads (the program every splice peer compiles is built once, before
+timing; ``eager`` and ``torch.compile`` run that program's GraphModule, whose splice ops run
+their reference implementations; the ``onnxruntime`` peer is n/a: torch.onnx exports no
+splice op and would trace only one side of a branch):
+
+* ``llama-decode-lowrank50`` — the decode step after
+  ``lowrank{method=svd,ratio=0.5,targets=lm.model.layers.*}`` (every decoder-layer Linear
+  at 50% of its parameters, ``splice::lowrank_linear``);
+* ``llama-decode-experts`` — the decode step after ``experts{num_experts=8,top_k=2}``
+  (every FFN as 8 experts, top-2 routing, ``splice::moe_ffn``);
+* ``zoo-<name>`` — a model of the dynamic-branch zoo (``splice.models_dynamic.ZOO``:
+  early_exit, skipnet, blockdrop, dynamic_depth, routed_moe, shape_branch) captured with
+  ``capture_dynamic`` (``signatures=`` its branch inputs, as benchmarks/branches.py does);
+  one timed call runs every one of its branch inputs in turn, so every branch is timed.
+
 Method
 ------
 The machine is measured first with :func:`splice.target.measure_host` (STREAM-triad
@@ -59,6 +79,7 @@ Run from the repository root (needs ``pip install -e '.[onnx]'`` for onnxruntime
     python benchmarks/lowering.py                    # full run, writes benchmarks/RESULTS.md
     python benchmarks/lowering.py --quick            # smoke run: 3 repeats, no write
     python benchmarks/lowering.py --repeats 3 --models mlp1,gpt2 --no-results
+    python benchmarks/lowering.py --models transformed   # lowrank, experts, the branch zoo
 
 RESULTS.md keeps one section per kind of CPU (model name and vector ISA): a run replaces
 only its own machine's section.
@@ -81,6 +102,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from common import (
@@ -107,9 +129,15 @@ SECTION = (
 )
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 ATOL = 1e-3
-PEERS = ("eager", "torch.compile", "onnxruntime", "splice", "splice v3")
+PEERS = ("eager", "torch.compile", "onnxruntime", "splice", "splice v3", "splice→ORT")
 SPLICE_TARGETS = {"splice": "host", "splice v3": "x86-64-v3"}
 ALL_MODELS = ("mlp1", "mlp32", "gpt2", "llama-decode", "llama-prefill")
+ZOO_MODELS = ("early_exit", "skipnet", "blockdrop", "dynamic_depth", "routed_moe", "shape_branch")
+TRANSFORMED = (
+    "llama-decode-lowrank50",
+    "llama-decode-experts",
+    *(f"zoo-{n}" for n in ZOO_MODELS),
+)
 
 GPT2_SHAPE: dict[str, int] = {"hidden": 768, "heads": 12, "seq": 128}
 LLAMA_SHAPE: dict[str, int] = {
@@ -136,6 +164,15 @@ class Case:
     inputs: tuple[torch.Tensor, ...]
     weight_bytes: int | None = None  # bytes of weights one call must read (decode only)
     kv_bytes: int | None = None  # bytes of KV cache one call reads (decode only)
+    program: Any = None  # the Program (or SignatureSet) splice compiles; None: capture model
+    calls: tuple[tuple[torch.Tensor, ...], ...] | None = None  # one call = each of these
+    plain_onnx: str | None = None  # why the onnxruntime peer does not apply (None: it does)
+
+    def invoke(self, fn: Callable[..., Any]) -> Any:
+        """One call of the workload on ``fn`` (the model or a peer's callable)."""
+        if self.calls is None:
+            return fn(*self.inputs)
+        return [fn(*x) for x in self.calls]
 
 
 class BlockOut(nn.Module):
@@ -290,12 +327,67 @@ def llama_prefill_case() -> Case:
     )
 
 
+NO_PLAIN_ONNX_OPS = "n/a: torch.onnx exports no splice op (lowrank_linear, moe_ffn)"
+NO_PLAIN_ONNX_BRANCHES = (
+    "n/a: torch.onnx cannot export data-dependent branches (a trace bakes in one path)"
+)
+
+
+def transformed_decode_case(name: str, pipeline: str, what: str) -> Case:
+    """The LLaMA decode step after ``pipeline``; eager runs the transformed program."""
+    from splice.passes import parse_pipeline
+
+    dense = llama_decode_case()
+    log(f"  capturing the decode step and running {pipeline}…")
+    program = splice.capture(dense.model, dense.inputs, name=name.replace("-", "_"))
+    program = parse_pipeline(pipeline).run(program).program
+    return Case(
+        name,
+        f"{dense.description}; after `{pipeline}` ({what})",
+        program.to_module().eval(),
+        dense.inputs,
+        program=program,
+        plain_onnx=NO_PLAIN_ONNX_OPS,
+    )
+
+
+def zoo_case(name: str) -> Case:
+    from splice import models_dynamic as Z
+    from splice.ir.explore import capture_dynamic
+
+    case = Z.ZOO[name]()
+    log(f"  capture_dynamic {name}…")
+    program = capture_dynamic(case.model, case.example, signatures=case.branch_inputs)
+    shapes = sorted({", ".join(str(list(t.shape)) for t in x) for x in case.branch_inputs})
+    return Case(
+        f"zoo-{name}",
+        f"dynamic zoo `{name}` (splice.models_dynamic): one call runs its "
+        f"{len(case.branch_inputs)} branch inputs ({'; '.join(shapes)}) in turn",
+        case.model.eval(),
+        case.branch_inputs[0],
+        program=program,
+        calls=tuple(tuple(x) for x in case.branch_inputs),
+        plain_onnx=NO_PLAIN_ONNX_BRANCHES,
+    )
+
+
 FACTORIES: dict[str, Callable[[], Case]] = {
     "mlp1": lambda: mlp_case(1),
     "mlp32": lambda: mlp_case(32),
     "gpt2": gpt2_case,
     "llama-decode": llama_decode_case,
     "llama-prefill": llama_prefill_case,
+    "llama-decode-lowrank50": lambda: transformed_decode_case(
+        "llama-decode-lowrank50",
+        "lowrank{method=svd,ratio=0.5,targets=lm.model.layers.*}",
+        "every decoder-layer Linear at 50% of its parameters",
+    ),
+    "llama-decode-experts": lambda: transformed_decode_case(
+        "llama-decode-experts",
+        "experts{num_experts=8,top_k=2}",
+        "every FFN as 8 experts, top-2 routing",
+    ),
+    **{f"zoo-{n}": (lambda n=n: zoo_case(n)) for n in ZOO_MODELS},
 }
 
 
@@ -375,8 +467,8 @@ def time_calls(fn: Callable[[], object], warmup: int, repeats: int) -> Timing:
 
 def run_eager(case: Case, warmup: int, repeats: int) -> tuple[PeerResult, list[torch.Tensor]]:
     with torch.inference_mode():
-        ref = [t.clone() for t in flat_outputs(case.model(*case.inputs))]
-        timing = time_calls(lambda: case.model(*case.inputs), warmup, repeats)
+        ref = [t.clone() for t in flat_outputs(case.invoke(case.model))]
+        timing = time_calls(lambda: case.invoke(case.model), warmup, repeats)
     return PeerResult("eager", timing, 0.0), ref
 
 
@@ -386,10 +478,10 @@ def run_torch_compile(case: Case, ref: list[torch.Tensor], warmup: int, repeats:
         compiled = torch.compile(case.model)
         with torch.inference_mode():
             t0 = time.perf_counter()
-            out = compiled(*case.inputs)
+            out = case.invoke(compiled)
             setup = time.perf_counter() - t0
             diff = max_abs_diff(out, ref)
-            timing = time_calls(lambda: compiled(*case.inputs), warmup, repeats)
+            timing = time_calls(lambda: case.invoke(compiled), warmup, repeats)
     except Exception as e:
         return PeerResult("torch.compile", error=error_text(e))
     return PeerResult("torch.compile", timing, diff, setup)
@@ -421,6 +513,8 @@ def _onnx_export(case: Case, path: Path) -> str:
 def run_onnxruntime(
     case: Case, ref: list[torch.Tensor], warmup: int, repeats: int, threads: int, tmp: Path
 ) -> PeerResult:
+    if case.plain_onnx is not None:
+        return PeerResult("onnxruntime", error=case.plain_onnx)
     try:
         import onnxruntime as ort
     except ImportError as e:
@@ -458,7 +552,8 @@ def run_splice(
     peer: str = "splice",
 ) -> PeerResult:
     last = [""]
-    target = SPLICE_TARGETS[peer]
+    target = SPLICE_TARGETS.get(peer, "host")
+    backend = "onnxruntime" if peer == "splice→ORT" else "tvm"
 
     def progress(message: str, done: int, total: int) -> None:
         if message != last[0]:  # one line per stage / per tuned kernel
@@ -467,18 +562,22 @@ def run_splice(
 
     try:
         t0 = time.perf_counter()
-        program = splice.capture(case.model, case.inputs, name=case.name.replace("-", "_"))
+        program = case.program
+        if program is None:
+            program = splice.capture(case.model, case.inputs, name=case.name.replace("-", "_"))
         art = splice.compile(
             program,
             target,
-            tune=tune,
-            output=tmp / f"{case.name}-{target}.artifact",
+            tune=tune if backend == "tvm" else 0,
+            output=tmp / f"{case.name}-{target}-{backend}.artifact",
             progress=progress,
+            backend=backend,
         )
         m = splice.load(art.path)
         setup = time.perf_counter() - t0
-        diff = max_abs_diff(m(*case.inputs), ref)
-        timing = time_calls(lambda: m(*case.inputs), warmup, repeats)
+        with torch.inference_mode():
+            diff = max_abs_diff(case.invoke(m), ref)
+            timing = time_calls(lambda: case.invoke(m), warmup, repeats)
     except Exception as e:
         return PeerResult(peer, error=error_text(e))
     return PeerResult(peer, timing, diff, setup)
@@ -509,6 +608,10 @@ def run_case(case: Case, args: argparse.Namespace, threads: int) -> CaseResult:
         for peer in splice_peers():
             log(f"compiling {case.name}: {peer} ({SPLICE_TARGETS[peer]}, tune={args.tune})…")
             res.peers[peer] = run_splice(case, ref, args.warmup, args.repeats, args.tune, tmp, peer)
+        log(f"compiling {case.name}: splice→ORT (backend onnxruntime)…")
+        res.peers["splice→ORT"] = run_splice(
+            case, ref, args.warmup, args.repeats, args.tune, tmp, "splice→ORT"
+        )
     for peer in PEERS:
         if peer not in res.peers:
             continue
@@ -546,19 +649,23 @@ def _diff(r: PeerResult) -> str:
 
 
 def table(results: list[CaseResult]) -> str:
+    """Milliseconds and ratios per model. ``splice→ORT`` columns: its time, eager/it,
+    plain ORT/it and splice(TVM)/it (> 1: splice→ORT faster than that peer)."""
     v3 = any("splice v3" in res.peers for res in results)
     out = [
         "| model | eager ms | torch.compile ms | ORT ms | splice ms | eager/splice | ORT/splice "
         + ("| splice v3 ms | eager/v3 | ORT/v3 " if v3 else "")
+        + "| splice→ORT ms | eager/splice→ORT | ORT/splice→ORT | splice/splice→ORT "
         + "| max abs diff vs eager (compile / ORT / splice"
         + (" / v3" if v3 else "")
-        + ") |",
-        "|---|--:|--:|--:|--:|--:|--:|" + ("--:|--:|--:|" if v3 else "") + "--:|",
+        + " / splice→ORT) |",
+        "|---|--:|--:|--:|--:|--:|--:|" + ("--:|--:|--:|" if v3 else "") + "--:|--:|--:|--:|--:|",
     ]
     missing = PeerResult("splice v3", error="not run")
     for res in results:
         p = res.peers
         keys = ["torch.compile", "onnxruntime", "splice", *(["splice v3"] if v3 else [])]
+        keys.append("splice→ORT")
         diffs = " / ".join(_diff(p.get(k, missing)) for k in keys)
         row = (
             f"| {res.case.name} | {_ms(p['eager'])} | {_ms(p['torch.compile'])} "
@@ -568,14 +675,19 @@ def table(results: list[CaseResult]) -> str:
         if v3:
             q = p.get("splice v3", missing)
             row += f"| {_ms(q)} | {_ratio(p['eager'], q)} | {_ratio(p['onnxruntime'], q)} "
+        o = p.get("splice→ORT", missing)
+        row += (
+            f"| {_ms(o)} | {_ratio(p['eager'], o)} | {_ratio(p['onnxruntime'], o)} "
+            f"| {_ratio(p['splice'], o)} "
+        )
         out.append(row + f"| {diffs} |")
     return "\n".join(out)
 
 
 def setup_table(results: list[CaseResult]) -> str:
     out = [
-        "| model | torch.compile first call s | ORT export + session s | splice capture + compile + load s | splice v3 s |",
-        "|---|--:|--:|--:|--:|",
+        "| model | torch.compile first call s | ORT export + session s | splice capture + compile + load s | splice v3 s | splice→ORT s |",
+        "|---|--:|--:|--:|--:|--:|",
     ]
 
     def s(r: PeerResult) -> str:
@@ -584,9 +696,10 @@ def setup_table(results: list[CaseResult]) -> str:
     for res in results:
         p = res.peers
         v3 = p.get("splice v3", PeerResult("splice v3"))
+        o = p.get("splice→ORT", PeerResult("splice→ORT"))
         out.append(
             f"| {res.case.name} | {s(p['torch.compile'])} | {s(p['onnxruntime'])} "
-            f"| {s(p['splice'])} | {s(v3)} |"
+            f"| {s(p['splice'])} | {s(v3)} | {s(o)} |"
         )
     return "\n".join(out)
 
@@ -703,7 +816,10 @@ def section(
         f"then the median of {args.repeats} timed calls (time.perf_counter), with the 10th–90th "
         f"percentile in brackets; ratios are of medians (> 1: splice faster); splice compiled "
         f"with `splice.compile(p, target, tune={args.tune})` for `host` and `x86-64-v3` and "
-        f"loaded with `splice.load(path)` (defaults); ONNX via "
+        f"loaded with `splice.load(path)` (defaults); splice→ORT: `splice.compile(p, 'host', "
+        f"backend='onnxruntime')` + `splice.load` (ORT_ENABLE_ALL, intra-op threads = every "
+        f"core; transformed workloads: splice peers time compile + load only, the program is "
+        f"built before); plain ORT via "
         f"{', '.join(exporters) or 'n/a'}, CPU execution provider",
         f"- LLaMA: {L['layers']} layers, hidden {L['hidden']}, FFN {L['inter']}, {L['heads']} "
         f"heads, {L['kv_heads']} KV heads, vocab {L['vocab']}, untied lm_head "
@@ -770,7 +886,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--models",
         default=",".join(ALL_MODELS),
-        help=f"comma-separated subset of {','.join(ALL_MODELS)}",
+        help=f"comma-separated subset of {','.join(ALL_MODELS)} and of the transformed "
+        f"workloads {','.join(TRANSFORMED)}; 'dense' and 'transformed' name those groups",
     )
     ap.add_argument("--quick", action="store_true", help="smoke run: 3 repeats, no write")
     ap.add_argument("--no-results", action="store_true", help="print only; do not write RESULTS.md")
@@ -778,7 +895,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.repeats = args.repeats or (3 if args.quick else 30)
     write = not (args.no_results or args.quick)
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    groups = {"dense": ALL_MODELS, "transformed": TRANSFORMED}
+    names = [
+        m for n in args.models.split(",") if n.strip() for m in groups.get(n.strip(), [n.strip()])
+    ]
     unknown = [n for n in names if n not in FACTORIES]
     if unknown or not names or args.repeats < 1 or args.warmup < 0 or args.tune < 0:
         ap.error(f"bad arguments (unknown models: {unknown}; models: {', '.join(ALL_MODELS)})")
