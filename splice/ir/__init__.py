@@ -14,6 +14,7 @@ from splice.ir.meta import (
     set_spec,
     spec,
 )
+from splice.ir.onnx_import import import_onnx
 from splice.ir.parser import parse_ir
 from splice.ir.printer import print_ir
 from splice.ir.program import Program, compose
@@ -32,6 +33,7 @@ __all__ = [
     "capture",
     "compose",
     "get_spec",
+    "import_onnx",
     "load",
     "loc",
     "ops",

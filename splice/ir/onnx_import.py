@@ -44,6 +44,7 @@ from __future__ import annotations
 import ast
 import math
 import os
+import re
 from collections import ChainMap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ from torch import nn
 from splice.errors import CaptureError, SpliceError
 from splice.ir import meta as M
 from splice.ir.capture import ident, to_program
-from splice.ir.ops import OPS
+from splice.ir.ops import MOE_ACTIVATIONS, OPS
 from splice.ir.program import Program, safe_weight_name
 
 _META_KEY = "splice_onnx_node"
@@ -1078,6 +1079,7 @@ class _Importer:
         self.locs: list[M.Loc] = []
         self.loc_index: dict[str, int] = {}
         self.tracing = False
+        self.folding = False  # running a static node: its operands need no buffers
         self.initializers: dict[str, Any] = {}
         self.input_names: dict[str, str] = {}  # ONNX input name -> program input name
 
@@ -1092,11 +1094,13 @@ class _Importer:
             if len(n.input) > i
         }
         taken: set[str] = set()
+        roles = _weight_roles(self.graph)
         for init in self.graph.initializer:
             t = _tensor_from_proto(init)
             if t.dtype.is_floating_point and t.numel() > 1:
                 kind = "buffer" if init.name in stats else "param"
-                self.initializers[init.name] = self._register(init.name, t, kind, taken)
+                name = roles.get(init.name, init.name) if "." not in init.name else init.name
+                self.initializers[init.name] = self._register(name, t, kind, taken)
             else:
                 self.initializers[init.name] = Const(t, init.name)
 
@@ -1138,6 +1142,8 @@ class _Importer:
     def const_tensor(self, v: Const) -> torch.Tensor:
         """A static value used as a tensor operand: the real value while folding, a
         non-persistent buffer (registered after the eager run) while tracing."""
+        if self.folding:
+            return v.value
         if not self.tracing:
             if id(v) not in self.buffers:
                 self.buffers[id(v)] = ""
@@ -1215,8 +1221,10 @@ class _Importer:
         attrs = _attrs(node, outer_attrs)
         loc = self._loc(node, key, caller_loc)
         fn_proto = self.functions.get((node.domain, node.op_type))
-        if domain == "splice" and node.op_type in {k.split("::")[1] for k in OPS}:
-            return self._splice_op(node, ins, attrs, where, loc, key)
+        if domain == "splice":
+            call = _splice_call(node, fn_proto, ins, attrs)
+            if call is not None:
+                return self._splice_op(node, call, attrs, where, loc, key)
         if fn_proto is not None:
             return self._inline(fn_proto, node, ins, attrs, key, loc)
         fn = _OPS.get(node.op_type) if domain == "" else None
@@ -1234,8 +1242,12 @@ class _Importer:
         ctx = _Ctx(self, node, attrs, where, key)
         static = node.op_type in ("Shape", "Size") or all(_is_static(v) for v in ins)
         if static and not self.tracing:
-            with torch.no_grad():
-                res = self._call(fn, ctx, ins, where)
+            self.folding = True
+            try:
+                with torch.no_grad():
+                    res = self._call(fn, ctx, ins, where)
+            finally:
+                self.folding = False
             outs = tuple(_as_const(v, node, k) for k, v in enumerate(_tuple(res)))
             self.statics[key] = outs
             return outs
@@ -1271,22 +1283,26 @@ class _Importer:
         return tuple(env.get(o) for o in fp.output)
 
     def _splice_op(
-        self, node: Any, ins: list[Any], attrs: dict[str, Any], where: str, loc: int, key: str
+        self,
+        node: Any,
+        call: tuple[str, dict[str, Any]],
+        attrs: dict[str, Any],
+        where: str,
+        loc: int,
+        key: str,
     ) -> tuple[Any, ...]:
-        """A ``splice``-domain function call -> the splice op of that name."""
-        op = OPS[f"splice::{node.op_type}"]
-        sig = op.signature()
-        args: list[Any] = []
-        tensors = iter(ins)
+        """A ``splice``-domain node -> the splice op ``call`` names, with its arguments."""
+        op = OPS[f"splice::{call[0]}"]
+        kwargs = call[1]
         ctx = _Ctx(self, node, attrs, where, key)
-        for pname, p in sig.parameters.items():
-            if _is_tensor_param(p.annotation):
-                v = next(tensors, None)
-                args.append(None if v is None else ctx.t(v))
-            else:
-                args.append(attrs.get(pname, p.default))
+        args: list[Any] = []
+        for pname, p in op.signature().parameters.items():
+            v = kwargs.get(pname, p.default)
+            args.append(ctx.t(v) if _is_tensor_param(p.annotation) and v is not None else v)
+        if call[0] == "lowrank_linear" and args[4] is not None and args[4] == args[1].shape[1]:
+            args[4] = None  # the exporter writes k for "all ranks"
         with torch.fx.traceback.annotate({_META_KEY: loc}) if self.tracing else _null():
-            res = self._call(lambda c, _: op.overload(*args), ctx, ins, where)
+            res = self._call(lambda c, _: op.overload(*args), ctx, [], where)
         return _tuple(res)
 
     def _if(
@@ -1358,8 +1374,73 @@ def _attr_value(a: Any) -> Any:
     return _attrs(node, {}).get(a.name)
 
 
+_MOE_VARIANT = re.compile(
+    r"moe_ffn_(?P<act>\w+?)_(?P<gated>gated|plain)_(?P<route>k\d+|p[0-9_em]+)_"
+    r"(?P<scale>none|e_over_k|renorm)_(?P<w>w|hard)_(?P<norm>norm|raw)_b[01]{4}"
+)
+
+
+def _splice_call(
+    node: Any, fp: Any, ins: list[Any], attrs: Mapping[str, Any]
+) -> tuple[str, dict[str, Any]] | None:
+    """(splice op name, its arguments by schema name) of a ``splice``-domain node, or None
+    when the node is not one of the dialect's ops (then its function body is inlined).
+
+    The exporter (:mod:`splice.runtime.backends.onnx`) names a function after the op and
+    the variant (``lowrank_linear_bias``; ``moe_ffn_silu_gated_k2_renorm_w_norm_b0000``)
+    and its formal inputs after the schema's tensor arguments; without a function, the
+    inputs are the schema's tensor arguments in order and the attributes its other ones.
+    """
+    name = node.op_type
+    if fp is None:
+        op = OPS.get(f"splice::{name}")
+        if op is None:
+            return None
+        tensor_names = [
+            n for n, p in op.signature().parameters.items() if _is_tensor_param(p.annotation)
+        ]
+        return name, {**dict(attrs), **dict(zip(tensor_names, ins))}
+    by_formal = dict(zip(fp.input, ins))
+    if name in ("lowrank_linear", "lowrank_linear_bias"):
+        return "lowrank_linear", {**by_formal, "rank": attrs.get("rank")}
+    m = _MOE_VARIANT.fullmatch(name)
+    if m is None or m["act"] not in MOE_ACTIVATIONS:
+        return None
+    route = m["route"]
+    top_k = int(route[1:]) if route[0] == "k" else 0
+    top_p = float(route[1:].replace("_", ".").replace("m", "-")) if route[0] == "p" else 0.0
+    return "moe_ffn", {
+        **by_formal,
+        "act": m["act"],
+        "top_k": top_k,
+        "top_p": top_p,
+        "scale": m["scale"],
+        "weighted": m["w"] == "w",
+        "router_norm": m["norm"] == "norm",
+    }
+
+
 def _is_tensor_param(annotation: Any) -> bool:
     return annotation is torch.Tensor or annotation == (torch.Tensor | None)
+
+
+_ROLES = {("MatMul", 1): "weight", ("Gemm", 1): "weight", ("Gemm", 2): "bias"}
+_ROLES.update({("Conv", 1): "weight", ("Conv", 2): "bias", ("Gather", 0): "weight"})
+
+
+def _weight_roles(graph: Any) -> dict[str, str]:
+    """Names for initializers an optimiser renamed (torch.onnx folds ``W.T`` into
+    ``val_55``): ``<module path>.weight`` / ``.bias`` when every node reading the
+    initializer is in one module and reads it as a layer's weight (MatMul/Gemm/Conv operand
+    1, Gather's table) or bias (Gemm/Conv operand 2), so that passes see layer names."""
+    seen: dict[str, set[str]] = {}
+    for node in graph.node:
+        props = {p.key: p.value for p in node.metadata_props}
+        module = _module_path(props)
+        for i, name in enumerate(node.input):
+            role = _ROLES.get((node.op_type, i))
+            seen.setdefault(name, set()).add(f"{module}.{role}" if module and role else "")
+    return {n: next(iter(r)) for n, r in seen.items() if len(r) == 1 and "" not in r}
 
 
 def _module_path(props: Mapping[str, str]) -> str:
