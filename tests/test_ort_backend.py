@@ -256,17 +256,26 @@ def test_external_data_outside_the_weights_is_refused(mlp, tmp_path, key, value)
         splice.load(path)
 
 
-def test_manifest_schema_of_onnxruntime_parts():
-    base = {"name": "main", "backend": "onnxruntime", "model": "main.onnx", "params": []}
-    E._part(base, "parts[0]")
-    with pytest.raises(E.Invalid, match=r"'parts\[0\].model' is missing"):
-        E._part({k: v for k, v in base.items() if k != "model"}, "parts[0]")
-    with pytest.raises(E.Invalid, match="library' on an onnxruntime part"):
-        E._part({**base, "library": "main.so"}, "parts[0]")
-    with pytest.raises(E.Invalid, match=r"'parts\[0\].model' must be the name of a file"):
-        E._part({**base, "model": "../x.onnx"}, "parts[0]")
-    with pytest.raises(E.Invalid, match="must be 'tvm' or 'onnxruntime'"):
-        E._part({**base, "backend": "tensorrt"}, "parts[0]")
+def test_manifest_schema_of_onnxruntime_parts(mlp):
+    from splice.runtime.artifact import validate_manifest
+
+    m = mlp[0].manifest
+    base = m["parts"][0]
+
+    def with_part(part: dict[str, Any]) -> dict[str, Any]:
+        return {**m, "parts": [part]}
+
+    validate_manifest(with_part(base))
+    with pytest.raises(ArtifactError, match=r"'parts\[0\].model' is missing"):
+        validate_manifest(with_part({k: v for k, v in base.items() if k != "model"}))
+    with pytest.raises(ArtifactError, match="library' on an onnxruntime part"):
+        validate_manifest(with_part({**base, "library": "main.so"}))
+    with pytest.raises(ArtifactError, match=r"'parts\[0\].model' must be the name of a file"):
+        validate_manifest(with_part({**base, "model": "../x.onnx"}))
+    with pytest.raises(ArtifactError, match="must be 'tvm' or 'onnxruntime'"):
+        validate_manifest(with_part({**base, "backend": "tensorrt"}))
+    with pytest.raises(ArtifactError, match="other.onnx is used but not listed"):
+        validate_manifest(with_part({**base, "model": "other.onnx"}))
 
 
 def test_edge_runner_refuses_onnxruntime_parts(mlp):

@@ -24,7 +24,9 @@ folder with its recorded sha256 (:func:`check_files`), that each library is a co
 file for this machine (:func:`check_elf`) bound to this artifact's program and weights
 (:func:`check_binding`), and that every integer input feeding an embedding has an
 ``index_bound`` no larger than the table's rows (:func:`embedding_rows`, a scan of
-``program.ir``). A failed check prints ``error: ...`` and exits with status 2.
+``program.ir``). A failed check prints ``error: ...`` and exits with status 2. It runs TVM
+parts only: an artifact with ONNX Runtime parts (``backend="onnxruntime"``, whose manifest
+schema is checked here too) is refused.
 """
 
 from __future__ import annotations
