@@ -121,15 +121,18 @@ def test_lowrank_on_imported_gpt2_matches_captured(torch_onnx_files):
 
 def test_lowrank_on_imported_bert_matmul_layers(torch_onnx_files):
     """BERT's Linears come out of torch.onnx as MatMul by a folded W^T (``val_55``): the
-    importer names them after their module, and lowrank factors them."""
+    importer names them after their module, and lowrank factors them as it factors the
+    captured model's Linears."""
     model, path = torch_onnx_files["bert"]
     program = import_onnx(path)
     assert "encoder.layer.0.attention.self.query.weight" in program.weights
     inputs = _fresh_inputs("bert")
-    full = parse_pipeline("lowrank{ratio=0.999,targets=encoder.*}").run(program).program
-    sites = [n for n in full.nodes if "lowrank_linear" in str(n.target)]
-    assert len(sites) == 12
-    assert _max_diff(full.run(*inputs), _eager(model, inputs)) <= 1e-3
+    pipe = "lowrank{ratio=0.5,targets=encoder.*}"
+    imported = parse_pipeline(pipe).run(program).program
+    captured = parse_pipeline(pipe).run(splice.capture(model, models.bert()[1])).program
+    sites = [n for n in imported.nodes if "lowrank_linear" in str(n.target)]
+    assert len(sites) == 12  # q, k, v, attention.output, intermediate, output in 2 layers
+    assert _max_diff(imported.run(*inputs), captured.run(*inputs)) <= 1e-4
 
 
 # ---------------------------------------------------------------------------------------
@@ -153,10 +156,12 @@ def test_splice_export_round_trip_convnet(to_onnx):
     assert back.output_names == program.output_names
     fresh = _fresh_inputs("convnet")
     assert _max_diff(back.run(*fresh), program.run(*fresh)) <= TOL
-    # Locs travel: splice.module / splice.source metadata
-    convs = [n for n in back.nodes if "conv" in str(n.target)]
-    assert {M.loc(n).module_path for n in convs} >= {"stem.0", "stage1.conv1", "stage2.down"}
-    assert all(M.loc(n).file.endswith("models.py") for n in convs)
+    # Locs travel: splice.module / splice.source metadata (torch.onnx's optimiser fuses
+    # Conv+BatchNorm into new nodes that carry none: those have no module path)
+    mods = {M.loc(n).module_path for n in back.nodes if n.op == "call_function"}
+    assert mods >= {"stem.2", "stage1", "stage2", "stage2.down", "head"}
+    located = [M.loc(n) for n in back.nodes if M.loc(n).module_path]
+    assert located and all(loc.file.endswith("models.py") and loc.line for loc in located)
 
 
 def test_splice_export_round_trip_lowrank_gpt2(to_onnx):
