@@ -199,6 +199,9 @@ def test_cli_compile_backend_option(tmp_path, capsys):
     assert "onnxruntime" in capsys.readouterr().out
     assert json.loads((out / MANIFEST).read_text())["parts"][0]["model"] == "main.onnx"
     assert main(["run", str(out), "--check"]) == 0
+    capsys.readouterr()
+    assert main(["show", str(out)]) == 0
+    assert "one part, no host program: main.onnx" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------
@@ -331,6 +334,10 @@ def test_signature_set(tmp_path):
     assert isinstance(sset, SignatureSet)
     art = splice.compile(sset, "host", backend="onnxruntime", output=tmp_path / "s.artifact")
     assert len(art.manifest["signatures"]) == 2
+    from splice.runtime.host import format_host
+
+    text = format_host(json.loads((art.path / "host.json").read_text()), art.manifest["parts"])
+    assert "[s0_part_0.onnx]" in text and "[s1_part_0.onnx]" in text
     cm = art.load()
     taken = set()
     for inputs in case.branch_inputs:

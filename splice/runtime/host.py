@@ -456,7 +456,8 @@ def format_host(host: dict[str, Any], parts: Sequence[dict[str, Any]] = ()) -> s
     for p in parts:
         ins = ", ".join(_spec_text(s) for s in p.get("inputs", []))
         outs = ", ".join(_spec_text(s) for s in p.get("outputs", []))
-        lines.append(f"  part {p['name']}: ({ins}) -> ({outs})  [{p.get('library', '')}]")
+        file = p.get("library") or p.get("model", "")  # a TVM library or an ONNX model
+        lines.append(f"  part {p['name']}: ({ins}) -> ({outs})  [{file}]")
 
     def block(b: dict[str, Any], indent: str) -> None:
         for s in b["body"]:

@@ -146,7 +146,9 @@ def cmd_show(a: argparse.Namespace) -> int:
             host = json.loads((root / m["host"]).read_text())
             sys.stdout.write(format_host(host, m["parts"]))
         else:
-            sys.stdout.write(f"one part, no host program: {m['parts'][0]['library']}\n")
+            part = m["parts"][0]
+            file = part.get("library") or part.get("model")  # a TVM library or an ONNX model
+            sys.stdout.write(f"one part, no host program: {file}\n")
         sys.stdout.write(format_structure(m))
         sys.stdout.write(print_ir(art.reference(), locations=a.locations))
         return 0
