@@ -382,3 +382,27 @@ def test_bad_paths_and_files(tmp_path):
         import_onnx(bad)
     with pytest.raises(CaptureError, match="expects a path or an onnx.ModelProto"):
         import_onnx(42)
+
+
+def test_splice_export_round_trip_experts_mlp(to_onnx):
+    """An experts'd MLP exports splice::moe_ffn as a variant function
+    (``moe_ffn_gelu_plain_k2_...``); importing gives the op back with the same options."""
+    from splice.ir.ops import OPS
+
+    model, inputs = models.mlp(d=32, hidden=64, batch=2)
+    program = splice.capture(model, inputs)
+    program = parse_pipeline("experts{num_experts=4,top_k=2}").run(program).program
+    back = import_onnx(to_onnx(program))
+    verify(back)
+    fresh = (torch.randn(2, 32, generator=torch.Generator().manual_seed(1)),)
+    assert _max_diff(back.run(*fresh), program.run(*fresh)) <= TOL
+    op = OPS["splice::moe_ffn"]
+
+    def options(p):
+        (node,) = [n for n in p.nodes if n.target is op.overload]
+        bound = vars(op.bind(*node.args, **node.kwargs))
+        opts = {k: v for k, v in bound.items() if not isinstance(v, torch.fx.Node)}
+        return opts, M.loc(node).module_path, M.loc(node).from_passes
+
+    assert options(back) == options(program)
+    assert options(back)[0]["top_k"] == 2 and options(back)[2] == ("experts",)

@@ -42,6 +42,7 @@ wrap, are out of range there as they are in PyTorch.
 from __future__ import annotations
 
 import ast
+import inspect
 import math
 import os
 import re
@@ -1297,7 +1298,7 @@ class _Importer:
         ctx = _Ctx(self, node, attrs, where, key)
         args: list[Any] = []
         for pname, p in op.signature().parameters.items():
-            v = kwargs.get(pname, p.default)
+            v = kwargs.get(pname, None if p.default is inspect.Parameter.empty else p.default)
             args.append(ctx.t(v) if _is_tensor_param(p.annotation) and v is not None else v)
         if call[0] == "lowrank_linear" and args[4] is not None and args[4] == args[1].shape[1]:
             args[4] = None  # the exporter writes k for "all ranks"
