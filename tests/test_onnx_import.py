@@ -406,3 +406,55 @@ def test_splice_export_round_trip_experts_mlp(to_onnx):
 
     assert options(back) == options(program)
     assert options(back)[0]["top_k"] == 2 and options(back)[2] == ("experts",)
+
+
+# ---------------------------------------------------------------------------------------
+# control flow
+
+
+class _Branchy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(4, 4, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x):
+        return torch.cond(
+            x.sum() > 0, lambda x, w: (x @ w).relu(), lambda x, w: x * 2.0, (x, self.w)
+        )
+
+
+def test_splice_export_round_trip_cond(to_onnx):
+    """A program with a data-dependent cond exports with ONNX If; importing gives a
+    torch.cond back whose branches equal the program's on inputs taking each branch."""
+    x = torch.rand(2, 4) + 0.1
+    program = splice.capture(_Branchy(), (x,))
+    back = import_onnx(to_onnx(program))
+    verify(back)
+    assert any(n.target is torch.ops.higher_order.cond for n in back.nodes)
+    for sign in (1.0, -1.0):
+        assert _max_diff(back.run(sign * x), program.run(sign * x)) <= TOL
+    text = print_ir(back)
+    assert print_ir(parse_ir(text, back.weights)) == text
+
+
+def test_if_with_branch_constants_matches_ort():
+    """Each branch reads outer values and a tensor constant of its own (a subgraph
+    initializer): both become cond operands."""
+    c = onnx.numpy_helper.from_array(torch.arange(4.0).numpy(), "c")
+    then_g = helper.make_graph(
+        [helper.make_node("Add", ["x", "c"], ["t"])], "then", [], [_vi("t", [2, 4])], [c]
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("Mul", ["x", "x"], ["e"])], "else", [], [_vi("e", [2, 4])]
+    )
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+        helper.make_node("Greater", ["s", "zero"], ["p"]),
+        helper.make_node("If", ["p"], ["y"], then_branch=then_g, else_branch=else_g),
+    ]
+    zero = helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])
+    m = _model(nodes, [_vi("x", [2, 4])], [_vi("y", [2, 4])], [zero])
+    x = torch.rand(2, 4, generator=torch.Generator().manual_seed(2)) + 0.1
+    _check_against_ort(m, {"x": x})
+    program = _check_against_ort(m, {"x": -x})
+    assert any(n.target is torch.ops.higher_order.cond for n in program.nodes)

@@ -27,6 +27,8 @@ ONNX node, and that module is exported with ``torch.export`` (the path ``capture
   (``torch.ops.splice.<name>``): tensor arguments are the node's inputs in schema order (an
   empty name is a missing optional input), the others its attributes by schema name. Any
   other function is inlined (interpreted from its body).
+* **Control flow.** An ``If`` on a folded condition is inlined; on a data-dependent one it
+  becomes ``torch.cond``, the values each branch reads from outside passed as operands.
 * **Locations.** A node's module path and source line come from the exporter's node
   metadata: ``splice.module`` / ``splice.source`` / ``splice.passes`` (splice's exporter) or
   ``pkg.torch.onnx.name_scopes`` / ``pkg.torch.onnx.stack_trace`` (torch.onnx's), so a pass's
@@ -1077,6 +1079,11 @@ class _Importer:
         self.buffers: dict[int, str] = {}  # id(Const) -> buffer name
         self.const_values: dict[int, Const] = {}
         self.derived: dict[tuple[str, str], Const] = {}
+        # dynamic If: the constants each one's branches use as tensors (id -> None, ordered),
+        # the Ifs being run (eager run), and the operands standing for constants (tracing)
+        self.branch_consts: dict[str, dict[int, None]] = {}
+        self.if_stack: list[str] = []
+        self.overrides: dict[int, torch.Tensor] = {}
         self.locs: list[M.Loc] = []
         self.loc_index: dict[str, int] = {}
         self.tracing = False
@@ -1149,7 +1156,11 @@ class _Importer:
             if id(v) not in self.buffers:
                 self.buffers[id(v)] = ""
                 self.const_values[id(v)] = v
+            for key in self.if_stack:  # a cond branch receives it as an operand
+                self.branch_consts.setdefault(key, {})[id(v)] = None
             return v.value
+        if id(v) in self.overrides:
+            return self.overrides[id(v)]
         return self.weight(self.buffers[id(v)])
 
     def register_constants(self) -> None:
@@ -1316,20 +1327,87 @@ class _Importer:
         loc: int,
         outer_env: Any,
     ) -> tuple[Any, ...]:
-        """An If whose condition is static: the branch it takes, inlined (its nodes read
-        the enclosing graph's values)."""
+        """ONNX If. A static condition inlines the branch it takes (its nodes read the
+        enclosing graph's values). A data-dependent one becomes ``torch.cond``: each branch
+        is a function of the values it reads from outside (inputs, weights, the constants
+        it uses as tensors), passed as operands; the eager run runs both branches, so
+        both are folded and their constants known."""
         cond = ins[0]
-        if not isinstance(cond, Const):
+        branches = {"then": attrs["then_branch"], "else": attrs["else_branch"]}
+        if isinstance(cond, Const):
+            taken = "then" if bool(cond.flat()[0]) else "else"
+            env: Any = ChainMap(self._branch_inits(branches[taken], f"{key}/{taken}"), outer_env)
+            self.run_graph(branches[taken].node, env, f"{key}/{taken}/", {}, loc)
+            return tuple(env[o.name] for o in branches[taken].output)
+        free = list(dict.fromkeys(n for g in branches.values() for n in _free_names(g)))
+        missing = [n for n in free if n not in outer_env]
+        if missing:
             raise CaptureError(
-                "ONNX If on a value computed from the input data is not supported yet",
+                f"ONNX If reads {missing[0]!r}, which no node or input defines before it",
                 where=where,
-                hint="export the model with that branch decided (a constant condition), or "
-                "capture the PyTorch model with splice.capture_dynamic",
+                hint="check the model with onnx.checker.check_model",
             )
-        branch = attrs["then_branch"] if bool(cond.value.reshape(-1)[0]) else attrs["else_branch"]
-        env: Any = ChainMap({}, outer_env)
-        self.run_graph(branch.node, env, f"{key}/", {}, loc)
-        return tuple(env[o.name] for o in branch.output)
+        outer = {n: outer_env[n] for n in free}
+        dynamic = [n for n, v in outer.items() if isinstance(v, torch.Tensor)]
+        consts = self.branch_consts.setdefault(key, {})
+
+        def branch_fn(tag: str) -> Callable[..., tuple[torch.Tensor, ...]]:
+            graph = branches[tag]
+
+            def run(*operands: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                values = dict(zip(dynamic, operands[: len(dynamic)]))
+                saved = self.overrides
+                if self.tracing:
+                    self.overrides = {**saved, **dict(zip(consts, operands[len(dynamic) :]))}
+                self.if_stack.append(key)
+                try:
+                    env = ChainMap(
+                        self._branch_inits(graph, f"{key}/{tag}"),
+                        values,
+                        {n: v for n, v in outer.items() if n not in values},
+                    )
+                    self.run_graph(graph.node, env, f"{key}/{tag}/", {}, loc)
+                    ctx = _Ctx(self, node, attrs, where, key)
+                    return tuple(ctx.t(env[o.name]) for o in graph.output)
+                finally:
+                    self.if_stack.pop()
+                    self.overrides = saved
+
+            return run
+
+        pred = _Ctx(self, node, attrs, where, key).t(cond)
+        pred = pred if pred.dim() == 0 else pred.reshape(())
+        operands = [outer[n] for n in dynamic]
+        if not self.tracing:
+            then_out = branch_fn("then")(*operands)
+            else_out = branch_fn("else")(*operands)
+            return then_out if bool(pred) else else_out
+        operands += [self.const_tensor(self.const_values[i]) for i in consts]
+        with torch.fx.traceback.annotate({_META_KEY: loc}):
+            try:
+                out = torch.ops.higher_order.cond(
+                    pred, branch_fn("then"), branch_fn("else"), tuple(operands)
+                )
+            except SpliceError:
+                raise
+            except Exception as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise CaptureError(
+                    f"ONNX If cannot become torch.cond: {first}",
+                    where=where,
+                    hint="both branches must return tensors of the same shapes and dtypes",
+                ) from e
+        return tuple(out)
+
+    def _branch_inits(self, graph: Any, scope: str) -> dict[str, Any]:
+        """A subgraph's own initializers, as static values made once per scope."""
+        out: dict[str, Any] = {}
+        for init in graph.initializer:
+            k = (scope, init.name)
+            if k not in self.derived:
+                self.derived[k] = Const(_tensor_from_proto(init), init.name)
+            out[init.name] = self.derived[k]
+        return out
 
     # locations -------------------------------------------------------------------------
 
@@ -1444,6 +1522,23 @@ def _weight_roles(graph: Any) -> dict[str, str]:
     return {n: next(iter(r)) for n, r in seen.items() if len(r) == 1 and "" not in r}
 
 
+def _free_names(graph: Any) -> list[str]:
+    """Names a (sub)graph reads from enclosing scopes, in first-use order."""
+    defined = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    out: list[str] = []
+    for node in graph.node:
+        reads = list(node.input)
+        for a in node.attribute:
+            if a.type == a.GRAPH:
+                reads += _free_names(a.g)
+            elif a.type == a.GRAPHS:
+                for g in a.graphs:
+                    reads += _free_names(g)
+        out += [n for n in reads if n and n not in defined and n not in out]
+        defined.update(o for o in node.output if o)
+    return out
+
+
 def _module_path(props: Mapping[str, str]) -> str:
     if "splice.module" in props:
         return props["splice.module"]
@@ -1500,15 +1595,17 @@ def import_onnx(
         imp.run_top(inputs, tracing=False)
     imp.register_constants()
     ep = _export(imp, inputs)
-    by_name: dict[str, int] = {}
-    for n in ep.graph.nodes:
-        custom = n.meta.get("custom") or {}
-        if _META_KEY in custom:
-            by_name[n.name] = custom[_META_KEY]
+    by_name: dict[tuple[str, str], int] = {}
+    for path, gm in ep.graph_module.named_modules():
+        if isinstance(gm, torch.fx.GraphModule):
+            for n in gm.graph.nodes:
+                custom = n.meta.get("custom") or {}
+                if _META_KEY in custom:
+                    by_name[(path, n.name)] = custom[_META_KEY]
     program = to_program(ep, (), inputs, {}, imp.name)
-    for gm_name, gm in _graphs(program):
+    for path, gm in _graphs(program):
         for n in gm.graph.nodes:
-            idx = by_name.get(n.name) if gm_name == "" else None
+            idx = by_name.get((path, n.name))
             M.set_loc(n, imp.locs[idx] if idx is not None else M.Loc())
     return program
 
