@@ -458,3 +458,76 @@ def test_if_with_branch_constants_matches_ort():
     _check_against_ort(m, {"x": x})
     program = _check_against_ort(m, {"x": -x})
     assert any(n.target is torch.ops.higher_order.cond for n in program.nodes)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _scalar(name, value, t=TensorProto.FLOAT):
+    return helper.make_tensor(name, t, [], [value])
+
+
+def test_scalar_operands_in_either_place_match_ort():
+    """Static one-element operands become Python scalars (first or second operand), an
+    integer exponent included; results keep ONNX's dtypes."""
+    nodes = [
+        helper.make_node("Sub", ["one", "x"], ["a"]),
+        helper.make_node("Div", ["two", "a"], ["b"]),
+        helper.make_node("Pow", ["b", "ipow"], ["c"]),
+        helper.make_node("Less", ["half", "c"], ["d"]),
+        helper.make_node("Where", ["d", "c", "half"], ["e"]),
+        helper.make_node("Max", ["e", "one"], ["y"]),
+    ]
+    inits = [
+        _scalar("one", 1.0),
+        _scalar("two", 2.0),
+        _scalar("half", 0.5),
+        _scalar("ipow", 2, TensorProto.INT64),
+    ]
+    m = _model(nodes, [_vi("x", [3, 4])], [_vi("y", [3, 4])], inits)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(3))
+    program = _check_against_ort(m, {"x": x})
+    assert not program.weights  # every constant became a Python scalar
+
+
+NORM_CASES = {
+    "layer_norm_axis": (
+        [helper.make_node("LayerNormalization", ["x", "s", "b"], ["y"], axis=-2, epsilon=1e-3)],
+        lambda: [
+            onnx.numpy_helper.from_array(torch.rand(3, 4, generator=_gen(5)).numpy() + 0.5, "s"),
+            onnx.numpy_helper.from_array(torch.rand(3, 4, generator=_gen(6)).numpy(), "b"),
+        ],
+        18,
+    ),
+    "softmax_opset11": ([helper.make_node("Softmax", ["x"], ["y"], axis=1)], list, 11),
+    "reduce_mean_attr": (
+        [helper.make_node("ReduceMean", ["x"], ["y"], axes=[1, -1], keepdims=0)],
+        list,
+        13,
+    ),
+    "gelu_tanh_clip": (
+        [
+            helper.make_node("Gelu", ["x"], ["g"], approximate="tanh"),
+            helper.make_node("Clip", ["g", "lo", "hi"], ["y"]),
+        ],
+        lambda: [_scalar("lo", -0.1), _scalar("hi", 0.4)],
+        20,
+    ),
+    "topk_flatten": (
+        [
+            helper.make_node("TopK", ["x", "k"], ["v", "i"], axis=1),
+            helper.make_node("Flatten", ["v"], ["y"], axis=2),
+        ],
+        lambda: [_ints("k", [2])],
+        18,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NORM_CASES))
+def test_normalisation_and_reduction_ops_match_ort(case):
+    nodes, inits, opset = NORM_CASES[case]
+    m = _model(nodes, [_vi("x", [2, 3, 4])], [_vi("y", None)], inits(), opset=opset)
+    x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(4))
+    _check_against_ort(m, {"x": x})

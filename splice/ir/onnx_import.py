@@ -289,22 +289,45 @@ def _binary_operands(c: _Ctx, ins: list[Any]) -> tuple[Any, Any]:
     return c.opnd(a, b), c.opnd(b, a)
 
 
+_COMMUTATIVE = {
+    torch.add,
+    torch.mul,
+    torch.eq,
+    torch.logical_and,
+    torch.logical_or,
+    torch.logical_xor,
+    torch.bitwise_and,
+    torch.bitwise_or,
+}
+_MIRRORED = {torch.lt: torch.gt, torch.gt: torch.lt, torch.le: torch.ge, torch.ge: torch.le}
+
+
 @_op(*_BINARY)
 def _binary(c: _Ctx, ins: list[Any]) -> Any:
-    a, b = _binary_operands(c, ins)
     fn = _BINARY[c.node.op_type]
-    if not isinstance(a, torch.Tensor):  # scalar first: torch wants a tensor first
-        if fn in (torch.add, torch.mul, torch.eq, torch.logical_and, torch.logical_or):
+    base, exponent = ins
+    if (
+        fn is torch.pow
+        and isinstance(base, torch.Tensor)
+        and isinstance(exponent, Const)
+        and exponent.value.numel() == 1
+        and exponent.value.dim() <= base.dim()
+    ):
+        out = torch.pow(base, exponent.flat()[0])  # x ** 3.0: aten.pow.Tensor_Scalar
+        return out if out.dtype == base.dtype else out.to(base.dtype)
+    a, b = _binary_operands(c, ins)
+    if not isinstance(a, torch.Tensor):  # a Python scalar first: put the tensor first
+        if fn in _COMMUTATIVE:
             return fn(b, a)
+        if fn in _MIRRORED:
+            return _MIRRORED[fn](b, a)
         if fn is torch.sub:
             return torch.rsub(b, a)
-        if fn is torch.pow:
-            return torch.pow(a, b)
-        a = torch.tensor(a, dtype=c.dtype(ins[0]))  # pragma: no cover - rare
-    if fn is torch.pow and isinstance(a, torch.Tensor):
-        out = torch.pow(a, b)
-        return out.to(a.dtype) if out.dtype != a.dtype else out
-    return fn(a, b)
+        return torch.pow(a, b)
+    out = fn(a, b)
+    if fn is torch.pow and out.dtype != a.dtype:  # ONNX Pow keeps the base's type
+        out = out.to(a.dtype)
+    return out
 
 
 @_op("Div")
