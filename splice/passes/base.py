@@ -69,7 +69,9 @@ class PassContext:
     * ``programs`` — other named programs a pass may read (``stitch`` anchors);
     * ``target`` — the target the budget options and cost model read;
     * ``config`` — free-form settings;
-    * ``progress`` — a callback ``(message, done, total)`` for long work.
+    * ``progress`` — a callback ``(message, done, total)`` for long work;
+    * ``original`` — set by the PassManager while a pipeline runs: the program before the
+      pipeline's first approximate pass (None until one runs); ``heal`` trains against it.
     """
 
     def __init__(
@@ -90,6 +92,7 @@ class PassContext:
         self.target = target
         self.config = dict(config or {})
         self.progress = progress or (lambda message, done, total: None)
+        self.original: Program | None = None
         self._cache: dict[tuple[Any, ...], Any] = {}
         self._memo: dict[tuple[Any, ...], tuple[Any, Any]] = {}
         self.analysis_hits = 0

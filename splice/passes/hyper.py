@@ -91,6 +91,7 @@ from splice.passes.globs import matches
 from splice.passes.hyper_batching import PerSample
 from splice.passes.registry import register_pass
 from splice.passes.subgraphs import GraphTree
+from splice.passes.training import ProgramModule
 
 aten = torch.ops.aten
 Encoding = Literal["mip", "identity"]
@@ -513,8 +514,10 @@ def generated_weights(
     return dict(zip(values, outs))
 
 
-class HyperModule(nn.Module):
-    """A hypernetwork-conditioned program as a trainable ``nn.Module``.
+class HyperModule(ProgramModule):
+    """A hypernetwork-conditioned program as a trainable ``nn.Module``
+    (:class:`~splice.passes.training.ProgramModule` with the hypernetwork's parameters
+    trainable).
 
     ``forward(*inputs)`` runs the program (``cond`` positionally last, or by keyword). Its
     weights are copies of the program's; :meth:`to_program` returns a Program with the
@@ -524,42 +527,17 @@ class HyperModule(nn.Module):
     def __init__(
         self, program: Program, *, prefix: str | None = None, freeze_original: bool = True
     ):
-        super().__init__()
-        self.prefix, self.info = hyper_info(program, prefix)
-        prog = program.copy()
-        for name, kind in prog.weight_kinds.items():
-            prog.add_weight(name, prog.get_weight(name).detach().clone(), kind)
-        self._program = prog
-        self.graph_module = prog.to_module()
-        self.hyper_names = list(self.info["hypernet"])
-        for name, p in self.named_program_parameters().items():
-            p.requires_grad_(
-                p.is_floating_point() and (name in self.hyper_names or not freeze_original)
-            )
-
-    @property
-    def program(self) -> Program:
-        return self._program
-
-    def named_program_parameters(self) -> dict[str, nn.Parameter]:
-        return self._program.named_parameters()  # type: ignore[return-value]
+        prefix, info = hyper_info(program, prefix)
+        hyper_names = list(info["hypernet"])
+        super().__init__(program, trainable=lambda n: not freeze_original or n in hyper_names)
+        self.prefix, self.info, self.hyper_names = prefix, info, hyper_names
 
     def hypernet_parameters(self) -> list[nn.Parameter]:
         params = self.named_program_parameters()
         return [params[n] for n in self.hyper_names]
 
-    def forward(self, *inputs: Any, **named: Any) -> Any:
-        return self._program(*inputs, **named)
-
     def generated_weights(self, cond: Any) -> dict[str, torch.Tensor]:
         return generated_weights(self._program, cond, self.prefix)
-
-    def to_program(self) -> Program:
-        """A Program with the current weight values (detached copies)."""
-        out = self._program.copy()
-        for name, kind in out.weight_kinds.items():
-            out.add_weight(name, out.get_weight(name).detach().clone(), kind)
-        return out
 
 
 def to_module(

@@ -30,6 +30,10 @@ in every tuple, and inputs a pass binds (``bound_inputs``) are removed, so a lat
 calibrating pass (``lowrank{method=whitened}`` after ``hyper``) runs the program it sees.
 The caller's lists are restored when the run ends.
 
+**The original program.** While a pipeline runs, ``ctx.original`` is the program before its
+first approximate pass (None before one runs; each run, and each SignatureSet member, starts
+afresh and the caller's value is restored afterwards): ``heal`` trains against it.
+
 The pipeline's :class:`~splice.passes.base.PassResult` carries one record per pass in
 ``stats["passes"]``: name, changed, seconds, stats, and ``skipped_by`` where it applies.
 
@@ -204,6 +208,13 @@ class PassManager:
         return PassResult(out, any(r.changed for r in results), stats)
 
     def _run(self, program: Program, ctx: PassContext) -> PassResult:
+        saved_original, ctx.original = ctx.original, None
+        try:
+            return self._run_passes(program, ctx)
+        finally:
+            ctx.original = saved_original
+
+    def _run_passes(self, program: Program, ctx: PassContext) -> PassResult:
         for inst in self.instruments:
             inst.before_pipeline(self.pipeline, program, ctx)
         current = program
@@ -225,6 +236,8 @@ class PassManager:
                     }
                 )
                 continue
+            if p.semantics == "approximate" and ctx.original is None:
+                ctx.original = current  # the teacher `heal` distils from
             for inst in self.instruments:
                 inst.before_pass(p, current, ctx, index)
             t0 = time.perf_counter()

@@ -18,6 +18,7 @@ BUILTIN_MODULES = (
     "splice.passes.branches",
     "splice.passes.cleanup",
     "splice.passes.experts",
+    "splice.passes.heal",
     "splice.passes.lowrank",
     "splice.passes.hyper",
     "splice.passes.specialize",

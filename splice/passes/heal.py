@@ -1,0 +1,560 @@
+"""``heal``: distil the original program into the transformed one, recovering the quality an
+approximate pass cost.
+
+Papers: SVD-LLM (Wang et al., 2024: after truncation, a sequential low-rank *parameter
+update* fits the factors to the original layer's outputs), MoEfication (Zhang et al., 2022)
+and LLaMA-MoE (Zhu et al., 2024: router training and continued training after splitting the
+FFNs into experts), SN-Net (Pan et al., CVPR 2023: all stitched configurations are trained
+jointly, one sampled route per step).
+
+**Teacher.** ``ctx.programs["teacher"]`` when given, else ``ctx.original``: the program
+before the pipeline's first approximate pass (the PassManager records it), so
+``lowrank{...},heal{...}`` heals the factored program against the dense one. Its inputs must
+be inputs of the transformed program by name (an input a transform added — ``stitch``'s
+``config``, ``hyper``'s ``cond`` — is only given to the student). Without a teacher, or when
+the teacher is the program itself (no approximate pass ran before ``heal``), it raises
+:class:`~splice.errors.PassError`.
+
+**What trains** (``train``): ``new`` — the weights the transforms created: every float
+parameter that is not one of the teacher's (not its name with its shape, and not its value:
+``stitch`` copies anchor weights under new names), i.e. low-rank factors, experts and
+routers, stitching layers, a hypernetwork; every other weight stays bit-identical. ``all`` —
+every float parameter. Anything else is a ``|``-separated glob of weight names. No trainable
+weight in scope is a PassError.
+
+**Data.** ``ctx.calibration`` (tuples of the program's inputs; at least two): a fraction
+``holdout`` of them, chosen with ``seed``, is held out, never trained on, and the loss on them
+before and after is in the stats (``held_out``). Each step uses ``batch`` tuples.
+
+**Scope.**
+
+* ``global``: end to end; the loss compares every float output the two programs share (by
+  name, else by position) and Adam (``lr``) updates all trainable weights for ``steps``
+  steps. A ``stitch`` program (``attrs["stitch"]``, a ``config`` input) trains its
+  configurations in turn, step ``i`` running configuration ``i mod n``, so the layers a
+  window shares learn a map that serves every pair. With unit gates a ``moe_ffn`` router
+  gets no gradient from the output (top-k is a step function); the experts do.
+* ``local``: op by op, on the inputs each op receives in the transformed program (computed
+  once, before training): a ``lowrank_linear`` against the teacher's dense Linear of the
+  same layer (``{layer}.weight``, either orientation) and bias — SVD-LLM's update; a
+  ``moe_ffn`` against itself with every expert selected and unit gates (the dense FFN it
+  was cut from), its router against each expert's share of the output norm (binary cross
+  entropy on the logits, MoEfication's router target with the output in place of the
+  activation). Each op trains alone for ``steps`` steps. A trainable weight that no such op
+  reads (a stitching layer, a hypernetwork) is a PassError: use ``scope=global``.
+
+Losses: ``mse``; ``cosine`` (1 − cosine similarity over the last dimension, averaged);
+``kl`` (KL(teacher ‖ student) of the softmax over the last dimension: logits of an LM).
+
+Deterministic: the held-out choice, the batch order and the global RNG (restored after) all
+come from ``seed``. Progress through ``ctx.progress`` every few steps. Training runs through
+:class:`~splice.passes.training.ProgramModule` (the program's GraphModule under autograd, the
+mechanism ``hyper.to_module`` uses too); the trained values are written back with
+:meth:`~splice.ir.rewriter.Rewriter.set_weight`, so shapes, specs and every other weight are
+unchanged and the result compiles like the program before it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from splice.errors import PassError, PipelineError
+from splice.ir.ops import lowrank_linear, moe_ffn, op_def
+from splice.ir.program import Program
+from splice.ir.rewriter import Rewriter
+from splice.passes.base import Pass, PassContext, PassResult
+from splice.passes.globs import matches
+from splice.passes.linears import LinearSite, find_linears
+from splice.passes.registry import register_pass
+from splice.passes.training import ProgramModule
+
+Loss = Literal["mse", "cosine", "kl"]
+Scope = Literal["local", "global"]
+Row = tuple[Any, ...]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+#: how often (in steps) progress is reported
+_REPORT_EVERY = 10
+
+
+@register_pass
+@dataclass(frozen=True)
+class Heal(Pass):
+    """Train the transformed program to match its teacher (see the module docstring)."""
+
+    name = "heal"
+    semantics = "approximate"
+    summary = "distil the program before the approximate passes into the transformed one"
+
+    steps: int = 100
+    lr: float = 1e-3
+    batch: int = 4
+    loss: Loss = "mse"
+    scope: Scope = "global"
+    train: str = "new"
+    holdout: float = 0.25
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise PipelineError(f"heal: steps must be >= 1, got {self.steps}")
+        if not self.lr > 0:
+            raise PipelineError(f"heal: lr must be > 0, got {self.lr}")
+        if self.batch < 1:
+            raise PipelineError(f"heal: batch must be >= 1, got {self.batch}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise PipelineError(f"heal: holdout must be in [0, 1), got {self.holdout}")
+        if not self.train:
+            raise PipelineError(
+                "heal: train is empty", hint="train=new, train=all or a glob of weight names"
+            )
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        teacher, source = _teacher(program, ctx)
+        t_index = _teacher_inputs(program, teacher)
+        names = _trainable(program, teacher, self.train)
+        rows, held = _split(ctx.calibration, self.holdout, self.seed)
+        loss_fn = _LOSSES[self.loss]
+        configs = _configs(program)
+        module = ProgramModule(program, trainable=set(names))
+        pairs = _output_pairs(program, teacher)
+        rng = torch.random.fork_rng(devices=[])
+        with rng:
+            torch.manual_seed(self.seed)
+            gen = torch.Generator().manual_seed(self.seed)
+            with torch.no_grad():
+                t_held = [teacher.run(*[r[i] for i in t_index]) for r in held]
+                before = _end_to_end(module, held, t_held, pairs, configs, loss_fn)
+            stats: dict[str, Any] = {}
+            if self.scope == "global":
+                with torch.no_grad():
+                    t_rows = [teacher.run(*[r[i] for i in t_index]) for r in rows]
+                stats["train_loss"] = self._global(
+                    module, rows, t_rows, pairs, configs, loss_fn, gen, ctx
+                )
+            else:
+                stats["local"] = self._local(module, teacher, rows, held, loss_fn, gen, ctx)
+            with torch.no_grad():
+                after = _end_to_end(module, held, t_held, pairs, configs, loss_fn)
+        trained = module.named_program_parameters()
+        rw = Rewriter(program, self.name)
+        for n in names:
+            rw.set_weight(n, trained[n].detach().clone())
+        stats.update(
+            teacher=source,
+            scope=self.scope,
+            loss=self.loss,
+            steps=self.steps,
+            trained_weights=len(names),
+            trained_params=sum(trained[n].numel() for n in names),
+            train_rows=len(rows),
+            held_out_rows=len(held),
+            held_out={"before": before, "after": after},
+        )
+        if configs != [None]:
+            stats["configs"] = len(configs)
+        return PassResult(program, True, stats)
+
+    # -- global: end to end ----------------------------------------------------------------
+    def _global(
+        self,
+        module: ProgramModule,
+        rows: list[Row],
+        t_rows: list[list[Any]],
+        pairs: list[tuple[int, int]],
+        configs: list[tuple[int, Any] | None],
+        loss_fn: LossFn,
+        gen: torch.Generator,
+        ctx: PassContext,
+    ) -> dict[str, float]:
+        params = list(module.trainable_parameters().values())
+        opt = torch.optim.Adam(params, lr=self.lr)
+        order: list[int] = []
+        first = last = math.nan
+        for step in range(self.steps):
+            picked = []
+            for _ in range(min(self.batch, len(rows))):
+                if not order:
+                    order = torch.randperm(len(rows), generator=gen).tolist()
+                picked.append(order.pop())
+            config = configs[step % len(configs)]
+            opt.zero_grad()
+            loss = sum(
+                _row_loss(module, rows[i], t_rows[i], pairs, config, loss_fn) for i in picked
+            ) / len(picked)
+            loss.backward()
+            opt.step()
+            last = float(loss.detach())
+            first = last if step == 0 else first
+            if (step + 1) % _REPORT_EVERY == 0 or step + 1 == self.steps:
+                ctx.progress(f"heal: step {step + 1}, loss {last:.4g}", step + 1, self.steps)
+        return {"first": first, "last": last}
+
+    # -- local: op by op -------------------------------------------------------------------
+    def _local(
+        self,
+        module: ProgramModule,
+        teacher: Program,
+        rows: list[Row],
+        held: list[Row],
+        loss_fn: LossFn,
+        gen: torch.Generator,
+        ctx: PassContext,
+    ) -> dict[str, Any]:
+        prog = module.program
+        params = module.named_program_parameters()
+        trainable = {n for n, p in params.items() if p.requires_grad}
+        sites = [s for s in _local_sites(prog) if trainable & set(s.weights.values())]
+        covered = {w for s in sites for w in s.weights.values()}
+        stray = sorted(trainable - covered)
+        if stray:
+            raise PassError(
+                f"heal{{scope=local}}: {len(stray)} trainable weight(s) are read by no "
+                f"lowrank_linear or moe_ffn of the top graph, e.g. @{stray[0]}",
+                hint="use scope=global (stitching layers, hypernetworks, ops inside "
+                "sub-graphs train end to end), or narrow train= to the factors and experts",
+            )
+        xs = [s.node.args[0].name for s in sites]  # type: ignore[union-attr]
+        grab = prog.extract(prog.input_names, list(dict.fromkeys(xs)), name="heal_inputs")
+        unique = list(dict.fromkeys(xs))
+        x_rows = _stack_rows(grab, rows, unique)
+        x_held = _stack_rows(grab, held, unique)
+        linears = {s.layer: s for s in find_linears(teacher) if s.factors is None}
+        out: dict[str, Any] = {"sites": len(sites), "before": 0.0, "after": 0.0}
+        for k, site in enumerate(sites):
+            name = site.node.args[0].name  # type: ignore[union-attr]
+            X, Xh = x_rows[name], x_held[name]
+            with torch.no_grad():
+                target = site.target(params, teacher, linears)
+                T, Th = target(X), target(Xh) if Xh.numel() else Xh
+            mine = [params[w] for w in site.weights.values() if w in trainable]
+            opt = torch.optim.Adam(mine, lr=self.lr)
+            per_step = max(1, self.batch * max(1, X.shape[0] // max(1, len(rows))))
+
+            def loss_at(x: torch.Tensor, t: torch.Tensor, site: _Site = site) -> torch.Tensor:
+                y = site.call(params, x)
+                return loss_fn(y, t) + site.aux(params, x)
+
+            with torch.no_grad():
+                out["before"] += float(loss_at(Xh, Th)) if Xh.numel() else 0.0
+            for _ in range(self.steps):
+                idx = torch.randint(0, X.shape[0], (min(per_step, X.shape[0]),), generator=gen)
+                opt.zero_grad()
+                loss = loss_at(X[idx], T[idx])
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                out["after"] += float(loss_at(Xh, Th)) if Xh.numel() else 0.0
+            ctx.progress(f"heal: {site.node.name} done", k + 1, len(sites))
+        return out
+
+
+# ---------------------------------------------------------------------------------------
+# teacher, trainable weights, data
+
+
+def _teacher(program: Program, ctx: PassContext) -> tuple[Program, str]:
+    given = ctx.programs.get("teacher")
+    if given is not None:
+        return given, "programs['teacher']"
+    orig = ctx.original
+    if orig is None or orig.version == program.version:
+        raise PassError(
+            "heal: no teacher: no approximate pass changed the program before heal in this "
+            "pipeline, and PassContext.programs has no 'teacher'",
+            hint="run heal after the transform in one pipeline (lowrank{ratio=0.5},heal), or "
+            "give the program to match as PassContext(programs={'teacher': original})",
+        )
+    return orig, "original"
+
+
+def _teacher_inputs(program: Program, teacher: Program) -> list[int]:
+    """Positions in ``program``'s inputs of the teacher's inputs (matched by name)."""
+    names = program.input_names
+    missing = [n for n in teacher.input_names if n not in names]
+    if missing:
+        raise PassError(
+            f"heal: the teacher {teacher.name!r} takes inputs {missing} that program "
+            f"{program.name!r} does not (its inputs: {names})",
+            hint="the teacher must be the program before the transforms, with the same inputs",
+        )
+    return [names.index(n) for n in teacher.input_names]
+
+
+def _trainable(program: Program, teacher: Program, train: str) -> list[str]:
+    params = {n: t for n, t in program.named_parameters().items() if t.is_floating_point()}
+    if train == "all":
+        names = list(params)
+    elif train == "new":
+        names = [n for n, t in params.items() if not _is_original(n, t, teacher)]
+    else:
+        names = [n for n in params if matches(n, train)]
+    if not names:
+        what = {"new": "no weight the transforms created", "all": "no float parameter"}.get(
+            train, f"no float parameter matches {train!r}"
+        )
+        raise PassError(
+            f"heal: nothing to train in program {program.name!r}: {what}",
+            hint="heal trains what an approximate pass created (lowrank, experts, stitch, "
+            "hyper before it), or give train=all / train=GLOB naming parameters",
+        )
+    return names
+
+
+def _is_original(name: str, value: torch.Tensor, teacher: Program) -> bool:
+    """Whether ``value`` is one of the teacher's weights: by name and shape, by identity, or
+    (a copy under another name) by value."""
+    tw = teacher.weights
+    same = tw.get(name)
+    if same is not None and same.shape == value.shape:
+        return True
+    for t in tw.values():
+        if t is value or (
+            t.shape == value.shape and t.dtype == value.dtype and torch.equal(t, value)
+        ):
+            return True
+    return False
+
+
+def _split(calibration: Sequence[Row], holdout: float, seed: int) -> tuple[list[Row], list[Row]]:
+    rows = [tuple(r) for r in calibration]
+    need = 2 if holdout > 0 else 1
+    if len(rows) < need:
+        raise PassError(
+            f"heal: {len(rows)} calibration input(s); it needs at least {need} (one to train "
+            "on" + (", one held out)" if need == 2 else ")"),
+            hint="give calibration tuples of the program's inputs (PassContext("
+            "calibration_inputs=...) or `splice opt --calib`), or holdout=0",
+        )
+    n_held = min(len(rows) - 1, max(1, round(holdout * len(rows)))) if holdout > 0 else 0
+    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = sorted(perm[:n_held])
+    return [rows[i] for i in sorted(perm[n_held:])], [rows[i] for i in held]
+
+
+def _configs(program: Program) -> list[tuple[int, Any] | None]:
+    """(input position, value) of each stitch configuration, or [None]."""
+    info = program.attrs.get("stitch")
+    if not info or "config" not in program.input_names:
+        return [None]
+    pos = program.input_names.index("config")
+    return [(pos, c) for c in range(len(info.get("configs", [])))] or [None]
+
+
+def _output_pairs(program: Program, teacher: Program) -> list[tuple[int, int]]:
+    """(student output, teacher output) positions compared: shared names, else positions."""
+    s, t = program.output_names, teacher.output_names
+    pairs = [(i, t.index(n)) for i, n in enumerate(s) if n in t]
+    if not pairs and len(s) == len(t):
+        pairs = list(zip(range(len(s)), range(len(t))))
+    if not pairs:
+        raise PassError(
+            f"heal: program {program.name!r} (outputs {s}) and its teacher {teacher.name!r} "
+            f"(outputs {t}) share no output",
+            hint="the teacher must compute the same outputs as the program",
+        )
+    return pairs
+
+
+def _with_config(row: Row, config: tuple[int, Any] | None) -> list[Any]:
+    values = list(row)
+    if config is not None:
+        pos, c = config
+        old = values[pos]
+        values[pos] = torch.as_tensor(c, dtype=old.dtype) if torch.is_tensor(old) else c
+    return values
+
+
+def _row_loss(
+    module: ProgramModule,
+    row: Row,
+    t_out: list[Any],
+    pairs: list[tuple[int, int]],
+    config: tuple[int, Any] | None,
+    loss_fn: LossFn,
+) -> torch.Tensor:
+    outs = module.run(*_with_config(row, config))
+    terms = [
+        loss_fn(outs[i], t_out[j])
+        for i, j in pairs
+        if torch.is_tensor(outs[i]) and outs[i].is_floating_point()
+    ]
+    if not terms:
+        raise PassError(
+            "heal: the program has no floating-point output to compare with its teacher's"
+        )
+    return sum(terms[1:], terms[0])
+
+
+def _end_to_end(
+    module: ProgramModule,
+    rows: list[Row],
+    t_rows: list[list[Any]],
+    pairs: list[tuple[int, int]],
+    configs: list[tuple[int, Any] | None],
+    loss_fn: LossFn,
+) -> float | None:
+    """The mean loss over ``rows`` and every configuration (None without rows)."""
+    if not rows:
+        return None
+    total = [
+        float(_row_loss(module, r, t, pairs, c, loss_fn))
+        for c in configs
+        for r, t in zip(rows, t_rows)
+    ]
+    return sum(total) / len(total)
+
+
+def _stack_rows(grab: Program, rows: list[Row], names: list[str]) -> dict[str, torch.Tensor]:
+    """Each value ``names`` computes over ``rows``, flattened to [N, features] and stacked."""
+    got: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    with torch.no_grad():
+        for r in rows:
+            for n, v in zip(names, grab.run(*r)):
+                got[n].append(v.detach().reshape(-1, v.shape[-1]))
+    return {n: torch.cat(v) if v else torch.empty(0, 0) for n, v in got.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# local sites
+
+
+@dataclass
+class _Site:
+    """One op trained locally: its node, the weights it reads by schema argument, and how
+    to call it (``call``), its target (``target``) and an auxiliary loss (``aux``)."""
+
+    node: fx.Node
+    args: dict[str, Any]
+    weights: dict[str, str]
+
+    def _value(self, params: dict[str, torch.nn.Parameter], arg: str, x: torch.Tensor) -> Any:
+        if arg == "x":
+            return x
+        if arg in self.weights:
+            return params[self.weights[arg]]
+        return self.args[arg]
+
+    def call(
+        self, params: dict[str, torch.nn.Parameter], x: torch.Tensor, **override: Any
+    ) -> torch.Tensor:
+        vals = {a: override[a] if a in override else self._value(params, a, x) for a in self.args}
+        return self.node.target(*vals.values())  # type: ignore[operator]
+
+    def is_moe(self) -> bool:
+        return op_def(self.node.target) is moe_ffn
+
+    def target(
+        self,
+        params: dict[str, torch.nn.Parameter],
+        teacher: Program,
+        linears: dict[str, LinearSite],
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The op's local target: the dense FFN (moe_ffn) or the teacher's Linear."""
+        if self.is_moe():
+            E = int(params[self.weights["router_w"]].shape[0])
+            dense = {"top_k": E, "top_p": 0.0, "scale": "none", "weighted": False}
+            frozen = {a: params[w].detach().clone() for a, w in self.weights.items()}
+            return lambda x: self.call(params, x, **frozen, **dense)
+        W, b = self._dense(params, teacher, linears)
+        return lambda x: F.linear(x, W, b)
+
+    def _dense(
+        self,
+        params: dict[str, torch.nn.Parameter],
+        teacher: Program,
+        linears: dict[str, LinearSite],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        layer = self.weights.get("A", "").removesuffix(".lowrank_A")
+        A, B = params[self.weights["A"]], params[self.weights["B"]]
+        m, n = A.shape[0], B.shape[1]
+        site = linears.get(layer)
+        W = None
+        if site is not None:
+            W = teacher.get_weight(site.weight)
+            W = W.T if site.transposed else W
+        if W is None or W.shape != (m, n):
+            raise PassError(
+                f"heal{{scope=local}}: the teacher has no dense Linear of layer {layer!r} "
+                f"({m}x{n}) for %{self.node.name}",
+                hint="scope=local fits each factored Linear to the teacher's Linear of the "
+                "same layer; use scope=global when the teacher is not the dense program",
+            )
+        bias = self.weights.get("bias")
+        return W.detach(), None if bias is None else params[bias].detach().clone()
+
+    def aux(self, params: dict[str, torch.nn.Parameter], x: torch.Tensor) -> torch.Tensor:
+        """The router's loss for a ``moe_ffn`` whose router trains (0 otherwise)."""
+        rw = params[self.weights["router_w"]] if self.is_moe() else None
+        if rw is None or not rw.requires_grad or x.numel() == 0:
+            return x.new_zeros(())
+        E = rw.shape[0]
+        with torch.no_grad():
+            share = []
+            for e in range(E):
+                pick = torch.full((E,), -1e4, dtype=x.dtype)
+                pick[e] = 0.0
+                y = self.call(
+                    params, x, router_w=torch.zeros_like(rw), router_b=pick, b_out=None,
+                    top_k=1, top_p=0.0, scale="none", weighted=False,
+                )  # fmt: skip
+                share.append(torch.linalg.vector_norm(y, dim=-1))
+            m = torch.stack(share, -1)
+            t = m / m.amax(-1, keepdim=True).clamp_min(1e-12)
+        rb = self.weights.get("router_b")
+        xn = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
+        xn = xn if self.args.get("router_norm", True) else x
+        logits = F.linear(xn, rw, None if rb is None else params[rb])
+        return F.binary_cross_entropy_with_logits(logits, t)
+
+
+def _local_sites(program: Program) -> list[_Site]:
+    sites = []
+    for n in program.graph.nodes:
+        od = op_def(n.target) if n.op == "call_function" else None
+        if od not in (lowrank_linear, moe_ffn):
+            continue
+        bound = od.bind(*n.args, **n.kwargs)
+        args = {p.name: getattr(bound, p.name) for p in od.params}
+        weights = {
+            a: v.target
+            for a, v in args.items()
+            if isinstance(v, fx.Node) and v.op == "get_attr" and a != "x"
+        }
+        if not isinstance(args["x"], fx.Node) or any(
+            isinstance(v, fx.Node) and a != "x" and a not in weights for a, v in args.items()
+        ):
+            continue
+        sites.append(_Site(n, args, weights))
+    return sites
+
+
+# ---------------------------------------------------------------------------------------
+# losses
+
+
+def _mse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(s.float(), t.float())
+
+
+def _cosine(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return (1 - F.cosine_similarity(s.float(), t.float(), dim=-1, eps=1e-8)).mean()
+
+
+def _kl(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    ls = F.log_softmax(s.float().reshape(-1, s.shape[-1]), -1)
+    lt = F.log_softmax(t.float().reshape(-1, t.shape[-1]), -1)
+    return F.kl_div(ls, lt, log_target=True, reduction="batchmean")
+
+
+_LOSSES: dict[str, LossFn] = {"mse": _mse, "cosine": _cosine, "kl": _kl}
+
+
+__all__ = ["Heal"]
