@@ -31,6 +31,7 @@ LoweringError naming the extra to install.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -173,31 +174,40 @@ def write_model(model: Any, path: Path, weights_file: Path) -> list[str]:
     from onnx import numpy_helper
 
     layout = safetensors_layout(weights_file)
-    by_size: dict[int, list[tuple[int, int]]] = {}
-    for _, _, offset, length in layout.values():
-        by_size.setdefault(length, []).append((offset, length))
-    external: list[str] = []
+    sizes = {_nbytes(init) for init in model.graph.initializer}
+    where: dict[tuple[int, str], int] = {}  # (length, sha256) -> offset, each tensor read once
     with open(weights_file, "rb") as f:
-        for init in model.graph.initializer:
-            if init.data_location == onnx.TensorProto.EXTERNAL:
-                raise LoweringError(
-                    f"the ONNX model's initializer {init.name!r} already has external data",
-                    hint="this is a bug in the ONNX exporter's in-memory model",
-                )
-            arr = numpy_helper.to_array(init)
-            data = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
-            if len(data) < EXTERNAL_MIN_BYTES or len(data) not in by_size:
-                continue
-            for offset, length in by_size[len(data)]:
+        for _, _, offset, length in layout.values():
+            if length >= EXTERNAL_MIN_BYTES and length in sizes:
                 f.seek(offset)
-                if f.read(length) == data:
-                    _point_at(init, weights_file.name, offset, length)
-                    external.append(init.name)
-                    break
+                where.setdefault((length, hashlib.sha256(f.read(length)).hexdigest()), offset)
+    external: list[str] = []
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            raise LoweringError(
+                f"the ONNX model's initializer {init.name!r} already has external data",
+                hint="this is a bug in the ONNX exporter's in-memory model",
+            )
+        arr = numpy_helper.to_array(init)
+        data = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+        offset = where.get((len(data), hashlib.sha256(data).hexdigest()))
+        if len(data) >= EXTERNAL_MIN_BYTES and offset is not None:
+            _point_at(init, weights_file.name, offset, len(data))
+            external.append(init.name)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(model.SerializeToString())
     os.replace(tmp, path)
     return external
+
+
+def _nbytes(init: Any) -> int:
+    """The bytes of an initializer's data (element count x element size)."""
+    from onnx import helper
+
+    n = 1
+    for d in init.dims:
+        n *= d
+    return n * helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
 
 
 def _point_at(init: Any, location: str, offset: int, length: int) -> None:
