@@ -147,11 +147,19 @@ def to_onnx():
     return to_onnx
 
 
-def test_splice_export_round_trip_convnet(to_onnx):
+def test_splice_export_round_trip_convnet(to_onnx, tmp_path):
+    """The exported model saved with its weights as external data, imported from the
+    path (the data file is read from beside the model)."""
     model, inputs = models.convnet()
     program = splice.capture(model, inputs)
-    back = import_onnx(to_onnx(program))
+    path = tmp_path / "convnet.onnx"
+    onnx.save_model(
+        to_onnx(program), path, save_as_external_data=True, location="w.bin", size_threshold=0
+    )
+    assert (tmp_path / "w.bin").stat().st_size > 4 * 16 * 3 * 3 * 3
+    back = import_onnx(path)
     verify(back)
+    assert back.name == "convnet"
     assert back.input_names == program.input_names
     assert back.output_names == program.output_names
     fresh = _fresh_inputs("convnet")
