@@ -539,3 +539,42 @@ def test_normalisation_and_reduction_ops_match_ort(case):
     m = _model(nodes, [_vi("x", [2, 3, 4])], [_vi("y", None)], inits(), opset=opset)
     x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(4))
     _check_against_ort(m, {"x": x})
+
+
+def test_function_attribute_references_and_defaults():
+    """A function attribute read by ``ref_attr_name`` takes the call's value, or the
+    function's default when the call leaves it out."""
+    k = helper.make_node("Constant", [], ["k"])
+    ref = onnx.AttributeProto(
+        name="value_float", ref_attr_name="alpha", type=onnx.AttributeProto.FLOAT
+    )
+    k.attribute.append(ref)
+    fn = helper.make_function(
+        "custom.dom",
+        "scale_by",
+        ["a"],
+        ["o"],
+        [k, helper.make_node("Mul", ["a", "k"], ["o"])],
+        [helper.make_opsetid("", 18)],
+        attribute_protos=[helper.make_attribute("alpha", 2.0)],
+    )
+    nodes = [
+        helper.make_node("scale_by", ["x"], ["t"], domain="custom.dom", alpha=3.0),
+        helper.make_node("scale_by", ["t"], ["y"], domain="custom.dom"),
+    ]
+    m = _model(nodes, [_vi("x", [2, 3])], [_vi("y", None)], functions=[fn])
+    x = torch.randn(2, 3, generator=_gen(7))
+    program = _check_against_ort(m, {"x": x})
+    assert torch.equal(program.run(x)[0], x * 3.0 * 2.0)
+
+
+def test_shape_from_input_data_is_an_error():
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["y"], name="r")]
+    m = _model(nodes, [_vi("x", [2, 3]), _vi("shape", [2], TensorProto.INT64)], [_vi("y", None)])
+    with pytest.raises(CaptureError) as err:
+        import_onnx(m)
+    assert err.value.message == (
+        "ONNX node Reshape cannot be imported: its target shape depends on the input data; "
+        "splice programs have static shapes"
+    )
+    assert err.value.where == "ONNX node 'r' (Reshape)"

@@ -137,13 +137,14 @@ def _tensor_from_proto(t: Any) -> torch.Tensor:
     return torch.from_numpy(arr.copy())
 
 
-def _attrs(node: Any, outer: Mapping[str, Any]) -> dict[str, Any]:
-    """The node's attributes as Python values; ``ref_attr_name`` (inside a function) reads
-    the calling node's attribute from ``outer``."""
+def _attrs(attributes: Any, outer: Mapping[str, Any]) -> dict[str, Any]:
+    """AttributeProtos (a node's, or a function's defaults) as Python values;
+    ``ref_attr_name`` (inside a function) reads the calling node's attribute from
+    ``outer``."""
     from onnx import AttributeProto, helper
 
     out: dict[str, Any] = {}
-    for a in node.attribute:
+    for a in attributes:
         if a.ref_attr_name:
             if a.ref_attr_name in outer:
                 out[a.name] = outer[a.ref_attr_name]
@@ -255,7 +256,7 @@ def _op(*names: str) -> Callable[[OpFn], OpFn]:
 
 def supported_ops() -> list[str]:
     """The ONNX op types (default domain) :func:`import_onnx` converts, sorted."""
-    return sorted(_OPS)
+    return sorted({*_OPS, "If"})
 
 
 def _axis(a: int, rank: int) -> int:
@@ -1253,7 +1254,7 @@ class _Importer:
         if self.tracing and key in self.statics:
             return self.statics[key]
         domain = "" if node.domain in ("", "ai.onnx") else node.domain
-        attrs = _attrs(node, outer_attrs)
+        attrs = _attrs(node.attribute, outer_attrs)
         loc = self._loc(node, key, caller_loc)
         fn_proto = self.functions.get((node.domain, node.op_type))
         if domain == "splice":
@@ -1313,7 +1314,7 @@ class _Importer:
             env[formal] = actual
         for formal in fp.input[len(ins) :]:
             env[formal] = None
-        defaults = {a.name: _attr_value(a) for a in getattr(fp, "attribute_proto", [])}
+        defaults = _attrs(getattr(fp, "attribute_proto", []), {})
         self.run_graph(fp.node, env, f"{key}/", {**defaults, **attrs}, loc)
         return tuple(env.get(o) for o in fp.output)
 
@@ -1466,14 +1467,6 @@ def _as_const(v: Any, node: Any, k: int) -> Any:
         return v
     name = node.output[k] if k < len(node.output) else f"{node.name}_{k}"
     return Const(v, name)
-
-
-def _attr_value(a: Any) -> Any:
-    from onnx import helper
-
-    node = helper.make_node("X", [], [])
-    node.attribute.append(a)
-    return _attrs(node, {}).get(a.name)
 
 
 _MOE_VARIANT = re.compile(
