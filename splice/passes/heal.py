@@ -16,8 +16,9 @@ the teacher is the program itself (no approximate pass ran before ``heal``), it 
 :class:`~splice.errors.PassError`.
 
 **What trains** (``train``): ``new`` — the weights the transforms created: every float
-parameter that is not one of the teacher's (not its name with its shape, and not its value:
-``stitch`` copies anchor weights under new names), i.e. low-rank factors, experts and
+parameter that is none of the teacher's or of the context's programs' (``stitch`` anchors)
+— not their name with its shape, and not their value (``stitch`` copies anchor weights under
+new names), i.e. low-rank factors, experts and
 routers, stitching layers, a hypernetwork; every other weight stays bit-identical. ``all`` —
 every float parameter. Anything else is a ``|``-separated glob of weight names. No trainable
 weight in scope is a PassError.
@@ -31,8 +32,11 @@ before and after is in the stats (``held_out``). Each step uses ``batch`` tuples
 * ``global``: end to end; the loss compares every float output the two programs share (by
   name, else by position) and Adam (``lr``) updates all trainable weights for ``steps``
   steps. A ``stitch`` program (``attrs["stitch"]``, a ``config`` input) trains its
-  configurations in turn, step ``i`` running configuration ``i mod n``, so the layers a
-  window shares learn a map that serves every pair. With unit gates a ``moe_ffn`` router
+  configurations in turn, step ``i`` running the ``i mod n``-th of the n that read a
+  trainable weight, so the layers a
+  window shares learn a map that serves every pair (each configuration runs as its static
+  program, :func:`~splice.passes.stitch.select_config`, on the same parameters: autograd
+  through ``cond`` re-traces the branches on every call). With unit gates a ``moe_ffn`` router
   gets no gradient from the output (top-k is a step function); the experts do.
 * ``local``: op by op, on the inputs each op receives in the transformed program (computed
   once, before training): a ``lowrank_linear`` against the teacher's dense Linear of the
@@ -73,6 +77,7 @@ from splice.passes.base import Pass, PassContext, PassResult
 from splice.passes.globs import matches
 from splice.passes.linears import LinearSite, find_linears
 from splice.passes.registry import register_pass
+from splice.passes.stitch import select_config
 from splice.passes.training import ProgramModule
 
 Loss = Literal["mse", "cosine", "kl"]
@@ -119,11 +124,11 @@ class Heal(Pass):
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         teacher, source = _teacher(program, ctx)
         t_index = _teacher_inputs(program, teacher)
-        names = _trainable(program, teacher, self.train)
+        names = _trainable(program, [teacher, *ctx.programs.values()], self.train)
         rows, held = _split(ctx.calibration, self.holdout, self.seed)
         loss_fn = _LOSSES[self.loss]
-        configs = _configs(program)
         module = ProgramModule(program, trainable=set(names))
+        configs = _configs(program, module, set(names))
         pairs = _output_pairs(program, teacher)
         rng = torch.random.fork_rng(devices=[])
         with rng:
@@ -131,7 +136,7 @@ class Heal(Pass):
             gen = torch.Generator().manual_seed(self.seed)
             with torch.no_grad():
                 t_held = [teacher.run(*[r[i] for i in t_index]) for r in held]
-                before = _end_to_end(module, held, t_held, pairs, configs, loss_fn)
+                before = _end_to_end(held, t_held, pairs, configs, loss_fn)
             stats: dict[str, Any] = {}
             if self.scope == "global":
                 with torch.no_grad():
@@ -142,7 +147,7 @@ class Heal(Pass):
             else:
                 stats["local"] = self._local(module, teacher, rows, held, loss_fn, gen, ctx)
             with torch.no_grad():
-                after = _end_to_end(module, held, t_held, pairs, configs, loss_fn)
+                after = _end_to_end(held, t_held, pairs, configs, loss_fn)
         trained = module.named_program_parameters()
         rw = Rewriter(program, self.name)
         for n in names:
@@ -158,7 +163,7 @@ class Heal(Pass):
             held_out_rows=len(held),
             held_out={"before": before, "after": after},
         )
-        if configs != [None]:
+        if configs[0].drop is not None:
             stats["configs"] = len(configs)
         return PassResult(program, True, stats)
 
@@ -169,13 +174,15 @@ class Heal(Pass):
         rows: list[Row],
         t_rows: list[list[Any]],
         pairs: list[tuple[int, int]],
-        configs: list[tuple[int, Any] | None],
+        configs: list[_Runner],
         loss_fn: LossFn,
         gen: torch.Generator,
         ctx: PassContext,
     ) -> dict[str, float]:
         params = list(module.trainable_parameters().values())
         opt = torch.optim.Adam(params, lr=self.lr)
+        # configurations that read no trainable weight (an anchor alone) have nothing to learn
+        trainable = [c for c in configs if c.module.trainable_parameters()]
         order: list[int] = []
         first = last = math.nan
         for step in range(self.steps):
@@ -184,11 +191,11 @@ class Heal(Pass):
                 if not order:
                     order = torch.randperm(len(rows), generator=gen).tolist()
                 picked.append(order.pop())
-            config = configs[step % len(configs)]
+            config = trainable[step % len(trainable)]
             opt.zero_grad()
-            loss = sum(
-                _row_loss(module, rows[i], t_rows[i], pairs, config, loss_fn) for i in picked
-            ) / len(picked)
+            loss = sum(_row_loss(config, rows[i], t_rows[i], pairs, loss_fn) for i in picked) / len(
+                picked
+            )
             loss.backward()
             opt.step()
             last = float(loss.detach())
@@ -288,12 +295,14 @@ def _teacher_inputs(program: Program, teacher: Program) -> list[int]:
     return [names.index(n) for n in teacher.input_names]
 
 
-def _trainable(program: Program, teacher: Program, train: str) -> list[str]:
+def _trainable(program: Program, known: list[Program], train: str) -> list[str]:
+    """The parameters ``train`` selects; ``new``: those of none of the ``known`` programs."""
     params = {n: t for n, t in program.named_parameters().items() if t.is_floating_point()}
     if train == "all":
         names = list(params)
     elif train == "new":
-        names = [n for n, t in params.items() if not _is_original(n, t, teacher)]
+        theirs = _Weights(known)
+        names = [n for n, t in params.items() if not theirs.has(n, t)]
     else:
         names = [n for n in params if matches(n, train)]
     if not names:
@@ -308,19 +317,23 @@ def _trainable(program: Program, teacher: Program, train: str) -> list[str]:
     return names
 
 
-def _is_original(name: str, value: torch.Tensor, teacher: Program) -> bool:
-    """Whether ``value`` is one of the teacher's weights: by name and shape, by identity, or
-    (a copy under another name) by value."""
-    tw = teacher.weights
-    same = tw.get(name)
-    if same is not None and same.shape == value.shape:
-        return True
-    for t in tw.values():
-        if t is value or (
-            t.shape == value.shape and t.dtype == value.dtype and torch.equal(t, value)
-        ):
+class _Weights:
+    """The weights of some programs, to ask whether a tensor is one of them: by name and
+    shape, by identity, or (a copy under another name, as ``stitch`` makes) by value."""
+
+    def __init__(self, programs: list[Program]):
+        self.by_name: dict[str, list[torch.Tensor]] = {}
+        self.by_shape: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+        for p in programs:
+            for n, t in p.weights.items():
+                self.by_name.setdefault(n, []).append(t)
+                self.by_shape.setdefault((tuple(t.shape), t.dtype), []).append(t)
+
+    def has(self, name: str, value: torch.Tensor) -> bool:
+        if any(t.shape == value.shape for t in self.by_name.get(name, [])):
             return True
-    return False
+        same = self.by_shape.get((tuple(value.shape), value.dtype), [])
+        return any(t is value for t in same) or any(torch.equal(t, value) for t in same)
 
 
 def _split(calibration: Sequence[Row], holdout: float, seed: int) -> tuple[list[Row], list[Row]]:
@@ -339,13 +352,32 @@ def _split(calibration: Sequence[Row], holdout: float, seed: int) -> tuple[list[
     return [rows[i] for i in sorted(perm[n_held:])], [rows[i] for i in held]
 
 
-def _configs(program: Program) -> list[tuple[int, Any] | None]:
-    """(input position, value) of each stitch configuration, or [None]."""
+def _configs(program: Program, module: ProgramModule, names: set[str]) -> list[_Runner]:
+    """How to run each configuration: the module itself, or for a ``stitch`` program one
+    module per configuration over its static program (:func:`~splice.passes.stitch.
+    select_config`) sharing ``module``'s parameters, with the ``config`` input dropped.
+    (Autograd through ``cond`` re-traces both branches on every call: far too slow.)"""
     info = program.attrs.get("stitch")
-    if not info or "config" not in program.input_names:
-        return [None]
+    if not info or "config" not in program.input_names or not info.get("configs"):
+        return [_Runner(module, None)]
     pos = program.input_names.index("config")
-    return [(pos, c) for c in range(len(info.get("configs", [])))] or [None]
+    params = module.named_program_parameters()
+    return [
+        _Runner(ProgramModule(select_config(program, c), trainable=names, shared=params), pos)
+        for c in range(len(info["configs"]))
+    ]
+
+
+@dataclass
+class _Runner:
+    """A module to run and the input position it does not take (``config``), if any."""
+
+    module: ProgramModule
+    drop: int | None
+
+    def run(self, row: Row) -> list[Any]:
+        values = [v for i, v in enumerate(row) if i != self.drop]
+        return self.module.run(*values)
 
 
 def _output_pairs(program: Program, teacher: Program) -> list[tuple[int, int]]:
@@ -363,24 +395,14 @@ def _output_pairs(program: Program, teacher: Program) -> list[tuple[int, int]]:
     return pairs
 
 
-def _with_config(row: Row, config: tuple[int, Any] | None) -> list[Any]:
-    values = list(row)
-    if config is not None:
-        pos, c = config
-        old = values[pos]
-        values[pos] = torch.as_tensor(c, dtype=old.dtype) if torch.is_tensor(old) else c
-    return values
-
-
 def _row_loss(
-    module: ProgramModule,
+    runner: _Runner,
     row: Row,
     t_out: list[Any],
     pairs: list[tuple[int, int]],
-    config: tuple[int, Any] | None,
     loss_fn: LossFn,
 ) -> torch.Tensor:
-    outs = module.run(*_with_config(row, config))
+    outs = runner.run(row)
     terms = [
         loss_fn(outs[i], t_out[j])
         for i, j in pairs
@@ -394,20 +416,17 @@ def _row_loss(
 
 
 def _end_to_end(
-    module: ProgramModule,
     rows: list[Row],
     t_rows: list[list[Any]],
     pairs: list[tuple[int, int]],
-    configs: list[tuple[int, Any] | None],
+    configs: list[_Runner],
     loss_fn: LossFn,
 ) -> float | None:
     """The mean loss over ``rows`` and every configuration (None without rows)."""
     if not rows:
         return None
     total = [
-        float(_row_loss(module, r, t, pairs, c, loss_fn))
-        for c in configs
-        for r, t in zip(rows, t_rows)
+        float(_row_loss(c, r, t, pairs, loss_fn)) for c in configs for r, t in zip(rows, t_rows)
     ]
     return sum(total) / len(total)
 

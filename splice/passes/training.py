@@ -12,9 +12,10 @@ created, or a glob of them, train against the program before the transform).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from splice.ir.program import Program
@@ -25,15 +26,28 @@ class ProgramModule(nn.Module):
 
     ``trainable`` names the parameters that require gradients (a collection of weight names
     or a predicate on the name); every other weight is frozen. Only floating-point parameters
-    can train. ``forward(*inputs, **named)`` runs the program as ``Program.__call__`` does;
+    can train. ``shared`` binds weights of the copy to given tensors instead of clones (two
+    modules over programs that read the same weights, e.g. the static programs of a
+    ``stitch`` program's configurations, then train one set of parameters).
+    ``forward(*inputs, **named)`` runs the program as ``Program.__call__`` does;
     :meth:`run` returns the flat list of outputs.
     """
 
-    def __init__(self, program: Program, *, trainable: Collection[str] | Callable[[str], bool]):
+    def __init__(
+        self,
+        program: Program,
+        *,
+        trainable: Collection[str] | Callable[[str], bool],
+        shared: Mapping[str, torch.Tensor] | None = None,
+    ):
         super().__init__()
         prog = program.copy()
+        shared = shared or {}
         for name, kind in prog.weight_kinds.items():
-            prog.add_weight(name, prog.get_weight(name).detach().clone(), kind)
+            value = shared.get(name)
+            prog.add_weight(
+                name, value if value is not None else prog.get_weight(name).detach().clone(), kind
+            )
         self._program = prog
         self.graph_module = prog.to_module()
         wanted = trainable if callable(trainable) else set(trainable).__contains__

@@ -1,0 +1,101 @@
+"""Real English text for calibration, training and evaluation, from two unrelated sources.
+
+* :func:`docstring_sentences` — sentences of the docstrings of Python's standard library
+  (always installed): technical prose, used to calibrate and heal.
+* :func:`fortune_sentences` — quotations from Debian's ``fortunes`` package
+  (``apt-get install fortunes`` puts them in ``/usr/share/games/fortunes``): literature,
+  wisdom, people, science, small talk; used only to evaluate.
+
+The sources differ in author, topic and style, and :func:`disjoint` checks that no sentence
+is in both. Selection is seeded and sorted, so a run sees the same sentences every time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import random
+import re
+from pathlib import Path
+
+FORTUNES = Path("/usr/share/games/fortunes")
+#: fortune files of prose quotations (no ASCII art, no offensive set, no jokes in dialect)
+FORTUNE_FILES = (
+    "literature", "wisdom", "people", "science", "education", "food", "work", "love",
+    "politics", "medicine", "platitudes", "humorists", "men-women", "pets", "sports",
+)  # fmt: skip
+#: standard library modules whose docstrings are prose, not tables of options
+STDLIB_MODULES = (
+    "argparse", "asyncio", "base64", "bisect", "calendar", "collections", "concurrent.futures",
+    "contextlib", "copy", "csv", "datetime", "decimal", "difflib", "email", "enum",
+    "fractions", "functools", "gettext", "glob", "gzip", "hashlib", "heapq", "html",
+    "http.client", "imaplib", "inspect", "ipaddress", "itertools", "json", "locale",
+    "logging", "mailbox", "multiprocessing", "numbers", "operator", "optparse", "os",
+    "pathlib", "pickle", "pprint", "queue", "random", "re", "sched", "selectors", "shelve",
+    "shutil", "smtplib", "socket", "sqlite3", "statistics", "string", "subprocess",
+    "tarfile", "tempfile", "textwrap", "threading", "timeit", "tokenize", "traceback",
+    "typing", "unittest", "urllib.parse", "uuid", "warnings", "weakref", "xml.dom",
+    "zipfile", "zoneinfo",
+)  # fmt: skip
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+_WORDY = re.compile(r"^[A-Z][A-Za-z0-9 ,;:'()\-]+[.!?]$")
+
+
+def _clean(text: str) -> list[str]:
+    """Sentences of ``text`` with 6..30 words of plain prose (no code, no markup)."""
+    flat = " ".join(text.split())
+    out = []
+    for s in _SENTENCE.split(flat):
+        s = s.strip()
+        if 6 <= len(s.split()) <= 30 and _WORDY.match(s) and "  " not in s:
+            out.append(s)
+    return out
+
+
+def docstring_sentences(n: int, seed: int = 0) -> list[str]:
+    """``n`` distinct sentences from the standard library's docstrings (seeded choice)."""
+    found: set[str] = set()
+    for name in STDLIB_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        for obj in [mod, *(v for _, v in sorted(vars(mod).items()) if not _.startswith("_"))]:
+            doc = inspect.getdoc(obj) if callable(obj) or inspect.ismodule(obj) else None
+            if doc and (inspect.ismodule(obj) or getattr(obj, "__module__", "") == mod.__name__):
+                found.update(_clean(doc))
+    return _pick(sorted(found), n, seed, "standard library docstrings")
+
+
+def fortune_sentences(n: int, seed: int = 0) -> list[str]:
+    """``n`` distinct quotations (one sentence each) from Debian's ``fortunes``."""
+    if not FORTUNES.is_dir():
+        raise SystemExit(
+            f"evaluation text is missing: {FORTUNES} does not exist; install Debian's "
+            "quotations with `apt-get install fortunes`"
+        )
+    found: set[str] = set()
+    for name in FORTUNE_FILES:
+        f = FORTUNES / name
+        if not f.is_file():
+            continue
+        for entry in f.read_text(encoding="utf-8", errors="replace").split("\n%\n"):
+            body = entry.split("\n\t\t--")[0].split("\n\t--")[0]  # drop the attribution
+            found.update(_clean(body))
+    return _pick(sorted(found), n, seed, f"fortunes in {FORTUNES}")
+
+
+def _pick(pool: list[str], n: int, seed: int, what: str) -> list[str]:
+    if len(pool) < n:
+        raise SystemExit(f"only {len(pool)} usable sentences in {what}, {n} asked")
+    return random.Random(seed).sample(pool, n)
+
+
+def disjoint(*sets: list[str]) -> None:
+    """Raise if any sentence appears in two of ``sets``."""
+    seen: dict[str, int] = {}
+    for i, s in enumerate(sets):
+        for x in s:
+            if seen.setdefault(x, i) != i:
+                raise SystemExit(f"sentence in sets {seen[x]} and {i}: {x!r}")
