@@ -19,7 +19,7 @@ from splice.ir import Program, capture, compose, parse_ir, print_ir, save, verif
 from splice.ir.explore import capture_dynamic
 from splice.ir.lm import GenerationError, LMPrograms, capture_lm
 from splice.ir.signatures import SignatureSet
-from splice.runtime import Artifact, CompiledModel, Generator, compile, load
+from splice.runtime import Artifact, CompiledModel, Generator, compile, export_onnx, load
 from splice.version import __version__
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "capture_lm",
     "compile",
     "compose",
+    "export_onnx",
     "load",
     "parse_ir",
     "print_ir",

@@ -59,6 +59,7 @@ from splice.runtime.artifact import FORMAT, Artifact, read_manifest
 from splice.runtime.host import format_host
 from splice.tools.cli_compile import add_commands as add_compile_commands
 from splice.tools.cli_generate import add_command as add_generate_command
+from splice.tools.cli_onnx import add_command as add_onnx_command
 from splice.tools.common import (
     MODEL_HELP,
     check_dump_folder,
@@ -336,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compile_commands(sub, model_arg)
 
     add_generate_command(sub, model_arg)
+    add_onnx_command(sub, model_arg)
 
     sp = sub.add_parser(
         "stitch-table",

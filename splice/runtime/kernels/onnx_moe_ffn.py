@@ -238,10 +238,6 @@ def moe_function(
     )
 
 
-def _node_text(x: Any) -> str:
-    return getattr(x, "name", None) or "moe_ffn"
-
-
 def translate_moe_ffn(
     ctx: OnnxContext,
     x: Any,
@@ -274,9 +270,10 @@ def translate_moe_ffn(
     elif w_gate is None and b_gate is not None:
         problem = "b_gate without w_gate"
     if problem is not None:
+        # torch.onnx re-raises this from the node's translation; the exporter's error
+        # then names the node, its module path and source line
         raise LoweringError(
             f"splice::moe_ffn cannot be exported to ONNX: {problem}",
-            where=f"the moe_ffn node reading {_node_text(x)}",
             hint="fix the op's arguments (see splice.ir.ops.moe_ffn)",
         )
     named = [
