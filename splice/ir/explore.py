@@ -137,6 +137,7 @@ from splice.errors import CaptureError
 from splice.ir import meta as M
 from splice.ir.capture import capture_error, ident, split_inputs, to_program
 from splice.ir.dd_sizes import DenseSelections
+from splice.ir.explore_replay import OpLog, OpRecord, Replay
 from splice.ir.moe_capture import ATTR as _MOE_ATTR
 from splice.ir.moe_capture import ATTR_UNRECOGNISED as _MOE_ATTR_UNRECOGNISED
 from splice.ir.moe_capture import MoERecord, recognise_moe
@@ -234,6 +235,10 @@ class _DecisionMode(TorchDispatchMode):
                 self._note(out, n)
         self._track_constants(func, args, kwargs, out)
         return out
+
+    def tracks(self, t: torch.Tensor) -> bool:
+        """Is ``t`` a constant (its real value kept) or an index tensor (its domain kept)?"""
+        return id(t) in self._shadow or id(t) in self._domain
 
     def _note(self, t: torch.Tensor, n: int) -> None:
         self._domain[id(t)] = n
@@ -739,6 +744,7 @@ class _Trace:
     item_kinds: list[bool] = field(default_factory=list)  # per item node: is a decision
     scans: list[_Scan | None] = field(default_factory=list)  # per decision (region traces)
     lnodes: list[dict[tuple[Any, ...], fx.Node] | None] = field(default_factory=list)
+    oplog: list[OpRecord] | None = None  # a full trace's calls (explore_replay)
     items: list[fx.Node] = field(default_factory=list)  # the decision items, in order
     preds: list[fx.Node] = field(default_factory=list)  # what each decision converted
     outputs: list[Value] = field(default_factory=list)
@@ -781,8 +787,11 @@ def _trace_path(
         @functools.wraps(original)
         def forward(*a: Any, **kw: Any) -> tuple[Any, ...]:
             mode = _DecisionMode(forced, max_decisions=max_decisions, watch=watch)
-            with _numpy_hooks(), mode, DenseSelections() as dense:
+            log = OpLog(mode.tracks) if watch is not None else contextlib.nullcontext()
+            with _numpy_hooks(), mode, DenseSelections() as dense, log:
                 out = dense.check_outputs(original(*a, **kw))
+            if isinstance(log, OpLog):
+                state["oplog"] = log.finish()
             leaves, spec = pytree.tree_flatten(out)
             state.update(mode=mode, spec=spec, n=len(leaves), dense=_dense_used(dense))
             extra, state["locals"] = _locals_outputs(watch, range(len(mode.decisions)))
@@ -836,12 +845,15 @@ def _trace_region(
     max_decisions: int,
     watch: _Watch,
     inputs: list[tuple[tuple[Any, ...], torch.Tensor]],
+    oplog: list[OpRecord] | None = None,
 ) -> tuple[torch.export.ExportedProgram, _DecisionMode, dict[str, Any]]:
     """Export the region of path ``forced`` that starts at its last decision (module docs,
-    "Cost"): the prefix runs untraced, the tensor locals at that decision are the export's
-    inputs after ``args`` (one per distinct tensor of the base trace, ``inputs``: key ->
-    example), tracing stops at ``watch``'s rejoin (or runs to the end). Outputs: the model's
-    outputs (to the end only), the region's predicates, its decisions' tensor locals."""
+    "Cost"): the prefix runs untraced (replayed from ``oplog``, the base trace's recorded
+    calls, where given: :mod:`splice.ir.explore_replay`), the tensor locals at that
+    decision are the export's inputs after ``args`` (one per distinct tensor of the base
+    trace, ``inputs``: key -> example), tracing stops at ``watch``'s rejoin (or runs to the
+    end). Outputs: the model's outputs (to the end only), the region's predicates, its
+    decisions' tensor locals. A prefix that does not replay raises ``_Fallback``."""
     state: dict[str, Any] = {}
     n = len(args)
     original = model.forward
@@ -861,8 +873,12 @@ def _trace_region(
         if watch.proxy is None:
             raise _Fallback("export does not trace through a proxy mode here")
         stopped = False
+        replay: Any = contextlib.nullcontext()
+        fake = next((x.fake_mode for x in a if _is_fake(x)), None)
+        if oplog is not None and fake is not None and _REPLAY:
+            replay = Replay(oplog, fake, lambda: watch.switched)
         try:
-            with _numpy_hooks(), mode, DenseSelections() as dense:
+            with _numpy_hooks(), mode, DenseSelections() as dense, replay:
                 try:
                     out = dense.check_outputs(original(*a[:n]))
                 except _Stop:
@@ -871,6 +887,8 @@ def _trace_region(
             if watch.proxy is not None:
                 _push_mode(watch.proxy)
                 watch.proxy = None
+        if isinstance(replay, Replay) and replay.failed is not None:
+            raise _Fallback(f"the prefix did not replay: {replay.failed}")
         if not watch.switched or _dense_used(dense):
             raise _Fallback("the region did not start, or it selected rows densely")
         leaves, spec = pytree.tree_flatten(out) if not stopped else ([], None)
@@ -882,6 +900,7 @@ def _trace_region(
             if isinstance(t, torch.Tensor) and _is_fake(t) and not _proxy.has_proxy_slot(t, tracer):
                 raise _Fallback("the region returns a tensor it did not trace")
         state.update(mode=mode, spec=spec, n=len(leaves), n_preds=len(preds), stopped=stopped)
+        state["replayed"] = isinstance(replay, Replay) and replay.replayed > 0
         return (*leaves, *preds, *extra)
 
     had = "forward" in model.__dict__
@@ -959,6 +978,8 @@ class _Raw:
     outputs: list[Any]
     scans: list[_Scan | None] = field(default_factory=list)  # per decision (region traces)
     lnodes: list[dict[tuple[Any, ...], fx.Node] | None] = field(default_factory=list)
+    oplog: list[OpRecord] | None = None  # the full trace's calls (explore_replay)
+    replayed: bool = False  # a region trace whose prefix was replayed
 
 
 @dataclass(eq=False)
@@ -1211,6 +1232,7 @@ class _Explorer:
         self.weights_by_ptr = _weights_by_storage(model)
         self.fast = _REGION_TRACES and not _has_hooks(self.modules)
         self.region_traces = 0  # paths assembled from a region trace (module docs, "Cost")
+        self.replayed = 0  # of those, the paths whose prefix was replayed (explore_replay)
         self.region_misses = 0  # region traces refused since the last one that stood
 
     # -- tracing ------------------------------------------------------------------------
@@ -1259,7 +1281,7 @@ class _Explorer:
         t.bindings = mode.bindings
         t.item_kinds = list(mode.item_kinds)
         if program is raw.program:
-            t.scans, t.lnodes = raw.scans, raw.lnodes
+            t.scans, t.lnodes, t.oplog = raw.scans, raw.lnodes, raw.oplog
         self._index(t, mode.item_kinds)
         if len(self.traces) > 0:
             self._check_outputs(t)
@@ -1292,6 +1314,7 @@ class _Explorer:
                     self.fast = False  # the model keeps refusing: stop paying for tries
             if raw is not None:
                 self.region_traces += 1
+                self.replayed += int(getattr(raw, "replayed", False))
                 self.region_misses = 0
         if raw is None:
             watch = _Watch(self.modules, self.slots) if self.fast else None
@@ -1316,6 +1339,7 @@ class _Explorer:
             outputs = list(program.graph.find_nodes(op="output")[0].args[0][:n_out])
             raw = _Raw(program, spec, n_out, mode, outputs)
             if watch is not None:
+                raw.oplog = st.get("oplog")
                 outs = program.graph.find_nodes(op="output")[0].args[0]
                 at = n_out + len(mode.preds)
                 raw.scans = [watch.scans.get(d) for d in range(len(mode.decisions))]
@@ -1385,13 +1409,15 @@ class _Explorer:
         watch = _Watch(self.modules, self.slots, start=k, switch=k, expect=exp, stops=stops)
         watch.prefix = (P.decisions[: k + 1], P.keys[: k + 1])
         ep, mode, st = _trace_region(
-            self.model, self.args, list(forced), self.max_decisions, watch, inputs
+            self.model, self.args, list(forced), self.max_decisions, watch, inputs, P.oplog
         )
         sig = ep.graph_signature
         if sig.user_inputs_to_mutate or sig.buffers_to_mutate:
             raise _Fallback("the region writes a tensor it did not create")
         R = to_program(ep, (*self.args, *example.values()), {}, {}, type(self.model).__name__)
-        return _synthesize(P, k, R, st, mode, watch, list(example), self.weights_by_ptr)
+        raw = _synthesize(P, k, R, st, mode, watch, list(example), self.weights_by_ptr)
+        raw.replayed = st["replayed"]
+        return raw
 
     def _index(self, t: _Trace, kinds: list[bool]) -> None:
         items: list[fx.Node] = []
@@ -1929,6 +1955,7 @@ def _has_hooks(modules: Sequence[nn.Module]) -> bool:
 
 #: region traces on (module docs, "Cost"); tests turn them off to compare with full traces
 _REGION_TRACES = True
+_REPLAY = True  # region runs replay their prefix from the base trace's calls (explore_replay)
 
 
 def _paths(R: _Region) -> int:
@@ -2386,6 +2413,7 @@ def capture_dynamic(
     program.attrs["traces"] = len({id(t) for t in ex.traces.values()})
     program.attrs["conds"] = ex.conds
     program.attrs["region_traces"] = ex.region_traces
+    program.attrs["replayed_prefixes"] = ex.replayed
     return program
 
 

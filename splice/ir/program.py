@@ -695,11 +695,51 @@ def build_graph_module(
     subgraphs: Mapping[str, fx.GraphModule] | None = None,
     class_name: str = "Program_main",
 ) -> fx.GraphModule:
-    """A GraphModule over ``graph`` that owns ``weights`` (name -> (tensor, kind))."""
+    """A GraphModule over ``graph`` that owns ``weights`` (name -> (tensor, kind)) and the
+    ``subgraphs`` its nodes reference.
+
+    Built directly, in the module order ``GraphModule(root, graph)`` would give (containers
+    in the order of the nodes' first references, then every weight registered in
+    ``weights`` order), without populating a root and copying it: one registration per
+    weight instead of three."""
+    subgraphs = subgraphs or {}
+    refs = [n.target for n in graph.nodes if n.op in ("get_attr", "call_module")]
+    if any(not isinstance(r, str) or (r not in weights and r not in subgraphs) for r in refs):
+        return _build_graph_module_copying(graph, weights, subgraphs, class_name)
+    gm = _graph_module_cls()(nn.Module(), fx.Graph(), class_name=class_name)
+    for r in refs:
+        if r in weights:
+            owner: nn.Module = gm
+            for part in r.split(".")[:-1]:
+                child = owner._modules.get(part)
+                if child is None:
+                    child = nn.Module()
+                    owner.add_module(part, child)
+                owner = child
+        elif r not in gm._modules:
+            gm.add_module(r, subgraphs[r])
+    for w, (t, k) in weights.items():
+        set_weight_attr(gm, w, t, k)
+    gm.graph = graph
+    if graph._tracer_cls and "<locals>" not in graph._tracer_cls.__qualname__:
+        gm._tracer_cls = graph._tracer_cls
+    if graph._tracer_extras:
+        gm._tracer_extras = graph._tracer_extras
+    return gm
+
+
+def _build_graph_module_copying(
+    graph: fx.Graph,
+    weights: Mapping[str, tuple[torch.Tensor, str]],
+    subgraphs: Mapping[str, fx.GraphModule],
+    class_name: str,
+) -> fx.GraphModule:
+    """:func:`build_graph_module` through ``GraphModule(root, graph)`` (its errors for a
+    target that names nothing)."""
     root = nn.Module()
     for w, (t, k) in weights.items():
         set_weight_attr(root, w, t, k)
-    for s, g in (subgraphs or {}).items():
+    for s, g in subgraphs.items():
         root.add_module(s, g)
     gm = _graph_module_cls()(root, graph, class_name=class_name)
     # set weights on the result: GraphModule copies only what get_attr nodes reference
