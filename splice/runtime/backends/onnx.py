@@ -1,25 +1,27 @@
-"""The ONNX exporter: a Program (after any pipeline) as one ONNX model.
+"""The ONNX exporter: a Program (after any pipeline) as one ONNX model (docs/onnx.md).
 
-Steps (:func:`to_onnx`, :func:`export_onnx`):
+Steps (:func:`to_onnx`, :func:`export_onnx`), per graph (:func:`_lower`):
 
-1. **Prepare.** A copy of the program; parts of a split program (``invoke_subgraph``
-   calls) are inlined into their callers, so ``cond`` is the only control flow left; every
-   node's :class:`~splice.ir.meta.Loc` is copied into ``node.meta["custom"]``.
-2. **torch.export** (non-strict) of the program run node by node by an ``fx.Interpreter``
+1. **Prepare** a copy: parts of a split program (``invoke_subgraph`` calls) are inlined
+   into their callers; each ``cond`` is replaced by a stub op whose fake gives the cond's
+   output specs (torch.export would trace nested conds once per enclosing level: 2^depth);
+   every node's :class:`~splice.ir.meta.Loc` is copied into ``node.meta["custom"]``.
+2. **torch.export** (non-strict) of the graph run node by node by an ``fx.Interpreter``
    under ``preserve_node_meta``, so each exported node keeps the Loc of the program node
-   it came from. Inputs are placeholders with the program's (static) input specs.
-3. **torch.onnx** (the dynamo exporter, ``opset_version=opset``): ATen ops through
-   torch's onnxscript library, ``cond`` as ONNX ``If``; each splice op through its ONNX
-   lowering (registered below in :mod:`splice.ir.lowerings`, the translations in
-   ``splice/runtime/kernels/onnx_*.py``), which records a node of domain ``splice`` calling
-   an ONNX function; an op declared to fall back on ONNX is decomposed into its
-   reference's ATen ops before step 3.
-4. **Finish.** The functions are added to ``model.functions`` with the ``splice`` opset
-   import (after torch.onnx's passes: its inliner never sees them); inputs and outputs
-   take the program's names; every node gets ``splice.module``, ``splice.source``,
-   ``splice.passes`` and ``splice.node`` metadata and the model ``splice.program``,
-   ``splice.version`` and ``splice.passes`` (see docs/onnx.md); then
-   ``onnx.checker.check_model(full_check=True)``.
+   it came from. Inputs are placeholders with the (static) input specs.
+3. **torch.onnx** (the dynamo exporter, ``opset_version=opset``, its ATen registry built
+   once per process): ATen ops through torch's onnxscript library; each splice op through
+   its ONNX lowering (registered below in :mod:`splice.ir.lowerings`, the translations in
+   ``splice/runtime/kernels/onnx_*.py``), which records an opaque node of domain
+   ``splice`` calling an ONNX function; an op declared to fall back on ONNX is decomposed
+   into its reference's ATen ops first; a cond stub becomes an opaque placeholder node.
+4. **Finish.** Each placeholder becomes an ONNX ``If`` whose branches are the cond's
+   graphs, exported the same way (recursively) and renamed into the model's scope; every
+   node gets ``splice.node``, ``splice.module``, ``splice.source`` and ``splice.passes``
+   metadata. At the top: the inputs and outputs take the program's names; the splice
+   functions are added to ``model.functions`` with the ``splice`` opset import (after
+   torch.onnx's passes: its inliner never sees them); the model gets ``splice.program``,
+   ``splice.version`` and ``splice.passes``; then ``onnx.checker.check_model(full_check=True)``.
 
 Errors: anything that cannot be exported raises :class:`~splice.errors.LoweringError`
 naming the program node, its module path and source line where torch.onnx names one.
