@@ -578,3 +578,28 @@ def test_shape_from_input_data_is_an_error():
         "splice programs have static shapes"
     )
     assert err.value.where == "ONNX node 'r' (Reshape)"
+
+
+@pytest.mark.parametrize("layout", ["4d_gqa_causal_mask", "3d_float_mask"])
+def test_attention_matches_ort(layout):
+    """ONNX Attention (opset 23, what torch.onnx writes for SDPA there) as PyTorch's
+    scaled_dot_product_attention."""
+    g = _gen(8)
+    if layout == "4d_gqa_causal_mask":
+        shapes = {"q": [1, 4, 5, 8], "k": [1, 2, 5, 8], "v": [1, 2, 5, 8]}
+        mask = torch.rand(1, 1, 5, 5, generator=g) > 0.2
+        mask[..., 0] = True  # every row attends somewhere
+        attrs = {"is_causal": 1}
+        mtype = TensorProto.BOOL
+    else:
+        shapes = {"q": [2, 5, 16], "k": [2, 6, 16], "v": [2, 6, 16]}
+        mask = torch.randn(5, 6, generator=g)
+        attrs = {"q_num_heads": 2, "kv_num_heads": 2, "scale": 0.3}
+        mtype = TensorProto.FLOAT
+    node = helper.make_node("Attention", ["q", "k", "v", "mask"], ["y"], **attrs)
+    inputs = [_vi(n, s) for n, s in shapes.items()] + [_vi("mask", list(mask.shape), mtype)]
+    m = _model([node], inputs, [_vi("y", None)], opset=23)
+    feeds = {n: torch.randn(s, generator=g) for n, s in shapes.items()} | {"mask": mask}
+    program = _check_against_ort(m, feeds)
+    targets = [str(n.target) for n in program.nodes if n.op == "call_function"]
+    assert "aten.scaled_dot_product_attention.default" in targets

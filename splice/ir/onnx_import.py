@@ -526,6 +526,51 @@ def _einsum(c: _Ctx, ins: list[Any]) -> Any:
     return torch.einsum(c.a["equation"], *[c.t(v) for v in ins])
 
 
+@_op("Attention")
+def _attention(c: _Ctx, ins: list[Any]) -> Any:
+    """ONNX Attention (opset 23) as ``scaled_dot_product_attention``: 4-D ``[B, heads, S,
+    d]`` or 3-D ``[B, S, heads*d]`` inputs, grouped KV heads, a boolean or additive mask,
+    causal (top-left aligned, as in PyTorch), past key/value concatenated."""
+    if c.a.get("softcap", 0.0) or (len(c.node.output) > 3 and c.node.output[3]):
+        raise c.fail("softcap and the qk_matmul_output output are not supported")
+    q, k, v = (c.t(x) for x in ins[:3])
+    mask = c.t(ins[3]) if len(ins) > 3 and ins[3] is not None else None
+    three_d = q.dim() == 3
+    if three_d:
+        qh, kvh = c.a["q_num_heads"], c.a["kv_num_heads"]
+        b, s = q.shape[0], q.shape[1]
+        q = q.reshape(b, s, qh, -1).transpose(1, 2)
+        k = k.reshape(b, k.shape[1], kvh, -1).transpose(1, 2)
+        v = v.reshape(b, v.shape[1], kvh, -1).transpose(1, 2)
+    if len(ins) > 5 and ins[4] is not None and ins[5] is not None:
+        k = torch.cat([c.t(ins[4]), k], 2)
+        v = torch.cat([c.t(ins[5]), v], 2)
+    causal = bool(c.a.get("is_causal", 0))
+    if causal and mask is not None:
+        size = (q.shape[-2], k.shape[-2])
+        keep_t = c.t(
+            c.derived("causal", lambda: Const(torch.ones(size, dtype=torch.bool).tril(), "causal"))
+        )
+        if mask.dtype == torch.bool:
+            mask = torch.logical_and(mask, keep_t)
+        else:
+            mask = torch.where(keep_t, mask, -math.inf)
+        causal = False
+    y = F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        is_causal=causal,
+        scale=c.a.get("scale"),
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+    if three_d:
+        y = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], -1)
+    extra = [o for o in c.node.output[1:3] if o]
+    return (y, k, v) if extra else y
+
+
 @_op("BatchNormalization")
 def _batch_norm(c: _Ctx, ins: list[Any]) -> Any:
     if c.a.get("training_mode", 0):
