@@ -379,6 +379,12 @@ def test_symbolic_dim_needs_shapes():
     assert M.spec(program.input_nodes[0]).shape == (5, 3)
     with pytest.raises(CaptureError, match=r"shapes= names \['y'\], which are not inputs"):
         import_onnx(m, shapes={"y": (1,)})
+    unranked = _model([node], [_vi("x", None)], [_vi("y", None)])
+    with pytest.raises(
+        CaptureError, match=re.escape("ONNX input 'x' has no shape (not even a rank)")
+    ):
+        import_onnx(unranked)
+    assert import_onnx(unranked, shapes={"x": (4,)}).run(-torch.ones(4))[0].sum().item() == 0.0
 
 
 def test_bad_paths_and_files(tmp_path):

@@ -1252,6 +1252,11 @@ class _Importer:
         self.run_graph(self.graph.node, env, "", {}, None)
         out: dict[str, Any] = {}
         for o in self.graph.output:
+            if o.name not in env:
+                raise CaptureError(
+                    f"ONNX output {o.name!r} is computed by no node of the graph",
+                    hint="check the model with onnx.checker.check_model",
+                )
             v = env[o.name]
             if isinstance(v, list):
                 raise CaptureError(
@@ -1730,6 +1735,12 @@ def _example_inputs(imp: _Importer, shapes: dict[str, Sequence[int]]) -> dict[st
         dtype = _dtype(tt.elem_type, where)
         if vi.name in shapes:
             shape = [int(d) for d in shapes[vi.name]]
+        elif not tt.HasField("shape"):
+            raise CaptureError(
+                f"ONNX input {vi.name!r} has no shape (not even a rank)",
+                where=where,
+                hint=f"pass shapes={{{vi.name!r}: (...)}} to import_onnx",
+            )
         else:
             shape = []
             for k, d in enumerate(tt.shape.dim):
