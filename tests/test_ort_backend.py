@@ -346,3 +346,22 @@ def test_signature_set(tmp_path):
         assert max_diff(cm(*inputs), want) <= 1e-4
         taken.add(cm.last_signature)
     assert taken == {0, 1}
+
+
+def test_loading_needs_no_tvm(mlp):
+    """An onnxruntime artifact loads and runs where TVM cannot be imported."""
+    import subprocess
+    import sys
+
+    art, program, args = mlp
+    code = (
+        "import sys; sys.modules['tvm'] = None\n"
+        "import torch, splice\n"
+        f"cm = splice.load({str(art.path)!r})\n"
+        "x = torch.load(sys.argv[1])\n"
+        "torch.save(cm(x), sys.argv[2])\n"
+    )
+    d = art.path.parent
+    torch.save(args[0], d / "x.pt")
+    subprocess.run([sys.executable, "-c", code, d / "x.pt", d / "y.pt"], check=True)
+    assert max_diff(torch.load(d / "y.pt"), program(*args)) <= ATOL
