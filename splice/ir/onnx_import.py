@@ -1154,7 +1154,6 @@ class _Importer:
         self.if_stack: list[str] = []
         self.overrides: dict[int, torch.Tensor] = {}
         self.locs: list[M.Loc] = []
-        self.loc_index: dict[str, int] = {}
         self.tracing = False
         self.folding = False  # running a static node: its operands need no buffers
         self.initializers: dict[str, Any] = {}
