@@ -259,6 +259,25 @@ def test_external_data_outside_the_weights_is_refused(mlp, tmp_path, key, value)
         splice.load(path)
 
 
+def test_external_data_in_a_constant_node_is_refused(mlp, tmp_path):
+    from onnx import helper
+
+    path = copy_of(mlp[0], tmp_path)
+
+    def edit(model):
+        t = helper.make_tensor("c", onnx.TensorProto.FLOAT, [1], [0.0])
+        t.ClearField("float_data")
+        t.data_location = onnx.TensorProto.EXTERNAL
+        for k, v in (("location", "/etc/passwd"), ("length", "4")):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        model.graph.node.insert(0, helper.make_node("Constant", [], ["c_out"], value=t))
+
+    _edit_model(path, edit)
+    with pytest.raises(ArtifactError, match="tensor 'c' reads external data"):
+        splice.load(path)
+
+
 def test_manifest_schema_of_onnxruntime_parts(mlp):
     from splice.runtime.artifact import validate_manifest
 

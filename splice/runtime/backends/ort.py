@@ -310,7 +310,7 @@ def check_model(
             or offset + length > size
         ):
             raise ArtifactError(
-                f"{name}: initializer {init.name!r} reads external data {ext} outside "
+                f"{name}: tensor {init.name!r} reads external data {ext} outside "
                 f"{weights_file} ({size} bytes)",
                 where=str(root),
                 hint=hint,
@@ -322,10 +322,19 @@ def check_model(
 
 
 def _all_initializers(graph: Any) -> list[Any]:
-    """The initializers of ``graph`` and of every subgraph (``If``/``Loop`` bodies)."""
+    """Every tensor of ``graph`` that may hold external data: initializers (sparse ones'
+    values and indices too), tensor attributes (``Constant``), in it and in every subgraph
+    (``If``/``Loop`` bodies)."""
     out = list(graph.initializer)
+    for sparse in graph.sparse_initializer:
+        out += [sparse.values, sparse.indices]
     for node in graph.node:
         for attr in node.attribute:
+            out += ([attr.t] if attr.HasField("t") else []) + list(attr.tensors)
+            for sparse in ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []) + list(
+                attr.sparse_tensors
+            ):
+                out += [sparse.values, sparse.indices]
             subs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
             for g in subs:
                 out += _all_initializers(g)
