@@ -15,7 +15,16 @@ from splice.errors import (
     SpliceError,
     VerificationError,
 )
-from splice.ir import Program, capture, compose, parse_ir, print_ir, save, verify
+from splice.ir import (
+    Program,
+    capture,
+    compose,
+    import_onnx,
+    parse_ir,
+    print_ir,
+    save,
+    verify,
+)
 from splice.ir.explore import capture_dynamic
 from splice.ir.lm import GenerationError, LMPrograms, capture_lm
 from splice.ir.signatures import SignatureSet
@@ -45,6 +54,7 @@ __all__ = [
     "compile",
     "compose",
     "export_onnx",
+    "import_onnx",
     "load",
     "parse_ir",
     "print_ir",
