@@ -701,4 +701,4 @@ def load(path: str | Path, *, sha256: str | None = None) -> Any:
     return CompiledModel(root, sha256=sha256)  # its schema check names a wrong format
 
 
-__all__ = ["PREPARE_PIPELINE", "compile", "load"]
+__all__ = ["BACKENDS", "PREPARE_PIPELINE", "compile", "load"]
