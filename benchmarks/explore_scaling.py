@@ -20,7 +20,10 @@ it has ``2**n`` paths, and a compiler that joins the two sides of each gate afte
   every other path exports only the region from its decision to where it rejoins the
   first path, its prefix run untraced (``splice.ir.explore``'s module docs, "Cost").
   Before region traces (up to 3aa5509) every path was a full export, and capture time
-  grew as n^2 (slope 1.95 from 18 to 54 gates in a quiet run);
+  grew as n^2 (slope 1.95 from 18 to 54 gates in a quiet run). "(m replayed)": of those,
+  the paths whose prefix was answered from the first trace's recorded calls instead of
+  being run on fake tensors (``program.attrs["replayed_prefixes"]``,
+  :mod:`splice.ir.explore_replay`; from f9e256e);
 * ``conds`` -- ``higher_order.cond`` nodes in the captured program, over all its graphs;
 * ``nodes`` -- FX nodes of the captured program, over all its graphs (placeholders and
   outputs included): the program's size;
@@ -111,6 +114,7 @@ class Row:
     capture_cpu_s: float | None = None
     traces: int | None = None
     region_traces: int | None = None
+    replayed: int | None = None
     traces_reported: int | None = None
     conds: int | None = None
     nodes: int | None = None
@@ -193,6 +197,7 @@ def bench(n: int, args: argparse.Namespace, tmp: Path) -> Row:
         row.traces = counter.count
         row.traces_reported = program.attrs.get("traces")
         row.region_traces = program.attrs.get("region_traces")
+        row.replayed = program.attrs.get("replayed_prefixes")
         row.nodes, row.graphs, row.conds = program_size(program)
         log(
             f"  {n} gates: captured in {row.capture_s:.1f} s ({row.capture_cpu_s:.1f} s CPU), "
@@ -268,11 +273,12 @@ def table(rows: list[Row]) -> str:
             else f"{'yes' if r.traces_equal else 'NO'} ({r.distinct_paths})"
         )
         diff = "—" if r.max_abs_diff is None else f"{r.max_abs_diff:.1e}"
+        replayed = "" if r.replayed is None else f" ({r.replayed} replayed)"
         if r.error:
             diff = f"failed: {r.error[:120]}"
         out.append(
             f"| {r.gates} | {2**r.gates:.3g} | {_f(r.capture_s)} | {_f(r.capture_cpu_s)} "
-            f"| {traces} | {_o(r.region_traces)} | {_o(r.conds)} "
+            f"| {traces} | {_o(r.region_traces)}{replayed} | {_o(r.conds)} "
             f"| {_o(r.nodes)} | {_o(r.graphs)} | {_f(r.compile_s)} | {_o(r.parts)} "
             f"| {_o(r.host_branches)} | {_f(r.total_s)} | {diff} | {check} |"
         )
@@ -353,7 +359,8 @@ def section(
         '`splice.compile(program, "host")` + `splice.load` per n, wall-clock seconds '
         "(capture also in CPU seconds of the process); traces = `torch.export.export` calls "
         "during the capture, region traces = paths assembled from a region trace (the "
-        "first path is a full export); conds, program nodes and "
+        "first path is a full export; replayed: their prefix answered from the first "
+        "trace's recorded calls); conds, program nodes and "
         f"graphs over every graph of the captured program; checks on {args.inputs} seeded "
         "random inputs per n",
         "",

@@ -170,3 +170,29 @@ def test_replayed_prefixes_give_the_full_traces_program():
         assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
         paths.add(tuple(cond_trace(eager_decisions(m, x))))
     assert len(paths) >= 5
+
+
+class NoBias(nn.Module):
+    """Gates around bias-free blocks: a region run holds ``bias = None`` as a plain
+    attribute of each block (its weights unregistered), which the Python-state key must
+    skip as it skips the weights, or no region trace would ever match the first trace."""
+
+    def __init__(self, n: int, dim: int = 6):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(dim, dim, bias=False) for _ in range(n))
+        self.gates = nn.ModuleList(nn.Linear(dim, 1) for _ in range(n))
+
+    def forward(self, x):
+        for block, gate in zip(self.blocks, self.gates):
+            if gate(x) > 0:
+                x = x + torch.tanh(block(x))
+        return x
+
+
+def test_bias_free_blocks_use_region_traces():
+    torch.manual_seed(3)
+    m = NoBias(4).eval()
+    x = torch.randn(1, 6)
+    p = capture_dynamic(m, x)
+    assert p.attrs["traces"] == 5
+    assert p.attrs["region_traces"] == 4 == p.attrs["replayed_prefixes"]

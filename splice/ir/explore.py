@@ -93,10 +93,14 @@ state, module hooks, dense row selections or MoE blocks (:mod:`splice.ir.dd_size
 Python state outside the frames and the modules' attributes (a global, a closure) the
 region trace does not see, as the join above does not. ``program.attrs["region_traces"]``
 counts the paths assembled this way (after four refusals in a row the capture stops trying).
-A region run still executes its prefix (untraced,
-O(k) ops for decision ``k``) and copies ``P``'s graph, and the match walks the graph per
-decision, so capture time still grows faster than linearly, at a much smaller rate than
-with full traces (benchmarks/explore_scaling.py).
+A region run does not compute its prefix: each
+torch function call before decision ``k`` is answered from ``P``'s recorded call (fresh
+fake tensors of the recorded metadata; :mod:`splice.ir.explore_replay`), and any call
+that differs from the record sends the path to a full trace (``attrs["replayed_prefixes"]``
+counts the replayed ones). Still O(k) per path: the prefix's Python (module calls,
+decisions) runs again, ``Q`` is assembled as a copy of ``P``'s graph, the match walks
+``P``'s graph after ``k``, and the Python state is scanned over every module; so capture
+time still grows faster than linearly, at a smaller rate (benchmarks/explore_scaling.py).
 
 The result is an ordinary Program with ``higher_order.cond`` nodes (one per decision site,
 an index decision is a chain of ``cond(idx == k, ...)``), which the ``branches`` pass splits
@@ -352,6 +356,7 @@ def _is_user_frame(name: str) -> bool:
 
 
 _PLAIN = (bool, int, float, str, type(None))
+_PLAIN_EXACT = frozenset(_PLAIN)
 
 
 def _plain(v: Any) -> bool:
@@ -498,8 +503,12 @@ def _module_state(modules: Sequence[nn.Module], slots: set[tuple[int, str]]) -> 
         return (type(v).__name__, id(v))
 
     for m in modules:
+        mid = id(m)
         for name, v in m.__dict__.items():
-            if name in _MODULE_INTERNALS or (id(m), name) in slots:
+            if name in _MODULE_INTERNALS or (mid, name) in slots:
+                continue  # a slot can hold None (no bias): skipped before the plain values
+            if type(v) in _PLAIN_EXACT:  # the common case first
+                parts.append((mid, name, repr(v)))
                 continue
             if isinstance(v, (tuple, list)) and len(v) <= 256:
                 parts.append((id(m), name, type(v).__name__, tuple(enc(x) for x in v)))
@@ -745,6 +754,7 @@ class _Trace:
     scans: list[_Scan | None] = field(default_factory=list)  # per decision (region traces)
     lnodes: list[dict[tuple[Any, ...], fx.Node] | None] = field(default_factory=list)
     oplog: list[OpRecord] | None = None  # a full trace's calls (explore_replay)
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # read by get_attr nodes
     items: list[fx.Node] = field(default_factory=list)  # the decision items, in order
     preds: list[fx.Node] = field(default_factory=list)  # what each decision converted
     outputs: list[Value] = field(default_factory=list)
@@ -752,6 +762,7 @@ class _Trace:
     wkey: dict[fx.Node, str] = field(default_factory=dict)
     nodes_of: dict[str, list[fx.Node]] = field(default_factory=dict)  # str value -> nodes
     compute: list[fx.Node] = field(default_factory=list)  # call_function nodes but items
+    flats: dict[fx.Node, tuple[Any, list[Any]]] = field(default_factory=dict)  # see flat()
 
     def value(self, n: Any) -> Any:
         if not isinstance(n, fx.Node):
@@ -761,6 +772,14 @@ class _Trace:
         if n.op == "get_attr":
             return self.wkey[n]
         return n
+
+    def flat(self, n: fx.Node) -> tuple[Any, list[Any]]:
+        """:func:`_flat` of one of this trace's nodes, kept (a trace's nodes are not
+        edited: the match walks them once per decision)."""
+        r = self.flats.get(n)
+        if r is None:
+            r = self.flats[n] = _flat(n)
+        return r
 
     def before(self, v: Value, bound: int) -> bool:
         """Is ``v`` available before position ``bound`` on every path through this prefix?"""
@@ -980,6 +999,7 @@ class _Raw:
     lnodes: list[dict[tuple[Any, ...], fx.Node] | None] = field(default_factory=list)
     oplog: list[OpRecord] | None = None  # the full trace's calls (explore_replay)
     replayed: bool = False  # a region trace whose prefix was replayed
+    weights: dict[str, tuple[torch.Tensor, str]] = field(default_factory=dict)  # assembled
 
 
 @dataclass(eq=False)
@@ -1058,7 +1078,9 @@ class _Walk:
             r = False
         else:
             r = self._alike(a, b) and all(
-                self.same(x, y) for x, y in zip(_flat(a)[1], _flat(b)[1]) if isinstance(x, fx.Node)
+                self.same(x, y)
+                for x, y in zip(self.P.flat(a)[1], self.Q.flat(b)[1])
+                if isinstance(x, fx.Node)
             )
             if r:
                 self.eq_q[b] = a
@@ -1078,8 +1100,8 @@ class _Walk:
             return False
         if M.get_spec(a) != M.get_spec(b):
             return False
-        sa, la = _flat(a)
-        sb, lb = _flat(b)
+        sa, la = self.P.flat(a)
+        sb, lb = self.Q.flat(b)
         if sa != sb or len(la) != len(lb):
             return False
         for x, y in zip(la, lb):
@@ -1094,7 +1116,7 @@ class _Walk:
             return False
         if not self._alike(a, b):
             return False
-        for x, y in zip(_flat(a)[1], _flat(b)[1]):
+        for x, y in zip(self.P.flat(a)[1], self.Q.flat(b)[1]):
             if isinstance(x, fx.Node):
                 vx, vy = self.P.value(x), self.Q.value(y)
                 if (_is_weight(vx) or _is_weight(vy)) and vx != vy:
@@ -1133,8 +1155,8 @@ class _Walk:
                 if b in self.rev:
                     return False
                 self.corr[a], self.rev[b] = b, a
-                xs = [x for x in _flat(a)[1] if isinstance(x, fx.Node)]
-                ys = [y for y in _flat(b)[1] if isinstance(y, fx.Node)]
+                xs = [x for x in P.flat(a)[1] if isinstance(x, fx.Node)]
+                ys = [y for y in Q.flat(b)[1] if isinstance(y, fx.Node)]
                 for i, (x, y) in enumerate(zip(xs, ys)):
                     stack.append(((a, i), x, y))
                 continue
@@ -1282,6 +1304,12 @@ class _Explorer:
         t.item_kinds = list(mode.item_kinds)
         if program is raw.program:
             t.scans, t.lnodes, t.oplog = raw.scans, raw.lnodes, raw.oplog
+            # the tensors build_graph_module registers as they are (no new Parameter wrapper)
+            t.weights = {
+                w: v
+                for w, (v, kind) in raw.weights.items()
+                if isinstance(v, nn.Parameter) == (kind == "param")
+            }
         self._index(t, mode.item_kinds)
         if len(self.traces) > 0:
             self._check_outputs(t)
@@ -1421,14 +1449,16 @@ class _Explorer:
 
     def _index(self, t: _Trace, kinds: list[bool]) -> None:
         items: list[fx.Node] = []
+        wkinds = t.program.weight_kinds  # a copy per access: once
         for i, n in enumerate(t.program.graph.nodes):
             t.pos[n] = i
             if n.op == "placeholder":
                 t.nodes_of.setdefault(f"in:{n.name}", []).append(n)
             elif n.op == "get_attr":
-                t.wkey[n] = self._weight_key(
-                    n.target, t.program.get_weight(n.target), t.program.weight_kinds[n.target]
-                )
+                w = t.weights.get(n.target)
+                if w is None:
+                    w = t.weights[n.target] = t.program.get_weight(n.target)
+                t.wkey[n] = self._weight_key(n.target, w, wkinds[n.target])
                 t.nodes_of.setdefault(t.wkey[n], []).append(n)
             elif n.op == "call_function":
                 t.by_name[n.name] = n
@@ -1796,6 +1826,7 @@ def _synthesize(
     weights: dict[str, tuple[torch.Tensor, str]] = {}
     attrs: dict[str, fx.Node] = {}
     cut = P.pos[P.items[k]]
+    pkinds = P.program.weight_kinds  # a copy per access: once
     for n in pg.nodes:
         if n.op == "output":
             break
@@ -1805,7 +1836,10 @@ def _synthesize(
             raise _Fallback("an unexpected node")
         env[n] = G.node_copy(n, lambda a: env[a])
         if n.op == "get_attr":
-            weights[n.target] = (P.program.get_weight(n.target), P.program.weight_kinds[n.target])
+            w = P.weights.get(n.target)
+            if w is None:
+                w = P.program.get_weight(n.target)
+            weights[n.target] = (w, pkinds[n.target])
             attrs.setdefault(n.target, env[n])
     # the region
     pphs = list(pg.find_nodes(op="placeholder"))
@@ -1935,7 +1969,9 @@ def _synthesize(
         name=P.program.name,
     )
     info = _PathInfo(decisions, keys, bindings, kinds)
-    return _Raw(program, spec, n_out, info, list(outs), scans[: len(decisions)], lnodes)
+    raw = _Raw(program, spec, n_out, info, list(outs), scans[: len(decisions)], lnodes)
+    raw.weights = weights
+    return raw
 
 
 def _has_hooks(modules: Sequence[nn.Module]) -> bool:
