@@ -551,17 +551,14 @@ def _add_locs(model: Any, ep: Any) -> None:
             node.metadata_props[key] = val
 
 
-def _lower(
-    gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], what: str, ctx: OnnxContext
-) -> Any:
-    """``gm`` (a copy: it is changed) as a ModelProto, conds as If (recursively); the
-    splice functions are collected in ``ctx``, not yet in the model."""
-    import onnx
-    from onnxscript import ir
-
-    _inline_parts(gm)
-    conds = _stub_conds(gm)
-    _annotate(gm)
+def _export_and_translate(
+    gm: fx.GraphModule,
+    inputs: tuple[torch.Tensor, ...],
+    what: str,
+    ctx: OnnxContext,
+    conds: dict[int, _Cond],
+) -> tuple[Any, Any]:
+    """(ExportedProgram, torch.onnx's ONNXProgram) of the prepared ``gm``."""
     ep = _export_gm(gm, inputs, what)
     table = translation_table(ctx)
     if conds:
@@ -581,6 +578,25 @@ def _lower(
         raise
     except Exception as e:
         raise _conversion_error(what, ep, e) from e
+    return ep, onx
+
+
+def _lower(
+    gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], what: str, ctx: OnnxContext
+) -> Any:
+    """``gm`` (a copy: it is changed) as a ModelProto, conds as If (recursively); the
+    splice functions are collected in ``ctx``, not yet in the model."""
+    import onnx
+    from onnxscript import ir
+
+    _inline_parts(gm)
+    conds = _stub_conds(gm)
+    _annotate(gm)
+    try:
+        ep, onx = _export_and_translate(gm, inputs, what, ctx, conds)
+    finally:  # the stubs' specs are read while torch.export and torch.onnx trace
+        for key in conds:
+            _STUB_OUTPUTS.pop(key, None)
     _add_locs(onx.model, ep)
     proto = ir.serde.serialize_model(onx.model)
     if not conds:
