@@ -14,7 +14,7 @@ import splice
 from splice import models
 from splice.errors import PassError, PipelineError
 from splice.passes import PassContext, parse_pipeline
-from splice.passes.heal import Heal
+from splice.passes.heal import Heal, split_holdout
 from splice.passes.training import ProgramModule
 
 
@@ -72,7 +72,7 @@ def test_held_out_loss_is_the_programs_loss_against_the_teacher():
     p, calib = _mlp()
     r = _run(p, "lowrank{ratio=0.3},heal{steps=20,lr=0.003,seed=3}", calib)
     st = _heal_stats(r)
-    _, held = __import__("splice.passes.heal", fromlist=["_split"])._split(calib, 0.25, 3)
+    _, held = split_holdout(calib, 0.25, 3)
     with torch.no_grad():
         mse = [torch.nn.functional.mse_loss(r.program(*h), p(*h)) for h in held]
     assert st["held_out"]["after"] == pytest.approx(float(sum(mse) / len(mse)), rel=1e-5)
@@ -228,3 +228,13 @@ def test_program_module_trains_only_what_it_is_told():
     assert not torch.equal(m.to_program().weights["fc1.bias"], p.weights["fc1.bias"])
     assert torch.equal(p.weights["fc1.bias"], splice.capture(*models.mlp(d=32, hidden=128))
                        .weights["fc1.bias"])  # fmt: skip
+
+
+def test_cli_opt_runs_lowrank_then_heal(capsys):
+    from splice.tools.cli import main
+
+    pipe = "lowrank{ratio=0.3},heal{steps=5,holdout=0.0}"
+    assert main(["opt", "splice.models:mlp", "-a", "d=16", "-a", "hidden=64", "-p", pipe]) == 0
+    out = capsys.readouterr()
+    assert "splice.lowrank_linear(" in out.out
+    assert "heal{steps=5,holdout=0.0}" in out.err

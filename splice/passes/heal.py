@@ -125,7 +125,7 @@ class Heal(Pass):
         teacher, source = _teacher(program, ctx)
         t_index = _teacher_inputs(program, teacher)
         names = _trainable(program, [teacher, *ctx.programs.values()], self.train)
-        rows, held = _split(ctx.calibration, self.holdout, self.seed)
+        rows, held = split_holdout(ctx.calibration, self.holdout, self.seed)
         loss_fn = _LOSSES[self.loss]
         module = ProgramModule(program, trainable=set(names))
         configs = _configs(program, module, set(names))
@@ -336,7 +336,12 @@ class _Weights:
         return any(t is value for t in same) or any(torch.equal(t, value) for t in same)
 
 
-def _split(calibration: Sequence[Row], holdout: float, seed: int) -> tuple[list[Row], list[Row]]:
+def split_holdout(
+    calibration: Sequence[Row], holdout: float, seed: int
+) -> tuple[list[Row], list[Row]]:
+    """(training, held-out) calibration tuples as ``heal{holdout,seed}`` splits them: a
+    seeded choice of round(holdout·n) tuples (at least 1 when holdout > 0, at most n − 1)
+    is held out; both keep the calibration order."""
     rows = [tuple(r) for r in calibration]
     need = 2 if holdout > 0 else 1
     if len(rows) < need:
@@ -576,4 +581,4 @@ def _kl(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 _LOSSES: dict[str, LossFn] = {"mse": _mse, "cosine": _cosine, "kl": _kl}
 
 
-__all__ = ["Heal"]
+__all__ = ["Heal", "split_holdout"]
