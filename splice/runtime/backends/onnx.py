@@ -34,6 +34,7 @@ import contextlib
 import functools
 import itertools
 import json
+import operator
 import os
 import re
 import shutil
@@ -165,7 +166,7 @@ def _inline_parts(gm: fx.GraphModule) -> None:
                 env[n] = new
         outs = list(result) if isinstance(result, (list, tuple)) else [result]
         for user in list(node.users):
-            if user.op == "call_function" and user.target is getattr_item():
+            if user.op == "call_function" and user.target is operator.getitem:
                 user.replace_all_uses_with(outs[user.args[1]])
                 gm.graph.erase_node(user)
         if node.users:
@@ -177,12 +178,6 @@ def _inline_parts(gm: fx.GraphModule) -> None:
         gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()
     gm.recompile()
-
-
-def getattr_item() -> Any:
-    import operator
-
-    return operator.getitem
 
 
 def _copy_attr(gm: fx.GraphModule, sub: fx.GraphModule, target: str) -> str:
