@@ -123,6 +123,28 @@ def _conds(program):
     return [n for _, gm in iter_graphs(program) for n in gm.graph.nodes if is_cond(n)]
 
 
+def _count(program, target: str) -> int:
+    from splice.ir.program import iter_graphs
+
+    return sum(
+        1
+        for _, gm in iter_graphs(program)
+        for n in gm.graph.nodes
+        if n.op == "call_function" and str(n.target).startswith(target)
+    )
+
+
+def _nodes(graph):
+    """Every NodeProto of ``graph`` and of its If branches."""
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            if a.g.ByteSize():
+                yield from _nodes(a.g)
+            for sub in a.graphs:
+                yield from _nodes(sub)
+
+
 def members(p) -> list:
     return list(p) if isinstance(p, SignatureSet) else [p]
 
@@ -135,9 +157,12 @@ def test_exported_model_equals_the_program(name, pass_name):
         proto = to_onnx(member)  # checks with onnx.checker, full_check=True
         onnx.checker.check_model(proto, full_check=True)
         assert not any(o.domain.startswith("splice.export") for o in proto.opset_import)
-        if pass_name in ("lowrank", "experts"):
-            op = "lowrank_linear" if pass_name == "lowrank" else "moe_ffn"
-            assert any(f.domain == "splice" and f.name.startswith(op) for f in proto.functions)
+        for op in ("lowrank_linear", "moe_ffn"):  # each splice op a splice function
+            used = _count(member, f"splice.{op}")
+            calls = [n for n in _nodes(proto.graph) if n.domain == "splice"]
+            assert sum(n.op_type.startswith(op) for n in calls) == used, (op, used)
+            if used:
+                assert any(f.domain == "splice" and f.name.startswith(op) for f in proto.functions)
         sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
         assert [i.name for i in sess.get_inputs()] == member.input_names
         assert [o.name for o in sess.get_outputs()] == member.output_names
