@@ -325,3 +325,25 @@ def test_cli_export_onnx(tmp_path, capsys):
     assert_matches(onnx.load(str(out)), program, ex)
     assert main(["export-onnx", str(tmp_path / "p.splice"), "-o", str(out), "--opset", "9"]) != 0
     assert "must be at least 18" in capsys.readouterr().err
+
+
+def test_cli_takes_an_onnx_file_as_model(tmp_path, capsys):
+    """Every subcommand that takes a MODEL takes a .onnx file: it is imported, and the
+    imported program runs the exported one's function (capture -> opt -> export-onnx)."""
+    from splice.tools.cli import main
+
+    model, ex = splice.models.mlp(d=8, hidden=16)
+    program = splice.capture(model, ex)
+    export_onnx(program, tmp_path / "m.onnx")
+    assert main(["capture", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "p.splice")]) == 0
+    imported = splice.load(tmp_path / "p.splice")
+    torch.testing.assert_close(imported(*ex), program(*ex), rtol=0, atol=1e-6)
+    assert main(["opt", str(tmp_path / "m.onnx"), "-p", "lowrank{ratio=0.5}",
+                 "-o", str(tmp_path / "low.splice")]) == 0  # fmt: skip
+    low = splice.load(tmp_path / "low.splice")
+    assert "splice.lowrank_linear" in splice.print_ir(low)
+    assert (
+        main(["export-onnx", str(tmp_path / "low.splice"), "-o", str(tmp_path / "low.onnx")]) == 0
+    )
+    assert_matches(onnx.load(str(tmp_path / "low.onnx")), low, ex)
+    capsys.readouterr()

@@ -8,6 +8,7 @@
     splice stats IN [--depth N]                  params / FLOPs / bytes by module
     splice diff A B                              structural and numeric difference
     splice compile IN [-t TARGET] [--tune N] -o A  compile into an artifact (host, aarch64-linux, cuda)
+    splice export-onnx IN -o model.onnx          export as ONNX (splice ops as `splice` functions)
     splice run A [--check]                       run an artifact (aarch64 ones under qemu)
     splice bench A [--torch-compile]             time an artifact against its PyTorch reference
     splice stitch-table MODEL MODEL... [--plot P] stitch a model family: FLOPs, latency, fidelity
@@ -16,6 +17,7 @@
 
 IN is a saved program folder or a MODEL. MODEL is ``package.module:factory`` naming a
 function that returns ``(model, example_inputs)``; ``-a key=value`` passes arguments to it.
+An ONNX file (``model.onnx``) is a MODEL too: it is imported (:func:`splice.import_onnx`).
 A MODEL spec imports your module and calls your function: name only code you trust (see
 :func:`splice.tools.common.load_model_spec` for what is refused before anything runs; it
 is not a sandbox).

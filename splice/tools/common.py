@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import splice
 from splice.errors import ArtifactError, CaptureError, SpliceError
 from splice.ir.capture import split_inputs
@@ -29,7 +31,8 @@ from splice.ir.serialize import is_saved_program, load_samples
 from splice.passes.analysis import cost_model
 
 MODEL_HELP = (
-    "MODEL is package.module:factory, a function returning (model, example_inputs); "
+    "MODEL is package.module:factory, a function returning (model, example_inputs), or an "
+    "ONNX file (.onnx, imported with splice.import_onnx); "
     "MODEL specs import and call your code, so name only code you trust"
 )
 
@@ -240,10 +243,15 @@ def _frame_in(e: BaseException, fn: Any) -> str | None:
 
 
 def load_input(path_or_model: str, factory_args: dict[str, Any] | None = None) -> Loaded:
-    """A saved program folder (with its samples) or a MODEL spec, captured (its example
-    inputs become the one sample)."""
+    """A saved program folder (with its samples), an ONNX file (``*.onnx``, imported; one
+    seeded sample, :func:`onnx_sample`) or a MODEL spec, captured (its example inputs
+    become the one sample)."""
     if is_saved_program(path_or_model):
         return Loaded(splice.load(path_or_model), load_samples(path_or_model), path_or_model)
+    if path_or_model.endswith(".onnx") and os.path.isfile(path_or_model):
+        with status(f"importing {path_or_model}"):
+            program = splice.import_onnx(path_or_model)
+        return Loaded(program, [onnx_sample(program)], path_or_model)
     if os.path.exists(path_or_model):
         raise ArtifactError(
             f"{path_or_model} exists but is not a saved splice program",
@@ -255,6 +263,21 @@ def load_input(path_or_model: str, factory_args: dict[str, Any] | None = None) -
     args, kwargs = split_inputs(inputs)
     sample = tuple(args) + tuple(kwargs[n] for n in program.input_names[len(args) :] if n in kwargs)
     return Loaded(program, [sample], path_or_model)
+
+
+def onnx_sample(program: splice.Program) -> tuple[torch.Tensor, ...]:
+    """One sample for a program imported from ONNX, which brings no example inputs:
+    seeded normal values for floating inputs, zeros for integer ones (a valid index into
+    any table, e.g. token ids)."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for s in program.input_specs:
+        shape = tuple(int(d) for d in s.shape)
+        if s.dtype.is_floating_point:
+            out.append(torch.randn(shape, generator=g).to(s.dtype))
+        else:
+            out.append(torch.zeros(shape, dtype=s.dtype))
+    return tuple(out)
 
 
 @contextlib.contextmanager
