@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import splice
     from splice import models
+    from splice.errors import PassError
     from splice.passes import PassContext, parse_pipeline
     from splice.passes.stitch import select_config
 
@@ -142,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
                 programs={"teacher": original, "small": small},
                 progress=_progress,
             )
-            r = parse_pipeline(heal).run(stitched, ctx=ctx)
+            try:
+                r = parse_pipeline(heal).run(stitched, ctx=ctx)
+            except PassError as e:  # e.g. a diverging loss: report it, keep the other rows
+                say(f"{pipe}: heal failed: {e.one_line()}")
+                continue
             n = len(stitched.attrs["stitch"]["configs"])
             before = [cosine(select_config(stitched, c)) for c in range(n)]
             after = [cosine(select_config(r.program, c)) for c in range(n)]

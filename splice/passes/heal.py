@@ -182,7 +182,7 @@ class Heal(Pass):
         params = list(module.trainable_parameters().values())
         opt = torch.optim.Adam(params, lr=self.lr)
         # configurations that read no trainable weight (an anchor alone) have nothing to learn
-        trainable = [c for c in configs if c.module.trainable_parameters()]
+        trainable = [c for c in configs if c.module.trainable_parameters()] or configs
         order: list[int] = []
         first = last = math.nan
         for step in range(self.steps):
@@ -196,6 +196,7 @@ class Heal(Pass):
             loss = sum(_row_loss(config, rows[i], t_rows[i], pairs, loss_fn) for i in picked) / len(
                 picked
             )
+            _check_finite(loss, step)
             loss.backward()
             opt.step()
             last = float(loss.detach())
@@ -255,6 +256,7 @@ class Heal(Pass):
                 idx = torch.randint(0, X.shape[0], (min(per_step, X.shape[0]),), generator=gen)
                 opt.zero_grad()
                 loss = loss_at(X[idx], T[idx])
+                _check_finite(loss, _, site.node.name)
                 loss.backward()
                 opt.step()
             with torch.no_grad():
@@ -558,6 +560,17 @@ def _local_sites(program: Program) -> list[_Site]:
             continue
         sites.append(_Site(n, args, weights))
     return sites
+
+
+def _check_finite(loss: torch.Tensor, step: int, where: str = "") -> None:
+    """Raise before a non-finite loss poisons the weights (nothing is written back)."""
+    if not torch.isfinite(loss.detach()):
+        at = f" of %{where}" if where else ""
+        raise PassError(
+            f"heal: the training loss{at} became {float(loss.detach())} at step {step + 1}",
+            hint="lower lr, or heal a program whose outputs are finite on the calibration "
+            "inputs; the program is unchanged",
+        )
 
 
 # ---------------------------------------------------------------------------------------
