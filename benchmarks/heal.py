@@ -19,7 +19,7 @@ time. Calibration and training text: sentences of the Python standard library's 
 Debian's ``fortunes`` (``apt-get install fortunes``); the benchmark stops with that message
 when they are missing. The sets are disjoint (checked).
 
-Run from the repository root (minutes; the machine may be shared, times say "loaded")::
+Run from the repository root (minutes; the table records how busy the machine was)::
 
     python benchmarks/heal.py                # writes its section of benchmarks/RESULTS.md
     python benchmarks/heal.py --no-results --steps 50
@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import cpu_model, write_marked_section
+from common import busy_seconds, cpu_model, other_cores, write_marked_section
 from realtext import disjoint, docstring_sentences, fortune_sentences
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", default="lowrank,experts2,experts4,stitch")
     ap.add_argument("--no-results", action="store_true")
     a = ap.parse_args(argv)
+    load_before, start, t_start = os.getloadavg()[0], busy_seconds(), time.perf_counter()
 
     import splice
     from splice import models
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
     lines = [
         "| transform | real text before → after | template corpus before → after | "
-        "params trained | held-out loss before → after | heal time (loaded) |",
+        "params trained | held-out loss before → after | heal time |",
         "|---|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
@@ -185,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
             SECTION,
             BEGIN,
             "",
-            f"{dt.date.today().isoformat()} · {cpu_model()}, {os.cpu_count()} cores (shared "
-            f"with other jobs: times are loaded) · torch {torch.__version__} · command: "
+            f"{dt.date.today().isoformat()} · {cpu_model()}, {os.cpu_count()} cores (other "
+            f"processes kept {other_cores(start, time.perf_counter() - t_start):.2f} cores busy "
+            f"during the run; 1-min load average {load_before:.2f} before, "
+            f"{os.getloadavg()[0]:.2f} after) · torch {torch.__version__} · command: "
             f"`{shlex.join(['python', *sys.argv])}`",
             "",
             f"Pretrained all-MiniLM-L6-v2; mean cosine of the sentence embeddings with the "

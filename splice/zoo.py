@@ -89,6 +89,15 @@ class Case:
         with torch.random.fork_rng(devices=[]):
             return self.factory()
 
+    def capture(self, zm: ZooModel) -> Any:
+        """The built case captured: a Program (``splice.capture``) for a static model, a
+        Program or SignatureSet (``splice.capture_dynamic``) for the others."""
+        import splice
+
+        if self.kind == "static":
+            return splice.capture(zm.model, zm.example)
+        return splice.capture_dynamic(zm.model, zm.example, signatures=zm.signatures or None)
+
 
 # ---------------------------------------------------------------------------------------
 # helpers

@@ -69,10 +69,7 @@ def built(name: str) -> zoo.ZooModel:
 
 @functools.cache
 def _captured(name: str):
-    case, zm = zoo.BY_NAME[name], built(name)
-    if case.kind == "static":
-        return splice.capture(zm.model, zm.example)
-    return splice.capture_dynamic(zm.model, zm.example, signatures=zm.signatures or None)
+    return zoo.BY_NAME[name].capture(built(name))
 
 
 def transformed(name: str, pass_name: str):
