@@ -456,7 +456,13 @@ def check_binding(name: str, part: str, binding: dict | None, manifest: dict) ->
             f"{name} carries no splice binding: it was not written by this splice's compile "
             f"(or was compiled by an older one)"
         )
-    want = bound_files(manifest)
+    check_bound_to(name, part, binding, bound_files(manifest), kind="library")
+
+
+def check_bound_to(name: str, part: str, binding: dict, want: dict[str, str], *, kind: str) -> None:
+    """The binding ``binding`` read from ``name`` (a ``kind``: library or ONNX model) names
+    part ``part`` and the program files ``want`` (:func:`bound_files`); Invalid naming the
+    files that differ otherwise."""
     if binding.get("part") != part or binding.get("files") != want:
         got = binding.get("files") if isinstance(binding.get("files"), dict) else {}
         which = sorted(f for f in set(want) | set(got) if want.get(f) != got.get(f))
@@ -464,7 +470,7 @@ def check_binding(name: str, part: str, binding: dict | None, manifest: dict) ->
             f"{name} was compiled for another program: its binding (part "
             f"{binding.get('part')!r}) does not match this artifact's part {part!r} and "
             f"files ({', '.join(which) or 'part name'} differ)",
-            hint="a library from another artifact cannot be reused; " + REBUILD,
+            hint=f"a {kind} from another artifact cannot be reused; " + REBUILD,
         )
 
 

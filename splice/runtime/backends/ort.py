@@ -44,6 +44,7 @@ import torch
 from splice.errors import ArtifactError, LoweringError
 from splice.ir import meta as M
 from splice.ir.program import Program
+from splice.runtime import edge_runner as E
 
 ORT_EXTRA = "pip install 'splice[onnx]'  (onnx, onnxscript, onnxruntime)"
 BINDING_KEY = "splice.binding"
@@ -262,7 +263,7 @@ def check_model(
     from google.protobuf.message import DecodeError
 
     path = root / name
-    hint = "rebuild the artifact with splice.compile / `splice compile`; never edit its files"
+    hint = E.REBUILD
     try:
         model = onnx.ModelProto.FromString(path.read_bytes())
     except (DecodeError, ValueError, RuntimeError) as e:
@@ -284,16 +285,10 @@ def check_model(
             where=str(root),
             hint=hint,
         )
-    if binding.get("part") != part or binding.get("files") != bound:
-        got = binding.get("files") if isinstance(binding.get("files"), dict) else {}
-        which = sorted(f for f in set(bound) | set(got) if bound.get(f) != got.get(f))
-        raise ArtifactError(
-            f"{name} was compiled for another program: its binding (part "
-            f"{binding.get('part')!r}) does not match this artifact's part {part!r} and files "
-            f"({', '.join(which) or 'part name'} differ)",
-            where=str(root),
-            hint="a model from another artifact cannot be reused; " + hint,
-        )
+    try:
+        E.check_bound_to(name, part, binding, bound, kind="model")
+    except E.Invalid as e:
+        raise ArtifactError(e.message, where=str(root), hint=e.hint) from None
     size = (root / weights_file).stat().st_size
     for init in _all_initializers(model.graph):
         if init.data_location != onnx.TensorProto.EXTERNAL:
