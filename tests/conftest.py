@@ -169,3 +169,19 @@ def check_pass(
     again = splice.print_ir(splice.parse_ir(got, result.weights))
     assert again == got, "the result does not read back from its own text"
     return result
+
+
+def assert_same_graphs(a: Program, b: Program) -> None:
+    """Two captures of one dynamic model are the same program: the same graphs, node for
+    node, with the same locations and specs, and the same path, trace and cond counts."""
+    from splice.ir import meta as M
+    from splice.ir.program import iter_graphs
+
+    ga, gb = list(iter_graphs(a)), list(iter_graphs(b))
+    assert [n for n, _ in ga] == [n for n, _ in gb]
+    for (_, x), (_, y) in zip(ga, gb):
+        assert x.code == y.code
+        for u, v in zip(x.graph.nodes, y.graph.nodes):
+            assert (M.loc(u), M.get_spec(u)) == (M.loc(v), M.get_spec(v))
+    for key in ("paths", "traces", "conds"):
+        assert a.attrs[key] == b.attrs[key]

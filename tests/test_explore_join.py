@@ -12,12 +12,12 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_graphs
 from torch import nn
 
 import splice
 from splice.errors import CaptureError
 from splice.ir import explore, verify
-from splice.ir import meta as M
 from splice.ir.explore import capture_dynamic, cond_trace, eager_decisions
 from splice.ir.program import iter_graphs
 from splice.passes.branches import is_cond, split_program
@@ -492,15 +492,9 @@ def capture_both(model, x):
 
 
 def assert_same_program(a, b):
-    """The same graphs, node for node, with the same locations and specs."""
-    ga, gb = list(iter_graphs(a)), list(iter_graphs(b))
-    assert [n for n, _ in ga] == [n for n, _ in gb]
-    for (_, x), (_, y) in zip(ga, gb):
-        assert x.code == y.code
-        for u, v in zip(x.graph.nodes, y.graph.nodes):
-            assert (M.loc(u), M.get_spec(u)) == (M.loc(v), M.get_spec(v))
-    for key in ("paths", "traces", "conds"):
-        assert a.attrs[key] == b.attrs[key]
+    """The same graphs, node for node, with the same locations and specs; ``b`` traced
+    every path in full."""
+    assert_same_graphs(a, b)
     assert b.attrs["region_traces"] == 0
 
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_same_graphs
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from splice.ir import explore
-from splice.ir import meta as M
 from splice.ir.explore import capture_dynamic, cond_trace, eager_decisions
 from splice.ir.explore_replay import OpLog, Replay, ReplayDiverged
-from splice.ir.program import iter_graphs
 
 
 def _prefix(x: torch.Tensor, w: torch.Tensor) -> list[torch.Tensor]:
@@ -139,17 +138,6 @@ def _capture_three_ways(model, x):
     return fast, executed, full
 
 
-def _same(a, b) -> None:
-    ga, gb = list(iter_graphs(a)), list(iter_graphs(b))
-    assert [n for n, _ in ga] == [n for n, _ in gb]
-    for (_, x), (_, y) in zip(ga, gb):
-        assert x.code == y.code
-        for u, v in zip(x.graph.nodes, y.graph.nodes):
-            assert (M.loc(u), M.get_spec(u)) == (M.loc(v), M.get_spec(v))
-    for key in ("paths", "traces", "conds"):
-        assert a.attrs[key] == b.attrs[key]
-
-
 def test_replayed_prefixes_give_the_full_traces_program():
     torch.manual_seed(7)
     m = Mixed(3).eval()
@@ -160,7 +148,7 @@ def test_replayed_prefixes_give_the_full_traces_program():
     assert fast.attrs["replayed_prefixes"] == fast.attrs["region_traces"]
     assert executed.attrs["replayed_prefixes"] == 0
     assert full.attrs["region_traces"] == 0
-    _same(fast, executed)  # replaying the prefix changes nothing
+    assert_same_graphs(fast, executed)  # replaying the prefix changes nothing
     # ``full`` is compared with eager only: on this model, with some string-hash seeds
     # (PYTHONHASHSEED=2 under pytest), full traces join differently from region traces
     # (executed prefixes too, so not the replay): another structure, equally exact
