@@ -89,6 +89,12 @@ class Const:
         return self.items
 
 
+def _first_line(e: BaseException) -> str:
+    """The first line of ``e``'s message (its type's name when it has none)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _is_static(v: Any) -> bool:
     if v is None or isinstance(v, Const):
         return True
@@ -1346,9 +1352,8 @@ class _Importer:
         except SpliceError:
             raise
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CaptureError(
-                f"ONNX node {ctx.node.op_type} failed while importing: {first}",
+                f"ONNX node {ctx.node.op_type} failed while importing: {_first_line(e)}",
                 where=where,
                 hint="check the model with onnx.checker.check_model(model, full_check=True) "
                 "and the input shapes given",
@@ -1464,9 +1469,8 @@ class _Importer:
             except SpliceError:
                 raise
             except Exception as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise CaptureError(
-                    f"ONNX If cannot become torch.cond: {first}",
+                    f"ONNX If cannot become torch.cond: {_first_line(e)}",
                     where=where,
                     hint="both branches must return tensors of the same shapes and dtypes",
                 ) from e
@@ -1703,7 +1707,7 @@ def _load(model: Any) -> tuple[Any, str]:
         proto = onnx.load(str(path), load_external_data=True)
     except Exception as e:
         raise CaptureError(
-            f"{str(path)!r} is not a readable ONNX model: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
+            f"{str(path)!r} is not a readable ONNX model: {_first_line(e)}",
             where=str(path),
             hint="check the file (and its external data files beside it) with onnx.checker",
         ) from e
@@ -1774,10 +1778,8 @@ def _export(imp: _Importer, inputs: dict[str, torch.Tensor]) -> Any:
     except SpliceError:
         raise
     except Exception as e:
-        text = str(e).strip()
-        first = text.splitlines()[0] if text else type(e).__name__
         raise CaptureError(
-            f"torch.export could not trace the imported ONNX graph ({type(e).__name__}): {first}",
+            f"torch.export could not trace the imported ONNX graph ({type(e).__name__}): {_first_line(e)}",
             where=f"ONNX model {imp.name!r}",
             hint="the graph computes something splice's importer cannot express as static "
             "ATen; report the model and op",
