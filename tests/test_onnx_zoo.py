@@ -28,7 +28,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("transformers")
 
-from splice.runtime.backends.onnx import to_onnx  # noqa: E402
+from splice.runtime.backends.onnx import all_nodes, to_onnx  # noqa: E402
 
 TOL = 1e-4
 
@@ -131,17 +131,6 @@ def _count(program, target: str) -> int:
     )
 
 
-def _nodes(graph):
-    """Every NodeProto of ``graph`` and of its If branches."""
-    for node in graph.node:
-        yield node
-        for a in node.attribute:
-            if a.g.ByteSize():
-                yield from _nodes(a.g)
-            for sub in a.graphs:
-                yield from _nodes(sub)
-
-
 def members(p) -> list:
     return list(p) if isinstance(p, SignatureSet) else [p]
 
@@ -156,7 +145,7 @@ def test_exported_model_equals_the_program(name, pass_name):
         assert not any(o.domain.startswith("splice.export") for o in proto.opset_import)
         for op in ("lowrank_linear", "moe_ffn"):  # each splice op a splice function
             used = _count(member, f"splice.{op}")
-            calls = [n for n in _nodes(proto.graph) if n.domain == "splice"]
+            calls = [n for n in all_nodes(proto.graph) if n.domain == "splice"]
             assert sum(n.op_type.startswith(op) for n in calls) == used, (op, used)
             if used:
                 assert any(f.domain == "splice" and f.name.startswith(op) for f in proto.functions)

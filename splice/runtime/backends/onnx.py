@@ -685,7 +685,7 @@ def _build(program: Program, opset: int) -> Any:
     imports = {o.domain: o.version for o in proto.opset_import}
     if ctx.functions:
         imports[SPLICE_DOMAIN] = SPLICE_DOMAIN_VERSION
-    elif not any(n.domain == SPLICE_DOMAIN for n in _all_nodes(graph)):
+    elif not any(n.domain == SPLICE_DOMAIN for n in all_nodes(graph)):
         imports.pop(SPLICE_DOMAIN, None)
     del proto.opset_import[:]
     proto.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in sorted(imports.items()))
@@ -715,15 +715,15 @@ def _set_props(field: Any, props: dict[str, str]) -> None:
         entry.key, entry.value = k, v
 
 
-def _all_nodes(graph: Any) -> Iterator[Any]:
+def all_nodes(graph: Any) -> Iterator[Any]:
     """Every NodeProto of ``graph`` and of its sub-graphs."""
     for node in graph.node:
         yield node
         for a in node.attribute:
             if a.g.ByteSize():
-                yield from _all_nodes(a.g)
+                yield from all_nodes(a.g)
             for sub in a.graphs:
-                yield from _all_nodes(sub)
+                yield from all_nodes(sub)
 
 
 def _rename_io(graph: Any, program: Program) -> None:
@@ -736,7 +736,7 @@ def _rename_io(graph: Any, program: Program) -> None:
     if not mapping:
         return
     clash = set(mapping.values()) - set(mapping)
-    used = {x for node in _all_nodes(graph) for x in (*node.input, *node.output)}
+    used = {x for node in all_nodes(graph) for x in (*node.input, *node.output)}
     used |= {t.name for t in graph.initializer}
     for name in clash & used:  # an internal value already has a wanted name: move it away
         mapping[name] = f"{name}__renamed"
@@ -788,7 +788,7 @@ def weight_bytes(proto: Any) -> int:
     """Bytes of the initializers of ``proto``'s graph and sub-graphs."""
     graphs = [
         proto.graph,
-        *(a.g for n in _all_nodes(proto.graph) for a in n.attribute if a.g.ByteSize()),
+        *(a.g for n in all_nodes(proto.graph) for a in n.attribute if a.g.ByteSize()),
     ]
     return sum(len(t.raw_data) for g in graphs for t in g.initializer)
 
@@ -891,6 +891,7 @@ def _write_all(items: list[tuple[Program, Any, Path]], external_data: bool | Non
 __all__ = [
     "DEFAULT_OPSET",
     "EXTERNAL_DATA_LIMIT",
+    "all_nodes",
     "export_onnx",
     "fallback_decompositions",
     "require_onnx",
