@@ -121,7 +121,7 @@ def test_dump_ir_writes_numbered_files(conv, tmp_path):
     d = DumpIR(tmp_path / "dump")
     parse_pipeline("cse,test-scale{factor=3.0},dce").run(p, instruments=[d])
     names = sorted(f.name for f in (tmp_path / "dump").iterdir())
-    assert names == ["000_input.ir", "001_cse.ir", "002_test-scale.ir", "003_dce.ir"]
+    assert names == ["000_input.ir", "001_cse.ir", "002_test-scale.ir", "003_dce.ir", "dump.json"]
     dumped = (tmp_path / "dump" / "002_test-scale.ir").read_text()
     assert "[test-scale]" in dumped  # locations are on: the changed node says who changed it
     assert splice.print_ir(splice.parse_ir(dumped, p.weights), locations=True) == dumped

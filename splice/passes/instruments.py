@@ -14,19 +14,23 @@ CrashReproducer  on failure writes the pass's input program, the pipeline that r
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
 import time
 import traceback
+import weakref
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import torch
+import torch.fx
 
 from splice.errors import PassError, VerificationError
-from splice.ir.printer import print_ir
+from splice.ir.printer import format_target, print_ir
 from splice.ir.program import Program
 from splice.ir.serialize import save
 from splice.ir.verify import verify
@@ -136,7 +140,30 @@ class PrintIR(Instrument):
 
 
 class DumpIR(Instrument):
-    """Write the IR into ``directory``: ``000_input.ir`` then ``NNN_<pass>.ir`` after each pass."""
+    """Write the IR into ``directory``: ``000_input.ir`` then ``NNN_<pass>.ir`` after each pass,
+    and ``dump.json``, the index of the run that viewers read (``splice view``).
+
+    ``dump.json`` (rewritten after every pass, so a failed run leaves what ran)::
+
+        {"version": 1, "pipeline": "<pipeline text>", "input": "000_input.ir",
+         "input_ops": {"aten.mm": 12, ...},
+         "passes": [{"index": 1, "name": "lowrank", "pass": "lowrank{ratio=0.5}",
+                     "file": "001_lowrank.ir",   # null when not written (only_changed)
+                     "changed": true, "seconds": 0.12,
+                     "stats": {...},             # the pass's stats, JSON-safe
+                     "numeric": {...} or null,   # NumericCheck's record for that pass
+                     "ops": {"splice.lowrank_linear": 14, ...}}],
+         "failed": {"index": 2, "name": "...", "error": "..."}}   # only when a pass failed
+
+    ``index`` is the pass's 1-based position in the pipeline (passes an instrument skipped
+    have no entry); ``seconds`` is the wall time DumpIR measured around the pass; ``ops``
+    counts the result's nodes by op (all graphs, sub-graphs included). ``numeric`` comes
+    from a :class:`NumericCheck` in the same run (whatever the instruments' order), else
+    null. JSON-safe: tensors become numbers (one element) or ``"tensor f32[4,4]"``,
+    non-finite floats the strings ``"inf"``, ``"-inf"``, ``"nan"``, other objects ``str()``.
+    """
+
+    FORMAT_VERSION = 1
 
     def __init__(
         self, directory: str | Path, *, locations: bool = True, only_changed: bool = False
@@ -145,6 +172,12 @@ class DumpIR(Instrument):
         self.locations = locations
         self.only_changed = only_changed
         self.files: list[Path] = []
+        self.records: list[dict[str, Any]] = []
+        self._pipeline = ""
+        self._input_ops: dict[str, int] = {}
+        self._failed: dict[str, Any] | None = None
+        self._ctx: PassContext | None = None
+        self._t0 = 0.0
 
     def _write(self, name: str, program: Program) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -152,12 +185,115 @@ class DumpIR(Instrument):
         path.write_text(print_ir(program, self.locations))
         self.files.append(path)
 
+    def index(self) -> dict[str, Any]:
+        """The content of ``dump.json`` as it stands (see the class docstring)."""
+        check = _NUMERIC_CHECKS.get(self._ctx) if self._ctx is not None else None
+        passes = []
+        for rec in self.records:
+            numeric = check.by_index.get(rec["index"] - 1) if check is not None else None
+            passes.append({**rec, "numeric": json_safe(numeric) if numeric else None})
+        out: dict[str, Any] = {
+            "version": self.FORMAT_VERSION,
+            "pipeline": self._pipeline,
+            "input": "000_input.ir",
+            "input_ops": self._input_ops,
+            "passes": passes,
+        }
+        if self._failed is not None:
+            out["failed"] = self._failed
+        return out
+
+    def _write_index(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.index(), indent=1, allow_nan=False) + "\n"
+        tmp = self.directory / "dump.json.tmp"
+        tmp.write_text(text)
+        tmp.replace(self.directory / "dump.json")
+
     def before_pipeline(self, pipeline, program, ctx):
+        self._pipeline = str(pipeline)
+        self._ctx = ctx
+        self.records = []
+        self._failed = None
+        self._input_ops = op_counts(program)
         self._write("000_input.ir", program)
+        self._write_index()
+
+    def before_pass(self, p, program, ctx, index):
+        self._t0 = time.perf_counter()
 
     def after_pass(self, p, before, result, ctx, index):
+        seconds = time.perf_counter() - self._t0
+        file = None
         if result.changed or not self.only_changed:
-            self._write(f"{index + 1:03d}_{_slug(p.name)}.ir", result.program)
+            file = f"{index + 1:03d}_{_slug(p.name)}.ir"
+            self._write(file, result.program)
+        self.records.append(
+            {
+                "index": index + 1,
+                "name": p.name,
+                "pass": str(p),
+                "file": file,
+                "changed": bool(result.changed),
+                "seconds": seconds,
+                "stats": json_safe(result.stats),
+                "ops": op_counts(result.program),
+            }
+        )
+        self._write_index()
+
+    def after_pass_failed(self, p, before, ctx, index, error, pipeline):
+        self._failed = {
+            "index": index + 1,
+            "name": p.name,
+            "pass": str(p),
+            "error": f"{type(error).__name__}: {error}",
+        }
+        self._write_index()
+
+    def after_pipeline(self, pipeline, program, ctx):
+        self._write_index()  # NumericCheck's record of the last pass is in by now
+
+
+# the NumericCheck of each running pipeline, by its context: how DumpIR finds the numeric
+# results of the same run without depending on the order of the instruments
+_NUMERIC_CHECKS: weakref.WeakKeyDictionary[PassContext, NumericCheck] = weakref.WeakKeyDictionary()
+
+
+def op_counts(program: Program) -> dict[str, int]:
+    """Nodes of ``program`` by printed op name (``aten.mm``, ``splice.lowrank_linear``), over
+    the main graph and every sub-graph, sorted by name."""
+    counts: Counter[str] = Counter()
+    for gm in program.graph_module.modules():
+        if isinstance(gm, torch.fx.GraphModule):
+            counts.update(
+                format_target(n) for n in gm.graph.nodes if n.op in ("call_function", "call_module")
+            )
+    return dict(sorted(counts.items()))
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as something :func:`json.dumps` writes as strict JSON (see :class:`DumpIR`)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 1:
+            return json_safe(value.item())
+        dims = ",".join(str(d) for d in value.shape)
+        return f"tensor {str(value.dtype).removeprefix('torch.')}[{dims}]"
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value, key=str) if isinstance(value, (set, frozenset)) else value
+        return [json_safe(v) for v in items]
+    item = getattr(value, "item", None)  # numpy scalars
+    if callable(item) and type(value).__module__ == "numpy":
+        return json_safe(item())
+    return str(value)
 
 
 def _slug(s: str) -> str:
@@ -260,9 +396,13 @@ class NumericCheck(Instrument):
         self.reports: list[dict[str, Any]] = []
         self._ref_cache: dict[int, list[dict[str, Any]]] = {}
         self._added: dict[str, Any] = {}  # values of inputs that earlier passes added
+        # this run's records by 0-based pass index (DumpIR writes them into dump.json)
+        self.by_index: dict[int, dict[str, Any]] = {}
 
     def before_pipeline(self, pipeline, program, ctx):
         self._added = {}
+        self.by_index = {}
+        _NUMERIC_CHECKS[ctx] = self
 
     def _samples(self, ctx: PassContext) -> list[tuple[Any, ...]]:
         s = self.sample_inputs if self.sample_inputs is not None else ctx.sample_inputs
@@ -275,6 +415,7 @@ class NumericCheck(Instrument):
     def after_pass(self, p, before, result, ctx, index):
         samples = self._samples(ctx)
         record: dict[str, Any] = {"pass": str(p), "semantics": p.semantics}
+        self.by_index[index] = record
         if not samples:
             record["skipped"] = "no sample inputs"
             self.reports.append(record)
@@ -395,4 +536,6 @@ __all__ = [
     "Timing",
     "VerifyEach",
     "compare_outputs",
+    "json_safe",
+    "op_counts",
 ]
