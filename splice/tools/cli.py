@@ -12,6 +12,7 @@
     splice run A [--check]                       run an artifact (aarch64 ones under qemu)
     splice bench A [--torch-compile]             time an artifact against its PyTorch reference
     splice stitch-table MODEL MODEL... [--plot P] stitch a model family: FLOPs, latency, fidelity
+    splice view IN [--port P] [--html OUT]       IN in Model Explorer, or a pass report (HTML)
     splice passes                                the registered passes and their options
     splice demo                                  the whole path on all-MiniLM-L6-v2
 
@@ -62,6 +63,7 @@ from splice.runtime.host import format_host
 from splice.tools.cli_compile import add_commands as add_compile_commands
 from splice.tools.cli_generate import add_command as add_generate_command
 from splice.tools.cli_onnx import add_command as add_onnx_command
+from splice.tools.cli_view import add_command as add_view_command
 from splice.tools.common import (
     MODEL_HELP,
     check_dump_folder,
@@ -340,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_generate_command(sub, model_arg)
     add_onnx_command(sub, model_arg)
+    add_view_command(sub)
 
     sp = sub.add_parser(
         "stitch-table",
