@@ -12,7 +12,8 @@ For a Program whose top graph gets the id ``graph_id``:
   draws is labelled with the module path it stands for and a LLaMA collapses to
   ``model.layers.0`` … ``model.layers.N``;
 * its attributes are the op, the value name, the spec, the module path, the source line
-  and the passes that created or changed it; its outputs metadata holds one
+  and the passes that created or changed it (and ``starts part``, where ``stitch`` or a
+  model marked the start of a piece that ``branches`` compiles on its own); its outputs metadata holds one
   ``tensor_shape`` per tensor it produces;
 * an edge goes from every node input (in argument order) to the node;
 * each sub-graph (a ``cond`` branch, a ``branches`` part, a ``stitch`` route) is its own
@@ -113,6 +114,8 @@ def build_node(node: fx.Node, subgraphs: dict[str, str]) -> gb.GraphNode:
     attrs.append(_kv("module", module or "<root>"))
     attrs.append(_kv("source", loc.source or "(unknown)"))
     attrs.append(_kv("passes", ",".join(loc.from_passes) or "(none)"))
+    if M.starts_part(node):
+        attrs.append(_kv("starts part", "yes"))
     refs: list[str] = []
     if node.op in ("get_attr", "call_module") and node.target in subgraphs:
         refs.append(str(node.target))

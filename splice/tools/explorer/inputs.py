@@ -223,21 +223,17 @@ def _dump_index(root: Path) -> dict[str, Any] | None:
 
 def _open_dump(root: Path) -> View:
     index = _dump_index(root)
-    records: list[dict[str, Any]] = [
-        r for r in (index or {}).get("passes", []) if isinstance(r, dict)
-    ]
-    by_file = {r.get("file"): r for r in records}
+    records = [r for r in (index or {}).get("passes", []) if isinstance(r, dict)]
+    by_file = {r.get("file"): r for r in records if r.get("file")}
     files = sorted(p for p in root.iterdir() if p.is_file() and _DUMP_FILE.match(p.name))
     graphs: list[gb.Graph] = []
     ov: dict[str, O.Overlay] = {}
-    seen: list[dict[str, Any]] = []
     for f in files:
-        rec = by_file.get(f.name)
-        if rec is not None:
-            seen.append(rec)
-        g, o = _program_part(parse_dump_file(f), f.stem, list(seen))
-        top = g[0]
-        top.groupNodeAttributes = {"": _graph_attrs(f, rec, index)}
+        step = int(f.name[:3])
+        # the records of this pass and the ones before it (the program after them)
+        done = [r for r in records if isinstance(r.get("index"), int) and r["index"] <= step]
+        g, o = _program_part(parse_dump_file(f), f.stem, done)
+        g[0].groupNodeAttributes = {"": _graph_attrs(f, by_file.get(f.name), index)}
         graphs += g
         ov = O.merge(ov, o)
     _attach(graphs, ov)
@@ -251,9 +247,9 @@ def _graph_attrs(
     if index and isinstance(index.get("pipeline"), str):
         attrs["pipeline"] = index["pipeline"]
     if rec is not None:
-        for key in ("name", "changed", "seconds"):
+        for key in ("pass", "changed", "seconds"):
             if key in rec:
-                attrs["pass" if key == "name" else key] = str(rec[key])
+                attrs[key] = str(rec[key])
         numeric = rec.get("numeric")
         if isinstance(numeric, dict):
             for key in ("max_abs", "max_rel", "cosine", "ok", "skipped"):
