@@ -116,6 +116,7 @@ def test_gpt2_every_node_once_layers_are_module_paths_flops_sum_to_the_cost_mode
     view = program_view(p)
     check_view(p, view)
     assert [g.id for g in view.graphs] == ["main"]
+    assert view.graph("main").groupNodeAttributes[""]["inputs"] == "input_ids: i64[1,8]"
     layers = {n.namespace for n in view.graph("main").nodes}
     assert (
         "transformer/transformer.h/transformer.h.0/transformer.h.0.mlp/transformer.h.0.mlp.c_fc"
@@ -296,6 +297,52 @@ def test_a_stitched_program_has_its_routes_as_graphs():
     ]
     for g in routes.values():  # pieces copied from the anchors start parts
         assert any(("starts part", "yes") in {(a.key, a.value) for a in n.attrs} for n in g.nodes)
+
+
+COND = """
+weight @a.weight : f32[4,4] param
+weight @b.weight : f32[4,4] param
+program @M(%x : f32[2,4]) {
+  graph @true_graph_0(%relu : f32[2,4], %p_b_weight : f32[4,4]) {
+    %linear : f32[2,4] = aten.linear(%relu, %p_b_weight)  # b
+    return (%linear,)
+  }
+  graph @false_graph_0(%relu : f32[2,4], %p_b_weight : f32[4,4]) {
+    %mul : f32[2,4] = aten.mul.Tensor(%relu, 2.0)  # c
+    return (%mul,)
+  }
+  %linear : f32[2,4] = aten.linear(%x, @a.weight)  # a
+  %relu : f32[2,4] = aten.relu(%linear)  # a
+  %sum_1 : f32[] = aten.sum(%relu)
+  %gt : bool[] = aten.gt.Scalar(%sum_1, 0)
+  %cond : (f32[2,4],) = higher_order.cond(%gt, @true_graph_0, @false_graph_0, (%relu, @b.weight))
+  %getitem : f32[2,4] = operator.getitem(%cond, 0)
+  %add : f32[2,4] = aten.add.Tensor(%getitem, 1.0)  # d
+  return out=%add
+}
+"""
+
+
+def test_an_artifact_shows_its_reference_and_which_parts_are_compiled(tmp_path):
+    p = splice.parse_ir(COND, seeded_weights(COND))
+    q = parse_pipeline("branches").run(p).program
+    art = splice.compile(q, "host", backend="onnxruntime", output=tmp_path / "m.artifact")
+    view = open_path(tmp_path / "m.artifact")
+    assert view.kind == "artifact"
+    check_view(art.reference(), view)
+    parts = {p["name"]: p for p in art.manifest["parts"]}
+    calls = {}
+    for g in view.graphs:
+        for n in g.nodes:
+            attrs = {a.key: a.value for a in n.attrs}
+            if n.label == "higher_order.invoke_subgraph":
+                name = n.subgraphIds[0].rsplit(".", 1)[-1].rsplit("/", 1)[-1]
+                calls[name] = (g.id, n.id)
+                assert attrs["compiled part"] == parts[name]["model"]
+                assert view.overlays[O.PART_CHECK][g.id][n.id] == parts[name]["check_max_abs_diff"]
+    assert set(calls) == set(parts) and len(parts) >= 2
+    attrs = view.graph("main").groupNodeAttributes[""]
+    assert attrs["backend"] == "onnxruntime" and attrs["parts"] == str(len(parts))
 
 
 # ---------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from splice.ir import meta as M
 from splice.ir.parser import parse_ir
 from splice.ir.program import Program
 from splice.tools.explorer import overlays as O
-from splice.tools.explorer.graph import program_graphs
+from splice.tools.explorer.graph import GraphIndex, program_graphs
 
 PROGRAM_FORMAT = "splice.program/1"
 ARTIFACT_FORMAT = "splice.artifact/1"
@@ -112,8 +112,16 @@ def program_view(
     """The view of one Program: its graph (id ``graph_id``), its sub-graphs, the cost and
     rank overlays, and the overlays of ``records`` (pass records as in ``dump.json``)."""
     graphs, ov = _program_part(program, graph_id, records)
+    graphs[0].groupNodeAttributes = {"": _program_attrs(program)}
     _attach(graphs, ov)
     return View(label or program.name, "program", graphs, ov)
+
+
+def _program_attrs(program: Program) -> dict[str, str]:
+    """What the side panel shows with no node selected: the program's signature."""
+    ins = ", ".join(f"{n}: {s}" for n, s in zip(program.input_names, program.input_specs))
+    outs = ", ".join(f"{n}: {s}" for n, s in zip(program.output_names, program.output_specs))
+    return {"program": program.name, "inputs": ins, "outputs": outs}
 
 
 # ---------------------------------------------------------------------------------------
@@ -167,16 +175,46 @@ def _open_artifact(root: Path) -> View:
     from splice.ir.signatures import SignatureSet
     from splice.runtime.artifact import Artifact
 
-    ref = Artifact(root).reference()
+    art = Artifact(root)
+    ref = art.reference()
     members = ref.members if isinstance(ref, SignatureSet) else [ref]
+    parts = {p.get("name"): p for p in art.manifest.get("parts", []) if isinstance(p, dict)}
     graphs: list[gb.Graph] = []
     ov: dict[str, O.Overlay] = {}
     for i, p in enumerate(members):
-        g, o = _program_part(p, "main" if len(members) == 1 else f"signature_{i}")
+        gid = "main" if len(members) == 1 else f"signature_{i}"
+        g, index = program_graphs(p, gid)
+        ov = O.merge(ov, O.graph_overlays(index, _hints(p)), O.part_overlays(index, parts))
+        _part_attrs(g, index, parts)
+        g[0].groupNodeAttributes = {"": _artifact_attrs(art.manifest)}
         graphs += g
-        ov = O.merge(ov, o)
     _attach(graphs, ov)
     return View(root.name, "artifact", graphs, ov)
+
+
+def _part_attrs(graphs: list[gb.Graph], index: GraphIndex, parts: dict[str, Any]) -> None:
+    """The compiled file and backend of each part, on the nodes that call it."""
+    by_id = {g.id: {n.id: n for n in g.nodes} for g in graphs}
+    for gid, n in index.nodes():
+        part = parts.get(O.part_called(n))
+        if part is None:
+            continue
+        node = by_id[gid][n.name]
+        file = part.get("library") or part.get("model")
+        for key, value in (("compiled part", file), ("part backend", part.get("backend"))):
+            if value is not None:
+                node.attrs.append(gb.KeyValue(key=key, value=str(value)))
+
+
+def _artifact_attrs(manifest: dict[str, Any]) -> dict[str, str]:
+    target = manifest.get("target") if isinstance(manifest.get("target"), dict) else {}
+    attrs = {
+        "program": str(manifest.get("program", "")),
+        "backend": str(manifest.get("backend", "tvm")),
+        "target": str(target.get("name", "")),
+        "parts": str(len(manifest.get("parts", []))),
+    }
+    return {k: v for k, v in attrs.items() if v}
 
 
 def shape_only_weights(text: str) -> dict[str, torch.Tensor]:

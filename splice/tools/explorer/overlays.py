@@ -15,6 +15,9 @@ splice produces (:data:`OVERLAYS` names them, in the order the viewer lists them
                          chosen experts cover, per ``splice.moe_ffn`` node (pass stats)
 ``numeric max abs error``  NumericCheck's max abs output error after a pass, on every node
                          that pass created or changed (``dump.json``'s ``numeric``)
+``part check error``     an artifact's compile-time check of each compiled part against
+                         the reference (the manifest's ``check_max_abs_diff``), on the
+                         ``invoke_subgraph`` nodes that call the part
 =======================  ================================================================
 
 Pass stats are matched to nodes by module path: a ``lowrank`` stats row names its layer
@@ -46,7 +49,8 @@ WEIGHT_ERROR = "lowrank weight error"
 ACTIVATION_ERROR = "lowrank activation error"
 MASS_COVERED = "experts mass covered"
 NUMERIC = "numeric max abs error"
-OVERLAYS = (FLOPS, BYTES, RANK, WEIGHT_ERROR, ACTIVATION_ERROR, MASS_COVERED, NUMERIC)
+PART_CHECK = "part check error"
+OVERLAYS = (FLOPS, BYTES, RANK, WEIGHT_ERROR, ACTIVATION_ERROR, MASS_COVERED, NUMERIC, PART_CHECK)
 
 LOWRANK_OP = "splice.lowrank_linear"
 MOE_OP = "splice.moe_ffn"
@@ -135,6 +139,24 @@ def stats_overlays(
     return out
 
 
+def part_called(n: fx.Node) -> str | None:
+    """The name of the part an ``invoke_subgraph`` node calls (``"part_3"``), else None."""
+    if n.op != "call_function" or _op(n) != "higher_order.invoke_subgraph" or len(n.args) < 2:
+        return None
+    return n.args[1] if isinstance(n.args[1], str) else None
+
+
+def part_overlays(index: GraphIndex, parts: Mapping[str, Mapping[str, Any]]) -> dict[str, Overlay]:
+    """The compiled parts' check errors (an artifact manifest's ``parts``, by name) on the
+    nodes that call them."""
+    out: dict[str, Overlay] = {}
+    for gid, n in index.nodes():
+        part = parts.get(part_called(n) or "")
+        if part is not None and isinstance(part.get("check_max_abs_diff"), (int, float)):
+            _set(out, PART_CHECK, gid, n.name, float(part["check_max_abs_diff"]))
+    return out
+
+
 def merge(*parts: Mapping[str, Overlay]) -> dict[str, Overlay]:
     """Overlays combined; a later part's value for the same node wins."""
     out: dict[str, Overlay] = {}
@@ -173,11 +195,14 @@ __all__ = [
     "MASS_COVERED",
     "NUMERIC",
     "OVERLAYS",
+    "PART_CHECK",
     "RANK",
     "WEIGHT_ERROR",
     "Overlay",
     "graph_overlays",
     "merge",
     "node_data",
+    "part_called",
+    "part_overlays",
     "stats_overlays",
 ]
