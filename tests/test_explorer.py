@@ -403,6 +403,16 @@ def test_splice_view_on_a_missing_input_exits_1_before_serving(tmp_path, capsys,
     ]
 
 
+def test_without_model_explorer_splice_view_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "model_explorer", None)  # import model_explorer fails
+    assert main(["view", str(tmp_path), "--no-browser"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: SpliceError: Model Explorer is not installed (")
+    assert err.endswith(
+        "; hint: pip install 'splice[explorer]' (ai-edge-model-explorer), or use --html"
+    )
+
+
 def _what_opens() -> str:
     from splice.tools.explorer.inputs import WHAT_OPENS
 

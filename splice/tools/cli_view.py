@@ -55,7 +55,9 @@ def add_command(sub: Any) -> None:
         "--dump-dir folder of `splice opt` (one graph per pass) or a compiled artifact. "
         "With --html, write a self-contained pass-by-pass HTML report instead.",
     )
-    sp.add_argument("input", help="saved program folder, --dump-dir folder or artifact folder")
+    sp.add_argument(
+        "input", metavar="IN", help="saved program folder, --dump-dir folder or artifact folder"
+    )
     sp.add_argument(
         "--port",
         type=port_number,
