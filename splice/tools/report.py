@@ -363,7 +363,6 @@ def _pass_section(
 def _program_page(root: Path) -> str:
     import splice
     from splice.ir.printer import print_ir
-    from splice.ir.signatures import SignatureSet
 
     try:
         manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
@@ -375,25 +374,20 @@ def _program_page(root: Path) -> str:
             f"{root} is not a saved program (manifest format {fmt!r})",
             hint=f"the HTML report reads {WHAT_OPENS}; `splice view` opens compiled artifacts",
         )
-    loaded: Any = splice.load(root)
-    members = loaded.programs if isinstance(loaded, SignatureSet) else [loaded]
+    program = splice.load(root)
     parts = [
         "<h1>splice program report</h1>",
         f"<p class=muted>saved program <code>{H.esc(root)}</code></p>",
         H.toolbar(),
+        H.details(
+            f"<b>{H.esc(program.name)}</b>",
+            _program_body(program, print_ir(program, locations=True)),
+            open_=True,
+            cls="program",
+            id_="program-0",
+        ),
     ]
-    for i, program in enumerate(members):
-        title = program.name if len(members) == 1 else f"member {i}: {program.name}"
-        parts.append(
-            H.details(
-                f"<b>{H.esc(title)}</b>",
-                _program_body(program, print_ir(program, locations=True)),
-                open_=True,
-                cls="program",
-                id_=f"program-{i}",
-            )
-        )
-    return H.page(f"splice report: {loaded.name}", "\n".join(parts))
+    return H.page(f"splice report: {program.name}", "\n".join(parts))
 
 
 def _program_body(program: Any, ir_text: str) -> str:
