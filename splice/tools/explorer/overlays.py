@@ -28,6 +28,7 @@ module; an ``experts`` row names its FFN (``model.layers.0.mlp``) and applies to
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -92,6 +93,17 @@ def graph_overlays(index: GraphIndex, hints: Mapping[str, int]) -> dict[str, Ove
     return out
 
 
+def _number(v: Any) -> bool:
+    """A finite number (``dump.json`` writes non-finite ones as strings; bools are not)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _rows(stats: Any, key: str) -> list[Any]:
+    """``stats[key]`` when it is a list (a damaged record gives no rows, not an error)."""
+    rows = stats.get(key) if isinstance(stats, Mapping) else None
+    return rows if isinstance(rows, list) else []
+
+
 def _under(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith(prefix + ".")
 
@@ -106,33 +118,38 @@ def stats_overlays(
     the ``moe_ffn`` nodes under their FFN (a later record wins), and a record's numeric
     error to every node whose passes include the record's pass."""
     out: dict[str, Overlay] = {}
-    nodes = [(gid, n) for gid, n in index.nodes() if gid in set(gids)]
+    wanted = set(gids)
+    nodes = [(gid, n) for gid, n in index.nodes() if gid in wanted]
+    # the nodes stats rows can name, by module path (one pass over the graphs)
+    lowrank: dict[str, list[tuple[str, fx.Node]]] = {}
+    moe: list[tuple[str, fx.Node, str]] = []
+    for gid, n in nodes:
+        op = _op(n)
+        if op == LOWRANK_OP:
+            lowrank.setdefault(M.loc(n).module_path, []).append((gid, n))
+        elif op == MOE_OP:
+            moe.append((gid, n, M.loc(n).module_path))
     for rec in records:
-        stats = rec.get("stats") or {}
-        for row in stats.get("layers") or []:
+        stats = rec.get("stats")
+        for row in _rows(stats, "layers"):
             if not isinstance(row, Mapping) or not isinstance(row.get("layer"), str):
                 continue
-            for gid, n in nodes:
-                if _op(n) == LOWRANK_OP and M.loc(n).module_path == row["layer"]:
-                    for name, key in (
-                        (WEIGHT_ERROR, "weight_error"),
-                        (ACTIVATION_ERROR, "activation_error"),
-                    ):
-                        if isinstance(row.get(key), (int, float)):
-                            _set(out, name, gid, n.name, float(row[key]))
-        for row in stats.get("ffns") or []:
+            for gid, n in lowrank.get(row["layer"], []):
+                for name, key in (
+                    (WEIGHT_ERROR, "weight_error"),
+                    (ACTIVATION_ERROR, "activation_error"),
+                ):
+                    if _number(row.get(key)):
+                        _set(out, name, gid, n.name, float(row[key]))
+        for row in _rows(stats, "ffns"):
             if not isinstance(row, Mapping) or not isinstance(row.get("ffn"), str):
                 continue
-            for gid, n in nodes:
-                if (
-                    _op(n) == MOE_OP
-                    and _under(M.loc(n).module_path, row["ffn"])
-                    and isinstance(row.get("mass_covered"), (int, float))
-                ):
+            for gid, n, path in moe:
+                if _under(path, row["ffn"]) and _number(row.get("mass_covered")):
                     _set(out, MASS_COVERED, gid, n.name, float(row["mass_covered"]))
         numeric = rec.get("numeric")
         name = rec.get("name")
-        if isinstance(numeric, Mapping) and isinstance(numeric.get("max_abs"), (int, float)):
+        if isinstance(numeric, Mapping) and _number(numeric.get("max_abs")):
             for gid, n in nodes:
                 if name in M.loc(n).from_passes:
                     _set(out, NUMERIC, gid, n.name, float(numeric["max_abs"]))
@@ -152,7 +169,7 @@ def part_overlays(index: GraphIndex, parts: Mapping[str, Mapping[str, Any]]) -> 
     out: dict[str, Overlay] = {}
     for gid, n in index.nodes():
         part = parts.get(part_called(n) or "")
-        if part is not None and isinstance(part.get("check_max_abs_diff"), (int, float)):
+        if part is not None and _number(part.get("check_max_abs_diff")):
             _set(out, PART_CHECK, gid, n.name, float(part["check_max_abs_diff"]))
     return out
 
