@@ -22,7 +22,7 @@ from splice.passes import (
 )
 from splice.passes.instruments import json_safe, op_counts
 from splice.tools.report import write_report
-from splice.tools.report_html import fmt
+from splice.tools.report_html import MAX_CELL, fmt
 
 
 @register_pass
@@ -46,6 +46,8 @@ class _ReportScale(Pass):
             "t": torch.tensor(2.5),
             "remarks": ["<script>alert('x')</script> & more"],
             "layers": [{"layer": "a<b>", "rank": 3}, {"layer": "c", "error": 0.25}],
+            "skipped": [],
+            "note": "n" * 150,
         }
         return PassResult(program, True, stats)
 
@@ -226,7 +228,10 @@ def test_report_of_a_dump_folder(conv, tmp_path):
     assert "<script>alert('x')</script> & more" in scale
     assert "<script>alert" not in html and "&lt;script&gt;alert(&#x27;x&#x27;)" in html
     assert "layers (2)" in scale and "layerrankerror" in scale and "a<b>3–" in scale
-    assert "worstinf" in scale
+    assert "worstinf" in scale and "skippednone" in scale
+    # a long value is cut to MAX_CELL characters; the whole of it is the cell's tooltip
+    assert "note" + "n" * (MAX_CELL - 1) + "…" in scale
+    assert f'<td title="{"n" * 150}">' in html
     # the numeric check of that pass, and its diff: the new mul node is an added line
     rel = check.reports[1]["max_rel"]
     assert f"max rel {rel:.4g}" in scale and "(approximate)" in scale

@@ -34,29 +34,44 @@ def fmt(value: Any) -> str:
 
 
 _SIGNED = re.compile(r"[+-]?[\d,]+")
+MAX_CELL = 100  # characters of a table cell shown; the rest is in its tooltip
 
 
 def cell(value: Any, tag: str = "td") -> str:
-    """One escaped table cell; numbers are right-aligned (class ``num``)."""
-    num = (isinstance(value, (int, float)) and not isinstance(value, bool)) or (
-        isinstance(value, str) and _SIGNED.fullmatch(value) is not None
+    """One escaped table cell; numbers are right-aligned (class ``num``). A list or dict
+    prints on one line (``_flat``); past ``MAX_CELL`` characters it is cut, and the whole
+    text is the cell's tooltip."""
+    flat = _flat(value)
+    num = (isinstance(flat, (int, float)) and not isinstance(flat, bool)) or (
+        isinstance(flat, str) and _SIGNED.fullmatch(flat) is not None
     )
-    return f"<{tag}{' class=num' if num else ''}>{esc(fmt(value))}</{tag}>"
+    text = fmt(flat)
+    title = ""
+    if len(text) > MAX_CELL:
+        title = f' title="{esc(text)}"'
+        text = text[: MAX_CELL - 1] + "…"
+    return f"<{tag}{' class=num' if num else ''}{title}>{esc(text)}</{tag}>"
 
 
 def table(
     header: Sequence[str], rows: Iterable[Sequence[Any]], *, cls: str = "", caption: str = ""
 ) -> str:
-    """A table of escaped cells; nested lists and dicts in a cell print compactly."""
+    """A table of escaped cells (:func:`cell`), in a box that scrolls sideways when wide."""
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(cell(_flat(v)) for v in row) + "</tr>\n" for row in rows)
+    body = "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>\n" for row in rows)
     cap = f"<caption>{esc(caption)}</caption>" if caption else ""
     klass = f' class="{esc(cls)}"' if cls else ""
-    return f"<table{klass}>{cap}<thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table>\n"
+    return (
+        f'<div class="scroll"><table{klass}>{cap}<thead><tr>{head}</tr></thead>'
+        f"<tbody>\n{body}</tbody></table></div>\n"
+    )
 
 
 def _flat(value: Any) -> Any:
-    """A nested value as one line of text (lists joined by commas, dicts as k=v)."""
+    """A nested value as one line of text (lists joined by commas, dicts as k=v; an empty
+    one as ``none``); anything else as it is."""
+    if isinstance(value, (Mapping, list, tuple)) and not value:
+        return "none"
     if isinstance(value, Mapping):
         return ", ".join(f"{k}={fmt(_flat(v))}" for k, v in value.items())
     if isinstance(value, (list, tuple)):
@@ -171,11 +186,12 @@ code, pre, .mono { font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas,
 .pipeline { background: var(--head); border: 1px solid var(--line); border-radius: 6px;
   padding: .5rem .75rem; overflow-x: auto; }
 table { border-collapse: collapse; margin: .4rem 0 .8rem; }
+div.scroll { overflow-x: auto; max-width: 100%; }
 th, td { border-bottom: 1px solid var(--line); padding: .2rem .6rem; text-align: left;
   vertical-align: top; }
 th { background: var(--head); font-weight: 600; position: sticky; top: 0; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-table.records td, table.records th { font-size: 12.5px; }
+table.records td, table.records th { font-size: 12.5px; white-space: nowrap; }
 details { border: 1px solid var(--line); border-radius: 6px; margin: .6rem 0; background: var(--bg); }
 details > summary { cursor: pointer; padding: .45rem .75rem; background: var(--head);
   border-radius: 6px; list-style-position: inside; }
