@@ -44,6 +44,7 @@ from splice.tools.cli import main
 from splice.tools.explorer import (
     ADAPTER_ID,
     SpliceAdapter,
+    SpliceOverlays,
     View,
     open_path,
     program_view,
@@ -52,6 +53,7 @@ from splice.tools.explorer import (
 from splice.tools.explorer import overlays as O
 from splice.tools.explorer.graph import module_of
 from splice.tools.explorer.inputs import parse_dump_file
+from splice.tools.explorer.main import OVERLAYS_ID
 
 LLAMA_PIPELINE = "lowrank{ratio=0.5},experts{num_experts=4,top_k=2}"
 
@@ -237,6 +239,17 @@ def test_a_saved_program_opens_through_the_adapter(llama_run, tmp_path):
     graphs = SpliceAdapter().convert(str(tmp_path / "llama.splice"), {})["graphs"]
     assert [g.id for g in graphs] == ["main"]
     assert [n.id for n in graphs[0].nodes] == [n.name for n in loaded.graph.nodes]
+    # the node data provider gives any overlay of what the adapter opened
+    ndp = SpliceOverlays()
+    (editor,) = ndp.get_config_editors(OVERLAYS_ID).configEditors
+    assert [o.value for o in editor.options] == list(O.OVERLAYS)
+    got = ndp.run(OVERLAYS_ID, str(tmp_path / "llama.splice"), "main", {"overlay": O.RANK}, None)
+    assert got.error == "" and got.result.name == O.RANK
+    assert {k: r.value for k, r in got.result.results.items()} == view.overlays[O.RANK]["main"]
+    none = ndp.run(
+        OVERLAYS_ID, str(tmp_path / "llama.splice"), "main", {"overlay": O.NUMERIC}, None
+    )
+    assert none.result is None and none.error == f"no {O.NUMERIC} values on graph main"
 
 
 def test_a_dynamic_model_after_branches_has_its_parts_and_branches_as_graphs():
@@ -529,6 +542,9 @@ def test_splice_view_serves_the_adapter_graphs(saved_llama):
             if n["namespace"].count("/") >= 2
         }
         assert "model.layers.0" in labels
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/get_extensions") as r:
+            kinds = {e["id"]: e["type"] for e in json.loads(r.read())}
+        assert kinds["splice"] == "adapter" and kinds[OVERLAYS_ID] == "node_data_provider"
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/") as r:
             assert b"<html" in r.read()
     finally:

@@ -5,10 +5,12 @@ lives here and is loaded with ``--extensions=splice.tools.explorer``::
 
     model-explorer --extensions=splice.tools.explorer path/to/program.splice
 
-(``splice view`` does this for you.) The adapter opens what
+(``splice view`` does this for you.) :class:`SpliceAdapter` opens what
 :func:`splice.tools.explorer.open_path` opens: a saved program folder, a ``--dump-dir``
 folder or an artifact. A view is cached by path and modification time, so reloading the
-page does not convert the program again.
+page does not convert the program again. :class:`SpliceOverlays` is a node data provider
+("splice overlays" in Model Explorer's menu) that gives any overlay of an input the adapter
+opened, for the graph on screen.
 """
 
 from __future__ import annotations
@@ -16,11 +18,23 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from model_explorer import Adapter, AdapterMetadata, ModelExplorerGraphs
+from model_explorer import (
+    Adapter,
+    AdapterMetadata,
+    GetConfigEditorsResult,
+    ModelExplorerGraphs,
+    NodeDataProvider,
+    NodeDataProviderFilter,
+    NodeDataProviderMetadata,
+    NodeDataProviderResult,
+)
+from model_explorer import config_editor as ce
 
+from splice.tools.explorer import overlays as O
 from splice.tools.explorer.inputs import View, open_path
 
 ADAPTER_ID = "splice"
+OVERLAYS_ID = "splice_overlays"
 
 _cache: dict[tuple[str, float], View] = {}
 
@@ -69,10 +83,60 @@ class SpliceAdapter(Adapter):
     def convert(self, model_path: str, settings: dict[str, Any]) -> ModelExplorerGraphs:
         """The graphs of ``model_path`` (a file inside a dump or program folder opens
         its folder)."""
-        path = model_path
-        if os.path.isfile(path) and path.endswith(".ir"):
-            path = os.path.dirname(path)
-        return {"graphs": cached_view(path).graphs}
+        return {"graphs": cached_view(_folder(model_path)).graphs}
 
 
-__all__ = ["ADAPTER_ID", "SpliceAdapter", "cached_view", "remember"]
+def _folder(path: str) -> str:
+    """``path``, or the folder of an ``.ir`` file in it (a dump or a program folder)."""
+    return os.path.dirname(path) if os.path.isfile(path) and path.endswith(".ir") else path
+
+
+class SpliceOverlays(NodeDataProvider):
+    """One overlay of an input opened by :class:`SpliceAdapter`, as node data of a graph."""
+
+    metadata = NodeDataProviderMetadata(
+        id=OVERLAYS_ID,
+        name="splice overlays",
+        description="FLOPs, bytes, lowrank ranks and errors, experts coverage, numeric "
+        "errors and compiled-part checks that splice computed, per node",
+        icon="insights",
+        filter=NodeDataProviderFilter(adapterIds=[ADAPTER_ID]),
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def get_config_editors(self, provider_id: str) -> GetConfigEditorsResult:
+        """One drop-down: which overlay."""
+        options = [ce.OptionItem(value=name, label=name) for name in O.OVERLAYS]
+        editor = ce.DropDownConfigEditor(
+            id="overlay", label="overlay", options=options, defaultValue=O.FLOPS
+        )
+        return GetConfigEditorsResult(configEditors=[editor])
+
+    def run(
+        self,
+        provider_id: str,
+        model_path: str,
+        graph_id: str,
+        config_values: dict[str, Any],
+        graph: Any,
+    ) -> NodeDataProviderResult:
+        """The chosen overlay's values on ``graph_id`` (an error result when the input has
+        none for that graph, e.g. lowrank errors of a program that was never lowranked)."""
+        name = str(config_values.get("overlay") or O.FLOPS)
+        values = cached_view(_folder(model_path)).overlays.get(name, {}).get(graph_id)
+        if not values:
+            return NodeDataProviderResult(error=f"no {name} values on graph {graph_id}")
+        data = O.node_data({graph_id: values}, name).graphsData[graph_id]
+        return NodeDataProviderResult(result=data)
+
+
+__all__ = [
+    "ADAPTER_ID",
+    "OVERLAYS_ID",
+    "SpliceAdapter",
+    "SpliceOverlays",
+    "cached_view",
+    "remember",
+]
