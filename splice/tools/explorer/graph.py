@@ -12,9 +12,9 @@ For a Program whose top graph gets the id ``graph_id``:
   draws is labelled with the module path it stands for and a LLaMA collapses to
   ``model.layers.0`` … ``model.layers.N``;
 * its attributes are the op, the value name, the spec, the module path, the source line
-  and the passes that created or changed it (and ``starts part``, where ``stitch`` or a
-  model marked the start of a piece that ``branches`` compiles on its own); its outputs metadata holds one
-  ``tensor_shape`` per tensor it produces;
+  and the passes that created or changed it (and ``starts part`` where ``stitch`` or a
+  model marked the start of a piece that ``branches`` compiles on its own); its outputs
+  metadata holds one ``tensor_shape`` per tensor it produces;
 * an edge goes from every node input (in argument order) to the node;
 * each sub-graph (a ``cond`` branch, a ``branches`` part, a ``stitch`` route) is its own
   graph with the id ``<graph_id>/<dotted path>`` (:func:`subgraph_id`); the node that reads

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from model_explorer import graph_builder as gb
+from model_explorer import node_data_builder as ndb
 
 from splice.errors import ArtifactError, SpliceError
 from splice.ir import meta as M
@@ -71,7 +72,7 @@ class View:
         """The adapter's answer as JSON (``{"graphs": [...]}``, Model Explorer's format)."""
         return {"graphs": [asdict(g) for g in self.graphs]}
 
-    def node_data(self) -> dict[str, Any]:
+    def node_data(self) -> dict[str, ndb.ModelNodeData]:
         """Every overlay as Model Explorer node data (``ModelNodeData``), by name."""
         return {name: O.node_data(ov, name) for name, ov in self.overlays.items()}
 
