@@ -336,11 +336,22 @@ program @M(%x : f32[2,4]) {
 """
 
 
-def test_an_artifact_shows_its_reference_and_which_parts_are_compiled(tmp_path):
+@pytest.fixture(scope="module")
+def cond_artifact(tmp_path_factory):
+    """A split cond compiled with onnxruntime, with two samples: one per branch."""
     p = splice.parse_ir(COND, seeded_weights(COND))
     q = parse_pipeline("branches").run(p).program
-    art = splice.compile(q, "host", backend="onnxruntime", output=tmp_path / "m.artifact")
-    view = open_path(tmp_path / "m.artifact")
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    samples = [(torch.zeros(2, 4),), (x,)]
+    # the predicate relu(x Aᵀ).sum() > 0: false for zeros, true for x
+    assert torch.relu(x @ p.get_weight("a.weight").T).sum() > 0
+    out = tmp_path_factory.mktemp("art") / "m.artifact"
+    return splice.compile(q, "host", backend="onnxruntime", output=out, samples=samples)
+
+
+def test_an_artifact_shows_its_reference_and_which_parts_are_compiled(cond_artifact):
+    art = cond_artifact
+    view = open_path(art.path)
     assert view.kind == "artifact"
     check_view(art.reference(), view)
     parts = {p["name"]: p for p in art.manifest["parts"]}
@@ -353,9 +364,44 @@ def test_an_artifact_shows_its_reference_and_which_parts_are_compiled(tmp_path):
                 calls[name] = (g.id, n.id)
                 assert attrs["compiled part"] == parts[name]["model"]
                 assert view.overlays[O.PART_CHECK][g.id][n.id] == parts[name]["check_max_abs_diff"]
-    assert set(calls) == set(parts) and len(parts) >= 2
+    assert set(calls) == set(parts) and len(parts) >= 3
     attrs = view.graph("main").groupNodeAttributes[""]
     assert attrs["backend"] == "onnxruntime" and attrs["parts"] == str(len(parts))
+    assert O.PART_LATENCY not in view.overlays  # measured only when asked
+
+
+def test_time_parts_puts_each_parts_latency_on_the_nodes_that_call_it(cond_artifact):
+    from splice.tools.explorer.latency import time_parts
+
+    repeats = 3
+    times = time_parts(cond_artifact.path, repeats)
+    assert set(times) == {p["name"] for p in cond_artifact.manifest["parts"]}
+    view = open_path(cond_artifact.path, time_parts=repeats)
+    latency = view.overlays[O.PART_LATENCY]
+    for g in view.graphs:
+        for n in g.nodes:
+            if n.label != "higher_order.invoke_subgraph":
+                continue
+            name = n.subgraphIds[0].rsplit(".", 1)[-1].rsplit("/", 1)[-1]
+            # top-level parts run on both samples, a branch's part on the one taking it
+            assert times[name].calls == repeats * (2 if g.id == "main" else 1)
+            assert latency[g.id][n.id] > 0
+            attr = view.graph("main").groupNodeAttributes[""][f"{name} latency"]
+            assert attr.endswith(f" ms per call, {times[name].calls} calls over {repeats} runs")
+
+
+def test_time_parts_needs_an_artifact_with_samples(saved_llama, cond_artifact, tmp_path):
+    with pytest.raises(ArtifactError) as e:
+        open_path(saved_llama, time_parts=1)
+    assert e.value.message == (
+        f"{saved_llama} is not a compiled artifact: only an artifact's parts can be timed"
+    )
+    bare = splice.compile(
+        cond_artifact.reference(), "host", backend="onnxruntime", output=tmp_path / "b"
+    )
+    with pytest.raises(ArtifactError) as e:
+        open_path(bare.path, time_parts=1)
+    assert e.value.message == f"{bare.path} holds no sample inputs to time its parts with"
 
 
 # ---------------------------------------------------------------------------------------
@@ -469,6 +515,26 @@ def test_splice_view_binds_127_0_0_1_unless_told(saved_llama, monkeypatch, capsy
     assert server.host == "127.0.0.1" and server.url.startswith(
         f"http://127.0.0.1:{server.port}/?data="
     )
+
+
+def test_splice_view_time_parts_serves_the_latency_overlay(cond_artifact, monkeypatch):
+    calls = []
+    from model_explorer import server as me_server
+
+    monkeypatch.setattr(me_server, "start", lambda **kw: calls.append(kw))
+    port = cli_view.free_port("127.0.0.1", 8590)
+    args = [
+        "view",
+        str(cond_artifact.path),
+        "--no-browser",
+        "--port",
+        str(port),
+        "--time-parts",
+        "2",
+    ]
+    assert main(args) == 0
+    data = json.loads(urllib.parse.unquote(calls[0]["config"].to_url_param_value()))
+    assert any(src.startswith(f"node_data://{O.PART_LATENCY}/") for src in data["nodeData"])
 
 
 def test_a_port_in_use_is_one_error(saved_llama):

@@ -3,6 +3,7 @@
 ::
 
     splice view IN [--port P] [--host H] [--no-browser]   serve Model Explorer with IN open
+    splice view ARTIFACT --time-parts N                   ... with each part's latency
     splice view IN --html OUT                             write the pass-by-pass HTML report
 
 Without ``--html`` the command opens IN with :func:`splice.tools.explorer.open_path` first
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from splice.errors import SpliceError
+from splice.tools.common import int_at_least
 
 DEFAULT_HOST = "127.0.0.1"
 FIRST_PORT = 8080  # Model Explorer's own default; the next free one up to 8099 is taken
@@ -73,6 +75,14 @@ def add_command(sub: Any) -> None:
     sp.add_argument(
         "--no-browser", action="store_true", help="do not open a browser tab; print the URL"
     )
+    sp.add_argument(
+        "--time-parts",
+        type=int_at_least(1),
+        default=0,
+        metavar="N",
+        help="artifacts: run the stored samples N times and show each compiled part's mean "
+        "latency (runs the artifact's code)",
+    )
     sp.add_argument("--html", metavar="OUT", help="write the HTML pass report to OUT instead")
     sp.set_defaults(fn=cmd_view)
 
@@ -80,7 +90,13 @@ def add_command(sub: Any) -> None:
 def cmd_view(a: argparse.Namespace) -> int:
     if a.html:
         return _write_html(a.input, a.html)
-    server = prepare(a.input, host=a.host, port=a.port, open_browser=not a.no_browser)
+    server = prepare(
+        a.input,
+        host=a.host,
+        port=a.port,
+        open_browser=not a.no_browser,
+        time_parts=a.time_parts,
+    )
     server.serve()
     return 0
 
@@ -206,16 +222,22 @@ def _offline(me_server: Any) -> None:
 
 
 def prepare(
-    in_path: str, *, host: str = DEFAULT_HOST, port: int | None = None, open_browser: bool = True
+    in_path: str,
+    *,
+    host: str = DEFAULT_HOST,
+    port: int | None = None,
+    open_browser: bool = True,
+    time_parts: int = 0,
 ) -> Server:
-    """Open ``in_path`` (errors here: nothing is served), check ``host`` and ``port``, and
-    build the Model Explorer config with the input and its overlays."""
+    """Open ``in_path`` (errors here: nothing is served; ``time_parts``: see
+    :func:`splice.tools.explorer.open_path`), check ``host`` and ``port``, and build the
+    Model Explorer config with the input and its overlays."""
     explorer = _explorer()
     from model_explorer import config as me_config
 
     from splice.tools.explorer.main import ADAPTER_ID, remember
 
-    view = explorer.open_path(in_path)
+    view = explorer.open_path(in_path, time_parts=time_parts)
     _check_host(host)
     if port is None:
         port = free_port(host)

@@ -129,9 +129,11 @@ def _program_attrs(program: Program) -> dict[str, str]:
 # opening files
 
 
-def open_path(path: str | Path) -> View:
+def open_path(path: str | Path, *, time_parts: int = 0) -> View:
     """The view of a saved program, a dump folder or an artifact at ``path``.
 
+    ``time_parts`` > 0 (artifacts only) runs the artifact's samples that many times to
+    measure each compiled part (:func:`splice.tools.explorer.latency.time_parts`).
     Raises a :class:`~splice.errors.SpliceError` (one message: what, where, what to do)
     when ``path`` is missing, is none of the three, or is damaged."""
     root = Path(path)
@@ -139,13 +141,23 @@ def open_path(path: str | Path) -> View:
         raise ArtifactError(f"{path} does not exist", hint=f"name {WHAT_OPENS}")
     if root.is_dir() and (root / "manifest.json").is_file():
         fmt = _manifest_format(root)
+        if fmt == ARTIFACT_FORMAT:
+            return _open_artifact(root, time_parts)
+        if time_parts:
+            raise ArtifactError(
+                f"{path} is not a compiled artifact: only an artifact's parts can be timed",
+                hint="leave out --time-parts, or compile it first (splice compile -o)",
+            )
         if fmt == PROGRAM_FORMAT:
             return _open_program(root)
-        if fmt == ARTIFACT_FORMAT:
-            return _open_artifact(root)
         raise ArtifactError(
             f"{root}/manifest.json has format {fmt!r}, which the viewer does not open",
             hint=f"name {WHAT_OPENS}",
+        )
+    if time_parts:
+        raise ArtifactError(
+            f"{path} is not a compiled artifact: only an artifact's parts can be timed",
+            hint="leave out --time-parts, or compile it first (splice compile -o)",
         )
     if root.is_dir() and (root / DUMP_INPUT).is_file():
         return _open_dump(root)
@@ -172,11 +184,14 @@ def _open_program(root: Path) -> View:
     return program_view(load(root), label=root.name)
 
 
-def _open_artifact(root: Path) -> View:
+def _open_artifact(root: Path, time_parts: int = 0) -> View:
     from splice.ir.signatures import SignatureSet
     from splice.runtime.artifact import Artifact
+    from splice.tools.explorer.latency import time_parts as measure
 
     art = Artifact(root)
+    times = measure(root, time_parts) if time_parts else {}
+    latency = {name: t.mean_ms for name, t in times.items() if t.calls}
     ref = art.reference()
     members = ref.members if isinstance(ref, SignatureSet) else [ref]
     parts = {p.get("name"): p for p in art.manifest.get("parts", []) if isinstance(p, dict)}
@@ -185,9 +200,15 @@ def _open_artifact(root: Path) -> View:
     for i, p in enumerate(members):
         gid = "main" if len(members) == 1 else f"signature_{i}"
         g, index = program_graphs(p, gid)
-        ov = O.merge(ov, O.graph_overlays(index, _hints(p)), O.part_overlays(index, parts))
+        ov = O.merge(ov, O.graph_overlays(index, _hints(p)), O.part_overlays(index, parts, latency))
         _part_attrs(g, index, parts)
         g[0].groupNodeAttributes = {"": _artifact_attrs(art.manifest)}
+        for name, t in times.items():  # every part, called or not, on the graph
+            g[0].groupNodeAttributes[""][f"{name} latency"] = (
+                f"{t.mean_ms:.4g} ms per call, {t.calls} calls over {time_parts} runs"
+                if t.calls
+                else f"not called by the samples ({time_parts} runs)"
+            )
         graphs += g
     _attach(graphs, ov)
     return View(root.name, "artifact", graphs, ov)

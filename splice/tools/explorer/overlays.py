@@ -18,6 +18,9 @@ splice produces (:data:`OVERLAYS` names them, in the order the viewer lists them
 ``part check error``     an artifact's compile-time check of each compiled part against
                          the reference (the manifest's ``check_max_abs_diff``), on the
                          ``invoke_subgraph`` nodes that call the part
+``part latency (ms)``    the mean wall time per call of each compiled part, measured on
+                         request (``splice view ARTIFACT --time-parts N``,
+                         :mod:`splice.tools.explorer.latency`), on the same nodes
 =======================  ================================================================
 
 Pass stats are matched to nodes by module path: a ``lowrank`` stats row names its layer
@@ -51,7 +54,18 @@ ACTIVATION_ERROR = "lowrank activation error"
 MASS_COVERED = "experts mass covered"
 NUMERIC = "numeric max abs error"
 PART_CHECK = "part check error"
-OVERLAYS = (FLOPS, BYTES, RANK, WEIGHT_ERROR, ACTIVATION_ERROR, MASS_COVERED, NUMERIC, PART_CHECK)
+PART_LATENCY = "part latency (ms)"
+OVERLAYS = (
+    FLOPS,
+    BYTES,
+    RANK,
+    WEIGHT_ERROR,
+    ACTIVATION_ERROR,
+    MASS_COVERED,
+    NUMERIC,
+    PART_CHECK,
+    PART_LATENCY,
+)
 
 LOWRANK_OP = "splice.lowrank_linear"
 MOE_OP = "splice.moe_ffn"
@@ -163,14 +177,22 @@ def part_called(n: fx.Node) -> str | None:
     return n.args[1] if isinstance(n.args[1], str) else None
 
 
-def part_overlays(index: GraphIndex, parts: Mapping[str, Mapping[str, Any]]) -> dict[str, Overlay]:
-    """The compiled parts' check errors (an artifact manifest's ``parts``, by name) on the
-    nodes that call them."""
+def part_overlays(
+    index: GraphIndex,
+    parts: Mapping[str, Mapping[str, Any]],
+    latency_ms: Mapping[str, float] | None = None,
+) -> dict[str, Overlay]:
+    """The compiled parts' check errors (an artifact manifest's ``parts``, by name) and,
+    when measured, their mean latency per call (ms, by part name; parts never called are
+    left out) on the nodes that call them."""
     out: dict[str, Overlay] = {}
     for gid, n in index.nodes():
-        part = parts.get(part_called(n) or "")
+        name = part_called(n) or ""
+        part = parts.get(name)
         if part is not None and _number(part.get("check_max_abs_diff")):
             _set(out, PART_CHECK, gid, n.name, float(part["check_max_abs_diff"]))
+        if latency_ms and name in latency_ms:
+            _set(out, PART_LATENCY, gid, n.name, float(latency_ms[name]))
     return out
 
 
@@ -213,6 +235,7 @@ __all__ = [
     "NUMERIC",
     "OVERLAYS",
     "PART_CHECK",
+    "PART_LATENCY",
     "RANK",
     "WEIGHT_ERROR",
     "Overlay",
