@@ -14,8 +14,9 @@ URL (``http://127.0.0.1:PORT/?data=...``) and serves until Ctrl-C.
 The server binds 127.0.0.1 unless ``--host`` names another address. Model Explorer's
 server reads any file the user can read for the page that asks (that is how it opens
 models), so binding another address shares those files with whoever reaches it.
-Model Explorer's check for a newer release on PyPI is turned off: viewing makes no
-request to the network.
+Model Explorer's check for a newer release on PyPI is turned off, so the server makes no
+request to the network; the page itself asks ``fonts.gstatic.com`` for a few font ranges
+Model Explorer does not ship, and falls back to a local font when offline.
 """
 
 from __future__ import annotations
