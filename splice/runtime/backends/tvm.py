@@ -56,7 +56,7 @@ from splice.runtime.backends.tvm_metaschedule import tune_module
 from splice.runtime.backends.tvm_tuner import Tuner
 from splice.runtime.kernels.tvm_fastmath import FastMath
 from splice.runtime.kernels.tvm_gemm import compile_kernel, rewrite_gemms
-from splice.runtime.kernels.tvm_lowrank_linear import convert_lowrank_linear
+from splice.runtime.kernels.tvm_lowrank_linear import convert_lowrank_linear, planning_for
 from splice.runtime.kernels.tvm_moe_ffn import convert_moe_ffn
 from splice.runtime.kernels.tvm_schedules import CpuShape, schedule_module
 from splice.target import Target
@@ -365,7 +365,7 @@ def lower(
     say("importing into Relax", 1, 4)
     ep = decompose(ep, program.name)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), planning_for(target):  # lowrank plans for target
             # torch's pytree deprecation, raised while TVM walks the exported program
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
             mod = from_exported_program(

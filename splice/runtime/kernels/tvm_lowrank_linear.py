@@ -10,14 +10,33 @@ lazily, inside the functions that build Relax or TE.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from splice.ir.ops import lowrank_linear
 from splice.runtime.kernels.tvm_common import static_shape
-from splice.runtime.kernels.tvm_schedules import LOWRANK_KERNEL, lowrank_plan
+from splice.runtime.kernels.tvm_schedules import LOWRANK_KERNEL, CpuShape, lowrank_plan
+
+_CPU: contextvars.ContextVar[CpuShape | None] = contextvars.ContextVar(
+    "splice_lowrank_cpu", default=None
+)
+
+
+@contextlib.contextmanager
+def planning_for(target: Any) -> Iterator[None]:
+    """Within the block, :func:`convert_lowrank_linear` plans its fused kernel for
+    ``target`` (a :class:`splice.target.Target`: its vector lanes and registers; None: AVX2's,
+    as outside any block). The TVM backend wraps its Relax import in it."""
+    token = _CPU.set(CpuShape.of(target) if target is not None and target.kind != "cuda" else None)
+    try:
+        yield
+    finally:
+        _CPU.reset(token)
+
 
 LOWRANK_FUSED_MAX_ROWS = 4
 """``splice::lowrank_linear`` with at most this many rows (the product of ``x``'s leading
@@ -49,8 +68,8 @@ def _lowrank_te(x: Any, Ap: Any, Bp: Any, bias: Any, *, m: int, plan: Any) -> An
     * ``lowrank_out``: ``y[:, :m] + bias`` in ``x``'s leading shape.
 
     ``Bp[kp/nb1, n, nb1]`` and ``Ap[mp/nb2, kp, nb2]`` are B and A packed into column
-    panels, zero-padded to ``kp`` (k rounded up to a multiple of 16) and ``mp`` (m rounded
-    up to a multiple of 8); ``plan`` is the :class:`~.tvm_schedules.LowRankPlan`.
+    panels, zero-padded to ``kp`` and ``mp`` (k and m rounded up to multiples of the vector
+    lanes); ``plan`` is the :class:`~.tvm_schedules.LowRankPlan`.
     ``tvm_schedules.schedule_lowrank`` schedules the blocks by name.
     """
     from tvm import te
@@ -146,7 +165,7 @@ def convert_lowrank_linear(node: Any, importer: Any) -> Any:
         return bb.emit(relax.op.linear(h, A, bias, "float32"))
     m, n = As[0], Bs[1]
     rows = _numel(xs[:-1])
-    plan = lowrank_plan(rows, m, n, r)
+    plan = lowrank_plan(rows, m, n, r, _CPU.get())
     kp, mp, nb1, nb2 = plan.kp, plan.mp, plan.nb1, plan.nb2
     # zero padding: B's rows and A's columns to kp (h's padded entries are 0), A's rows to
     # mp (the padded outputs are computed, not stored)
@@ -189,4 +208,4 @@ def _numel(shape: Sequence[int]) -> int:
     return out
 
 
-__all__ = ["LOWRANK_FUSED_MAX_ROWS", "convert_lowrank_linear"]
+__all__ = ["LOWRANK_FUSED_MAX_ROWS", "convert_lowrank_linear", "planning_for"]

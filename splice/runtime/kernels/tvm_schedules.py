@@ -42,8 +42,8 @@ Vector lanes and the register budget are the target's (:class:`CpuShape`, from
 AVX-512 and NEON. GEMMs on a weight with 8 rows or more do not reach these rules: they
 are rewritten earlier into calls of splice's C kernel (:mod:`.tvm_gemm`); the matmul rule
 keeps decode GEMVs, activation × activation products (attention) and convolutions. The
-fused lowrank and moe kernels keep their AVX2-sized plans (memory-bound decode kernels,
-whose speed is the weight stream's, not the tile's).
+fused lowrank kernel's panels follow the target's lanes like the decode GEMV's
+(:func:`lowrank_plan`); the moe kernel keeps its AVX2-sized plan.
 """
 
 from __future__ import annotations
@@ -524,17 +524,14 @@ def schedule_fallback(func: Any) -> Any | None:
 LOWRANK_KERNEL = "lowrank_linear"
 """Value of the ``splice.kernel`` attribute of the fused lowrank_linear PrimFunc."""
 
-LOWRANK_ACCUMULATORS = 8
-"""Vector registers a tile of the fused kernel accumulates in (``mi × s × nb/8``)."""
-
 
 @dataclass(frozen=True)
 class LowRankPlan:
     """Layout and tiling of the fused ``lowrank_linear`` kernel (both phases).
 
-    ``kp``/``mp``: k and m padded (to multiples of 16 and 8); ``nb1``/``nb2``: panel widths
-    of the packed B and A; ``mi``: rows per tile; ``s1``/``s2``: segments the n-long and the
-    kp-long reductions are cut into, each with its own accumulators.
+    ``kp``/``mp``: k and m padded (to multiples of the vector lanes); ``nb1``/``nb2``: panel
+    widths of the packed B and A; ``mi``: rows per tile; ``s1``/``s2``: segments the n-long
+    and the kp-long reductions are cut into, each with its own accumulators.
     """
 
     kp: int
@@ -549,34 +546,48 @@ class LowRankPlan:
         return asdict(self)
 
 
-def lowrank_plan(rows: int, m: int, n: int, k: int) -> LowRankPlan:
-    """The fused kernel's plan for ``rows`` rows of x [.., n], A [m, k], B [k, n].
+LOWRANK_ACCUMULATORS = 8
+"""Vector registers a tile of the fused kernel accumulates in (``mi × s × nb / L``)."""
 
-    ``mi`` (rows per tile) is the largest divisor of ``rows`` up to 4. A tile accumulates in
-    :data:`LOWRANK_ACCUMULATORS` vector registers: panels 32 wide when ``mi ≤ 2`` and the
-    padded extent allows, else 16 (8 when m is not a multiple of 16); the registers left
-    over split the reduction into segments (4, 2 or 1, dividing its length). At M = 1 that
-    is a 32-wide panel with 2 segments. Measured with one-op programs at M = 1 on the
-    2-core EPYC VM (2048×2048 at k = 512; 5632×2048 at k = 750): from DRAM, 32 × 2 took
-    400 / 1027 µs, 16 × 4 403 / 1022, one 32-wide chain (the matmul rule's decode tile)
-    422 / 1056 — within noise of each other; L3-resident, 32 × 2 took 153 µs, 16 × 4 165,
-    32 × 1 157.
+
+def lowrank_plan(rows: int, m: int, n: int, k: int, cpu: CpuShape | None = None) -> LowRankPlan:
+    """The fused kernel's plan for ``rows`` rows of x [.., n], A [m, k], B [k, n] on a CPU
+    of ``cpu``'s vector lanes L and registers (AVX2's when None).
+
+    Each phase is tiled like the matmul rule's decode GEMV: ``mi`` (rows per tile) is the
+    largest divisor of ``rows`` up to 4; k and m are padded to multiples of L (``kp``,
+    ``mp``); a panel is the widest of 4L, 2L and L columns that divides the padded extent
+    with ``mi × nb / L`` accumulators within :data:`LOWRANK_ACCUMULATORS` (4L at ``mi = 1``:
+    64 columns on AVX-512, 32 on AVX2, 16 on NEON, as the dense decode GEMV); the registers
+    left over cut the reduction into ``s`` segments (4, 2 or 1, dividing its length), each
+    with its own accumulators and its own stream through the panel. At M = 1 on AVX2 that
+    is a 32-wide panel with 2 segments (16-wide with 4 when kp is not a multiple of 32).
+
+    Measured with one-op programs at M = 1 on the 2-core EPYC VM, AVX2 (2048×2048 at
+    k = 512; 5632×2048 at k = 750): from DRAM, 32 × 2 took 400 / 1027 µs, 16 × 4 403 /
+    1022, one 32-wide chain (the matmul rule's decode tile) 422 / 1056 — within noise of
+    each other; L3-resident, 32 × 2 took 153 µs, 16 × 4 165, 32 × 1 157. In the whole
+    LLaMA decode step under CPU contention (one thread, CPU time, one process alternating
+    programs), contiguous segments beat both one segment and segments dealt round-robin
+    over one stream by about 10%.
     """
+    cpu = cpu or CpuShape()
+    lanes = cpu.lanes
     mi = next(d for d in (4, 3, 2, 1) if rows % d == 0)
-    kp = -(-k // 16) * 16
-    mp = -(-m // 8) * 8
+    kp = -(-k // lanes) * lanes
+    mp = -(-m // lanes) * lanes
+    budget = max(LOWRANK_ACCUMULATORS, mi)
 
     def width(extent: int) -> int:
-        if mi <= 2 and extent % 32 == 0:
-            return 32
-        return 16 if extent % 16 == 0 else 8
+        fits = [
+            nb
+            for nb in (4 * lanes, 2 * lanes, lanes)
+            if extent % nb == 0 and mi * (nb // lanes) <= budget
+        ]
+        return fits[0] if fits else lanes
 
     def segments(length: int, nb: int) -> int:
-        return next(
-            s
-            for s in (4, 2, 1)
-            if length % s == 0 and mi * s * -(-nb // VECTOR_LANES) <= LOWRANK_ACCUMULATORS
-        )
+        return next(s for s in (4, 2, 1) if length % s == 0 and mi * s * (nb // lanes) <= budget)
 
     nb1, nb2 = width(kp), width(mp)
     return LowRankPlan(kp, mp, nb1, nb2, mi, segments(n, nb1), segments(kp, nb2))
