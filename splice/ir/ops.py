@@ -7,8 +7,9 @@ Each op is registered with ``torch.library`` under the ``splice`` namespace and 
   tested against (registered for ``CompositeExplicitAutograd``, so ``torch.export`` keeps
   the op as one node instead of decomposing it);
 * a **fake implementation** for shape propagation;
-* an **autograd formula**, derived from the reference with ``torch.func.vjp``, so that
-  programs containing the op can be fine-tuned;
+* an **autograd formula**, so that programs containing the op can be fine-tuned: an explicit
+  backward where the op defines one (``lowrank_linear``: closed-form gradients), else the
+  vjp of the reference (the backward re-runs the reference forward under autograd);
 * a **cost function** (FLOPs, bytes) that the cost model reads.
 
 The schema is the one spelling of an op's signature: the reference's Python signature is
@@ -63,7 +64,9 @@ class OpDef:
     """One op of the dialect.
 
     ``fake`` and ``cost`` take the op's arguments as the op does (positional or by name);
-    ``differentiable`` lists the positional arguments that receive gradients.
+    ``differentiable`` lists the positional arguments that receive gradients; ``backward``
+    is the op's explicit backward (:data:`Backward`), None when the gradients are the vjp
+    of the reference.
     """
 
     name: str
@@ -73,6 +76,7 @@ class OpDef:
     cost: Callable[..., OpCost] | None
     doc: str
     differentiable: tuple[int, ...] = ()
+    backward: Backward | None = None
 
     @property
     def qualname(self) -> str:
@@ -208,6 +212,16 @@ def _same_default(a: Any, b: Any) -> bool:
 
 OPS: dict[str, OpDef] = {}
 
+#: An op's explicit backward: ``backward(inputs, grad, needs)`` takes the op's positional
+#: inputs (as the op received them), the gradient of its output and, per input, whether
+#: that input needs a gradient; it returns one gradient (or None) per input. It must equal
+#: the vjp of the op's reference (tests/test_op_backward.py checks this with gradcheck).
+Backward = Callable[[tuple, torch.Tensor, tuple[bool, ...]], tuple]
+
+#: explicit backwards by reference function, so that a backend re-registering a splice op
+#: (``register_vjp(name, op.reference, ...)``) gets the same backward
+_BACKWARDS: dict[Callable[..., Any], Backward] = {}
+
 
 def define_op(
     name: str,
@@ -217,12 +231,14 @@ def define_op(
     fake: Callable[[OpArgs], Any],
     cost: Callable[[OpArgs], OpCost] | None = None,
     differentiable: tuple[int, ...] = (),
+    backward: Backward | None = None,
 ) -> OpDef:
     """Register ``splice::name`` with its schema, reference, fake and autograd.
 
     ``reference`` takes the schema's arguments (checked: same names, order and defaults);
     ``fake`` and ``cost`` take one :class:`OpArgs`, the call's arguments bound to the
-    schema. ``differentiable`` lists the positional arguments that receive gradients.
+    schema. ``differentiable`` lists the positional arguments that receive gradients;
+    ``backward`` (optional) computes them explicitly instead of the reference's vjp.
     """
     qual = f"{NAMESPACE}::{name}"
     params = _schema_params(f"{name}{schema}")
@@ -235,6 +251,8 @@ def define_op(
         assert cost is not None
         return cost(_bind(qual, params, args, kwargs))
 
+    if backward is not None:
+        _BACKWARDS[reference] = backward
     _lib.define(f"{name}{schema}")
     torch.library.impl(qual, "CompositeExplicitAutograd", lib=_lib)(reference)
     torch.library.register_fake(qual, lib=_lib)(bound_fake)
@@ -248,37 +266,66 @@ def define_op(
         bound_cost if cost is not None else None,
         (reference.__doc__ or "").strip(),
         differentiable,
+        backward,
     )
     OPS[qual] = op
     return op
 
 
-def register_vjp(qual: str, reference: Callable[..., Any], diff: tuple[int, ...]) -> None:
-    """Register the autograd of op ``qual`` as the vjp of ``reference`` for the positional
-    arguments ``diff`` (``define_op`` does this; a backend that registers a forward-only
-    copy of a splice op, such as a Triton kernel, gives it the same gradients)."""
+def register_vjp(
+    qual: str,
+    reference: Callable[..., Any],
+    diff: tuple[int, ...],
+    backward: Backward | None = None,
+) -> None:
+    """Register the autograd of op ``qual``: ``backward`` (:data:`Backward`), else the
+    explicit backward ``define_op`` recorded for ``reference``, else the vjp of
+    ``reference`` (re-run under autograd in the backward) for the positional arguments
+    ``diff`` (``define_op`` does this; a backend
+    that registers a forward-only copy of a splice op, such as a Triton kernel, gives it the
+    same gradients)."""
+    explicit = backward if backward is not None else _BACKWARDS.get(reference)
 
     def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
         ctx.inputs = inputs
 
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+    def vjp_backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        # re-run the reference under autograd on detached copies of the inputs that need a
+        # gradient (torch.autograd.grad: cheaper than torch.func.vjp, and only the wanted
+        # gradients are computed); create_graph when the backward itself is differentiated
         inputs = ctx.inputs
-        idx = [i for i in diff if isinstance(inputs[i], torch.Tensor)]
-
-        def f(*xs: torch.Tensor) -> torch.Tensor:
-            args = list(inputs)
-            for i, x in zip(idx, xs):
-                args[i] = x
-            return reference(*args)
-
-        _, vjp = torch.func.vjp(f, *[inputs[i] for i in idx])
-        grads = vjp(grad)
+        idx = [i for i in diff if isinstance(inputs[i], torch.Tensor) and ctx.needs_input_grad[i]]
         out: list[Any] = [None] * len(inputs)
+        if not idx:
+            return tuple(out)
+        higher = torch.is_grad_enabled()
+        with torch.enable_grad():
+            args = list(inputs)
+            for i in idx:
+                args[i] = inputs[i] if higher else inputs[i].detach().requires_grad_()
+            y = reference(*args)
+            grads = torch.autograd.grad(
+                y, [args[i] for i in idx], grad, allow_unused=True, create_graph=higher
+            )
         for i, g in zip(idx, grads):
-            out[i] = g
+            out[i] = g if g is not None else torch.zeros_like(inputs[i])
         return tuple(out)
 
-    torch.library.register_autograd(qual, backward, setup_context=setup_context, lib=_lib)
+    def explicit_backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        assert explicit is not None
+        inputs = ctx.inputs
+        needs = tuple(
+            bool(i in diff and isinstance(v, torch.Tensor) and ctx.needs_input_grad[i])
+            for i, v in enumerate(inputs)
+        )
+        return tuple(explicit(inputs, grad, needs))
+
+    torch.library.register_autograd(
+        qual,
+        explicit_backward if explicit is not None else vjp_backward,
+        setup_context=setup_context,
+        lib=_lib,
+    )
 
 
 def is_splice_op(target: Any) -> bool:
@@ -312,6 +359,42 @@ def _lowrank_linear_ref(
     r = k if rank is None else max(0, min(int(rank), k))
     y = torch.nn.functional.linear(torch.nn.functional.linear(x, B[:r]), A[:, :r])
     return y if bias is None else y + bias
+
+
+def _arange(r: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.arange(r, device=like.device)
+
+
+def _lowrank_linear_backward(
+    inputs: tuple, grad: torch.Tensor, needs: tuple[bool, ...]
+) -> tuple[torch.Tensor | None, ...]:
+    """Closed-form gradients of ``lowrank_linear`` (y = (x B_rᵀ) A_rᵀ + bias, r = rank):
+    with g = ∂L/∂y and h = x B_rᵀ, ∂x = (g A_r) B_r, ∂A[:, :r] = gᵀ h, ∂B[:r] = (g A_r)ᵀ x,
+    ∂bias = Σ g over the leading dimensions; the columns of A and rows of B past r get 0."""
+    x, A, B = inputs[0], inputs[1], inputs[2]
+    bias = inputs[3] if len(inputs) > 3 else None
+    rank = inputs[4] if len(inputs) > 4 else None
+    k = A.shape[1]
+    r = k if rank is None else max(0, min(int(rank), k))
+    Ar, Br = A[:, :r], B[:r]
+    g2 = grad.reshape(-1, grad.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    gx = gA = gB = gb = None
+    gh = g2 @ Ar if (needs[0] or needs[2]) else None  # [N, r]
+    if needs[0]:
+        assert gh is not None
+        gx = (gh @ Br).reshape(x.shape)
+    if needs[1]:
+        gAr = g2.T @ (x2 @ Br.T)
+        gA = gAr if r == k else torch.zeros_like(A).index_copy_(1, _arange(r, A), gAr)
+    if needs[2]:
+        assert gh is not None
+        gBr = gh.T @ x2
+        gB = gBr if r == k else torch.cat([gBr, B.new_zeros((k - r, B.shape[1]))])
+    if len(needs) > 3 and needs[3] and bias is not None:
+        gb = g2.sum(0).reshape(bias.shape).to(bias.dtype)
+    out: list[torch.Tensor | None] = [gx, gA, gB, gb, None]
+    return tuple(out[: len(inputs)])
 
 
 def _lowrank_linear_fake(a: OpArgs) -> torch.Tensor:
@@ -354,6 +437,7 @@ lowrank_linear = define_op(
     fake=_lowrank_linear_fake,
     cost=_lowrank_linear_cost,
     differentiable=(0, 1, 2, 3),
+    backward=_lowrank_linear_backward,
 )
 
 
@@ -563,6 +647,7 @@ __all__ = [
     "MOE_SCALES",
     "NAMESPACE",
     "OPS",
+    "Backward",
     "OpArgs",
     "OpCost",
     "OpDef",
