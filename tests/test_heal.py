@@ -238,3 +238,17 @@ def test_cli_opt_runs_lowrank_then_heal(capsys):
     out = capsys.readouterr()
     assert "splice.lowrank_linear(" in out.out
     assert "heal{steps=5,holdout=0.0}" in out.err
+
+
+def test_a_non_finite_gradient_stops_heal_naming_the_weight():
+    """A finite loss can still give a non-finite gradient (activations past float32's range
+    in the backward): heal raises before the optimizer step writes NaN into the weights."""
+    from splice.passes.heal import _check_grads
+
+    ok = torch.nn.Parameter(torch.ones(3))
+    ok.grad = torch.ones(3)
+    _check_grads({"ok": ok}, 0)  # finite: no error
+    bad = torch.nn.Parameter(torch.full((2,), 5.0))
+    bad.grad = torch.tensor([1.0, float("nan")])
+    with pytest.raises(PassError, match=r"non-finite at step 4, e\.g\. @stitch\.0\.weight"):
+        _check_grads({"ok": ok, "stitch.0.weight": bad}, 3)

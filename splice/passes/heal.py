@@ -198,6 +198,7 @@ class Heal(Pass):
             )
             _check_finite(loss, step)
             loss.backward()
+            _check_grads(module.trainable_parameters(), step)
             opt.step()
             last = float(loss.detach())
             first = last if step == 0 else first
@@ -258,6 +259,7 @@ class Heal(Pass):
                 loss = loss_at(X[idx], T[idx])
                 _check_finite(loss, _, site.node.name)
                 loss.backward()
+                _check_grads({w: params[w] for w in site.weights.values() if w in trainable}, _)
                 opt.step()
             with torch.no_grad():
                 out["after"] += float(loss_at(Xh, Th)) if Xh.numel() else 0.0
@@ -571,6 +573,24 @@ def _check_finite(loss: torch.Tensor, step: int, where: str = "") -> None:
             hint="lower lr, or heal a program whose outputs are finite on the calibration "
             "inputs; the program is unchanged",
         )
+
+
+def _check_grads(params: dict[str, torch.nn.Parameter], step: int) -> None:
+    """Raise before a non-finite gradient poisons the weights (a finite loss can have one:
+    activations past float32's range in the backward of a badly scaled layer)."""
+    grads = [(n, p.grad) for n, p in params.items() if p.grad is not None]
+    if not grads or bool(torch.stack([torch.isfinite(g).all() for _, g in grads]).all()):
+        return
+    bad = [n for n, g in grads if not torch.isfinite(g).all()]
+    big = max(params.items(), key=lambda kv: float(kv[1].detach().abs().max()))
+    raise PassError(
+        f"heal: the gradient of {len(bad)} weight(s) became non-finite at step {step + 1}, "
+        f"e.g. @{bad[0]} (the largest trainable weight: @{big[0]}, "
+        f"max |w| {float(big[1].detach().abs().max()):.3g})",
+        hint="the program's activations overflow float32 in the backward: rescale the "
+        "weights heal starts from (e.g. better-conditioned stitching layers), or lower lr; "
+        "the program is unchanged",
+    )
 
 
 # ---------------------------------------------------------------------------------------

@@ -23,12 +23,17 @@ the end (larger) anchor continues from block ``m`` through its head.
   more than two anchors, adjacent anchors (by FLOPs) are paired, small → large.
 * **Least squares** (:func:`least_squares`): on calibration activations X (front output of
   block ``j``) and Y (end input of block ``m``; the embedding output for ``m = 0``, not
-  SN-Net's wrapped ``end_features[-1]``), ``[X, 1]·A ≈ Y``, W = A[:-1]ᵀ, b = A[-1], in float64.
+  SN-Net's wrapped ``end_features[-1]``), ``X·Wᵀ + b ≈ Y`` in float64, on centred features,
+  ignoring singular directions below 10⁻⁶ of the largest (float32 rounding noise: kept, a
+  LayerNorm's near-null direction gets weights of up to 10⁸ that a window's mean layer does
+  not cancel).
   A layer shared by a window gets the mean of its pairs' solutions (SN-Net's rule,
   ``share=window``); ``share=pair`` gives every configuration its own least-squares layer.
-  On real weights the mean is a poor map before fine-tuning (all-MiniLM-L6-v2 self-stitched:
-  the window-shared consistent cuts fall to ~0 embedding cosine, per-pair layers keep them
-  near 1; benchmarks/stitch.py), so ``pair`` is the choice when there is no training.
+  On real weights the mean is a worse map than each pair's own before fine-tuning, so ``pair``
+  is the choice when there is no training (all-MiniLM-L6-v2 stitched with its svd-0.8 self:
+  per-pair layers keep the cuts near 1 embedding cosine; the window-shared ones measured ~0
+  in benchmarks/stitch.py while the solve kept float32 noise directions, and start at
+  0.6-0.98 cosine on the training rows of ``heal`` since it does not).
 * **Layers**: ``kind=linear`` over the last dimension of ``[..., C]`` activations;
   ``conv1x1`` over the channels of ``[B, C, H, W]``; ``lora`` (SN-Netv2) is ``linear`` plus a
   rank-``lora_rank`` update ``(x Aᵀ) Bᵀ`` with B = 0, so it starts at the least-squares map.

@@ -80,15 +80,32 @@ def unpaired_stitching(front_depth: int, end_depth: int) -> tuple[list[tuple[int
     return pairs, list(range(len(pairs)))
 
 
+#: singular values of the centred features below this fraction of the largest are treated
+#: as zero: calibration features are float32, so directions that small are rounding noise
+LSTSQ_RCOND = 1e-6
+
+
 def least_squares(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """W, b minimising ‖[x, 1]·[Wᵀ; b] − y‖ (rows are samples), in float64."""
+    """W, b minimising ‖x·Wᵀ + b − y‖ (rows are samples), in float64.
+
+    Solved on centred features (b = ȳ − W·x̄) as the minimum-norm solution over the
+    singular directions of x − x̄ above :data:`LSTSQ_RCOND` of the largest. Features with an
+    exact linear dependency in exact arithmetic (a LayerNorm's outputs: Σᵢ (xᵢ − βᵢ)/γᵢ = 0
+    in every row) have one only up to float32 rounding; keeping that direction gives weights
+    of 10³–10⁸ along it, harmless on the pair's own features but not once a window's layer
+    averages several pairs' solutions (all-MiniLM-L6-v2 self-stitched: the mean layer's
+    residual was 10³–10⁷ times the target's spread; heal's gradients then overflowed).
+    On well-conditioned features this is the ordinary least-squares solution.
+    """
     if x.shape[0] != y.shape[0]:
         raise PassError(
             f"least squares needs as many rows in X ({x.shape[0]}) as in Y ({y.shape[0]})"
         )
-    xt = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
-    a = torch.linalg.lstsq(xt, y.double(), driver="gelsd").solution
-    return a[:-1].T.contiguous(), a[-1].contiguous()
+    x64, y64 = x.double(), y.double()
+    mx, my = x64.mean(0), y64.mean(0)
+    a = torch.linalg.lstsq(x64 - mx, y64 - my, rcond=LSTSQ_RCOND, driver="gelsd").solution
+    w = a.T.contiguous()
+    return w, (my - w @ mx).contiguous()
 
 
 def boundary_features(
