@@ -97,10 +97,17 @@ A region run does not compute its prefix: each
 torch function call before decision ``k`` is answered from ``P``'s recorded call (fresh
 fake tensors of the recorded metadata; :mod:`splice.ir.explore_replay`), and any call
 that differs from the record sends the path to a full trace (``attrs["replayed_prefixes"]``
-counts the replayed ones). Still O(k) per path: the prefix's Python (module calls,
-decisions) runs again, ``Q`` is assembled as a copy of ``P``'s graph, the match walks
-``P``'s graph after ``k``, and the Python state is scanned over every module; so capture
-time still grows faster than linearly, at a smaller rate (benchmarks/explore_scaling.py).
+counts the replayed ones). What a region export does not need of the model it does not
+pay for: the exported root is a stand-in module that calls the region run and holds none
+of the model's modules (export's per-call scans of its root's module tree -- attribute
+snapshots, constant and script-object gathering -- cost nothing; the model's modules are
+named for the nodes' locations as when the model is the root, and their attributes are
+restored afterwards as export restores its root's); each module's part of the Python
+state is kept while its attributes are the same objects; and the assembled paths share
+one tree of weight containers. Still O(k) per path, at a small rate: the prefix's Python
+(module calls, decisions) runs again, ``Q`` is assembled as a copy of ``P``'s graph, the
+match walks ``P``'s graph after ``k``, and each decision checks every module's
+attributes (benchmarks/explore_scaling.py measures the growth).
 
 The result is an ordinary Program with ``higher_order.cond`` nodes (one per decision site,
 an index decision is a chain of ``cond(idx == k, ...)``), which the ``branches`` pass splits
@@ -147,7 +154,12 @@ from splice.ir.moe_capture import ATTR_UNRECOGNISED as _MOE_ATTR_UNRECOGNISED
 from splice.ir.moe_capture import MoERecord, recognise_moe
 from splice.ir.output_tree import output_names
 from splice.ir.outputs import unify_outputs
-from splice.ir.program import Program, build_graph_module
+from splice.ir.program import (
+    Program,
+    _graph_module_cls,
+    build_graph_module,
+    set_weight_attr,
+)
 from splice.ir.signatures import SignatureSet, signature_of_values
 
 _aten = torch.ops.aten
@@ -349,10 +361,14 @@ class _DecisionMode(TorchDispatchMode):
         return value
 
 
+_SPLICE_INTERNAL = tuple(f"{__file__.rsplit('/', 2)[0]}/{d}/" for d in ("ir", "passes", "runtime"))
+
+
+@functools.lru_cache(maxsize=4096)
 def _is_user_frame(name: str) -> bool:
-    root = __file__.rsplit("/", 2)[0]
-    internal = tuple(f"{root}/{d}/" for d in ("ir", "passes", "runtime"))
-    return not name.startswith((M._TORCH_DIR, "<")) and not name.startswith(internal)
+    """Is a frame of file ``name`` the model's code (not torch's, not splice's own)?
+    Cached: every decision walks the whole stack."""
+    return not name.startswith((M._TORCH_DIR, "<")) and not name.startswith(_SPLICE_INTERNAL)
 
 
 _PLAIN = (bool, int, float, str, type(None))
@@ -487,11 +503,61 @@ def _flatten_local(
     return False
 
 
-def _module_state(modules: Sequence[nn.Module], slots: set[tuple[int, str]]) -> tuple[Any, bool]:
+def _module_state(
+    modules: Sequence[nn.Module],
+    slots: set[tuple[int, str]],
+    memo: dict[int, tuple[Any, ...]] | None = None,
+) -> tuple[Any, bool]:
     """(hash of the modules' own attributes, no traced tensor held by one); ``slots``:
-    (module id, name) of the weights (a region run holds them as plain attributes)."""
+    (module id, name) of the weights (a region run holds them as plain attributes).
+
+    ``memo`` (one per capture) keeps each module's encoding while its attributes are the
+    same (same names in the same order, the same encoded values by identity; the memo
+    holds those values, so their ids stay theirs): a decision then costs a few tuples per
+    module, not an encoding of every attribute. A module with a list or dict attribute
+    (mutable in place) is encoded anew."""
     parts: list[Any] = []
     ok = True
+    for m in modules:
+        d = m.__dict__
+        if memo is None:
+            part, mok, _ = _encode_module(m, slots)
+        else:
+            keys = tuple(d)
+            hit = memo.get(id(m))
+            if hit is not None and hit[0] == keys and tuple(map(id, hit[1](d))) == hit[2]:
+                part, mok = hit[4], hit[5]
+            else:
+                part, mok, cacheable = _encode_module(m, slots)
+                if cacheable:
+                    mid = id(m)
+                    names = [k for k in d if k not in _MODULE_INTERNALS and (mid, k) not in slots]
+                    get = _getter(names)
+                    values = get(d)
+                    memo[mid] = (keys, get, tuple(map(id, values)), values, part, mok)
+                else:
+                    memo.pop(id(m), None)
+        parts.append(part)
+        ok = ok and mok
+    return hash(tuple(parts)), ok
+
+
+def _getter(names: list[str]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+    """``d -> tuple(d[n] for n in names)``, gathered in C where it can be."""
+    if len(names) > 1:
+        return operator.itemgetter(*names)
+    if names:
+        name = names[0]
+        return lambda d: (d[name],)
+    return lambda d: ()
+
+
+def _encode_module(m: nn.Module, slots: set[tuple[int, str]]) -> tuple[Any, bool, bool]:
+    """(encoding of ``m``'s own attributes, no traced tensor among them, the encoding
+    depends only on the attributes' identities: no list or dict attribute)."""
+    parts: list[Any] = []
+    ok = True
+    cacheable = True
 
     def enc(v: Any) -> Any:
         nonlocal ok
@@ -502,26 +568,29 @@ def _module_state(modules: Sequence[nn.Module], slots: set[tuple[int, str]]) -> 
             return ("T", id(v))
         return (type(v).__name__, id(v))
 
-    for m in modules:
-        mid = id(m)
-        for name, v in m.__dict__.items():
-            if name in _MODULE_INTERNALS or (mid, name) in slots:
-                continue  # a slot can hold None (no bias): skipped before the plain values
-            if type(v) in _PLAIN_EXACT:  # the common case first
-                parts.append((mid, name, repr(v)))
-                continue
-            if isinstance(v, (tuple, list)) and len(v) <= 256:
-                parts.append((id(m), name, type(v).__name__, tuple(enc(x) for x in v)))
-            elif isinstance(v, dict) and len(v) <= 256:
-                items = tuple((repr(x), enc(y)) for x, y in v.items())
-                parts.append((id(m), name, "dict", items))
-            else:
-                parts.append((id(m), name, enc(v)))
-    return hash(tuple(parts)), ok
+    mid = id(m)
+    for name, v in m.__dict__.items():
+        if name in _MODULE_INTERNALS or (mid, name) in slots:
+            continue  # a slot can hold None (no bias): skipped before the plain values
+        if type(v) in _PLAIN_EXACT:  # the common case first
+            parts.append((name, repr(v)))
+            continue
+        if isinstance(v, (list, dict)):
+            cacheable = False
+        if isinstance(v, (tuple, list)) and len(v) <= 256:
+            parts.append((name, type(v).__name__, tuple(enc(x) for x in v)))
+        elif isinstance(v, dict) and len(v) <= 256:
+            items = tuple((repr(x), enc(y)) for x, y in v.items())
+            parts.append((name, "dict", items))
+        else:
+            parts.append((name, enc(v)))
+    return (mid, tuple(parts)), ok, cacheable
 
 
 def _scan_state(
-    modules: Sequence[nn.Module], slots: set[tuple[int, str]]
+    modules: Sequence[nn.Module],
+    slots: set[tuple[int, str]],
+    memo: dict[int, tuple[Any, ...]] | None = None,
 ) -> tuple[_Scan, dict[tuple[Any, ...], torch.Tensor]]:
     """The :class:`_Scan` of the caller's stack, and its tensor locals."""
     frames = []
@@ -547,7 +616,7 @@ def _scan_state(
         for name, v in fr.f_locals.items():
             safe = _flatten_local(v, (d, name), items, tensors, is_user) and safe
         parts.append((fr.f_code, fr.f_lineno, tuple(items)))
-    mstate, mok = _module_state(modules, slots)
+    mstate, mok = _module_state(modules, slots, memo)
     tids = {k: id(t) for k, t in tensors.items() if _is_fake(t)}
     real = {k: id(t) for k, t in tensors.items() if not _is_fake(t)}
     meta = {k: (tuple(t.shape), t.stride(), t.dtype) for k, t in tensors.items() if _is_fake(t)}
@@ -579,9 +648,10 @@ class _Watch:
     stop_at: int | None = None  # own decision index it stopped at
     scans: dict[int, _Scan] = field(default_factory=dict)
     live: dict[int, dict[tuple[Any, ...], torch.Tensor]] = field(default_factory=dict)
+    memo: dict[int, tuple[Any, ...]] | None = None  # module encodings (_module_state)
 
     def at_decision(self, k: int, mode: _DecisionMode) -> None:
-        scan, tensors = _scan_state(self.modules, self.slots)
+        scan, tensors = _scan_state(self.modules, self.slots, self.memo)
         self.scans[k] = scan
         self.live[k] = tensors
         if self.switch is None:
@@ -865,6 +935,7 @@ def _trace_region(
     watch: _Watch,
     inputs: list[tuple[tuple[Any, ...], torch.Tensor]],
     oplog: list[OpRecord] | None = None,
+    paths: dict[nn.Module, str] | None = None,
 ) -> tuple[torch.export.ExportedProgram, _DecisionMode, dict[str, Any]]:
     """Export the region of path ``forced`` that starts at its last decision (module docs,
     "Cost"): the prefix runs untraced (replayed from ``oplog``, the base trace's recorded
@@ -872,7 +943,8 @@ def _trace_region(
     decision are the export's inputs after ``args`` (one per distinct tensor of the base
     trace, ``inputs``: key -> example), tracing stops at ``watch``'s rejoin (or runs to the
     end). Outputs: the model's outputs (to the end only), the region's predicates, its
-    decisions' tensor locals. A prefix that does not replay raises ``_Fallback``."""
+    decisions' tensor locals. A prefix that does not replay raises ``_Fallback``.
+    ``paths`` (:func:`_module_paths`): export a :class:`_RegionRoot` instead of the model."""
     state: dict[str, Any] = {}
     n = len(args)
     original = model.forward
@@ -891,6 +963,8 @@ def _trace_region(
         watch.proxy = _unset_infra_mode(_PROXY)
         if watch.proxy is None:
             raise _Fallback("export does not trace through a proxy mode here")
+        if paths is not None:
+            _inject_module_paths(watch.proxy, paths)
         stopped = False
         replay: Any = contextlib.nullcontext()
         fake = next((x.fake_mode for x in a if _is_fake(x)), None)
@@ -922,6 +996,11 @@ def _trace_region(
         state["replayed"] = isinstance(replay, Replay) and replay.replayed > 0
         return (*leaves, *preds, *extra)
 
+    if paths is not None:  # the model outside export's root (:class:`_RegionRoot`)
+        root = _RegionRoot(forward)
+        with _weights_unregistered(watch.modules), _attributes_restored(watch.modules):
+            ep = torch.export.export(root, (*args, *examples), strict=False)
+        return ep, state["mode"], state
     had = "forward" in model.__dict__
     model.forward = forward  # type: ignore[method-assign]
     try:
@@ -933,6 +1012,72 @@ def _trace_region(
         else:
             del model.forward
     return ep, state["mode"], state
+
+
+class _RegionRoot(nn.Module):
+    """The module a region trace exports: it calls the region run and holds none of the
+    model's modules, so export's per-call scans of its root's module tree (attribute
+    snapshots, constant and script-object gathering, parameter lists) cost nothing.
+    :func:`_module_paths` names the model's modules for export's module stacks (the
+    ``Loc`` of each node), as they are named when the model itself is the root."""
+
+    def __init__(self, fn: Callable[..., Any]):
+        super().__init__()
+        self.__dict__["_fn"] = fn
+
+    def forward(self, *a: Any) -> Any:
+        return self.__dict__["_fn"](*a)
+
+
+_EXPORT_ROOT = "_export_root"  # where non-strict export holds the module it exports
+
+
+def _module_paths(model: nn.Module) -> dict[nn.Module, str] | None:
+    """Each module of ``model`` by the path export's module-stack tracer gives it when
+    ``model`` is the exported root; None where a module is shared (export then tracks
+    access paths, which injected names cannot reproduce)."""
+    paths: dict[nn.Module, str] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if m in paths:
+            return None
+        paths[m] = f"{_EXPORT_ROOT}.{name}" if name else _EXPORT_ROOT
+    return paths
+
+
+def _inject_module_paths(proxy_mode: Any, paths: dict[nn.Module, str]) -> None:
+    """Make export's tracer name the model's modules (module stacks), though the exported
+    root (:class:`_RegionRoot`) does not hold them."""
+    known = getattr(getattr(proxy_mode, "tracer", None), "submodule_paths", None)
+    if not isinstance(known, dict):
+        raise _Fallback("export's tracer does not name modules here")
+    known.update(paths)
+
+
+@contextlib.contextmanager
+def _attributes_restored(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Restore the modules' own attributes on exit (of a list or dict attribute, its items
+    too), as export does for the modules under its root: a region run leaves the model's
+    Python state as it found it."""
+    saved = [
+        (
+            m.__dict__,
+            [(k, v, _items(v)) for k, v in m.__dict__.items() if k not in _MODULE_INTERNALS],
+        )
+        for m in modules
+    ]
+    try:
+        yield
+    finally:
+        for d, attrs in saved:
+            for k, v, items in attrs:
+                if items is not None:
+                    v.clear()
+                    v.update(items) if isinstance(v, dict) else v.extend(items)
+                d[k] = v
+
+
+def _items(v: Any) -> Any:
+    return v.copy() if type(v) in (list, dict) else None
 
 
 @contextlib.contextmanager
@@ -1252,6 +1397,9 @@ class _Explorer:
         self.modules = list(model.modules())
         self.slots = {(id(m), n) for m in self.modules for n in [*m._parameters, *m._buffers]}
         self.weights_by_ptr = _weights_by_storage(model)
+        self.module_paths = _module_paths(model)
+        self.module_memo: dict[int, tuple[Any, ...]] = {}  # see _module_state
+        self.weight_tree = _WeightTree()
         self.fast = _REGION_TRACES and not _has_hooks(self.modules)
         self.region_traces = 0  # paths assembled from a region trace (module docs, "Cost")
         self.replayed = 0  # of those, the paths whose prefix was replayed (explore_replay)
@@ -1345,7 +1493,7 @@ class _Explorer:
                 self.replayed += int(getattr(raw, "replayed", False))
                 self.region_misses = 0
         if raw is None:
-            watch = _Watch(self.modules, self.slots) if self.fast else None
+            watch = _Watch(self.modules, self.slots, memo=self.module_memo) if self.fast else None
             try:
                 ep, mode, spec, n_out, moe, st = self._export(forced, watch)
             except CaptureError:
@@ -1434,16 +1582,33 @@ class _Explorer:
                 continue
             if all(first[j:]):  # the other path takes first values after its decision
                 stops.setdefault(sc.key, j)
-        watch = _Watch(self.modules, self.slots, start=k, switch=k, expect=exp, stops=stops)
+        watch = _Watch(
+            self.modules,
+            self.slots,
+            start=k,
+            switch=k,
+            expect=exp,
+            stops=stops,
+            memo=self.module_memo,
+        )
         watch.prefix = (P.decisions[: k + 1], P.keys[: k + 1])
         ep, mode, st = _trace_region(
-            self.model, self.args, list(forced), self.max_decisions, watch, inputs, P.oplog
+            self.model,
+            self.args,
+            list(forced),
+            self.max_decisions,
+            watch,
+            inputs,
+            P.oplog,
+            self.module_paths,
         )
         sig = ep.graph_signature
         if sig.user_inputs_to_mutate or sig.buffers_to_mutate:
             raise _Fallback("the region writes a tensor it did not create")
         R = to_program(ep, (*self.args, *example.values()), {}, {}, type(self.model).__name__)
-        raw = _synthesize(P, k, R, st, mode, watch, list(example), self.weights_by_ptr)
+        raw = _synthesize(
+            P, k, R, st, mode, watch, list(example), self.weights_by_ptr, self.weight_tree
+        )
         raw.replayed = st["replayed"]
         return raw
 
@@ -1814,6 +1979,7 @@ def _synthesize(
     watch: _Watch,
     ex_nodes: list[fx.Node],
     by_storage: dict[tuple[Any, ...], tuple[str, torch.Tensor, str]],
+    tree: _WeightTree,
 ) -> _Raw:
     """The full trace of a region run's path: ``P``'s nodes up to its decision ``k``, the
     region ``R`` (its inputs after the model's read ``ex_nodes``), then -- where the run
@@ -1961,7 +2127,7 @@ def _synthesize(
     preds = [n.args[0] for n, kind in zip(items, kinds) if kind]
     out = G.output((*outs, *preds))
     M.set_loc(out, M.UNKNOWN_LOC)
-    gm = build_graph_module(G, weights, {}, class_name=type(P.program.graph_module).__name__)
+    gm = tree.graph_module(G, weights, type(P.program.graph_module).__name__)
     program = Program(
         gm,
         output_names=[*names, *(f"_pred{i}" for i in range(len(preds)))],
@@ -1972,6 +2138,36 @@ def _synthesize(
     raw = _Raw(program, spec, n_out, info, list(outs), scans[: len(decisions)], lnodes)
     raw.weights = weights
     return raw
+
+
+class _WeightTree:
+    """The weights of the paths assembled from region traces, registered once per capture
+    in one tree of container modules that every assembled path's GraphModule shares (a
+    path's own GraphModule would nest a container per dotted name again: O(model) module
+    constructions per path). An assembled path is only read (its graph, its weights by
+    name), never run or edited; its GraphModule may reach weights of other paths, which
+    its ``weight_kinds`` do not name."""
+
+    def __init__(self) -> None:
+        self.root = nn.Module()
+        self.known: dict[str, torch.Tensor] = {}  # name -> the tensor registered under it
+
+    def graph_module(
+        self, graph: fx.Graph, weights: dict[str, tuple[torch.Tensor, str]], class_name: str
+    ) -> fx.GraphModule:
+        """A GraphModule over ``graph`` whose get_attr targets read ``weights``."""
+        for name, (t, kind) in weights.items():
+            known = self.known.get(name)
+            if known is None and "." in name:
+                set_weight_attr(self.root, name, t, kind)
+                self.known[name] = t
+            elif known is not t:  # a top-level name, or another tensor under a known name
+                return build_graph_module(graph, weights, {}, class_name=class_name)
+        gm = _graph_module_cls()(nn.Module(), fx.Graph(), class_name=class_name)
+        for top in dict.fromkeys(name.split(".", 1)[0] for name in weights):
+            gm._modules[top] = self.root._modules[top]
+        gm.graph = graph
+        return gm
 
 
 def _has_hooks(modules: Sequence[nn.Module]) -> bool:
