@@ -431,6 +431,17 @@ def _structure(program: Program) -> tuple[str, list[str]]:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest(), names
 
 
+def _prepare_part(part: Program, weights: dict[str, Any]) -> Program:
+    """``part`` through :data:`PREPARE_PIPELINE`, unless folding made a weight that the
+    artifact's program does not hold (a constant computed inside the part, such as an
+    attention mask built from buffers): the artifact's weights file is the program's, so such
+    a part is prepared without ``fold-constants`` and computes the value at run time."""
+    prepared = parse_pipeline(PREPARE_PIPELINE).run(part).program
+    if set(prepared.weight_kinds) <= set(weights):
+        return prepared
+    return parse_pipeline("cse,dce").run(part).program
+
+
 def _weights_as_parameters(part: Program) -> Program:
     """``part`` with every weight a parameter (taking no gradient): the lowering keeps
     parameters as the library's run-time inputs, where it would hold buffers inside."""
@@ -548,7 +559,7 @@ def _compile_split(
             key = twins.get(name)
             part = info.program(weights)
             if prepare:
-                part = parse_pipeline(PREPARE_PIPELINE).run(part).program
+                part = _prepare_part(part, weights)
             if key is not None:  # every weight a run-time parameter, so that twins can share
                 part = _weights_as_parameters(part)
             reuse = _reuse(shared.get(key), part) if key is not None else None
