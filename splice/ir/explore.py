@@ -156,8 +156,8 @@ from splice.ir.output_tree import output_names
 from splice.ir.outputs import unify_outputs
 from splice.ir.program import (
     Program,
-    _graph_module_cls,
     build_graph_module,
+    graph_module_cls,
     set_weight_attr,
 )
 from splice.ir.signatures import SignatureSet, signature_of_values
@@ -2163,7 +2163,7 @@ class _WeightTree:
                 self.known[name] = t
             elif known is not t:  # a top-level name, or another tensor under a known name
                 return build_graph_module(graph, weights, {}, class_name=class_name)
-        gm = _graph_module_cls()(nn.Module(), fx.Graph(), class_name=class_name)
+        gm = graph_module_cls()(nn.Module(), fx.Graph(), class_name=class_name)
         for top in dict.fromkeys(name.split(".", 1)[0] for name in weights):
             gm._modules[top] = self.root._modules[top]
         gm.graph = graph

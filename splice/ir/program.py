@@ -75,7 +75,7 @@ def _root_reserved() -> frozenset[str]:
     g = fx.Graph()
     g.output(g.placeholder("x"))
     names = set(_module_reserved())
-    for cls in (fx.GraphModule, _graph_module_cls()):
+    for cls in (fx.GraphModule, graph_module_cls()):
         names |= set(dir(cls))
         gm = cls(nn.Module(), g)
         names |= set(vars(gm))
@@ -668,7 +668,7 @@ def _copy_graph_module(gm: fx.GraphModule, weight_kinds: Mapping[str, str]) -> f
     return build_graph_module(graph, weights, subs, class_name=type(gm).__name__)
 
 
-def _graph_module_cls() -> type[fx.GraphModule]:
+def graph_module_cls() -> type[fx.GraphModule]:
     """torch.fx's lazy GraphModule: Python code is generated on the first call, not on
     construction, so copies and parsed programs that are never run never pay for it (about a
     third of parsing a 20k-node program). torch is pinned, so the private class is stable."""
@@ -706,7 +706,7 @@ def build_graph_module(
     refs = [n.target for n in graph.nodes if n.op in ("get_attr", "call_module")]
     if any(not isinstance(r, str) or (r not in weights and r not in subgraphs) for r in refs):
         return _build_graph_module_copying(graph, weights, subgraphs, class_name)
-    gm = _graph_module_cls()(nn.Module(), fx.Graph(), class_name=class_name)
+    gm = graph_module_cls()(nn.Module(), fx.Graph(), class_name=class_name)
     for r in refs:
         if r in weights:
             owner: nn.Module = gm
@@ -741,7 +741,7 @@ def _build_graph_module_copying(
         set_weight_attr(root, w, t, k)
     for s, g in subgraphs.items():
         root.add_module(s, g)
-    gm = _graph_module_cls()(root, graph, class_name=class_name)
+    gm = graph_module_cls()(root, graph, class_name=class_name)
     # set weights on the result: GraphModule copies only what get_attr nodes reference
     for w, (t, k) in weights.items():
         set_weight_attr(gm, w, t, k)
