@@ -31,7 +31,7 @@ import torch.fx
 
 from splice.errors import PassError, VerificationError
 from splice.ir.printer import format_target, print_ir
-from splice.ir.program import Program
+from splice.ir.program import Program, iter_graphs
 from splice.ir.serialize import save
 from splice.ir.verify import verify
 from splice.passes.base import Pass, PassContext, PassResult, PassSequence
@@ -264,11 +264,10 @@ def op_counts(program: Program) -> dict[str, int]:
     """Nodes of ``program`` by printed op name (``aten.mm``, ``splice.lowrank_linear``), over
     the main graph and every sub-graph, sorted by name."""
     counts: Counter[str] = Counter()
-    for gm in program.graph_module.modules():
-        if isinstance(gm, torch.fx.GraphModule):
-            counts.update(
-                format_target(n) for n in gm.graph.nodes if n.op in ("call_function", "call_module")
-            )
+    for _, gm in iter_graphs(program):
+        counts.update(
+            format_target(n) for n in gm.graph.nodes if n.op in ("call_function", "call_module")
+        )
     return dict(sorted(counts.items()))
 
 
