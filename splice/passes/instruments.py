@@ -139,6 +139,10 @@ class PrintIR(Instrument):
             print(print_ir(result.program, self.locations), file=self._out())
 
 
+DUMP_INPUT = "000_input.ir"  # the first file DumpIR writes: the pipeline's input
+DUMP_INDEX = "dump.json"  # the run's index for viewers (splice view, the HTML report)
+
+
 class DumpIR(Instrument):
     """Write the IR into ``directory``: ``000_input.ir`` then ``NNN_<pass>.ir`` after each pass,
     and ``dump.json``, the index of the run that viewers read (``splice view``).
@@ -195,7 +199,7 @@ class DumpIR(Instrument):
         out: dict[str, Any] = {
             "version": self.FORMAT_VERSION,
             "pipeline": self._pipeline,
-            "input": "000_input.ir",
+            "input": DUMP_INPUT,
             "input_ops": self._input_ops,
             "passes": passes,
         }
@@ -206,9 +210,9 @@ class DumpIR(Instrument):
     def _write_index(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.index(), indent=1, allow_nan=False) + "\n"
-        tmp = self.directory / "dump.json.tmp"
+        tmp = self.directory / f"{DUMP_INDEX}.tmp"
         tmp.write_text(text)
-        tmp.replace(self.directory / "dump.json")
+        tmp.replace(self.directory / DUMP_INDEX)
 
     def before_pipeline(self, pipeline, program, ctx):
         self._pipeline = str(pipeline)
@@ -216,7 +220,7 @@ class DumpIR(Instrument):
         self.records = []
         self._failed = None
         self._input_ops = op_counts(program)
-        self._write("000_input.ir", program)
+        self._write(DUMP_INPUT, program)
         self._write_index()
 
     def before_pass(self, p, program, ctx, index):

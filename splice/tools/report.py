@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from splice.errors import ArtifactError, SpliceError
+from splice.passes.instruments import DUMP_INDEX
 from splice.tools import report_html as H
 
-DUMP_INDEX = "dump.json"
 DUMP_VERSION = 1
 PROGRAM_FORMAT = "splice.program/1"
 MAX_DIFF_LINES = 20_000  # per pass; the rest is left out with a note

@@ -34,13 +34,12 @@ from splice.errors import ArtifactError, SpliceError
 from splice.ir import meta as M
 from splice.ir.parser import parse_ir
 from splice.ir.program import Program
+from splice.passes.instruments import DUMP_INDEX, DUMP_INPUT
 from splice.tools.explorer import overlays as O
 from splice.tools.explorer.graph import GraphIndex, program_graphs
 
 PROGRAM_FORMAT = "splice.program/1"
 ARTIFACT_FORMAT = "splice.artifact/1"
-DUMP_INPUT = "000_input.ir"
-DUMP_INDEX = "dump.json"
 _DUMP_FILE = re.compile(r"^(\d{3})_(.+)\.ir$")
 _WEIGHT_LINE = re.compile(r"^weight @(\S+) : (\w+)\[([^\]]*)\] \w+", re.M)
 
