@@ -1993,6 +1993,16 @@ def _synthesize(
     attrs: dict[str, fx.Node] = {}
     cut = P.pos[P.items[k]]
     pkinds = P.program.weight_kinds  # a copy per access: once
+    # the weights the copied part reads (export lifts every weight of the model; most are
+    # read only by code the other paths run): a path's graph stays O(what it copies)
+    stop_j = watch.stopped if st["stopped"] else None
+    cut_after = P.pos[P.items[stop_j]] if stop_j is not None else len(P.pos)
+    held = {
+        v
+        for loc in (*P.lnodes[: k + 1], P.lnodes[stop_j] if stop_j is not None else None)
+        if loc
+        for v in loc.values()
+    }
     for n in pg.nodes:
         if n.op == "output":
             break
@@ -2000,6 +2010,8 @@ def _synthesize(
             continue
         if n.op not in ("placeholder", "get_attr", "call_function"):
             raise _Fallback("an unexpected node")
+        if n.op == "get_attr" and n not in held and not _read_outside(P, n, cut, cut_after):
+            continue
         env[n] = G.node_copy(n, lambda a: env[a])
         if n.op == "get_attr":
             w = P.weights.get(n.target)
@@ -2138,6 +2150,18 @@ def _synthesize(
     raw = _Raw(program, spec, n_out, info, list(outs), scans[: len(decisions)], lnodes)
     raw.weights = weights
     return raw
+
+
+def _read_outside(P: _Trace, n: fx.Node, cut: int, cut_after: int) -> bool:
+    """Is node ``n`` of ``P`` read at or before position ``cut``, after ``cut_after``, or by
+    the output?"""
+    for u in n.users:
+        if u.op != "call_function":
+            return True
+        at = P.pos[u]
+        if at <= cut or at > cut_after:
+            return True
+    return False
 
 
 class _WeightTree:
