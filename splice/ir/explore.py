@@ -148,7 +148,7 @@ from splice.errors import CaptureError
 from splice.ir import meta as M
 from splice.ir.capture import capture_error, ident, split_inputs, to_program
 from splice.ir.dd_sizes import DenseSelections
-from splice.ir.explore_replay import OpLog, OpRecord, Replay
+from splice.ir.explore_replay import OpLog, OpRecord, Replay, flatten
 from splice.ir.moe_capture import ATTR as _MOE_ATTR
 from splice.ir.moe_capture import ATTR_UNRECOGNISED as _MOE_ATTR_UNRECOGNISED
 from splice.ir.moe_capture import MoERecord, recognise_moe
@@ -1174,8 +1174,8 @@ class _Retry(Exception):
 
 
 def _flat(n: fx.Node) -> tuple[Any, list[Any]]:
-    leaves, spec = pytree.tree_flatten((n.args, n.kwargs))
-    return spec, leaves
+    """(structure, leaves) of ``n``'s arguments (:func:`explore_replay.flatten`)."""
+    return flatten((n.args, n.kwargs))
 
 
 def _lit_eq(a: Any, b: Any) -> bool:

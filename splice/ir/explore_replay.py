@@ -32,11 +32,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.fx as fx
 import torch.utils._pytree as pytree
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import _disable_current_modes
 
-__all__ = ["OpLog", "OpRecord", "Replay", "ReplayDiverged"]
+__all__ = ["OpLog", "OpRecord", "Replay", "ReplayDiverged", "flatten"]
 
 # one tensor result: ("arg", index into the call's flat arguments, meta) or ("new", meta)
 # with meta = (shape, stride, dtype, device, requires_grad)
@@ -61,8 +63,47 @@ class OpRecord:
     seq: type = tuple
 
 
+_SEQS = frozenset({tuple, list, immutable_list, torch.Size})
+_MAPS = frozenset({dict, immutable_dict})
+_LEAF_TYPES = frozenset(
+    {bool, int, float, complex, str, type(None), slice, type(Ellipsis), torch.dtype}
+    | {torch.device, torch.layout, torch.memory_format, fx.Node}
+)
+
+
+class _Unusual(Exception):
+    """A container :func:`flatten`'s fast path does not handle."""
+
+
+def flatten(tree: Any) -> tuple[Any, list[Any]]:
+    """``(structure, leaves)`` of ``tree`` as ``pytree.tree_flatten`` gives them: the same
+    leaves in the same order, and two structures are equal exactly where pytree's specs are.
+    Tuples, lists, ``torch.Size``, dicts and fx's immutable containers of tensors, nodes
+    and plain values are walked here (pytree's per-node registry lookups cost more than
+    the walk: the explorer flattens every op's arguments, per path); anything else goes
+    through pytree."""
+    leaves: list[Any] = []
+    try:
+        return ("plain", _walk(tree, leaves)), leaves
+    except _Unusual:
+        leaves, spec = pytree.tree_flatten(tree)
+        return ("pytree", spec), leaves
+
+
+def _walk(x: Any, leaves: list[Any]) -> Any:
+    t = type(x)
+    if t in _SEQS:
+        return (t, tuple([_walk(c, leaves) for c in x]))
+    if t in _MAPS:
+        return (t, tuple(x), tuple([_walk(c, leaves) for c in x.values()]))
+    if t in _LEAF_TYPES or isinstance(x, torch.Tensor) or pytree.tree_is_leaf(x):
+        leaves.append(x)
+        return None
+    raise _Unusual
+
+
 def _leaves(args: Any, kwargs: Any) -> list[Any]:
-    return pytree.tree_leaves((args, kwargs))
+    return flatten((args, kwargs))[1]
 
 
 def _sig(leaves: list[Any]) -> tuple[Any, ...]:
