@@ -16,7 +16,8 @@ from torch import nn
 import splice
 from splice.ir.ops import lowrank_linear
 from splice.runtime.kernels.tvm_lowrank_linear import LOWRANK_FUSED_MAX_ROWS
-from splice.runtime.kernels.tvm_schedules import lowrank_plan
+from splice.runtime.kernels.tvm_schedules import CpuShape, lowrank_plan
+from splice.target import get_target
 
 pytest.importorskip("tvm")
 
@@ -87,7 +88,9 @@ def test_fused_kernel_matches_reference(tmp_path, m, n, k, bias, rank, x_shape):
         rows *= d
     r = k if rank is None else min(rank, k)
     assert (kernel["rows"], kernel["m"], kernel["n"], kernel["k"]) == (rows, m, n, r)
-    assert kernel == {**kernel, **lowrank_plan(rows, m, n, r).to_json()}
+    # the plan of the target compiled for (this machine: its vector width sets the panels)
+    plan = lowrank_plan(rows, m, n, r, CpuShape.of(get_target("host")))
+    assert kernel == {**kernel, **plan.to_json()}
     # the packing of A and B runs at load time: only the fused kernel is a matmul-like call
     assert report["schedule_rules"].get("matmul", 0) == 0
 
