@@ -52,6 +52,7 @@ def programs(cache: Path, max_len: int) -> dict[str, Any]:
     from splice.passes import parse_pipeline
 
     key = "-".join(f"{k}{v}" for k, v in sorted(LLAMA_DECODE_SHAPE.items())) + f"-len{max_len}"
+    key += "-keys_t"  # capture_lm's cache layout (keys stored transposed since 2026-12-02)
     paths = {name: cache / key / name for name in ("dense", "lowrank")}
     if all((p / "manifest.json").exists() for p in paths.values()):
         return {name: splice.load(p) for name, p in paths.items()}
@@ -141,7 +142,7 @@ def category(symbol: str) -> str:
         return "lowrank GEMV pairs"
     if symbol.startswith("NT_matmul"):
         return "dense GEMVs"
-    if "where" in symbol and "softmax" not in symbol:
+    if "write_slot" in symbol or ("where" in symbol and "softmax" not in symbol):
         return "cache write"
     if symbol.startswith("matmul") or "transpose" in symbol or "softmax" in symbol:
         return "attention"

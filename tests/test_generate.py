@@ -94,7 +94,10 @@ def test_programs_are_static_and_named() -> None:
     assert lm.decode.input_names[:2] == ["input_ids", "position"]
     assert len(lm.prefill.input_names) == 1 + n_cache
     assert lm.decode.output_names == ["logits"] + [n for n, _, _ in lm.cache_specs]
-    assert all(s[2] == MAX_LEN for _, s, _ in lm.cache_specs)
+    # keys [1, kv_heads, head_dim, max_len] (stored transposed), values [1, kv_heads, max_len, hd]
+    for name, shape, _ in lm.cache_specs:
+        assert shape[3 if name.startswith("key_") else 2] == MAX_LEN, (name, shape)
+    assert [s for n, s, _ in lm.cache_specs if n == "key_0"] == [(1, 2, 16, MAX_LEN)]
     assert not lm.prefill.symbols and not lm.decode.symbols
     same, differ = lm.shared_weights()
     assert same and not differ

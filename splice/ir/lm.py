@@ -6,13 +6,23 @@ explicit, preallocated static KV cache.
 * ``decode(input_ids[1, 1], position[1], key_0, value_0, ...) -> (logits[1, 1, V], key_0', ...)``
   runs one token at ``position``.
 
-Every cache tensor is ``[1, kv_heads, max_len, head_dim]`` (static shapes: one compiled
+Every value cache tensor is ``[1, kv_heads, max_len, head_dim]``; every *key* cache tensor is
+stored transposed, ``[1, kv_heads, head_dim, max_len]`` (static shapes: one compiled
 program serves every position). Position ``p`` of the cache holds the key/value of the token
-at position ``p``. The programs are functional: they take the cache and return the updated
-cache, written as
+at position ``p`` (column ``p`` of a key tensor, row ``p`` of a value tensor). Keys are
+transposed because a decode step reads them as ``q · Kᵀ``: one query row against the
+whole cache, which in the ``[head_dim, max_len]`` layout is a product whose columns are
+contiguous — the layout a GEMV reads at memory speed without repacking the cache on every
+step (the weights of a Linear are repacked once, at load time; a cache changes every
+step). The attention code of ``transformers`` still sees keys as ``[.., max_len, head_dim]``
+(a transposed view). The programs are functional: they take the cache and return the
+updated cache, written as
 
-* prefill: ``cat(new[:, :, :T], old[:, :, T:])`` (the prompt fills the first ``T`` slots);
-* decode: ``where(arange(max_len) == position, new, old)`` (one slot replaced);
+* prefill: ``cat(new[.., :T], old[.., T:])`` along the position axis (the prompt fills the
+  first ``T`` slots);
+* decode: ``where(arange(max_len) == position, new, old)`` along it (one slot replaced;
+  the TVM backend compiles this as an in-place write, see
+  :mod:`splice.runtime.kernels.tvm_slot_write`);
 
 and attention reads all ``max_len`` slots under an explicit additive mask
 ``kv_index <= query_position``, so slots past the current position (zeros, or stale values
@@ -62,33 +72,43 @@ def _cache_classes() -> tuple[type, type]:
     from transformers.cache_utils import Cache, StaticLayer
 
     class FunctionalStaticLayer(StaticLayer):
-        """A static cache layer over given tensors that writes out of place."""
+        """A static cache layer over given tensors that writes out of place; keys are held
+        transposed (``keys_t``: ``[.., head_dim, max_len]``) and shown as ``keys``, their
+        ``[.., max_len, head_dim]`` view."""
 
-        def __init__(self, keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor | None):
-            super().__init__(max_cache_len=keys.shape[2])
-            self.keys, self.values = keys, values
-            self.dtype, self.device = keys.dtype, keys.device
+        def __init__(
+            self, keys_t: torch.Tensor, values: torch.Tensor, position: torch.Tensor | None
+        ):
+            super().__init__(max_cache_len=values.shape[2])
+            self.keys_t, self.values = keys_t, values
+            self.keys = keys_t.transpose(-1, -2)
+            self.dtype, self.device = values.dtype, values.device
             self.position = position  # None: prefill from position 0
             self.is_initialized = True
 
         def update(
             self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
         ) -> tuple[torch.Tensor, torch.Tensor]:
-            self.keys = _write(self.keys, key_states, self.position)
-            self.values = _write(self.values, value_states, self.position)
+            self.keys_t = _write(self.keys_t, key_states.transpose(-1, -2), self.position, 3)
+            self.keys = self.keys_t.transpose(-1, -2)
+            self.values = _write(self.values, value_states, self.position, 2)
             return self.keys, self.values
 
     return Cache, FunctionalStaticLayer
 
 
-def _write(old: torch.Tensor, new: torch.Tensor, position: torch.Tensor | None) -> torch.Tensor:
-    length, t = old.shape[2], new.shape[2]
+def _write(
+    old: torch.Tensor, new: torch.Tensor, position: torch.Tensor | None, dim: int
+) -> torch.Tensor:
+    """``old`` with ``new`` written at its first slots (prefill) or at slot ``position``
+    (decode), along ``dim``."""
+    length, t = old.shape[dim], new.shape[dim]
     new = new.to(old.dtype)
     if position is None:  # prefill: slots 0..t-1
-        return new if t == length else torch.cat([new, old[:, :, t:]], dim=2)
-    slot = torch.arange(length, device=old.device).view(1, 1, length, 1) == position.view(
-        1, 1, 1, 1
-    )
+        return new if t == length else torch.cat([new, old.narrow(dim, t, length - t)], dim=dim)
+    ramp = [1] * old.dim()
+    ramp[dim] = length
+    slot = torch.arange(length, device=old.device).view(ramp) == position.view([1] * old.dim())
     return torch.where(slot, new, old)
 
 
@@ -117,7 +137,7 @@ class _Step(nn.Module):
         self, input_ids: torch.Tensor, position: torch.Tensor | None, cache: Sequence[torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         cache_cls, layer_cls = _cache_classes()
-        length = cache[0].shape[2]
+        length = cache[1].shape[2]  # values: [1, kv_heads, max_len, head_dim]
         t = input_ids.shape[1]
         q_pos = torch.arange(t, device=input_ids.device)
         if position is not None:
@@ -133,7 +153,7 @@ class _Step(nn.Module):
         )
         result = {"logits": out.logits}
         for i, layer in enumerate(past.layers):
-            result[f"key_{i}"] = layer.keys
+            result[f"key_{i}"] = layer.keys_t
             result[f"value_{i}"] = layer.values
         return result
 
@@ -161,7 +181,8 @@ class LMPrograms:
     """A causal LM captured as a prefill and a decode program over one static cache.
 
     ``cache_specs``: ``(name, shape, dtype)`` of each cache tensor, in program input order
-    (``key_0, value_0, key_1, ...``). ``eos_token_ids``: the model's end tokens (from its
+    (``key_0, value_0, key_1, ...``; keys ``[1, kv_heads, head_dim, max_len]``, values
+    ``[1, kv_heads, max_len, head_dim]``). ``eos_token_ids``: the model's end tokens (from its
     generation config), the default stop tokens of a Generator.
     """
 
@@ -325,7 +346,7 @@ def capture_lm(
     specs: list[tuple[str, tuple[int, ...], torch.dtype]] = []
     for i in range(n_layers):
         heads, hd_k, hd_v = kv_shape[i]
-        specs.append((f"key_{i}", (1, heads, max_len, hd_k), dtype))
+        specs.append((f"key_{i}", (1, heads, hd_k, max_len), dtype))  # keys transposed
         specs.append((f"value_{i}", (1, heads, max_len, hd_v), dtype))
     cache = [torch.zeros(s, dtype=d) for _, s, d in specs]
     base = name or type(model).__name__

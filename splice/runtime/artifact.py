@@ -16,6 +16,12 @@
                             with branches, and SignatureSets: then program.s1.ir, ... hold
                             the text IR of the other signatures)
 
+A one-part TVM artifact may update some inputs in place (its part's ``inplace_inputs``:
+a decode step's KV cache, see :mod:`splice.runtime.kernels.tvm_slot_write`).
+:meth:`CompiledModel.run` copies those inputs first, so a call never changes its
+arguments; :meth:`CompiledModel.run_donated` hands them over instead (no copy: they are
+overwritten and the outputs may share their memory).
+
 The folder is written to a temporary name and renamed into place. Nothing is unpickled:
 the parts are native libraries, the weights safetensors, the rest JSON and text.
 
@@ -235,6 +241,10 @@ class CompiledModel:
             for part in self.manifest["parts"]
         }
         self._main = self.parts[self.manifest["parts"][0]["name"]]
+        #: inputs the library writes in place (copied by :meth:`run`, donated by
+        #: :meth:`run_donated`)
+        self.inplace_inputs = list(self.manifest["parts"][0].get("inplace_inputs", []))
+        self._inplace = {self.input_names.index(n) for n in self.inplace_inputs}
         self._host = None
         self.last_trace: list[tuple[str, bool]] = []
         if self.manifest.get("host"):
@@ -289,7 +299,19 @@ class CompiledModel:
         return list(args) + [kwargs[n] for n in self.input_names[len(args) :]]
 
     def run(self, *args: Any, **kwargs: Any) -> list[Any]:
-        values = self._inputs(args, kwargs)
+        """The flat outputs for the given inputs (positional or by name); the inputs are
+        never changed."""
+        return self._run(self._inputs(args, kwargs), donate=False)
+
+    def run_donated(self, *args: Any) -> list[Any]:
+        """:meth:`run` on positional inputs, donating the ones the artifact updates in
+        place (:attr:`inplace_inputs`): they are overwritten, and outputs may share their
+        memory, so the caller must not read them afterwards except through the outputs.
+        The generation loop's cache takes this path: one KV-cache slot is written per
+        step instead of the cache being copied."""
+        return self._run(self._inputs(args, {}), donate=True)
+
+    def _run(self, values: list[Any], *, donate: bool) -> list[Any]:
         as_numpy = any(type(v).__module__ == "numpy" for v in values)
         tensors = []
         for name, v in zip(self.input_names, values):
@@ -312,6 +334,8 @@ class CompiledModel:
             outs = self._host(*tensors)
             self.last_trace = list(self._host.trace)
         else:
+            if self._inplace and not donate:
+                tensors = [t.clone() if i in self._inplace else t for i, t in enumerate(tensors)]
             outs = self._main(*tensors)
         self._check_outputs(outs)
         return [o.numpy() for o in outs] if as_numpy else outs

@@ -142,8 +142,9 @@ def compile(
 
     t0 = time.perf_counter()
     ex, param_names, report = tvm_backend.lower(
-        program, target, trials=tune, fast_math=fast_math, progress=progress, rpc=rpc
-    )
+        program, target, trials=tune, fast_math=fast_math, progress=progress, rpc=rpc,
+        inplace=True,
+    )  # fmt: skip
     output = _output_path(output, program)
     with atomic_dir(output, overwrite=overwrite) as tmp:
         tvm_backend.export_library(ex, tmp / "main.so", target, report.objects)
@@ -161,6 +162,7 @@ def compile(
                     "library": "main.so",
                     "entry": "main",
                     "params": param_names,
+                    **({"inplace_inputs": report.inplace_inputs} if report.inplace_inputs else {}),
                 }
             ],
             host=None,

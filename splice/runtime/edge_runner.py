@@ -188,6 +188,9 @@ def _part(v: Any, field: str) -> None:
     for key in ("inputs", "outputs"):
         if key in part:
             _specs(part[key], f"{field}.{key}", named=False)
+    inplace = part.get("inplace_inputs", [])
+    if not isinstance(inplace, list) or not all(isinstance(n, str) and n for n in inplace):
+        raise _bad(f"{field}.inplace_inputs", "a list of input names", inplace)
 
 
 def check_manifest(manifest: Any) -> dict:
@@ -216,6 +219,12 @@ def check_manifest(manifest: Any) -> dict:
     names = [p["name"] for p in parts]
     if len(set(names)) != len(names):
         raise Invalid("manifest.json: field 'parts' names one part twice")
+    inputs = {i["name"] for i in manifest["inputs"]}
+    for i, p in enumerate(parts):
+        unknown = [n for n in p.get("inplace_inputs", []) if n not in inputs]
+        if unknown or (p.get("inplace_inputs") and len(parts) != 1):
+            raise _bad(f"parts[{i}].inplace_inputs", "names of the inputs of a one-part artifact",
+                       p["inplace_inputs"])  # fmt: skip
     host = manifest.get("host")
     if host is not None:
         file_name(host, "host")

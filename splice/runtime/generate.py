@@ -11,11 +11,14 @@ already allows several libraries); it needs the artifact format to name per-part
 
 The cache lives in runtime memory between calls: each call's cache outputs are TVM
 tensors exposed to torch through DLPack (no copy), and are handed to the next call through
-DLPack again (no copy). What a step does write is the cache *inside* the compiled program:
-the programs are functional, so the decode step writes a new cache buffer (one slot
-changed, the rest copied) — ``max_len`` positions of keys and values per step, the same
-bytes attention reads anyway. Decode cost is therefore independent of the position and
-proportional to ``max_len``.
+DLPack again (no copy). The programs are functional — the decode step returns a cache
+with one slot changed — but the TVM backend compiles that slot write as an in-place write
+into the cache input (:mod:`splice.runtime.kernels.tvm_slot_write`; the decode artifact
+lists the cache as its ``inplace_inputs``), and the loop donates the cache to each step
+(:meth:`~splice.runtime.artifact.CompiledModel.run_donated`): a step writes one key and one
+value row per layer, and the cache is never copied. Attention still reads all ``max_len``
+positions (under the mask), so decode cost is independent of the position and grows with
+``max_len``.
 
 ``Generator.eager(lm_programs)`` runs the same loop over the programs themselves (PyTorch,
 eagerly): the reference a compiled loop must equal, also after a pipeline has transformed
@@ -185,7 +188,8 @@ class Generator:
             ) from None
         prefill = CompiledModel(path / PREFILL, num_threads=num_threads)
         decode = CompiledModel(path / DECODE, num_threads=num_threads)
-        return cls(prefill.run, decode.run, meta)
+        # the decode step writes its cache slot in place: the loop donates the cache
+        return cls(prefill.run, decode.run_donated, meta)
 
     @classmethod
     def edge(cls, path: str | Path, *, root: Path | None = None) -> Generator:

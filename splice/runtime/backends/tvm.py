@@ -52,6 +52,7 @@ from splice.ir import meta as M
 from splice.ir.lowerings import lowering_for, register_lowering
 from splice.ir.ops import OPS
 from splice.ir.program import Program
+from splice.runtime.backends.tvm_attention import attention_decompositions, fold_permute_pairs
 from splice.runtime.backends.tvm_metaschedule import tune_module
 from splice.runtime.backends.tvm_tuner import Tuner
 from splice.runtime.kernels.tvm_fastmath import FastMath
@@ -59,6 +60,7 @@ from splice.runtime.kernels.tvm_gemm import compile_kernel, rewrite_gemms
 from splice.runtime.kernels.tvm_lowrank_linear import convert_lowrank_linear, planning_for
 from splice.runtime.kernels.tvm_moe_ffn import convert_moe_ffn
 from splice.runtime.kernels.tvm_schedules import CpuShape, schedule_module
+from splice.runtime.kernels.tvm_slot_write import rewrite_slot_writes
 from splice.target import Target
 
 TVM_EXTRA = "pip install 'splice[tvm]'  (apache-tvm 0.27)"
@@ -210,6 +212,8 @@ class LoweringReport:
     # object files linked into the library (splice's C GEMM kernels, tvm_gemm.py)
     objects: list[str] = field(default_factory=list)
     target: dict[str, Any] = field(default_factory=dict)
+    # program inputs the library updates in place (kernels/tvm_slot_write.py)
+    inplace_inputs: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         rules: dict[str, int] = {}
@@ -223,6 +227,7 @@ class LoweringReport:
             "tuning": self.tuning,
             "tvm_warnings": self.tvm_warnings,
             "target": self.target,
+            "inplace_inputs": self.inplace_inputs,
         }
 
 
@@ -279,16 +284,16 @@ def views_as_reshapes(ep: torch.export.ExportedProgram) -> int:
 def decompose(ep: torch.export.ExportedProgram, name: str) -> torch.export.ExportedProgram:
     """``ep`` with its views as reshapes (:func:`views_as_reshapes`), decomposed by torch
     into the core ATen ops TVM imports (what ``from_exported_program`` would run itself),
-    splice ops that fall back to their reference on TVM inlined as it. A failure here is torch's, and its message is given in full."""
+    splice ops that fall back to their reference on TVM inlined as it, and SDPA as
+    :func:`~splice.runtime.backends.tvm_attention.sdpa_decomposition` (query-side scaling,
+    so ``q @ kᵀ`` reads the key cache in place). A failure here is torch's, and its message is given in full."""
     views_as_reshapes(ep)
-    inline = fallback_decompositions()
+    table = torch.export.default_decompositions()
+    table.update(attention_decompositions())
+    table.update(fallback_decompositions())
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-            if not inline:
-                return ep.run_decompositions()
-            table = torch.export.default_decompositions()
-            table.update(inline)
             return ep.run_decompositions(table)
     except Exception as e:
         raise LoweringError(
@@ -343,10 +348,14 @@ def lower(
     fast_math: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
     rpc: str | None = None,
+    inplace: bool = False,
 ) -> tuple[Any, list[str], LoweringReport]:
     """Program -> built TVM executable (not yet exported), parameter order, report.
 
-    ``trials`` > 0 tunes every matmul function with MetaSchedule against the hand rules
+    ``inplace``: write static-cache slot updates into the program's input buffers
+    (:mod:`~splice.runtime.kernels.tvm_slot_write`); the inputs so written are listed in
+    ``report.inplace_inputs``, and the caller must copy them before a call unless it
+    donates them. ``trials`` > 0 tunes every matmul function with MetaSchedule against the hand rules
     (:mod:`.tvm_metaschedule`), measuring on devices of the TVM RPC tracker ``rpc``
     (``HOST:PORT:KEY``) when given, else in this process."""
     tvm = require_tvm()
@@ -386,6 +395,12 @@ def lower(
         "l2_bytes": target.l2_bytes,
         "cores": target.cores,
     }
+    mod = fold_permute_pairs(mod)
+    if inplace and target.kind != "cuda":
+        n_inputs = len(program.input_names)
+        if int(mod["main"].attrs.get("num_input", -1)) == n_inputs:
+            mod, written = rewrite_slot_writes(mod, n_inputs)
+            report.inplace_inputs = [program.input_names[i] for i in written]
     if target.kind != "cuda":
         mod, sites = rewrite_gemms(mod, target)
         for site in sites:

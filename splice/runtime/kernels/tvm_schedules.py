@@ -205,18 +205,17 @@ def analyse_matmul(func: Any) -> MatmulInfo | None:
     def param_index(load: Any) -> int | None:
         return next((i for i, p in enumerate(params) if p.same_as(load.source)), None)
 
-    order = sorted(range(2), key=lambda t: 0 if param_index(loads[t]) in free else 1)
-    for t in order:
+    def _roles(t: int) -> MatmulInfo | None:
         b_load, a_load = loads[t], loads[1 - t]
         b_iters = plain(b_load)
         if b_iters is None:
-            continue
+            return None
         a_used = set().union(*(uses(ix) for ix in a_load.indices)) if a_load.indices else set()
         b_used = set(b_iters)
         spatial = {i for i, kd in enumerate(kinds) if kd == 0}
         cols = [i for i in spatial if i in b_used and i not in a_used]
         if len(cols) != 1:
-            continue
+            return None
         col = cols[0]
         roles: dict[int, str] = {}
         for i in spatial:
@@ -229,7 +228,7 @@ def analyse_matmul(func: Any) -> MatmulInfo | None:
             else:
                 roles[i] = "other"
         if "other" in roles.values():
-            continue
+            return None
         b_roles = []
         for i in b_iters:
             if kinds[i] == 2:
@@ -240,16 +239,16 @@ def analyse_matmul(func: Any) -> MatmulInfo | None:
                 b_roles = None
                 break
         if b_roles is None or b_roles.count("col") != 1:
-            continue
+            return None
         # batch dims must lead B (as they lead A and C), so packing keeps them outermost
         nb_batch = b_roles.count("batch")
         if b_roles[:nb_batch] != ["batch"] * nb_batch:
-            continue
+            return None
         out_roles = [roles[i] for i in store]
         reads = [r.source for r in stmt.reads]
         b_index = next((ri for ri, buf in enumerate(reads) if buf.same_as(b_load.source)), None)
         if b_index is None:
-            continue
+            return None
         bp = param_index(b_load)
         row_ext = [extents[i] for i in store if roles[i] == "row"]
         prod = lambda xs: __import__("math").prod(xs)  # noqa: E731
@@ -268,7 +267,13 @@ def analyse_matmul(func: Any) -> MatmulInfo | None:
             prod(extents[i] for i in spatial if roles[i] == "batch"),
             bp is not None and bp in free,
         )
-    return None
+
+    order = sorted(range(2), key=lambda t: 0 if param_index(loads[t]) in free else 1)
+    found = [info for t in order if (info := _roles(t)) is not None]
+    # a product of two activations (attention) may fit either way round; a column of
+    # extent 1 (a one-row operand taken as B) would vectorise nothing: prefer the other
+    wide = [info for info in found if info.n > 1]
+    return (wide or found or [None])[0]
 
 
 def _mentions(expr: Any, var: Any) -> bool:
@@ -366,9 +371,13 @@ def schedule_matmul(func: Any, info: MatmulInfo, cfg: MatmulConfig, *, prepack: 
         return (*batch, j // nb, *red, j % nb)
 
     pack_block = None
+    # one row against an activation whose columns are contiguous (decode attention's P·V
+    # over the value cache): vector loads read B where it lies; packing it would copy
+    # every byte of B for one use of each
+    in_place = not info.layout_free and info.m == 1 and roles[-1] == "col"
     if info.layout_free and not prepack:
         sch.transform_layout(mm, ("read", info.b_index), index_map=packed)
-    else:
+    elif not in_place:
         pack_block = sch.cache_read(mm, info.b_index, "global")
         sch.transform_layout(mm, ("read", info.b_index), index_map=packed)
         if info.layout_free:
