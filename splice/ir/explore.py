@@ -104,10 +104,13 @@ snapshots, constant and script-object gathering -- cost nothing; the model's mod
 named for the nodes' locations as when the model is the root, and their attributes are
 restored afterwards as export restores its root's); each module's part of the Python
 state is kept while its attributes are the same objects; and the assembled paths share
-one tree of weight containers. Still O(k) per path, at a small rate: the prefix's Python
-(module calls, decisions) runs again, ``Q`` is assembled as a copy of ``P``'s graph, the
-match walks ``P``'s graph after ``k``, and each decision checks every module's
-attributes (benchmarks/explore_scaling.py measures the growth).
+one tree of weight containers; an assembled path holds only the weights its copied
+part reads (export lifts every weight of the model, most of them read only on other
+paths). Still O(k) per path, at a small rate: the prefix's Python (module calls,
+decisions) runs again, ``Q`` is assembled as a copy of ``P``'s compute graph, the match
+walks ``P``'s graph after ``k``, each decision checks every module's attributes, and
+CPython's full garbage collections, which the paths' surviving graphs trigger, walk
+every object the process holds (benchmarks/explore_scaling.py measures the growth).
 
 The result is an ordinary Program with ``higher_order.cond`` nodes (one per decision site,
 an index decision is a chain of ``cond(idx == k, ...)``), which the ``branches`` pass splits
