@@ -19,6 +19,12 @@ Peers:
   ``experts{num_experts=8,top_k=2}`` on both
   programs, :class:`splice.runtime.Generator` compiled for the host (TVM).
 
+The splice peers are compiled first and then timed in alternating rounds (each round runs
+every splice peer's ``generate()`` once; ``--repeats`` rounds, 5 by default; medians): this
+2-vCPU machine has slow stretches (a dense LLaMA run measured 34–52 tokens/s from one
+round to the next), and alternating puts them on every peer alike. The transformers peers
+run ``--repeats`` times each, before.
+
 Reported per peer: prefill ms (transformers: one forward over the prompt with a cache;
 splice: the prefill program), decode tokens/s (transformers: 127 steps over the time of
 ``generate()`` minus that prefill), end-to-end tokens/s (128 / the whole call), and whether
@@ -35,12 +41,12 @@ the position (it reads the whole static cache).
 
     python benchmarks/generate.py                       # full run (see the note below)
     python benchmarks/generate.py --peers eager,compile,dense,experts   # about 10 min
-
-Note: at the LLaMA shape the ``lowrank`` peer dominates the run: the pass factors each of
-the 28 decoder Linears with a float64 full SVD, and ``run_pipeline`` runs it on both
-programs (56 SVDs; over 13 minutes under load on 2 cores, not measured quietly).
     python benchmarks/generate.py --quick               # smoke run: tiny shapes, no write
     python benchmarks/generate.py --models gpt2 --peers eager,dense --no-results
+
+Note: at the LLaMA shape the ``lowrank`` peer's capture is the longest step: the pass
+factors each of the 28 decoder Linears with a float64 full SVD (once for both programs;
+about 3 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from common import (
@@ -184,16 +191,8 @@ def time_transformers(
     return row, out[0, ids.shape[1] :].tolist()
 
 
-def time_splice(
-    lm: torch.nn.Module,
-    ids: torch.Tensor,
-    new: int,
-    peer: str,
-    repeats: int,
-    tmp: Path,
-    bound_bytes: int,
-    gbs: float,
-) -> tuple[Row, list[int]]:
+def build_splice(lm: torch.nn.Module, ids: torch.Tensor, new: int, peer: str, tmp: Path) -> Any:
+    """capture_lm, the peer's pipeline on both programs, Generator.compile; warmed up."""
     import splice
     from splice.passes import parse_pipeline
     from splice.runtime.generate import Generator
@@ -205,16 +204,28 @@ def time_splice(
     gen = Generator.compile(programs, "host", output=tmp / peer)
     log(f"    {peer}: captured and compiled in {time.perf_counter() - t0:.0f} s")
     gen.generate(ids, max_new_tokens=4, stop_tokens=[])  # warm-up
-    results = [gen.generate(ids, max_new_tokens=new, stop_tokens=[]) for _ in range(repeats)]
-    pre = statistics.median(r.prefill_seconds for r in results)
-    dec = statistics.median(r.decode_seconds for r in results)
-    row = Row("", peer, pre * 1e3, (new - 1) / dec, new / (pre + dec))
-    if peer == "dense":
-        row.bound_fraction = bound_bytes / (gbs * 1e9) / (dec / (new - 1))
-    tokens = results[0].tokens
-    del gen, programs
-    gc.collect()
-    return row, tokens
+    return gen
+
+
+def time_splice(
+    gens: dict[str, Any], ids: torch.Tensor, new: int, repeats: int, bound_bytes: int, gbs: float
+) -> dict[str, tuple[Row, list[int]]]:
+    """Every splice peer's rows: ``repeats`` rounds, each running every peer's generate()
+    once in turn (alternating, so a slow stretch of the machine hits every peer alike);
+    medians per peer."""
+    results: dict[str, list[Any]] = {peer: [] for peer in gens}
+    for _ in range(repeats):
+        for peer, gen in gens.items():
+            results[peer].append(gen.generate(ids, max_new_tokens=new, stop_tokens=[]))
+    out = {}
+    for peer, rs in results.items():
+        pre = statistics.median(r.prefill_seconds for r in rs)
+        dec = statistics.median(r.decode_seconds for r in rs)
+        row = Row("", peer, pre * 1e3, (new - 1) / dec, new / (pre + dec))
+        if peer == "dense":
+            row.bound_fraction = bound_bytes / (gbs * 1e9) / (dec / (new - 1))
+        out[peer] = (row, rs[0].tokens)
+    return out
 
 
 def time_positions(lm: torch.nn.Module, repeats: int, tmp: Path) -> dict[int, float]:
@@ -283,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peers", default=",".join(PEERS))
     ap.add_argument("--prompt", type=int, default=None, help="prompt tokens (128)")
     ap.add_argument("--new", type=int, default=None, help="new tokens (128)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed generate() calls (1)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed generate() calls (5)")
     ap.add_argument("--no-position", action="store_true", help="skip the position 10/1000 check")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny shapes, no write")
     ap.add_argument("--no-results", action="store_true", help="print only; do not write")
@@ -291,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.prompt = args.prompt or (8 if args.quick else 128)
     args.new = args.new or (8 if args.quick else 128)
-    args.repeats = args.repeats or 1
+    args.repeats = args.repeats or (1 if args.quick else 5)
     peers = [p for p in args.peers.split(",") if p]
     bad = [p for p in peers if p not in PEERS]
     if bad:
@@ -317,16 +328,21 @@ def main(argv: list[str] | None = None) -> int:
             )
             bound = step_bytes(lm, args.prompt + args.new)
             ref: list[int] | None = None
-            for peer in peers:
+            timed: dict[str, tuple[Row, list[int]]] = {}
+            for peer in [p for p in peers if p in ("eager", "compile")]:
                 log(f"{model}: {peer}…")
-                if peer in ("eager", "compile"):
-                    row, tokens = time_transformers(
-                        lm, ids, args.new, peer == "compile", args.repeats
-                    )
-                else:
-                    row, tokens = time_splice(
-                        lm, ids, args.new, peer, args.repeats, tmp / model, bound, gbs
-                    )
+                timed[peer] = time_transformers(lm, ids, args.new, peer == "compile", args.repeats)
+            gens = {}
+            for peer in [p for p in peers if p not in ("eager", "compile")]:
+                log(f"{model}: {peer}…")
+                gens[peer] = build_splice(lm, ids, args.new, peer, tmp / model)
+            if gens:
+                log(f"{model}: timing {', '.join(gens)}, {args.repeats} alternating rounds…")
+                timed.update(time_splice(gens, ids, args.new, args.repeats, bound, gbs))
+            del gens
+            gc.collect()
+            for peer in peers:
+                row, tokens = timed[peer]
                 row.model = model
                 if peer == "eager":
                     ref = tokens
