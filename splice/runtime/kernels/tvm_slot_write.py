@@ -43,9 +43,10 @@ def slot_write_prim_func(cache_shape: Sequence[int], axis: int, pos_shape: Seque
     length = cshape[axis]
     outer, inner = math.prod(cshape[:axis]), math.prod(cshape[axis + 1 :])
 
-    every = {name: tuple(slice(0, d) for d in shape)
-             for name, shape in (("c", cshape), ("n", nshape), ("p", pshape))}  # fmt: skip
-    c_all, n_all, p_all = every["c"], every["n"], every["p"]
+    # whole-buffer regions for the block's reads/writes (TVMScript takes slices, not buffers)
+    c_all = tuple(slice(0, d) for d in cshape)
+    n_all = tuple(slice(0, d) for d in nshape)
+    p_all = tuple(slice(0, d) for d in pshape)
 
     @T.prim_func(private=True, s_tir=True)
     def splice_write_slot(
