@@ -82,6 +82,20 @@ def torch_triad_gbs(repeats: int = 5, n: int = 1 << 24) -> float:
     return 3 * 4 * n / best / 1e9
 
 
+def torch_read_gbs(repeats: int = 5, n: int = 1 << 26) -> float:
+    """Best rate of ``torch.sum`` over a 256 MiB fp32 array (read only, nothing written),
+    after one untimed pass: the bound for a decode step, which streams its weights and
+    writes almost nothing. The triad (two reads, one write) understates it."""
+    b = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    float(b.sum())
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        float(b.sum())
+        best = min(best, time.perf_counter() - t0)
+    return 4 * n / best / 1e9
+
+
 def write_marked_section(path: Path, heading: str, begin: str, end: str, text: str) -> None:
     """Replace one benchmark's section of ``path`` (or append it); other sections are kept.
 

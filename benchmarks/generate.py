@@ -31,7 +31,10 @@ splice: the prefill program), decode tokens/s (transformers: 127 steps over the 
 the greedy tokens equal the eager ones (lowrank/experts are approximations: they differ).
 For splice decode, the fraction of the bandwidth bound: the bytes one step must read
 (weights, minus the embedding table but one row, plus the whole static cache) over the
-torch STREAM-triad rate, divided by the measured step time.
+read rate of ``torch.sum`` on a 256 MiB array (``common.torch_read_gbs``, measured just
+before the splice rounds: a decode step only reads), divided by the measured step time.
+The STREAM triad is printed too; it moves two reads and a write and understates a
+read-only stream.
 
 Also: the LLaMA decode step at position 10 and at position 1000 of a 1024-position cache
 (splice dense; median of ``--repeats`` steps each): the cost of a step does not depend on
@@ -73,6 +76,7 @@ from common import (
     llama_lm,
     log,
     other_cores,
+    torch_read_gbs,
     torch_triad_gbs,
     version,
     write_marked_section,
@@ -108,6 +112,7 @@ class Row:
 class Report:
     rows: list[Row] = field(default_factory=list)
     position: dict[int, float] = field(default_factory=dict)
+    read_gbs: dict[str, float] = field(default_factory=dict)  # per model, before its rounds
 
 
 def build(model: str, quick: bool, max_positions: int) -> torch.nn.Module:
@@ -256,7 +261,9 @@ def section(report: Report, args: argparse.Namespace, gbs: float, load: tuple[fl
         "",
         f"- date: {time.strftime('%Y-%m-%dT%H:%M:%S%z')}",
         f"- machine: {cpu_model()}, {os.cpu_count()} cores (torch threads: "
-        f"{torch.get_num_threads()}); torch STREAM triad {gbs:.1f} GB/s; 1-min load "
+        f"{torch.get_num_threads()}); torch STREAM triad {gbs:.1f} GB/s, read rate "
+        + ", ".join(f"{v:.1f} GB/s (before {k})" for k, v in report.read_gbs.items())
+        + "; 1-min load "
         f"average {load[0]:.2f} before; other processes kept {load[1]:.2f} cores busy "
         "during the run",
         f"- software: Python {sys.version.split()[0]}, torch {torch.__version__}, transformers "
@@ -337,8 +344,9 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"{model}: {peer}…")
                 gens[peer] = build_splice(lm, ids, args.new, peer, tmp / model)
             if gens:
+                read = report.read_gbs[model] = torch_read_gbs()
                 log(f"{model}: timing {', '.join(gens)}, {args.repeats} alternating rounds…")
-                timed.update(time_splice(gens, ids, args.new, args.repeats, bound, gbs))
+                timed.update(time_splice(gens, ids, args.new, args.repeats, bound, read))
             del gens
             gc.collect()
             for peer in peers:

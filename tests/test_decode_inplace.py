@@ -221,3 +221,57 @@ def test_manifest_with_unknown_inplace_input_is_refused(decode_artifact, tmp_pat
     (dst / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match=r"parts\[0\]\.inplace_inputs"):
         splice.load(dst)
+
+
+def _attention_gemv(heads: int, d: int, length: int, *, keys: bool):
+    """The TIR of one decode attention product over a cache: ``q Kᵀ`` (keys stored
+    transposed, [h, d, L]) or ``p V`` (values [h, L, d])."""
+    from tvm import te
+
+    red, cols = (d, length) if keys else (length, d)
+    a = te.placeholder((1, heads, 1, red), name="a")
+    b = te.placeholder((1, heads, red, cols), name="b")
+    r = te.reduce_axis((0, red), name="r")
+    c = te.compute(
+        (1, heads, 1, cols),
+        lambda z, h, i, j: te.sum(a[z, h, i, r] * b[z, h, r, j], axis=r),
+        name="matmul",
+    )
+    return te.create_prim_func([a, b, c])
+
+
+@pytest.mark.parametrize(
+    ("lanes", "registers", "keys", "length", "nb"),
+    [
+        (16, 32, True, 256, 256),  # AVX-512: a key-cache row of 256 positions in one run
+        (16, 32, False, 256, 128),  # ... a value row of head_dim 128
+        (16, 32, True, 1024, 256),  # 24 accumulators: the widest divisor is 16 vectors
+        (8, 16, True, 256, 64),  # AVX2: 12 accumulators, 8 vectors divide 32
+        (8, 16, True, 96, 96),
+        (4, 32, True, 96, 96),  # NEON: 24 accumulators of 4 lanes
+        (4, 32, False, 256, 64),  # ... 16 of a value row's 32 vectors
+    ],
+)
+def test_decode_attention_reads_whole_cache_rows(lanes, registers, keys, length, nb) -> None:
+    from splice.runtime.kernels import tvm_schedules as TS
+
+    info = TS.analyse_matmul(_attention_gemv(4, 128, length, keys=keys))
+    assert info is not None and TS.reads_b_in_place(info)
+    cfg = TS.default_matmul_config(info, TS.CpuShape(lanes, registers))
+    assert (cfg.nb, cfg.mi) == (nb, 1)
+    assert cfg.nb // lanes <= TS.CpuShape(lanes, registers).accumulators
+
+
+@pytest.mark.parametrize("keys", [True, False])
+def test_wide_attention_panel_kernel_equals_torch(keys: bool, tmp_path) -> None:
+    """The kernel the wide panel schedules (the host's lanes) computes the product."""
+
+    class Product(nn.Module):
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return a @ b
+
+    red, cols = (32, 192) if keys else (48, 128)  # wider than 4L on AVX2 and AVX-512
+    args = (_rand(1, 4, 1, red, seed=1), _rand(1, 4, red, cols, seed=2))
+    program = splice.capture(Product(), args)
+    model = splice.load(splice.compile(program, "host", output=tmp_path / "a").path)
+    torch.testing.assert_close(model(*args), Product()(*args), atol=1e-5, rtol=1e-5)

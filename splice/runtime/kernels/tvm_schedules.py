@@ -15,7 +15,9 @@ function gets one of four:
     panel-major (so a panel is reused across all row blocks while it is in cache) and runs
     them in parallel. The same kernel serves decode (``mi = 1``: a GEMV reading each weight
     byte once) and prefill (``mi = 4``). When B is an activation (attention) the panel is
-    packed per batch inside the kernel.
+    packed per batch inside the kernel, except for one row against contiguous columns
+    (decode attention over the KV cache): B is read where it lies, in panels as wide as
+    the accumulator registers allow, so each cache row is one contiguous run.
 ``row``
     Reductions and normalisations (layer norm, softmax, mean): every block is computed at
     one parallel loop over the rows of the output.
@@ -308,12 +310,27 @@ def default_matmul_config(info: MatmulInfo, cpu: CpuShape | None = None) -> Matm
     return pref[0]
 
 
+def reads_b_in_place(info: MatmulInfo) -> bool:
+    """One row against an activation whose columns are contiguous (decode attention: ``q Kᵀ``
+    over a key cache stored transposed, ``p V`` over the value cache): the kernel reads B
+    where it lies rather than packing it (packing would copy every byte of B for one use)."""
+    return not info.layout_free and info.m == 1 and info.b_vars[-1] == "col"
+
+
 def matmul_candidates(info: MatmulInfo, cpu: CpuShape | None = None) -> list[MatmulConfig]:
     """Tile sizes the tuner tries: ``nb`` of 4, 2 or 1 vectors dividing N, ``mi`` dividing
-    the innermost row extent, with ``mi × nb / lanes`` accumulators fitting the registers."""
+    the innermost row extent, with ``mi × nb / lanes`` accumulators fitting the registers.
+
+    When B is read in place (:func:`reads_b_in_place`) the widest panel that divides N with
+    one accumulator per vector comes first: a row of B is then read as one contiguous run
+    (up to ``accumulators × lanes`` columns: 384 on AVX-512, 96 on AVX2) instead of 4L-wide
+    pieces a stride apart."""
     cpu = cpu or CpuShape()
     lanes = cpu.lanes
     nbs = [nb for nb in (4 * lanes, 2 * lanes, lanes) if info.n % nb == 0]
+    if reads_b_in_place(info):
+        wide = [v * lanes for v in range(cpu.accumulators, 4, -1) if info.n % (v * lanes) == 0]
+        nbs = wide[:1] + nbs
     if not nbs and info.n <= 4 * lanes:
         nbs = [info.n]
     if not nbs:
@@ -371,10 +388,7 @@ def schedule_matmul(func: Any, info: MatmulInfo, cfg: MatmulConfig, *, prepack: 
         return (*batch, j // nb, *red, j % nb)
 
     pack_block = None
-    # one row against an activation whose columns are contiguous (decode attention's P·V
-    # over the value cache): vector loads read B where it lies; packing it would copy
-    # every byte of B for one use of each
-    in_place = not info.layout_free and info.m == 1 and roles[-1] == "col"
+    in_place = reads_b_in_place(info)
     if info.layout_free and not prepack:
         sch.transform_layout(mm, ("read", info.b_index), index_map=packed)
     elif not in_place:
@@ -555,8 +569,10 @@ class LowRankPlan:
         return asdict(self)
 
 
-LOWRANK_ACCUMULATORS = 8
-"""Vector registers a tile of the fused kernel accumulates in (``mi × s × nb / L``)."""
+LOWRANK_ACCUMULATORS = 4
+"""Vector registers a tile of the fused kernel accumulates in (``mi × s × nb / L``): as many
+as the dense decode GEMV's tile (one 4L-wide panel at ``mi = 1``), which streams its weights
+at the memory's rate with one stream per core."""
 
 
 def lowrank_plan(rows: int, m: int, n: int, k: int, cpu: CpuShape | None = None) -> LowRankPlan:
@@ -567,18 +583,20 @@ def lowrank_plan(rows: int, m: int, n: int, k: int, cpu: CpuShape | None = None)
     largest divisor of ``rows`` up to 4; k and m are padded to multiples of L (``kp``,
     ``mp``); a panel is the widest of 4L, 2L and L columns that divides the padded extent
     with ``mi × nb / L`` accumulators within :data:`LOWRANK_ACCUMULATORS` (4L at ``mi = 1``:
-    64 columns on AVX-512, 32 on AVX2, 16 on NEON, as the dense decode GEMV); the registers
-    left over cut the reduction into ``s`` segments (4, 2 or 1, dividing its length), each
-    with its own accumulators and its own stream through the panel. At M = 1 on AVX2 that
-    is a 32-wide panel with 2 segments (16-wide with 4 when kp is not a multiple of 32).
+    64 columns on AVX-512, 32 on AVX2, 16 on NEON, as the dense decode GEMV); only a panel
+    narrower than that cuts the reduction into ``s`` segments (4, 2 or 1, dividing its
+    length), each with its own accumulators and its own stream through the panel, so every
+    tile keeps the same number of independent accumulation chains. At M = 1 on AVX-512 the
+    LLaMA 50% shapes (k = 512, and k = 751 padded to 752) get 64-wide panels in one segment
+    and 16-wide panels in 4.
 
-    Measured with one-op programs at M = 1 on the 2-core EPYC VM, AVX2 (2048×2048 at
-    k = 512; 5632×2048 at k = 750): from DRAM, 32 × 2 took 400 / 1027 µs, 16 × 4 403 /
-    1022, one 32-wide chain (the matmul rule's decode tile) 422 / 1056 — within noise of
-    each other; L3-resident, 32 × 2 took 153 µs, 16 × 4 165, 32 × 1 157. In the whole
-    LLaMA decode step under CPU contention (one thread, CPU time, one process alternating
-    programs), contiguous segments beat both one segment and segments dealt round-robin
-    over one stream by about 10%.
+    Segments were once used to fill twice as many accumulators (8). Measured on the 2-core
+    AVX-512 EPYC, a chain of the 12 lowrank_linear weights of LLaMA's 50% decode shapes
+    (185 MB, from DRAM; programs alternating in one process, paired ratios against the dense
+    chain): one segment per 4L panel took 3–5% less time than two, in three runs with the
+    machine's memory bandwidth between 21 and 27 GB/s; the whole decode step 2% less (dense /
+    lowrank 1.84 against 1.81). More streams per core than the dense GEMV's one only add
+    open DRAM pages.
     """
     cpu = cpu or CpuShape()
     lanes = cpu.lanes
