@@ -106,11 +106,14 @@ restored afterwards as export restores its root's); each module's part of the Py
 state is kept while its attributes are the same objects; and the assembled paths share
 one tree of weight containers; an assembled path holds only the weights its copied
 part reads (export lifts every weight of the model, most of them read only on other
-paths). Still O(k) per path, at a small rate: the prefix's Python (module calls,
+paths). CPython's full garbage collections, which the paths' surviving graphs would
+trigger several times and which walk every object the process holds, are deferred until
+the capture ends (:mod:`splice.ir.explore_gc`; the young generations are collected as
+always). Still O(k) per path, at a small rate: the prefix's Python (module calls,
 decisions) runs again, ``Q`` is assembled as a copy of ``P``'s compute graph, the match
-walks ``P``'s graph after ``k``, each decision checks every module's attributes, and
-CPython's full garbage collections, which the paths' surviving graphs trigger, walk
-every object the process holds (benchmarks/explore_scaling.py measures the growth).
+walks ``P``'s graph after ``k``, and each region run saves, unregisters and restores every
+module's attributes and weights and checks them at its decisions
+(benchmarks/explore_scaling.py measures the growth).
 
 The result is an ordinary Program with ``higher_order.cond`` nodes (one per decision site,
 an index decision is a chain of ``cond(idx == k, ...)``), which the ``branches`` pass splits
@@ -151,6 +154,7 @@ from splice.errors import CaptureError
 from splice.ir import meta as M
 from splice.ir.capture import capture_error, ident, split_inputs, to_program
 from splice.ir.dd_sizes import DenseSelections
+from splice.ir.explore_gc import full_collections_deferred
 from splice.ir.explore_replay import OpLog, OpRecord, Replay, flatten
 from splice.ir.moe_capture import ATTR as _MOE_ATTR
 from splice.ir.moe_capture import ATTR_UNRECOGNISED as _MOE_ATTR_UNRECOGNISED
@@ -2621,7 +2625,7 @@ def capture_dynamic(
     model.eval()
     ex = _Explorer(model, tuple(args), max_paths, max_decisions, pad_outputs)
     try:
-        with _recursion(20_000):
+        with _recursion(20_000), full_collections_deferred():
             root = ex.trace(())
             if not root.decisions:
                 p = root.program
