@@ -124,6 +124,7 @@ def test_pipeline_text_round_trips():
         "lowrank{method=whitened,budget_params=0.8},heal{steps=200,lr=0.0001,batch=8,loss=cosine}",
         'experts{num_experts=8,top_k=2},heal{scope=local,train="*.router_*|*.w_in",seed=3}',
         "heal{loss=kl,holdout=0.0}",
+        'lowrank{ratio=0.8},heal{steps=900,schedule=cosine,match="layer_norm*|out*"}',
     ):
         assert str(parse_pipeline(text)) == text
         assert str(parse_pipeline(str(parse_pipeline(text)))) == text
@@ -252,3 +253,54 @@ def test_a_non_finite_gradient_stops_heal_naming_the_weight():
     bad.grad = torch.tensor([1.0, float("nan")])
     with pytest.raises(PassError, match=r"non-finite at step 4, e\.g\. @stitch\.0\.weight"):
         _check_grads({"ok": ok, "stitch.0.weight": bad}, 3)
+
+
+def _small_bert() -> tuple[splice.Program, list[tuple[torch.Tensor, torch.Tensor]]]:
+    model, (ids, mask) = models.bert(layers=2, hidden=32, heads=4, inter=64, vocab=64, seq=8)
+    g = torch.Generator().manual_seed(4)
+    calib = [(torch.randint(0, 64, (1, 8), generator=g), torch.ones(1, 8, dtype=torch.long))
+             for _ in range(8)]  # fmt: skip
+    return splice.capture(model, (ids, mask)), calib
+
+
+def test_match_compares_hidden_states_and_trains_on_them():
+    """match= adds the teacher's hidden states to the loss: the matched values are the ones
+    both programs compute, and the held-out loss (outputs only) still falls."""
+    from splice.passes.heal import _matched_values
+
+    p, calib = _small_bert()
+    factored = parse_pipeline("lowrank{ratio=0.4}").run(p).program
+    got = _matched_values(factored, p, "layer_norm*", calib[0])
+    want = [n.name for n in p.graph.nodes if n.name.startswith("layer_norm")]
+    assert got == want and len(got) >= 5  # embeddings + 2 per layer
+    text = "lowrank{ratio=0.4},heal{steps=30,lr=0.01,match=layer_norm*,schedule=cosine}"
+    st = _heal_stats(_run(p, text, calib))
+    assert st["matched_values"] == len(want)
+    assert st["held_out"]["after"] < 0.8 * st["held_out"]["before"]
+    # the hidden-state terms change what is learnt: not the outputs-only result
+    plain = _run(p, text.replace(",match=layer_norm*", ""), calib).program.weights
+    matched = _run(p, text, calib).program.weights
+    assert any(not torch.equal(plain[n], matched[n]) for n in plain)
+
+
+def test_cosine_schedule_changes_the_result_and_is_deterministic():
+    p, calib = _mlp()
+    base = "lowrank{ratio=0.3},heal{steps=10,lr=0.003"
+    const = _run(p, base + "}", calib).program.weights
+    cos = [_run(p, base + ",schedule=cosine}", calib).program.weights for _ in range(2)]
+    assert all(torch.equal(cos[0][n], cos[1][n]) for n in const)
+    assert any(not torch.equal(const[n], cos[0][n]) for n in const)
+
+
+def test_match_errors():
+    p, calib = _small_bert()
+    with pytest.raises(PassError, match=r"match='zz\*' selects no value that program"):
+        _run(p, "lowrank{ratio=0.4},heal{steps=1,match=zz*}", calib)
+    with pytest.raises(PipelineError, match="match compares intermediate values end to end"):
+        parse_pipeline("heal{scope=local,match=layer_norm*}")
+    small, large, ccal = _conv_stitch()
+    ctx = PassContext(sample_inputs=ccal, programs={"large": large})
+    with pytest.raises(PassError, match="match= is not supported on a stitch program"):
+        parse_pipeline("stitch{anchors=large,calib_samples=8},heal{steps=1,match=relu*}").run(
+            small, ctx=ctx
+        )

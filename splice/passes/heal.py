@@ -31,7 +31,15 @@ before and after is in the stats (``held_out``). Each step uses ``batch`` tuples
 
 * ``global``: end to end; the loss compares every float output the two programs share (by
   name, else by position) and Adam (``lr``) updates all trainable weights for ``steps``
-  steps. A ``stitch`` program (``attrs["stitch"]``, a ``config`` input) trains its
+  steps (``schedule``: ``constant`` lr, or ``cosine``: decayed from ``lr`` to 0 along a
+  half cosine over the steps). ``match`` (a ``|``-separated glob of value names, i.e. node
+  names, empty by default) adds intermediate values to the comparison — hidden states, e.g.
+  ``match=layer_norm*`` on a BERT: each token's state, far more signal than one pooled
+  embedding. A matched value is one both programs compute under the same name with the same
+  shape (a transform keeps the names of the nodes it does not replace); the training loss is
+  the outputs' loss plus the mean of the matched values' losses. A glob matching no shared
+  value, or ``match`` on a ``stitch`` program, is a PassError. The held-out loss stays the
+  outputs' loss alone, comparable with and without ``match``. A ``stitch`` program (``attrs["stitch"]``, a ``config`` input) trains its
   configurations in turn, step ``i`` running the ``i mod n``-th of the n that read a
   trainable weight, so the layers a
   window shares learn a map that serves every pair (each configuration runs as its static
@@ -82,6 +90,7 @@ from splice.passes.training import ProgramModule
 
 Loss = Literal["mse", "cosine", "kl"]
 Scope = Literal["local", "global"]
+Schedule = Literal["constant", "cosine"]
 Row = tuple[Any, ...]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -106,6 +115,8 @@ class Heal(Pass):
     train: str = "new"
     holdout: float = 0.25
     seed: int = 0
+    schedule: Schedule = "constant"
+    match: str = ""
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -116,6 +127,11 @@ class Heal(Pass):
             raise PipelineError(f"heal: batch must be >= 1, got {self.batch}")
         if not 0.0 <= self.holdout < 1.0:
             raise PipelineError(f"heal: holdout must be in [0, 1), got {self.holdout}")
+        if self.match and self.scope != "global":
+            raise PipelineError(
+                "heal: match compares intermediate values end to end; it needs scope=global",
+                hint="drop match=, or use scope=global",
+            )
         if not self.train:
             raise PipelineError(
                 "heal: train is empty", hint="train=new, train=all or a glob of weight names"
@@ -130,6 +146,15 @@ class Heal(Pass):
         module = ProgramModule(program, trainable=set(names))
         configs = _configs(program, module, set(names))
         pairs = _output_pairs(program, teacher)
+        matched: list[str] = []
+        if self.match:
+            if configs[0].drop is not None:
+                raise PassError(
+                    "heal: match= is not supported on a stitch program (its configurations "
+                    "compute different intermediate values)",
+                    hint="drop match= to heal a stitch program on its outputs",
+                )
+            matched = _matched_values(program, teacher, self.match, ctx.calibration[0])
         rng = torch.random.fork_rng(devices=[])
         with rng:
             torch.manual_seed(self.seed)
@@ -139,11 +164,19 @@ class Heal(Pass):
                 before = _end_to_end(held, t_held, pairs, configs, loss_fn)
             stats: dict[str, Any] = {}
             if self.scope == "global":
+                runners, t_prog, t_pairs = configs, teacher, pairs
+                if matched:
+                    s_ext, t_prog, t_pairs = _with_values(program, teacher, pairs, matched)
+                    params = module.named_program_parameters()
+                    ext = ProgramModule(s_ext, trainable=set(names), shared=params)
+                    runners = [_Runner(ext, None)]
                 with torch.no_grad():
-                    t_rows = [teacher.run(*[r[i] for i in t_index]) for r in rows]
+                    t_rows = [t_prog.run(*[r[i] for i in t_index]) for r in rows]
                 stats["train_loss"] = self._global(
-                    module, rows, t_rows, pairs, configs, loss_fn, gen, ctx
+                    module, rows, t_rows, t_pairs, runners, loss_fn, gen, ctx, len(pairs)
                 )
+                if matched:
+                    stats["matched_values"] = len(matched)
             else:
                 stats["local"] = self._local(module, teacher, rows, held, loss_fn, gen, ctx)
             with torch.no_grad():
@@ -178,9 +211,15 @@ class Heal(Pass):
         loss_fn: LossFn,
         gen: torch.Generator,
         ctx: PassContext,
+        n_outputs: int,
     ) -> dict[str, float]:
         params = list(module.trainable_parameters().values())
         opt = torch.optim.Adam(params, lr=self.lr)
+        sched = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.steps)
+            if self.schedule == "cosine"
+            else None
+        )
         # configurations that read no trainable weight (an anchor alone) have nothing to learn
         trainable = [c for c in configs if c.module.trainable_parameters()] or configs
         order: list[int] = []
@@ -193,13 +232,15 @@ class Heal(Pass):
                 picked.append(order.pop())
             config = trainable[step % len(trainable)]
             opt.zero_grad()
-            loss = sum(_row_loss(config, rows[i], t_rows[i], pairs, loss_fn) for i in picked) / len(
-                picked
-            )
+            loss = sum(
+                _row_loss(config, rows[i], t_rows[i], pairs, loss_fn, n_outputs) for i in picked
+            ) / len(picked)
             _check_finite(loss, step)
             loss.backward()
             _check_grads(module.trainable_parameters(), step)
             opt.step()
+            if sched is not None:
+                sched.step()
             last = float(loss.detach())
             first = last if step == 0 else first
             if (step + 1) % _REPORT_EVERY == 0 or step + 1 == self.steps:
@@ -410,18 +451,79 @@ def _row_loss(
     t_out: list[Any],
     pairs: list[tuple[int, int]],
     loss_fn: LossFn,
+    n_outputs: int | None = None,
 ) -> torch.Tensor:
+    """The sum of the losses of the first ``n_outputs`` pairs (the outputs; all when None)
+    plus the mean of the losses of the rest (matched intermediate values)."""
     outs = runner.run(row)
+    n = len(pairs) if n_outputs is None else n_outputs
     terms = [
         loss_fn(outs[i], t_out[j])
-        for i, j in pairs
+        for i, j in pairs[:n]
         if torch.is_tensor(outs[i]) and outs[i].is_floating_point()
     ]
     if not terms:
         raise PassError(
             "heal: the program has no floating-point output to compare with its teacher's"
         )
-    return sum(terms[1:], terms[0])
+    total = sum(terms[1:], terms[0])
+    extra = [loss_fn(outs[i], t_out[j]) for i, j in pairs[n:]]
+    return total + sum(extra) / len(extra) if extra else total
+
+
+def _output_values(program: Program) -> list[str]:
+    """The names of the nodes whose values are ``program``'s outputs, in output order."""
+    leaves = torch.utils._pytree.tree_leaves(program.graph.output_node().args[0])
+    names = [v.name for v in leaves if isinstance(v, fx.Node)]
+    if len(names) != len(leaves) or len(names) != len(program.output_names):
+        raise PassError(
+            f"heal: match= needs every output of program {program.name!r} to be a computed "
+            "value (one of them is a constant or a nested structure)",
+            hint="drop match=",
+        )
+    return names
+
+
+def _matched_values(program: Program, teacher: Program, match: str, row: Row) -> list[str]:
+    """The value names ``match`` selects that both programs compute with one shape and
+    float dtype on ``row``, in the program's order."""
+    t_nodes = {n.name for n in teacher.graph.nodes if n.op == "call_function"}
+    cand = [
+        n.name
+        for n in program.graph.nodes
+        if n.op == "call_function" and n.name in t_nodes and matches(n.name, match)
+    ]
+    found: list[str] = []
+    if cand:
+        s_vals = program.extract(program.input_names, cand).run(*row)
+        t_row = [row[program.input_names.index(n)] for n in teacher.input_names]
+        t_vals = teacher.extract(teacher.input_names, cand).run(*t_row)
+        found = [
+            n
+            for n, s, t in zip(cand, s_vals, t_vals)
+            if torch.is_tensor(s) and torch.is_tensor(t) and s.is_floating_point()
+            and s.shape == t.shape and s.dtype == t.dtype
+        ]  # fmt: skip
+    if not found:
+        raise PassError(
+            f"heal: match={match!r} selects no value that program {program.name!r} and its "
+            "teacher both compute (same node name, shape and float dtype)",
+            hint="name values the transform kept, e.g. match=layer_norm* for a BERT's "
+            "hidden states (`splice opt IN` prints the IR with its value names)",
+        )
+    return found
+
+
+def _with_values(
+    program: Program, teacher: Program, pairs: list[tuple[int, int]], matched: list[str]
+) -> tuple[Program, Program, list[tuple[int, int]]]:
+    """``program`` and ``teacher`` computing their outputs then the ``matched`` values, and
+    the compared pairs: ``pairs`` then each matched value with the teacher's."""
+    s_out, t_out = _output_values(program), _output_values(teacher)
+    s = program.extract(program.input_names, [*s_out, *matched], name=program.name)
+    t = teacher.extract(teacher.input_names, [*t_out, *matched], name=teacher.name)
+    extra = [(len(s_out) + k, len(t_out) + k) for k in range(len(matched))]
+    return s, t, [*pairs, *extra]
 
 
 def _end_to_end(
