@@ -158,3 +158,95 @@ def test_two_lowrank_layers_and_residual(tmp_path):
     diff = (art.load()(x2) - ref).abs().max().item()
     assert diff <= ATOL
     assert art.manifest["lowering"]["schedule_rules"].get("lowrank") == 2
+
+
+class Siblings(nn.Module):
+    """Low-rank layers reading one input, as a decoder layer's q/k/v after ``lowrank``:
+    ``shapes`` gives each layer's (m, k, bias, rank); the outputs are combined."""
+
+    def __init__(self, n: int, shapes: list[tuple[int, int, bool, int | None]]):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            [LowRank(m, n, k, bias=bias, rank=rank) for m, k, bias, rank in shapes]
+        )
+        for i, layer in enumerate(self.layers):  # distinct weights for equal shapes
+            with torch.no_grad():
+                layer.A.mul_(1 + i)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(
+            [torch.tanh(layer(x)) * (i + 1) for i, layer in enumerate(self.layers)], -1
+        )
+
+
+def _lowrank_kernels(report: dict) -> list[dict]:
+    return sorted(
+        (v for v in report["matmuls"].values() if v.get("kernel") == "lowrank_linear"),
+        key=lambda v: (-v["groups"], v["m"]),
+    )
+
+
+@pytest.mark.parametrize(
+    "shapes,x_shape,groups",
+    [
+        # three equal layers share a call; the one of another rank has its own
+        pytest.param([(64, 20, False, None)] * 3 + [(64, 20, False, 9)], (1, 1, 48), [3, 1],
+                     id="qkv-and-other-rank"),
+        pytest.param([(64, 20, True, 13)] * 2, (1, 1, 48), [2], id="pair-bias-rank"),
+        pytest.param([(64, 20, True, None), (64, 20, False, None)], (1, 48), [1, 1],
+                     id="bias-differs"),
+        pytest.param([(32, 12, False, None)] * 2, (3, 48), [2], id="m3-rows"),
+        # an output width that is no whole number of vectors: padded rows, never grouped (the
+        # two calls are one function of the library)
+        pytest.param([(60, 20, False, None)] * 2, (1, 48), [1], id="m-not-whole-vectors"),
+    ],
+)  # fmt: skip
+def test_sibling_layers_share_one_call(tmp_path, shapes, x_shape, groups):
+    """``groups``: the layers each distinct fused kernel computes."""
+    model = Siblings(48, shapes).eval()
+    x = torch.randn(x_shape, generator=torch.Generator().manual_seed(1))
+    program = splice.capture(model, (x,))
+    art = splice.compile(program, "host", output=tmp_path / "siblings.artifact")
+    x2 = torch.randn(x_shape, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(x2)
+    diff = (art.load()(x2) - ref).abs().max().item()
+    assert diff <= ATOL, f"max abs diff {diff:.3g} > {ATOL}"
+    report = art.manifest["lowering"]
+    kernels = _lowrank_kernels(report)
+    assert [k["groups"] for k in kernels] == groups
+    assert report["schedule_rules"].get("lowrank") == len(groups)
+    assert "unscheduled" not in report["schedule_rules"]
+
+
+def test_llama_decode_groups_qkv_and_gate_up(tmp_path):
+    """A LLaMA decode step after ``lowrank``: per layer q/k/v in one call, gate/up in one,
+    o and down alone; the artifact equals the program."""
+    import transformers
+
+    from splice.passes import parse_pipeline
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    lm = transformers.LlamaForCausalLM(cfg).eval()
+    programs = splice.capture_lm(lm, max_len=16, prompt_len=4)
+    decode = (
+        parse_pipeline("lowrank{method=svd,ratio=0.5,targets=*.layers.*}")
+        .run(programs.decode, sample_inputs=programs.calibration_samples()[1])
+        .program
+    )
+    art = splice.compile(decode, "host", output=tmp_path / "decode.artifact")
+    kernels = _lowrank_kernels(art.manifest["lowering"])
+    assert [(k["groups"], k["m"]) for k in kernels] == [(3, 64), (2, 128), (1, 64), (1, 64)]
+    from splice.runtime.backends.tvm import example_inputs
+
+    inputs = list(example_inputs(decode))
+    inputs[0] = torch.tensor([[5]])
+    inputs[1] = torch.tensor([3])
+    got = art.load().run(*inputs)
+    want = decode(*inputs)
+    for g, w in zip(got, want if isinstance(want, (list, tuple)) else [want]):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)

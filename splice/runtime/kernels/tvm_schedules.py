@@ -768,7 +768,7 @@ def schedule_module(
                     "kernel": LOWRANK_KERNEL,
                     **{
                         key: int(func.attrs[f"splice.{key}"])
-                        for key in ("rows", "m", "n", "k", *LowRankPlan.__annotations__)
+                        for key in ("rows", "m", "n", "k", "groups", *LowRankPlan.__annotations__)
                     },
                 }
             except Exception as e:  # left to the generic rules (correct, slow)
