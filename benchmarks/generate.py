@@ -113,6 +113,7 @@ class Report:
     rows: list[Row] = field(default_factory=list)
     position: dict[int, float] = field(default_factory=dict)
     read_gbs: dict[str, float] = field(default_factory=dict)  # per model, before its rounds
+    paired: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # model -> peer
 
 
 def build(model: str, quick: bool, max_positions: int) -> torch.nn.Module:
@@ -212,6 +213,11 @@ def build_splice(lm: torch.nn.Module, ids: torch.Tensor, new: int, peer: str, tm
     return gen
 
 
+PAIRED: dict[str, list[float]] = {}
+"""Per splice peer (not dense): its decode tokens/s over dense's, one per alternating round
+(of the last model timed; :func:`main` moves them into the report)."""
+
+
 def time_splice(
     gens: dict[str, Any], ids: torch.Tensor, new: int, repeats: int, bound_bytes: int, gbs: float
 ) -> dict[str, tuple[Row, list[int]]]:
@@ -223,6 +229,15 @@ def time_splice(
         for peer, gen in gens.items():
             results[peer].append(gen.generate(ids, max_new_tokens=new, stop_tokens=[]))
     out = {}
+    if "dense" in results:
+        # per round, each peer's decode speed over dense's in the same round: a slow
+        # stretch of the machine moves both alike, a ratio of medians may pair a fast
+        # dense round with a slow one of the other peer
+        for peer, rs in results.items():
+            if peer != "dense":
+                PAIRED[peer] = [
+                    d.decode_seconds / r.decode_seconds for d, r in zip(results["dense"], rs)
+                ]
     for peer, rs in results.items():
         pre = statistics.median(r.prefill_seconds for r in rs)
         dec = statistics.median(r.decode_seconds for r in rs)
@@ -234,7 +249,8 @@ def time_splice(
 
 
 def time_positions(lm: torch.nn.Module, repeats: int, tmp: Path) -> dict[int, float]:
-    """Median seconds of a dense decode step at positions 10 and 1000 of a 1024 cache."""
+    """Median seconds of a dense decode step at positions 10 and 1000 of a 1024 cache, as the
+    Generator runs it (the cache donated to the call and taken back from its outputs)."""
     import splice
 
     programs = splice.capture_lm(lm, max_len=1024, prompt_len=16)
@@ -244,11 +260,11 @@ def time_positions(lm: torch.nn.Module, repeats: int, tmp: Path) -> dict[int, fl
     out: dict[int, float] = {}
     for pos in (10, 1000):
         ids, p = torch.tensor([[1]]), torch.tensor([pos])
-        model.run(ids, p, *cache)
+        cache = model.run_donated(ids, p, *cache)[1:]
         ts = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            model.run(ids, p, *cache)
+            cache = model.run_donated(ids, p, *cache)[1:]
             ts.append(time.perf_counter() - t0)
         out[pos] = statistics.median(ts)
     return out
@@ -284,6 +300,14 @@ def section(report: Report, args: argparse.Namespace, gbs: float, load: tuple[fl
             f"| {r.model} | {r.peer} | {r.prefill_ms:.1f} | {r.decode_tps:.1f} | "
             f"{r.total_tps:.1f} | {r.same_tokens} | {frac} | {r.note} |"
         )
+    for model, peers in report.paired.items():
+        for peer, ratios in peers.items():
+            lines += [
+                "",
+                f"{model} {peer} / dense decode tokens/s, per alternating round: "
+                + ", ".join(f"{x:.2f}" for x in ratios)
+                + f" (median {statistics.median(ratios):.2f}).",
+            ]
     if report.position:
         a, b = report.position[10], report.position[1000]
         lines += [
@@ -346,7 +370,9 @@ def main(argv: list[str] | None = None) -> int:
             if gens:
                 read = report.read_gbs[model] = torch_read_gbs()
                 log(f"{model}: timing {', '.join(gens)}, {args.repeats} alternating rounds…")
+                PAIRED.clear()
                 timed.update(time_splice(gens, ids, args.new, args.repeats, bound, read))
+                report.paired[model] = dict(PAIRED)
             del gens
             gc.collect()
             for peer in peers:
