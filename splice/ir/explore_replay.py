@@ -36,7 +36,6 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import _disable_current_modes
 
 __all__ = ["OpLog", "OpRecord", "Replay", "ReplayDiverged", "flatten"]
 
@@ -241,7 +240,9 @@ class Replay(TorchFunctionMode):
                 raise ReplayDiverged(self.failed)
             return t
         shape, stride, dtype, device, requires_grad = meta
-        with _disable_current_modes():
+        # a plain meta tensor: past the Python dispatch key, so no mode (export's fake
+        # mode) sees the call; cheaper than popping and re-pushing every mode
+        with torch._C._DisableTorchDispatch():
             m = torch.empty_strided(
                 shape, stride, dtype=dtype, device="meta", requires_grad=requires_grad
             )
