@@ -6,11 +6,13 @@ a full collection walks every object the process holds -- torch's modules, the f
 caches, and the graphs of every path the capture has traced so far. The number of objects a
 capture keeps alive grows with the number of paths, so for a model of ``n`` sequential
 decisions the full collections during its capture cost O(n) each and start once the
-capture has grown past CPython's 25% rule: on a 54-gate SkipNet they took ~1.7 of ~13 CPU
-seconds (none at 18 gates), the largest part of what grows per path
-(benchmarks/explore_scaling.py). The young generations are collected as always, so the
-short-lived cycles of each trace (fake tensors, proxies, export's scratch graphs) are
-freed as before; what survives them waits for the next full collection after the capture.
+capture has grown past CPython's 25% rule: on a 54-gate SkipNet (benchmarks/
+explore_scaling.py's model) four full collections took 1.0-1.2 of 8-10 CPU seconds, none
+at 18 gates. Deferred, one full collection (~0.4 s) runs soon after the thresholds are
+restored, usually still inside ``capture_dynamic``'s last steps: the capture's surviving
+objects are collected once instead of four times. The young generations are collected as
+always, so the short-lived cycles of each trace (fake tensors, proxies, export's scratch
+graphs) are freed as before.
 
 How: the generation-2 threshold is raised for the capture (CPython only counts it after
 each generation-1 collection, so nothing else changes) and the thresholds are restored
