@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib", type=int, default=1024, help="calibration/training sentences")
     ap.add_argument("--eval", type=int, default=64, help="evaluation sentences (each source)")
     ap.add_argument("--batch", type=int, default=8, help="rows per program call")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--lr", type=float, default=3e-5)
     ap.add_argument("--heal-batch", type=int, default=1, help="calibration batches per step")
     ap.add_argument("--schedule", default="cosine", help="heal's lr schedule")
     ap.add_argument(
