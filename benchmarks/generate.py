@@ -213,29 +213,26 @@ def build_splice(lm: torch.nn.Module, ids: torch.Tensor, new: int, peer: str, tm
     return gen
 
 
-PAIRED: dict[str, list[float]] = {}
-"""Per splice peer (not dense): its decode tokens/s over dense's, one per alternating round
-(of the last model timed; :func:`main` moves them into the report)."""
-
-
 def time_splice(
     gens: dict[str, Any], ids: torch.Tensor, new: int, repeats: int, bound_bytes: int, gbs: float
-) -> dict[str, tuple[Row, list[int]]]:
+) -> tuple[dict[str, tuple[Row, list[int]]], dict[str, list[float]]]:
     """Every splice peer's rows: ``repeats`` rounds, each running every peer's generate()
     once in turn (alternating, so a slow stretch of the machine hits every peer alike);
-    medians per peer."""
+    medians per peer. Also, per peer other than dense, its decode speed over dense's in
+    each round."""
     results: dict[str, list[Any]] = {peer: [] for peer in gens}
     for _ in range(repeats):
         for peer, gen in gens.items():
             results[peer].append(gen.generate(ids, max_new_tokens=new, stop_tokens=[]))
     out = {}
+    paired: dict[str, list[float]] = {}
     if "dense" in results:
         # per round, each peer's decode speed over dense's in the same round: a slow
         # stretch of the machine moves both alike, a ratio of medians may pair a fast
         # dense round with a slow one of the other peer
         for peer, rs in results.items():
             if peer != "dense":
-                PAIRED[peer] = [
+                paired[peer] = [
                     d.decode_seconds / r.decode_seconds for d, r in zip(results["dense"], rs)
                 ]
     for peer, rs in results.items():
@@ -245,7 +242,7 @@ def time_splice(
         if peer == "dense":
             row.bound_fraction = bound_bytes / (gbs * 1e9) / (dec / (new - 1))
         out[peer] = (row, rs[0].tokens)
-    return out
+    return out, paired
 
 
 def time_positions(lm: torch.nn.Module, repeats: int, tmp: Path) -> dict[int, float]:
@@ -370,9 +367,10 @@ def main(argv: list[str] | None = None) -> int:
             if gens:
                 read = report.read_gbs[model] = torch_read_gbs()
                 log(f"{model}: timing {', '.join(gens)}, {args.repeats} alternating rounds…")
-                PAIRED.clear()
-                timed.update(time_splice(gens, ids, args.new, args.repeats, bound, read))
-                report.paired[model] = dict(PAIRED)
+                rows, report.paired[model] = time_splice(
+                    gens, ids, args.new, args.repeats, bound, read
+                )
+                timed.update(rows)
             del gens
             gc.collect()
             for peer in peers:

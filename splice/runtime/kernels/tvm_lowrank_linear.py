@@ -279,14 +279,21 @@ def _ranked(bb: Any, v: Any) -> tuple[Any, Any]:
 
 
 def _siblings(node: Any, importer: Any, shape: tuple[int, ...], bias: bool) -> list[Any]:
-    """The other lowrank_linear calls on ``node``'s input, after it in the graph, that lower to
-    the fused kernel with the same (rows, m, n, rank) and bias presence, and whose operands
-    are already converted (parameters): (node, bound arguments) in graph order."""
+    """The other lowrank_linear calls on ``node``'s input not converted yet (the importer
+    converts in graph order, so a compatible one before ``node`` would have taken ``node``
+    into its own call) that lower to the fused kernel with the same (rows, m, n, rank) and
+    bias presence, and whose operands are already converted (parameters): (node, bound
+    arguments), in the input's order of uses."""
     if not node.args:
         return []
     found = []
     for user in node.args[0].users:
-        if user is node or user.target is not node.target or user.args[:1] != node.args[:1]:
+        if (
+            user is node
+            or user in importer.env
+            or user.target is not node.target
+            or user.args[:1] != node.args[:1]
+        ):
             continue
         try:
             w = _bind(user, importer)
@@ -294,8 +301,7 @@ def _siblings(node: Any, importer: Any, shape: tuple[int, ...], bias: bool) -> l
             continue
         if _fused_shape(w) == shape and (w.bias is not None) == bias:
             found.append((user, w))
-    order = {n: i for i, n in enumerate(node.graph.nodes)}
-    return sorted((f for f in found if order[f[0]] > order[node]), key=lambda f: order[f[0]])
+    return found
 
 
 def _numel(shape: Sequence[int]) -> int:
