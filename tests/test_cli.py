@@ -89,6 +89,25 @@ def test_diff_structure_and_numbers(saved, tmp_path, capsys):
     assert "-weight @stem.1.num_batches_tracked : i64[] buffer" in out
 
 
+def test_diff_counts_the_ops_of_every_graph(tmp_path, capsys):
+    import re
+
+    from splice import models_dynamic as Z
+    from splice.ir.explore import capture_dynamic
+    from splice.ir.serialize import save
+    from splice.passes.instruments import op_counts
+
+    case = Z.skipnet()
+    program = capture_dynamic(case.model, case.example)
+    top = sum(n.op == "call_function" for n in program.graph.nodes)
+    every = sum(op_counts(program).values())
+    assert every > top  # the gates' branches hold most of the ops
+    path = save(program, tmp_path / "skip.splice", samples=[case.example])
+    assert main(["diff", str(path), str(path)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"ops\W+{every}\W+{every}\W", out), out
+
+
 def test_passes_lists_options(capsys):
     assert main(["passes"]) == 0
     out = capsys.readouterr().out

@@ -43,7 +43,7 @@ from typing import Any, NoReturn
 from splice._quiet import quiet_torch_logs
 from splice.errors import SpliceError, one_line
 from splice.ir.output_tree import format_structure
-from splice.ir.printer import format_target, print_ir
+from splice.ir.printer import print_ir
 from splice.ir.serialize import save
 from splice.passes import (
     CrashReproducer,
@@ -57,7 +57,7 @@ from splice.passes import (
     describe_passes,
     parse_pipeline,
 )
-from splice.passes.instruments import compare_outputs
+from splice.passes.instruments import compare_outputs, op_counts
 from splice.runtime.artifact import FORMAT, Artifact, read_manifest
 from splice.runtime.host import format_host
 from splice.tools.cli_compile import add_commands as add_compile_commands
@@ -179,7 +179,8 @@ def cmd_diff(a: argparse.Namespace) -> int:
     left, right = load_input(a.a), load_input(a.b)
     con = console()
     ta, tb = print_ir(left.program).splitlines(), print_ir(right.program).splitlines()
-    ops_a, ops_b = _op_counts(left.program), _op_counts(right.program)
+    # every graph (a cond's branches, branches parts), as the dump index counts them
+    ops_a, ops_b = Counter(op_counts(left.program)), Counter(op_counts(right.program))
     from rich.table import Table
 
     t = Table(title="structure", show_edge=False)
@@ -217,12 +218,6 @@ def cmd_diff(a: argparse.Namespace) -> int:
             line + "\n" for line in difflib.unified_diff(ta, tb, a.a, a.b, lineterm="")
         )
     return 0 if ta == tb else 1 if a.exit_code else 0
-
-
-def _op_counts(program: Any) -> Counter[str]:
-    return Counter(
-        format_target(n) for n in program.graph.nodes if n.op in ("call_function", "call_module")
-    )
 
 
 def cmd_stitch_table(a: argparse.Namespace) -> int:
