@@ -264,6 +264,23 @@ def test_verify_false_returns_the_unverified_program():
     verify(r2.program)
 
 
+def test_splice_opt_no_verify_prints_the_unverified_program(monkeypatch, capsys):
+    from splice.passes import registry
+    from splice.tools.cli import main
+
+    registry.available_passes()  # load the built-ins before adding the broken pass
+    monkeypatch.setitem(registry._REGISTRY, "use-before-def", _UseBeforeDef)
+    model = ["splice.models:mlp", "-a", "d=8", "-a", "hidden=16"]
+    assert main(["opt", *model, "-p", "use-before-def"]) == 1
+    assert "returned a program that does not verify" in capsys.readouterr().err
+    assert main(["opt", *model, "-p", "use-before-def", "--no-verify"]) == 0
+    text = capsys.readouterr().out
+    # as returned: the last linear moved before the values it reads
+    assert text.index("%linear_1 : ") < text.index("%linear : ") < text.index("%gelu : ")
+    assert main(["opt", *model, "-p", "cse", "--no-verify", "--verify-each"]) == 1
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 def test_duplicate_output_names_from_a_pass_are_a_pass_error():
     p, _ = _mlp_program()
     with pytest.raises(PassError) as e:

@@ -124,7 +124,7 @@ def cmd_opt(a: argparse.Namespace) -> int:
     if a.crash_dir:
         instruments.append(CrashReproducer(a.crash_dir))
     ctx = PassContext(loaded.samples, progress=progress_printer())
-    result = PassManager(pipeline, instruments).run(loaded.program, ctx)
+    result = PassManager(pipeline, instruments, verify=not a.no_verify).run(loaded.program, ctx)
     con = console(stderr=a.output is None)
     print_pass_records(con, result.stats["passes"])
     if timing:
@@ -301,8 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--locations", action="store_true", help="print module paths, source lines and passes"
     )
     sp.add_argument("--dump-dir", metavar="D", help="write the IR after every pass into D")
-    sp.add_argument(
+    checks = sp.add_mutually_exclusive_group()
+    checks.add_argument(
         "--verify-each", action="store_true", help="verify the program after every pass"
+    )
+    checks.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="do not verify the result (to inspect what a broken pipeline returns)",
     )
     sp.add_argument("--time-passes", action="store_true", help="report the time of every pass")
     sp.add_argument(
