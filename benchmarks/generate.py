@@ -14,8 +14,9 @@ Peers:
   True)``: transformers only auto-compiles on accelerators otherwise); the first, compiling
   call is a warm-up;
 * ``dense``, ``lowrank``, ``experts``: :func:`splice.capture_lm` (max_len = prompt + new),
-  then nothing / ``lowrank{method=svd,ratio=0.5,targets=*.layers.*}`` (the decoder layers'
-  Linears, as benchmarks/lowrank_decode.py; not the LM head) /
+  then nothing / ``lowrank{method=svd,ratio=0.5,targets=*.layers.*}`` (LLaMA; GPT-2:
+  ``targets=*.h.*``: the decoder layers' Linears, as benchmarks/lowrank_decode.py; not the
+  LM head; the run stops if a pipeline changes nothing) /
   ``experts{num_experts=8,top_k=2}`` on both
   programs, :class:`splice.runtime.Generator` compiled for the host (TVM).
 
@@ -88,9 +89,11 @@ BEGIN, END = "<!-- generate:begin -->", "<!-- generate:end -->"
 PEERS = ("eager", "compile", "dense", "lowrank", "experts")
 PIPELINES = {
     "dense": None,
-    "lowrank": "lowrank{method=svd,ratio=0.5,targets=*.layers.*}",
+    "lowrank": "lowrank{method=svd,ratio=0.5,targets=%s}",
     "experts": "experts{num_experts=8,top_k=2}",
 }
+# the decoder layers' Linears (not the LM head): module paths differ per architecture
+DECODER_LAYERS = {"llama": "*.layers.*", "gpt2": "*.h.*"}
 GPT2_SHAPE = {"layers": 4, "hidden": 768, "heads": 12, "vocab": 4096}
 QUICK_LLAMA = {"layers": 2, "hidden": 128, "inter": 344, "heads": 4, "kv_heads": 4, "vocab": 256}
 QUICK_GPT2 = {"layers": 2, "hidden": 64, "heads": 4, "vocab": 256}
@@ -197,16 +200,31 @@ def time_transformers(
     return row, out[0, ids.shape[1] :].tolist()
 
 
-def build_splice(lm: torch.nn.Module, ids: torch.Tensor, new: int, peer: str, tmp: Path) -> Any:
-    """capture_lm, the peer's pipeline on both programs, Generator.compile; warmed up."""
+def pipeline_text(model: str, peer: str) -> str | None:
+    """The peer's pipeline for ``model`` (None: dense)."""
+    text = PIPELINES[peer]
+    return text % DECODER_LAYERS[model] if text and "%s" in text else text
+
+
+def build_splice(
+    lm: torch.nn.Module, ids: torch.Tensor, new: int, model: str, peer: str, tmp: Path
+) -> Any:
+    """capture_lm, the peer's pipeline on both programs, Generator.compile; warmed up.
+    A pipeline that leaves the decode program's ops as they were is an error (a target
+    glob that matches nothing would time the dense program twice)."""
     import splice
     from splice.passes import parse_pipeline
+    from splice.passes.instruments import op_counts
     from splice.runtime.generate import Generator
 
     t0 = time.perf_counter()
     programs = splice.capture_lm(lm, max_len=ids.shape[1] + new, prompt_len=ids.shape[1])
-    if PIPELINES[peer]:
-        programs = programs.run_pipeline(parse_pipeline(PIPELINES[peer]))
+    text = pipeline_text(model, peer)
+    if text:
+        before = op_counts(programs.decode)
+        programs = programs.run_pipeline(parse_pipeline(text))
+        if op_counts(programs.decode) == before:
+            raise SystemExit(f"{model} {peer}: {text} changed nothing in the decode program")
     gen = Generator.compile(programs, "host", output=tmp / peer)
     log(f"    {peer}: captured and compiled in {time.perf_counter() - t0:.0f} s")
     gen.generate(ids, max_new_tokens=4, stop_tokens=[])  # warm-up
@@ -363,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             gens = {}
             for peer in [p for p in peers if p not in ("eager", "compile")]:
                 log(f"{model}: {peer}…")
-                gens[peer] = build_splice(lm, ids, args.new, peer, tmp / model)
+                gens[peer] = build_splice(lm, ids, args.new, model, peer, tmp / model)
             if gens:
                 read = report.read_gbs[model] = torch_read_gbs()
                 log(f"{model}: timing {', '.join(gens)}, {args.repeats} alternating rounds…")
