@@ -154,6 +154,7 @@ from splice.errors import CaptureError
 from splice.ir import meta as M
 from splice.ir.capture import capture_error, ident, split_inputs, to_program
 from splice.ir.dd_sizes import DenseSelections
+from splice.ir.explore_fx import copy_node
 from splice.ir.explore_gc import full_collections_deferred
 from splice.ir.explore_replay import OpLog, OpRecord, Replay, flatten
 from splice.ir.moe_capture import ATTR as _MOE_ATTR
@@ -407,16 +408,21 @@ def _user_state(
                 site = f"{name}:{f.f_lineno}"
                 if not with_fingerprint:
                     break
-            local = tuple(sorted((k, repr(v)) for k, v in f.f_locals.items() if _plain(v)))
-            parts.append((name, f.f_code.co_firstlineno, f.f_code.co_name, f.f_lineno, local))
-            if bindings is not None:
-                for k, v in f.f_locals.items():
-                    if isinstance(v, torch.Tensor):
-                        bindings[(id(f), k)] = id(v)
-                    elif isinstance(v, (list, tuple)) and len(v) <= 256:
-                        for i, x in enumerate(v):
-                            if isinstance(x, torch.Tensor):
-                                bindings[(id(f), k, i)] = id(x)
+            plain: list[tuple[str, str]] = []
+            for k, v in f.f_locals.items():  # one snapshot of the frame's locals
+                if _plain(v):
+                    plain.append((k, repr(v)))
+                elif bindings is None:
+                    continue
+                elif isinstance(v, torch.Tensor):
+                    bindings[(id(f), k)] = id(v)
+                elif isinstance(v, (list, tuple)) and len(v) <= 256:
+                    for i, x in enumerate(v):
+                        if isinstance(x, torch.Tensor):
+                            bindings[(id(f), k, i)] = id(x)
+            plain.sort()
+            code = f.f_code
+            parts.append((name, code.co_firstlineno, code.co_name, f.f_lineno, tuple(plain)))
         f = f.f_back
     return site, hash(tuple(parts)) if with_fingerprint else 0
 
@@ -1064,27 +1070,25 @@ def _inject_module_paths(proxy_mode: Any, paths: dict[nn.Module, str]) -> None:
 def _attributes_restored(modules: Sequence[nn.Module]) -> Iterator[None]:
     """Restore the modules' own attributes on exit (of a list or dict attribute, its items
     too), as export does for the modules under its root: a region run leaves the model's
-    Python state as it found it."""
-    saved = [
-        (
-            m.__dict__,
-            [(k, v, _items(v)) for k, v in m.__dict__.items() if k not in _MODULE_INTERNALS],
-        )
-        for m in modules
-    ]
+    Python state as it found it. Per module a dict of its own attributes (the key set
+    difference with the module internals and the restoring ``update`` run in C: a region
+    run pays little per module of the model)."""
+    saved = []
+    for m in modules:
+        d = m.__dict__
+        saved.append((d, {k: d[k] for k in d.keys() - _MODULE_INTERNALS}))
+    items = [(v, v.copy()) for _, own in saved for v in own.values() if type(v) in _CONTAINERS]
     try:
         yield
     finally:
-        for d, attrs in saved:
-            for k, v, items in attrs:
-                if items is not None:
-                    v.clear()
-                    v.update(items) if isinstance(v, dict) else v.extend(items)
-                d[k] = v
+        for v, copy in items:
+            v.clear()
+            v.update(copy) if isinstance(v, dict) else v.extend(copy)
+        for d, own in saved:
+            d.update(own)
 
 
-def _items(v: Any) -> Any:
-    return v.copy() if type(v) in (list, dict) else None
+_CONTAINERS = (list, dict)  # attributes whose items a region run could change in place
 
 
 @contextlib.contextmanager
@@ -1092,24 +1096,24 @@ def _weights_unregistered(modules: Sequence[nn.Module]) -> Iterator[None]:
     """While active, the modules' parameters and buffers are plain attributes: export lifts
     only the weights a region reads (as constants, on the weights' own storage), not every
     weight of the model. The registrations are restored exactly on exit."""
-    saved: list[tuple[nn.Module, dict[str, Any], dict[str, Any]]] = []
+    saved: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = []
     try:
         for m in modules:
-            ps, bs = m._parameters, m._buffers
+            d, ps, bs = m.__dict__, m._parameters, m._buffers
             if not ps and not bs:
                 continue
-            saved.append((m, ps, bs))
-            m.__dict__["_parameters"] = {}
-            m.__dict__["_buffers"] = {}
-            for name, t in [*ps.items(), *bs.items()]:
-                m.__dict__[name] = t
+            saved.append((d, ps, bs))
+            d["_parameters"] = {}
+            d["_buffers"] = {}
+            d.update(ps)
+            d.update(bs)
         yield
     finally:
-        for m, ps, bs in reversed(saved):
+        for d, ps, bs in reversed(saved):
             for name in [*ps, *bs]:
-                m.__dict__.pop(name, None)
-            m.__dict__["_parameters"] = ps
-            m.__dict__["_buffers"] = bs
+                d.pop(name, None)
+            d["_parameters"] = ps
+            d["_buffers"] = bs
 
 
 def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
@@ -2019,7 +2023,7 @@ def _synthesize(
             raise _Fallback("an unexpected node")
         if n.op == "get_attr" and n not in held and not _read_outside(P, n, cut, cut_after):
             continue
-        env[n] = G.node_copy(n, lambda a: env[a])
+        env[n] = copy_node(G, n, env.__getitem__)
         if n.op == "get_attr":
             w = P.weights.get(n.target)
             if w is None:
@@ -2062,7 +2066,7 @@ def _synthesize(
             isinstance(n.target, torch._ops.OpOverload) or n.target is operator.getitem
         ):
             raise _Fallback("the region calls something other than an ATen op")
-        rmap[n] = G.node_copy(n, lambda a: rmap[a])
+        rmap[n] = copy_node(G, n, rmap.__getitem__)
     n_leaves, n_preds = st["n"], st["n_preds"]
 
     def region_local(d: int) -> dict[tuple[Any, ...], fx.Node]:
@@ -2112,7 +2116,7 @@ def _synthesize(
 
         for n in pg.nodes:
             if n.op == "call_function" and P.pos[n] > cut_j:
-                post[n] = G.node_copy(n, after)
+                post[n] = copy_node(G, n, after)
         outs = [after(a) for a in pg.find_nodes(op="output")[0].args[0][: P.n_out]]
         seen = sum(
             1
@@ -2327,7 +2331,7 @@ class _Emitter:
             done += 1
             if isinstance(u, fx.Node):
                 t = B.pos[u]
-                env[id(u)] = graph.node_copy(u, lambda a, t=t: get(resolve(B.value(a), t)))
+                env[id(u)] = copy_node(graph, u, lambda a, t=t: get(resolve(B.value(a), t)))
             else:
                 graphs, ops = sides[id(u)]
                 env[id(u)] = self._emit_cond(
