@@ -304,3 +304,87 @@ def test_match_errors():
         parse_pipeline("stitch{anchors=large,calib_samples=8},heal{steps=1,match=relu*}").run(
             small, ctx=ctx
         )
+
+
+# ---------------------------------------------------------------------------------------
+# scope=sequential: the closed-form refit of every factored Linear, in program order
+
+
+def _bert_rows(n: int) -> tuple[splice.Program, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """A 2-layer BERT and ``n`` calibration rows of 2x8 tokens (more tokens than features,
+    so the least squares are determined)."""
+    model, (ids, mask) = models.bert(layers=2, hidden=32, heads=4, inter=64, vocab=64, seq=8)
+    g = torch.Generator().manual_seed(6)
+    calib = [(torch.randint(0, 64, (2, 8), generator=g), torch.ones(2, 8, dtype=torch.long))
+             for _ in range(n)]  # fmt: skip
+    return splice.capture(model, (ids[:1].repeat(2, 1), mask[:1].repeat(2, 1))), calib
+
+
+def test_sequential_fit_lowers_the_held_out_loss_of_a_bert():
+    # the encoder's Linears (the pooler sees one token a row: too few samples for its 32
+    # features to fit by least squares on 36 training rows)
+    p, calib = _bert_rows(48)
+    r = _run(p, "lowrank{ratio=0.4,targets=encoder*},heal{scope=sequential}", calib)
+    st = _heal_stats(r)
+    seq = st["sequential"]
+    # 6 Linears a layer; q, k and v share their input
+    assert seq["sites"] == 12 and seq["inputs"] == 8
+    assert seq["error_after"] < seq["error_before"]
+    assert st["held_out"]["after"] < 0.5 * st["held_out"]["before"]
+    # a gradient heal composes after it, from the refit factors
+    r2 = _run(p, "lowrank{ratio=0.4,targets=encoder*},heal{scope=sequential},heal{steps=2}", calib)
+    assert _heal_stats(r2)["held_out"]["before"] == pytest.approx(st["held_out"]["after"])
+
+
+def test_sequential_fit_of_a_first_layer_is_the_whitened_truncation():
+    """The first Linear sees the teacher's inputs, so the rank-k least-squares fit to the
+    dense layer is exactly lowrank's whitened truncation calibrated on the same rows."""
+    p, calib = _mlp()
+    fit = _run(p, "lowrank{ratio=0.3},heal{scope=sequential,holdout=0.0}", calib).program
+    white = _run(p, "lowrank{ratio=0.3,method=whitened}", calib).program
+    svd = parse_pipeline("lowrank{ratio=0.3}").run(p).program
+
+    def w(prog: splice.Program) -> torch.Tensor:
+        return prog.get_weight("fc1.lowrank_A").double() @ prog.get_weight("fc1.lowrank_B").double()
+
+    torch.testing.assert_close(w(fit), w(white), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(w(fit), w(svd), rtol=1e-2, atol=1e-3)
+
+
+def test_sequential_fit_is_deterministic_and_train_new_keeps_the_originals():
+    p, calib = _bert_rows(12)
+    text = "lowrank{ratio=0.4},heal{scope=sequential}"
+    a, b = _run(p, text, calib).program.weights, _run(p, text, calib).program.weights
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    factored = parse_pipeline("lowrank{ratio=0.4}").run(p).program
+    new = {n for n in a if n.endswith((".lowrank_A", ".lowrank_B"))}
+    assert len(new) == 26
+    for n, t in a.items():
+        if n in new:
+            assert not torch.equal(t, factored.get_weight(n)), n
+        else:
+            assert torch.equal(t, p.get_weight(n)), n
+
+
+def test_sequential_fit_refits_a_trainable_bias():
+    p, calib = _mlp()
+    kept = _run(p, "lowrank{ratio=0.3},heal{scope=sequential}", calib)
+    fitted = _run(p, "lowrank{ratio=0.3},heal{scope=sequential,train=all}", calib)
+    assert torch.equal(kept.program.get_weight("fc1.bias"), p.get_weight("fc1.bias"))
+    assert not torch.equal(fitted.program.get_weight("fc1.bias"), p.get_weight("fc1.bias"))
+    # a free bias can only lower the training error
+    s_kept, s_fit = _heal_stats(kept)["sequential"], _heal_stats(fitted)["sequential"]
+    assert s_fit["error_after"] <= s_kept["error_after"] + 1e-9
+
+
+def test_sequential_fit_errors():
+    p, calib = _mlp()
+    with pytest.raises(PassError, match=r"scope=sequential\}: program 'MLP' has no factored"):
+        _run(p, "experts{num_experts=4,top_k=1},heal{scope=sequential}", calib)
+    with pytest.raises(PassError, match="has no factored Linear"):
+        _run(p, "lowrank{ratio=0.3},heal{scope=sequential,train=fc1.bias}", calib)
+    with pytest.raises(PipelineError, match="damp=0.1: a ridge of the sequential fit"):
+        parse_pipeline("heal{damp=0.1}")
+    text = "lowrank{method=whitened,budget_params=0.8},heal{scope=sequential,damp=0.01},heal{steps=600,lr=3e-05,schedule=cosine}"
+    assert str(parse_pipeline(str(parse_pipeline(text)))) == str(parse_pipeline(text))
+    assert parse_pipeline(text).passes[1] == Heal(scope="sequential", damp=0.01)

@@ -54,6 +54,15 @@ before and after is in the stats (``held_out``). Each step uses ``batch`` tuples
   entropy on the logits, MoEfication's router target with the output in place of the
   activation). Each op trains alone for ``steps`` steps. A trainable weight that no such op
   reads (a stitching layer, a hypernetwork) is a PassError: use ``scope=global``.
+* ``sequential``: no gradient steps (``steps``, ``lr``, ``batch``, ``loss`` are not used
+  for training): every ``lowrank_linear`` of the top graph, in program order, is refit in
+  closed form to the teacher's Linear outputs on the inputs it receives in the student
+  *after the layers before it were refit* — SVD-LLM's sequential low-rank update, solved as
+  reduced-rank regression (float64, whitened truncation at the rank the transform chose;
+  ``damp`` adds a ridge of damp · mean(diag X'X'ᵀ)); the bias is refit only when it trains.
+  :mod:`splice.passes.heal_sequential` states the contract. No such op with trainable
+  factors is a PassError. It composes before a gradient heal:
+  ``heal{scope=sequential},heal{steps=600,...}``.
 
 Losses: ``mse``; ``cosine`` (1 − cosine similarity over the last dimension, averaged);
 ``kl`` (KL(teacher ‖ student) of the softmax over the last dimension: logits of an LM).
@@ -83,13 +92,14 @@ from splice.ir.program import Program
 from splice.ir.rewriter import Rewriter
 from splice.passes.base import Pass, PassContext, PassResult
 from splice.passes.globs import matches
+from splice.passes.heal_sequential import fit_sequential
 from splice.passes.linears import LinearSite, find_linears
 from splice.passes.registry import register_pass
 from splice.passes.stitch import select_config
 from splice.passes.training import ProgramModule
 
 Loss = Literal["mse", "cosine", "kl"]
-Scope = Literal["local", "global"]
+Scope = Literal["local", "global", "sequential"]
 Schedule = Literal["constant", "cosine"]
 Row = tuple[Any, ...]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -117,6 +127,7 @@ class Heal(Pass):
     seed: int = 0
     schedule: Schedule = "constant"
     match: str = ""
+    damp: float = 0.0
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -131,6 +142,12 @@ class Heal(Pass):
             raise PipelineError(
                 "heal: match compares intermediate values end to end; it needs scope=global",
                 hint="drop match=, or use scope=global",
+            )
+        if self.damp < 0 or (self.damp > 0 and self.scope != "sequential"):
+            raise PipelineError(
+                f"heal: damp={self.damp}: a ridge of the sequential fit, >= 0 and only with "
+                "scope=sequential",
+                hint="drop damp=, or use scope=sequential",
             )
         if not self.train:
             raise PipelineError(
@@ -177,6 +194,10 @@ class Heal(Pass):
                 )
                 if matched:
                     stats["matched_values"] = len(matched)
+            elif self.scope == "sequential":
+                stats["sequential"] = fit_sequential(
+                    module, teacher, t_index, rows, damp=self.damp, progress=ctx.progress
+                )
             else:
                 stats["local"] = self._local(module, teacher, rows, held, loss_fn, gen, ctx)
             with torch.no_grad():

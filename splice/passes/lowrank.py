@@ -43,7 +43,10 @@ Ranks — exactly one of:
 * ``energy=e``: the smallest k with Σ_{i≤k}σ_i² ≥ e·Σσ_i² (σ of the matrix factored);
 * ``ratio=ρ``: k = ⌊ρ·mn/(m+n)⌋, i.e. each layer keeps a fraction ρ of its parameters;
 * ``budget_params=p``: keep a fraction p of the targeted layers' parameters in total, spread
-  across layers greedily by marginal truncation loss per parameter;
+  across layers greedily by marginal truncation loss per parameter — with ``alloc=relative``
+  (the default) each layer's loss relative to its own energy Σσ_i² (for ``whitened``, its
+  output energy ‖W X‖²: the relative output error), with ``alloc=absolute`` the loss itself
+  (layers whose outputs are larger then weigh more);
 * ``budget_latency=p``: the same greedy allocation with each layer's cost its predicted time
   on the target (roofline of the cost model: max(FLOPs/peak, bytes/bandwidth)).
 
@@ -89,6 +92,7 @@ from splice.target import host_target
 
 aten = torch.ops.aten
 Method = Literal["svd", "asvd", "whitened"]
+Alloc = Literal["relative", "absolute"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -254,6 +258,7 @@ class LowRank(Pass):
     targets: str = "*"
     exclude: str = ""
     alpha: float = 0.5
+    alloc: Alloc = "relative"
 
     def validate(self) -> None:
         chosen = [
@@ -454,8 +459,9 @@ class LowRank(Pass):
             return [max(1, math.floor(self.ratio * break_even(m, n))) for m, n in shapes]
         losses = [torch.cat([(f.sigma.flip(0) ** 2).cumsum(0).flip(0), f.sigma.new_zeros(1)])
                   for f in factors]  # fmt: skip
-        # relative to each layer's energy, so layers whose activations differ in scale compare
-        losses = [loss / max(float(loss[0]), 1e-30) for loss in losses]
+        if self.alloc == "relative":
+            # relative to each layer's energy, so layers whose activations differ in scale compare
+            losses = [loss / max(float(loss[0]), 1e-30) for loss in losses]
         if self.budget_params is not None:
             costs = [[float(k * (m + n)) for k in range(len(f.sigma) + 1)]
                      for f, (m, n) in zip(factors, shapes)]  # fmt: skip
