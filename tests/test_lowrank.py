@@ -3,6 +3,7 @@ nested run-time truncation, real transformers architectures, and its errors."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -324,3 +325,29 @@ def test_cli_opt_then_compile_a_factored_llama(tmp_path, capsys):
     capsys.readouterr()
     assert main(["run", str(art), "--check"]) == 0
     assert "ok: within 0.0001" in capsys.readouterr().out
+
+
+def test_budget_alloc_relative_ignores_a_layers_scale_and_absolute_follows_it():
+    """``alloc=relative`` compares each layer's truncation loss relative to its energy, so
+    scaling one layer's weight changes nothing; ``alloc=absolute`` gives the scaled layer
+    more rank. Both meet the budget."""
+    model, _, xs = _two_layer()
+    ranks = {}
+    for scale in (1.0, 30.0):
+        scaled = copy.deepcopy(model)
+        with torch.no_grad():
+            scaled.down.weight.mul_(scale)
+        p = splice.capture(scaled, (xs[0],))
+        for alloc in ("relative", "absolute"):
+            text = f"lowrank{{method=whitened,budget_params=0.5,alloc={alloc}}}"
+            st = parse_pipeline(text).run(p, sample_inputs=[(x,) for x in xs]).stats
+            layers = st["passes"][0]["stats"]["layers"]
+            assert sum(x["params_after"] for x in layers) <= 0.5 * sum(
+                x["params_before"] for x in layers
+            )
+            ranks[alloc, scale] = {x["layer"]: x["rank"] for x in layers}
+    assert ranks["relative", 1.0] == ranks["relative", 30.0]
+    assert ranks["absolute", 30.0]["down"] > ranks["absolute", 1.0]["down"]
+    assert str(parse_pipeline("lowrank{budget_params=0.8,alloc=absolute}")) == (
+        "lowrank{budget_params=0.8,alloc=absolute}"
+    )
