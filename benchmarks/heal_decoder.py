@@ -203,9 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         b, f = r["before"], r["after"]
         lines.append(
-            f"| `{r['pipe']}` | {b['kl']:.4f} → **{f['kl']:.4f}** | "
+            f"| `{r['pipe']}` | {b['kl']:.3g} → **{f['kl']:.3g}** | "
             f"{b['agree']:.3f} → **{f['agree']:.3f}** | {b['bpb']:.3f} → {f['bpb']:.3f} | "
-            f"{r['held']['before']:.4f} → {r['held']['after']:.4f} | {r['trained']:,} | "
+            f"{r['held']['before']:.3g} → {r['held']['after']:.3g} | {r['trained']:,} | "
             f"{r['seconds']:.0f} ({r['cpu']:.0f}) |"
         )
     table = "\n".join(lines)
