@@ -16,16 +16,16 @@ created):
 For each row: the mean cosine between the transformed and the original sentence embeddings
 before and after ``heal``, on held-out *real* text of another source than the calibration
 and training text, and on the template corpus (``splice.models.corpus``), plus the healing
-time. Calibration and training text: sentences of the Python standard library's docstrings
-(:mod:`realtext`), packed 2-3 per row of 32 tokens. Evaluation text: quotations from
+time. Calibration and training text, packed 2-3 sentences per row of 32 tokens: by default
+(``--text varied``) equal shares of four installed prose sources (stdlib docstrings,
+docstrings of a dozen packages, man pages of section 1, READMEs and licences under
+/usr/share; :func:`varied_sentences`); with ``--text docstrings`` the standard library's
+docstrings alone (:mod:`realtext`). Evaluation text: quotations from
 Debian's ``fortunes`` (``apt-get install fortunes``); the benchmark stops with that message
 when they are missing. The sets are disjoint (checked).
 
-By default (``--text varied``) calibration and training use instead equal shares of four installed prose
-sources (stdlib docstrings, docstrings of a dozen packages, man pages of section 1, READMEs
-and licences under /usr/share; :func:`varied_sentences`), still disjoint from the
-evaluation (``--text docstrings``: the docstrings alone). ``--sequential`` runs ``heal{scope=sequential}`` (the closed-form SVD-LLM refit)
-before the gradient heal on the lowrank row (``--steps 0``: the refit alone).
+``--sequential`` runs ``heal{scope=sequential}`` (the closed-form SVD-LLM refit) before the
+gradient heal on the lowrank row (``--steps 0``: the refit alone).
 ``--results PATH`` writes the section into another copy of RESULTS.md.
 
 Run from the repository root (minutes; the table records how busy the machine was)::
