@@ -388,3 +388,28 @@ def test_sequential_fit_errors():
     text = "lowrank{method=whitened,budget_params=0.8},heal{scope=sequential,damp=0.01},heal{steps=600,lr=3e-05,schedule=cosine}"
     assert str(parse_pipeline(str(parse_pipeline(text)))) == str(parse_pipeline(text))
     assert parse_pipeline(text).passes[1] == Heal(scope="sequential", damp=0.01)
+
+
+def _factors(program: splice.Program) -> dict[str, torch.Tensor]:
+    return {n: w for n, w in program.weights.items() if n.endswith((".lowrank_A", ".lowrank_B"))}
+
+
+def test_heal_that_raises_the_held_out_loss_keeps_the_program():
+    """An lr far too high for the start: training makes the held-out loss worse, so heal
+    returns the factored program unchanged (keep=better) unless told keep=last."""
+    p, calib = _mlp()
+    factored = _run(p, "lowrank{ratio=0.3}", calib).program
+    text = "lowrank{ratio=0.3},heal{steps=20,lr=0.3,batch=1}"
+    r = _run(p, text, calib)
+    st = _heal_stats(r)
+    assert st["held_out"]["after"] > st["held_out"]["before"]
+    assert st["kept"] == "original" and "the held-out loss rose" in st["reason"]
+    assert r.stats["passes"][-1]["changed"] is False
+    got, want = _factors(r.program), _factors(factored)
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    last = _run(p, text.replace("batch=1", "batch=1,keep=last"), calib)
+    assert _heal_stats(last)["kept"] == "trained"
+    assert any(not torch.equal(_factors(last.program)[n], want[n]) for n in want)
+    assert parse_pipeline("heal{keep=last}").passes[0] == Heal(keep="last")
+    with pytest.raises(PipelineError, match="keep"):
+        parse_pipeline("heal{keep=best}")

@@ -27,6 +27,13 @@ weight in scope is a PassError.
 ``holdout`` of them, chosen with ``seed``, is held out, never trained on, and the loss on them
 before and after is in the stats (``held_out``). Each step uses ``batch`` tuples.
 
+**Never worse on its own measure** (``keep``): with ``keep=better`` (the default) the trained
+weights are written back only when the held-out loss fell; when training raised it (a
+transform that was already close to its teacher, an lr too high for the start), the program
+is returned unchanged (``changed`` False, ``stats["kept"] == "original"``, the losses in
+``held_out``). ``keep=last`` always writes the trained weights; so does ``holdout=0`` (no
+rows to judge by).
+
 **Scope.**
 
 * ``global``: end to end; the loss compares every float output the two programs share (by
@@ -101,6 +108,7 @@ from splice.passes.training import ProgramModule
 Loss = Literal["mse", "cosine", "kl"]
 Scope = Literal["local", "global", "sequential"]
 Schedule = Literal["constant", "cosine"]
+Keep = Literal["better", "last"]
 Row = tuple[Any, ...]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -128,6 +136,7 @@ class Heal(Pass):
     schedule: Schedule = "constant"
     match: str = ""
     damp: float = 0.0
+    keep: Keep = "better"
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -203,9 +212,11 @@ class Heal(Pass):
             with torch.no_grad():
                 after = _end_to_end(held, t_held, pairs, configs, loss_fn)
         trained = module.named_program_parameters()
-        rw = Rewriter(program, self.name)
-        for n in names:
-            rw.set_weight(n, trained[n].detach().clone())
+        improved = self.keep == "last" or not held or after < before
+        if improved:
+            rw = Rewriter(program, self.name)
+            for n in names:
+                rw.set_weight(n, trained[n].detach().clone())
         stats.update(
             teacher=source,
             scope=self.scope,
@@ -219,7 +230,13 @@ class Heal(Pass):
         )
         if configs[0].drop is not None:
             stats["configs"] = len(configs)
-        return PassResult(program, True, stats)
+        stats["kept"] = "trained" if improved else "original"
+        if not improved:
+            stats["reason"] = (
+                f"the held-out loss rose ({before:.4g} -> {after:.4g}): the program's weights "
+                "are unchanged (keep=last writes them anyway)"
+            )
+        return PassResult(program, improved, stats)
 
     # -- global: end to end ----------------------------------------------------------------
     def _global(
