@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                 "trained": st["trained_params"],
                 "seconds": r.stats["passes"][-1]["seconds"],
                 "cpu": cpu,
+                "kept": st.get("kept", "trained"),
             }
         )
         say(f"after heal: {after}")
@@ -208,6 +209,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['held']['before']:.3g} → {r['held']['after']:.3g} | {r['trained']:,} | "
             f"{r['seconds']:.0f} ({r['cpu']:.0f}) |"
         )
+    for r in rows:
+        if r["kept"] == "original":  # heal's keep=better: training raised the held-out loss
+            lines += [
+                "",
+                f"`{r['pipe']}`: heal kept the transformed program's weights (keep=better): "
+                f"training raised its held-out loss {r['held']['before']:.3g} → "
+                f"{r['held']['after']:.3g}, so the after columns equal the before ones.",
+            ]
     table = "\n".join(lines)
     print(table)
     if a.no_results:
