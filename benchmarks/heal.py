@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 from common import busy_seconds, cpu_model, other_cores, write_marked_section
-from realtext import _clean, disjoint, docstring_sentences, fortune_sentences
+from realtext import disjoint, docstring_sentences, fortune_sentences, sentences_of
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -121,7 +121,7 @@ def _package_sentences(names: tuple[str, ...]) -> set[str]:
             except Exception:
                 doc = None
             if doc:
-                found.update(_clean(doc))
+                found.update(sentences_of(doc))
     return found
 
 
@@ -141,7 +141,7 @@ def _man_sentences(folder: Path) -> set[str]:
                 continue
             lines.append(_GROFF.sub("", line).replace("\\-", "-").replace("\\e", "\\"))
         for para in " ".join(lines).split("\n"):
-            found.update(_clean(para))
+            found.update(sentences_of(para))
     return found
 
 
@@ -158,7 +158,7 @@ def _doc_sentences() -> set[str]:
     files += sorted(p for p in lic.iterdir() if p.is_file()) if lic.is_dir() else []
     for p in files:
         try:
-            found.update(_clean(_read(p)))
+            found.update(sentences_of(_read(p)))
         except (OSError, EOFError, gzip.BadGzipFile):
             continue
     return found

@@ -42,7 +42,7 @@ _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 _WORDY = re.compile(r"^[A-Z][A-Za-z0-9 ,;:'()\-]+[.!?]$")
 
 
-def _clean(text: str) -> list[str]:
+def sentences_of(text: str) -> list[str]:
     """Sentences of ``text`` with 6..30 words of plain prose (no code, no markup)."""
     flat = " ".join(text.split())
     out = []
@@ -64,7 +64,7 @@ def docstring_sentences(n: int, seed: int = 0) -> list[str]:
         for obj in [mod, *(v for _, v in sorted(vars(mod).items()) if not _.startswith("_"))]:
             doc = inspect.getdoc(obj) if callable(obj) or inspect.ismodule(obj) else None
             if doc and (inspect.ismodule(obj) or getattr(obj, "__module__", "") == mod.__name__):
-                found.update(_clean(doc))
+                found.update(sentences_of(doc))
     return _pick(sorted(found), n, seed, "standard library docstrings")
 
 
@@ -82,7 +82,7 @@ def fortune_sentences(n: int, seed: int = 0) -> list[str]:
             continue
         for entry in f.read_text(encoding="utf-8", errors="replace").split("\n%\n"):
             body = entry.split("\n\t\t--")[0].split("\n\t--")[0]  # drop the attribution
-            found.update(_clean(body))
+            found.update(sentences_of(body))
     return _pick(sorted(found), n, seed, f"fortunes in {FORTUNES}")
 
 
