@@ -48,7 +48,7 @@ import torch
 from splice.errors import PassError
 from splice.ir.program import Program
 from splice.passes.linears import LinearSite, find_factored_linears, find_linears
-from splice.passes.lowrank import cholesky_with_jitter
+from splice.passes.lowrank import cholesky_with_jitter, whitened_factors
 from splice.passes.subgraphs import GraphTree
 from splice.passes.training import ProgramModule
 
@@ -251,12 +251,8 @@ def _reduced_rank(
     L, jitter = cholesky_with_jitter(Gf)
     # M_ls L = Cf G⁻¹ L = Cf L⁻ᵀ =: Z, i.e. L Zᵀ = Cfᵀ
     Z = torch.linalg.solve_triangular(L, Cf.mT, upper=False).mT
-    U, S, Vh = torch.linalg.svd(Z, full_matrices=False)
-    k = min(k, len(S))
-    r = S[:k].sqrt()
-    A = U[:, :k] * r
-    # B L = Σ^½ Vᵀ  <=>  Lᵀ Bᵀ = V Σ^½
-    B = torch.linalg.solve_triangular(L.mT, Vh[:k].mT * r, upper=True).mT
+    f = whitened_factors(Z, L, jitter)
+    A, B = f.A[:, :k], f.B[:k]
     b = (sy / N - A @ (B @ (sx / N))) if fit_bias else b0
     return A, B, b, jitter
 

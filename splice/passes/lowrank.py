@@ -156,11 +156,18 @@ def factorize(
         if gram is None:
             raise PassError("lowrank{method=whitened} needs calibration activations")
         L, jitter = cholesky_with_jitter(gram)
-        U, S, Vh = torch.linalg.svd(w @ L, full_matrices=False)
-        # B = Σ^½ Vᵀ L⁻¹  <=>  Lᵀ Bᵀ = V Σ^½ (an upper-triangular solve)
-        Bt = torch.linalg.solve_triangular(L.mT, Vh.mT * S.sqrt()[None, :], upper=True)
-        return Factors(U * S.sqrt(), Bt.mT, S, jitter)
+        return whitened_factors(w @ L, L, jitter)
     raise PassError(f"lowrank: unknown method {method!r}", hint="methods: svd, asvd, whitened")
+
+
+def whitened_factors(ML: torch.Tensor, L: torch.Tensor, jitter: float = 0.0) -> Factors:
+    """Factors of M from its whitened form M·L (L lower-triangular, float64): with
+    M·L = UΣVᵀ, A = UΣ^½ and B = Σ^½VᵀL⁻¹, so a rank-k prefix is the k-term truncation
+    that is best in the metric L defines (``whitened`` and heal's sequential refit)."""
+    U, S, Vh = torch.linalg.svd(ML, full_matrices=False)
+    # B = Σ^½ Vᵀ L⁻¹  <=>  Lᵀ Bᵀ = V Σ^½ (an upper-triangular solve)
+    Bt = torch.linalg.solve_triangular(L.mT, Vh.mT * S.sqrt()[None, :], upper=True)
+    return Factors(U * S.sqrt(), Bt.mT, S, jitter)
 
 
 def break_even(m: int, n: int) -> float:
@@ -664,4 +671,12 @@ def set_rank(
     return out
 
 
-__all__ = ["Factors", "LowRank", "allocate", "factorize", "find_linears", "set_rank"]
+__all__ = [
+    "Factors",
+    "LowRank",
+    "allocate",
+    "factorize",
+    "find_linears",
+    "set_rank",
+    "whitened_factors",
+]
