@@ -39,8 +39,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gzip
-import importlib
-import inspect
 import os
 import random
 import re
@@ -52,7 +50,13 @@ from typing import Any
 
 import torch
 from common import busy_seconds, cpu_model, other_cores, write_marked_section
-from realtext import disjoint, docstring_sentences, fortune_sentences, sentences_of
+from realtext import (
+    disjoint,
+    docstring_sentences,
+    fortune_sentences,
+    module_sentences,
+    sentences_of,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -78,7 +82,7 @@ def varied_sentences(n: int, seed: int = 0) -> list[str]:
     ``/usr/share/common-licenses``. Seeded and sorted, as :mod:`realtext`."""
     pools = [
         sorted(set(docstring_sentences(_pool_size(docstring_sentences), seed))),
-        sorted(_package_sentences(DOC_PACKAGES)),
+        sorted(module_sentences(DOC_PACKAGES, own_only=False)),
         sorted(_man_sentences(Path("/usr/share/man/man1"))),
         sorted(_doc_sentences()),
     ]
@@ -106,23 +110,6 @@ def _pool_size(fn: Any) -> int:
     except SystemExit as e:
         return int(str(e).split()[1])
     return 10**9
-
-
-def _package_sentences(names: tuple[str, ...]) -> set[str]:
-    found: set[str] = set()
-    for top in names:
-        try:
-            mod = importlib.import_module(top)
-        except Exception:
-            continue
-        for obj in [mod, *(getattr(mod, k, None) for k in sorted(dir(mod)) if k[:1] != "_")]:
-            try:
-                doc = inspect.getdoc(obj) if callable(obj) or inspect.ismodule(obj) else None
-            except Exception:
-                doc = None
-            if doc:
-                found.update(sentences_of(doc))
-    return found
 
 
 def _man_sentences(folder: Path) -> set[str]:

@@ -53,19 +53,31 @@ def sentences_of(text: str) -> list[str]:
     return out
 
 
-def docstring_sentences(n: int, seed: int = 0) -> list[str]:
-    """``n`` distinct sentences from the standard library's docstrings (seeded choice)."""
+def module_sentences(names: tuple[str, ...], *, own_only: bool) -> set[str]:
+    """Sentences of the docstrings of the modules ``names`` and of their public members
+    (``own_only``: only members defined in that module, not ones it re-exports). A module
+    that fails to import, or a member whose docstring cannot be read, is skipped."""
     found: set[str] = set()
-    for name in STDLIB_MODULES:
+    for name in names:
         try:
             mod = importlib.import_module(name)
-        except ImportError:
+        except Exception:  # a third-party package may fail with anything on import
             continue
-        for obj in [mod, *(v for _, v in sorted(vars(mod).items()) if not _.startswith("_"))]:
-            doc = inspect.getdoc(obj) if callable(obj) or inspect.ismodule(obj) else None
-            if doc and (inspect.ismodule(obj) or getattr(obj, "__module__", "") == mod.__name__):
+        for obj in [mod, *(getattr(mod, k, None) for k in sorted(dir(mod)) if k[:1] != "_")]:
+            try:
+                doc = inspect.getdoc(obj) if callable(obj) or inspect.ismodule(obj) else None
+            except Exception:
+                doc = None
+            own = inspect.ismodule(obj) or getattr(obj, "__module__", "") == mod.__name__
+            if doc and (own or not own_only):
                 found.update(sentences_of(doc))
-    return _pick(sorted(found), n, seed, "standard library docstrings")
+    return found
+
+
+def docstring_sentences(n: int, seed: int = 0) -> list[str]:
+    """``n`` distinct sentences from the standard library's docstrings (seeded choice)."""
+    pool = sorted(module_sentences(STDLIB_MODULES, own_only=True))
+    return _pick(pool, n, seed, "standard library docstrings")
 
 
 def fortune_sentences(n: int, seed: int = 0) -> list[str]:
