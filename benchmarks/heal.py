@@ -8,7 +8,9 @@ the three approximate passes of issue 20 and then healed
 sentence embedding and every token's hidden state, training only the weights the transform
 created):
 
-* ``lowrank{method=whitened,budget_params=0.8}`` (20% fewer Linear parameters);
+* ``lowrank{method=whitened,budget_params=0.8}`` (20% fewer Linear parameters), ranks
+  spread by each layer's relative truncation loss (row ``lowrank``) or by its measured
+  end-to-end effect (``alloc=sensitivity``, row ``lowrank-sens``);
 * ``experts{num_experts=8,top_k=2|4,router=trained}``;
 * ``stitch`` with its low-rank self (``lowrank{method=svd,ratio=0.8}``), ``share=pair`` and
   SN-Net's ``share=window``: every configuration, worst and mean.
@@ -46,12 +48,12 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from common import busy_seconds, cpu_model, other_cores, write_marked_section
 from realtext import (
     disjoint,
+    docstring_pool,
     docstring_sentences,
     fortune_sentences,
     module_sentences,
@@ -81,7 +83,7 @@ def varied_sentences(n: int, seed: int = 0) -> list[str]:
     READMEs, NEWS and text files under ``/usr/share/doc`` with the licences of
     ``/usr/share/common-licenses``. Seeded and sorted, as :mod:`realtext`."""
     pools = [
-        sorted(set(docstring_sentences(_pool_size(docstring_sentences), seed))),
+        docstring_pool(),
         sorted(module_sentences(DOC_PACKAGES, own_only=False)),
         sorted(_man_sentences(Path("/usr/share/man/man1"))),
         sorted(_doc_sentences()),
@@ -101,15 +103,6 @@ def varied_sentences(n: int, seed: int = 0) -> list[str]:
     if len(out) < n:
         raise SystemExit(f"only {len(out)} varied sentences, {n} asked")
     return out
-
-
-def _pool_size(fn: Any) -> int:
-    """How many sentences ``fn(n)`` can give (it raises SystemExit naming the count)."""
-    try:
-        fn(10**9)
-    except SystemExit as e:
-        return int(str(e).split()[1])
-    return 10**9
 
 
 def _man_sentences(folder: Path) -> set[str]:
@@ -188,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         help="calibration/training text: varied installed prose (default; measured +0.004 "
         "real-text cosine over docstrings alone), or stdlib docstrings",
     )
-    ap.add_argument("--rows", default="lowrank,experts2,experts4,stitch")
+    ap.add_argument("--rows", default="lowrank,lowrank-sens,experts2,experts4,stitch")
     ap.add_argument("--results", type=Path, default=RESULTS, help="results file to update")
     ap.add_argument("--no-results", action="store_true")
     a = ap.parse_args(argv)
@@ -245,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = a.rows.split(",")
     pipes = {
         "lowrank": "lowrank{method=whitened,budget_params=0.8}",
+        "lowrank-sens": "lowrank{method=whitened,budget_params=0.8,alloc=sensitivity}",
         "experts2": "experts{num_experts=8,top_k=2,router=trained}",
         "experts4": "experts{num_experts=8,top_k=4,router=trained}",
     }
@@ -255,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         transformed = parse_pipeline(pipe).run(original, ctx=PassContext(calibration_inputs=calib))
         chain = heal
-        if key == "lowrank" and a.sequential:
+        if key.startswith("lowrank") and a.sequential:
             chain = "heal{scope=sequential}" + (f",{heal}" if a.steps else "")
         say(f"transformed ({time.perf_counter() - t0:.0f} s); healing with {chain}")
         ctx = PassContext(

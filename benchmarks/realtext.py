@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import random
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 FORTUNES = Path("/usr/share/games/fortunes")
@@ -56,14 +59,17 @@ def sentences_of(text: str) -> list[str]:
 def module_sentences(names: tuple[str, ...], *, own_only: bool) -> set[str]:
     """Sentences of the docstrings of the modules ``names`` and of their public members
     (``own_only``: only members defined in that module, not ones it re-exports). A module
-    that fails to import, or a member whose docstring cannot be read, is skipped."""
+    that fails to import, or a member whose docstring cannot be read, is skipped. Members
+    that are modules are skipped too: a package lists whichever submodules some earlier
+    import loaded, so reading them made the pool depend on the process's import history."""
     found: set[str] = set()
     for name in names:
         try:
             mod = importlib.import_module(name)
         except Exception:  # a third-party package may fail with anything on import
             continue
-        for obj in [mod, *(getattr(mod, k, None) for k in sorted(dir(mod)) if k[:1] != "_")]:
+        members = (getattr(mod, k, None) for k in sorted(dir(mod)) if k[:1] != "_")
+        for obj in [mod, *(m for m in members if not inspect.ismodule(m))]:
             try:
                 doc = inspect.getdoc(obj) if callable(obj) or inspect.ismodule(obj) else None
             except Exception:
@@ -74,10 +80,28 @@ def module_sentences(names: tuple[str, ...], *, own_only: bool) -> set[str]:
     return found
 
 
+def docstring_pool() -> list[str]:
+    """Every usable sentence of the standard library's docstrings, sorted. Read in a fresh
+    interpreter: libraries imported earlier patch stdlib functions (after ``import torch``,
+    one of ``inspect``'s is a wrapper defined elsewhere), which changed the pool."""
+    code = "import json, realtext; print(json.dumps(realtext._stdlib_pool()))"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parent,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout)
+
+
+def _stdlib_pool() -> list[str]:
+    return sorted(module_sentences(STDLIB_MODULES, own_only=True))
+
+
 def docstring_sentences(n: int, seed: int = 0) -> list[str]:
     """``n`` distinct sentences from the standard library's docstrings (seeded choice)."""
-    pool = sorted(module_sentences(STDLIB_MODULES, own_only=True))
-    return _pick(pool, n, seed, "standard library docstrings")
+    return _pick(docstring_pool(), n, seed, "standard library docstrings")
 
 
 def fortune_sentences(n: int, seed: int = 0) -> list[str]:

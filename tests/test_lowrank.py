@@ -351,3 +351,115 @@ def test_budget_alloc_relative_ignores_a_layers_scale_and_absolute_follows_it():
     assert str(parse_pipeline("lowrank{budget_params=0.8,alloc=absolute}")) == (
         "lowrank{budget_params=0.8,alloc=absolute}"
     )
+
+
+# -- alloc=sensitivity (ASVD's end-to-end sensitivity, a knapsack over grid ranks) -----------
+
+
+def test_allocate_choices_is_the_exact_knapsack():
+    """Against brute force on small random instances: least summed loss within the budget."""
+    from splice.passes.lowrank import allocate_choices
+
+    g = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        choices = []
+        for _layer in range(4):
+            dense = float(torch.randint(50, 100, (1,), generator=g))
+            opts = [(dense, 0.0, None)]
+            for k in range(1, 4):
+                opts.append((dense * k / 4, float(torch.rand(1, generator=g)) / k, k))
+            choices.append(opts)
+        budget = 0.6 * sum(c[0][0] for c in choices)
+        picks = allocate_choices(choices, budget, units=20000)
+        best = min(
+            (sum(o[1] for o in combo), [o[2] for o in combo])
+            for combo in itertools.product(*choices)
+            if sum(o[0] for o in combo) <= budget
+        )
+        got = [next(o for o in c if o[2] == p) for c, p in zip(choices, picks)]
+        assert sum(o[0] for o in got) <= budget
+        assert sum(o[1] for o in got) == pytest.approx(best[0], abs=1e-9)
+    assert allocate_choices([[(10.0, 0.0, None), (5.0, 1.0, 1)]], 4.0) is None
+
+
+class _Muted(nn.Module):
+    """Two parallel Linears with the same weight; the second's output is scaled down 100×,
+    so its truncation matters 100× less to the output although its own loss is the same."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loud = nn.Linear(40, 40, bias=False)
+        self.quiet = nn.Linear(40, 40, bias=False)
+        with torch.no_grad():
+            w = _W(40, 40).float()
+            self.loud.weight.copy_(w)
+            self.quiet.weight.copy_(w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.loud(x) + 0.01 * self.quiet(x)
+
+
+def test_alloc_sensitivity_spends_rank_where_the_output_needs_it():
+    model = _Muted().eval()
+    xs = [_X(16, 40, seed=s).float() for s in range(4)]
+    p = splice.capture(model, (xs[0],))
+    before = {k: v.clone() for k, v in p.weights.items()}
+    samples = [(x,) for x in xs]
+    err = {}
+    for alloc in ("relative", "sensitivity"):
+        text = f"lowrank{{method=whitened,budget_params=0.5,alloc={alloc}}}"
+        r = parse_pipeline(text).run(p, sample_inputs=samples)
+        st = r.stats["passes"][0]["stats"]
+        layers = {x["layer"]: x for x in st["layers"]}
+        assert (
+            sum(x["params_after"] for x in layers.values())
+            + sum(40 * 40 for name in ("loud", "quiet") if name not in layers)
+            <= 0.5 * 2 * 40 * 40
+        )
+        if alloc == "relative":  # same weights, same activations: same rank
+            assert layers["loud"]["rank"] == layers["quiet"]["rank"]
+        else:
+            # the muted layer goes to the smallest grid rank; the loud one keeps more (or stays
+            # dense)
+            assert layers["quiet"]["rank"] == 2  # 1/8 of break-even 20
+            assert layers.get("loud", {"rank": 40})["rank"] > layers["quiet"]["rank"]
+            assert st["alloc"] == "sensitivity"
+            assert st["predicted_output_error"] == pytest.approx(
+                sum(x["output_error"] for x in layers.values())
+            )
+        with torch.no_grad():
+            num = sum(float((r.program(x) - model(x)).pow(2).sum()) for x in xs)
+            den = sum(float(model(x).pow(2).sum()) for x in xs)
+        err[alloc] = num / den
+    assert err["sensitivity"] < 0.5 * err["relative"]
+    for k, v in p.weights.items():  # the probe ran on a copy: the input is untouched
+        assert torch.equal(v, before[k])
+
+
+def test_alloc_sensitivity_is_deterministic_and_round_trips():
+    model = _Muted().eval()
+    xs = [(_X(8, 40, seed=s).float(),) for s in range(2)]
+    p = splice.capture(model, xs[0])
+    text = "lowrank{method=whitened,budget_params=0.6,alloc=sensitivity,grid=3,sens_samples=1}"
+    assert str(parse_pipeline(text)) == text
+    a = parse_pipeline(text).run(p, sample_inputs=xs).program
+    b = parse_pipeline(text).run(p, sample_inputs=xs).program
+    assert a.weights.keys() == b.weights.keys()
+    for k in a.weights:
+        assert torch.equal(a.weights[k], b.weights[k])
+
+
+def test_alloc_sensitivity_errors():
+    model = _Muted().eval()
+    x = _X(8, 40).float()
+    p = splice.capture(model, (x,))
+    with pytest.raises(PipelineError, match="alloc=sensitivity allocates a budget, and ratio="):
+        parse_pipeline("lowrank{ratio=0.5,alloc=sensitivity}")
+    with pytest.raises(PipelineError, match="grid must be >= 1"):
+        parse_pipeline("lowrank{budget_params=0.5,alloc=sensitivity,grid=0}")
+    with pytest.raises(PassError, match="needs calibration samples; none were given"):
+        parse_pipeline("lowrank{budget_params=0.5,alloc=sensitivity}").run(p)
+    with pytest.raises(PassError, match="no choice of the grid ranks fits the budget"):
+        parse_pipeline("lowrank{budget_params=0.05,alloc=sensitivity,grid=3}").run(
+            p, sample_inputs=[(x,)]
+        )
