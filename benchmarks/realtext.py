@@ -104,6 +104,43 @@ def docstring_sentences(n: int, seed: int = 0) -> list[str]:
     return _pick(docstring_pool(), n, seed, "standard library docstrings")
 
 
+WORDNET = Path("/usr/share/wordnet")
+_EXAMPLE = re.compile(r'"([^"]+)"')
+
+
+def wordnet_sentences(n: int, seed: int = 0) -> list[str]:
+    """``n`` distinct example sentences of WordNet's glosses (``apt-get install
+    wordnet-base``): everyday English written by lexicographers ("she writes books for
+    children"), capitalised and given a full stop, 6..30 words (seeded choice)."""
+    if not WORDNET.is_dir():
+        raise SystemExit(
+            f"text is missing: {WORDNET} does not exist; install WordNet's database with "
+            "`apt-get install wordnet-base`"
+        )
+    return _pick(wordnet_pool(), n, seed, f"WordNet examples in {WORDNET}")
+
+
+def wordnet_pool() -> list[str]:
+    """Every usable WordNet example sentence, sorted."""
+    found: set[str] = set()
+    for part in ("noun", "verb", "adj", "adv"):
+        f = WORDNET / f"data.{part}"
+        if not f.is_file():
+            continue
+        for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("  ") or "|" not in line:  # the licence header
+                continue
+            for ex in _EXAMPLE.findall(line.split("|", 1)[1]):
+                ex = ex.strip()
+                if not ex:
+                    continue
+                ex = ex[0].upper() + ex[1:]
+                if ex[-1] not in ".!?":
+                    ex += "."
+                found.update(sentences_of(ex))
+    return sorted(found)
+
+
 def fortune_sentences(n: int, seed: int = 0) -> list[str]:
     """``n`` distinct quotations (one sentence each) from Debian's ``fortunes``."""
     if not FORTUNES.is_dir():
