@@ -56,7 +56,8 @@ Ranks — exactly one of:
   budget), assuming the layers' losses add. It costs len(layers)·grid program runs and
   needs calibration samples. On all-MiniLM-L6-v2 at ``budget_params=0.8`` it factors 21
   Linears (attention projections too) where ``relative`` factors 12 FFN ones, and keeps
-  real text at 0.91 cosine against 0.84 (benchmarks/heal.py, rows before heal).
+  real text at 0.95 cosine against 0.90 calibrated on everyday English (0.92 against 0.84 on
+  technical prose; benchmarks/heal.py, before heal, RESULTS.md).
 * ``budget_latency=p``: the same allocation (any ``alloc``) with each layer's cost its
   predicted time on the target (roofline of the cost model: max(FLOPs/peak, bytes/bandwidth)).
 
