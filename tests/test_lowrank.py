@@ -463,3 +463,16 @@ def test_alloc_sensitivity_errors():
         parse_pipeline("lowrank{budget_params=0.05,alloc=sensitivity,grid=3}").run(
             p, sample_inputs=[(x,)]
         )
+
+
+def test_alloc_sensitivity_with_a_latency_budget():
+    """``budget_latency`` with ``alloc=sensitivity``: the knapsack spends predicted time
+    instead of parameters, and the muted layer still gets the smaller rank."""
+    model = _Muted().eval()
+    xs = [(_X(16, 40, seed=s).float(),) for s in range(2)]
+    p = splice.capture(model, xs[0])
+    text = "lowrank{method=whitened,budget_latency=0.7,alloc=sensitivity}"
+    st = parse_pipeline(text).run(p, sample_inputs=xs).stats["passes"][0]["stats"]
+    layers = {x["layer"]: x for x in st["layers"]}
+    assert "quiet" in layers and st["alloc"] == "sensitivity"
+    assert layers.get("loud", {"rank": 40})["rank"] > layers["quiet"]["rank"]
