@@ -149,6 +149,22 @@ LLAMA_DECODE_SHAPE: dict[str, int] = {
 }
 
 
+def run_and_compare(
+    pipe: str, program: Any, ctx: Any, eval_batches: Sequence[Sequence[Any]], ref: torch.Tensor
+) -> tuple[Any, float, torch.Tensor]:
+    """Run the pipeline text ``pipe`` on ``program`` with ``ctx``; then the transformed
+    program's outputs on ``eval_batches`` against ``ref`` (the original's, concatenated):
+    (pipeline result, pass seconds, per-row cosine)."""
+    from splice.passes import PassManager, parse_pipeline
+
+    t0 = time.perf_counter()
+    result = PassManager(parse_pipeline(pipe)).run(program, ctx)
+    seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        out = torch.cat([result.program(*b) for b in eval_batches])
+    return result, seconds, torch.nn.functional.cosine_similarity(out, ref, dim=1)
+
+
 def llama_lm(layers: int, shape: dict[str, int]) -> Any:
     """A LlamaForCausalLM of ``shape`` with seeded random weights, in eval mode."""
     import transformers

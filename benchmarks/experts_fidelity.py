@@ -38,7 +38,15 @@ import time
 from pathlib import Path
 
 import torch
-from common import batched, busy_seconds, cpu_model, log, other_cores, write_marked_section
+from common import (
+    batched,
+    busy_seconds,
+    cpu_model,
+    log,
+    other_cores,
+    run_and_compare,
+    write_marked_section,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -60,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import splice
     from splice import models
-    from splice.passes import PassContext, PassManager, parse_pipeline
+    from splice.passes import PassContext
 
     torch.manual_seed(0)
     busy, t_start, load_before = busy_seconds(), time.perf_counter(), os.getloadavg()[0]
@@ -83,13 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             for router in ("centroid", "trained"):
                 pipe = f"experts{{num_experts={a.experts},top_k={k},split={split},router={router}}}"
                 log(f"running {pipe}")
-                t0 = time.perf_counter()
-                result = PassManager(parse_pipeline(pipe)).run(program, ctx)
-                seconds = time.perf_counter() - t0
+                result, seconds, cos = run_and_compare(pipe, program, ctx, eval_batches, ref)
                 st = result.stats["passes"][0]["stats"]
-                with torch.no_grad():
-                    out = torch.cat([result.program(*b) for b in eval_batches])
-                cos = torch.nn.functional.cosine_similarity(out, ref, dim=1)
                 rows.append({
                     "pipeline": pipe, "split": split, "k": k, "router": router,
                     "mean": float(cos.mean()), "min": float(cos.min()),

@@ -32,11 +32,10 @@ import datetime as dt
 import os
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import torch
-from common import batched, cpu_model, write_marked_section
+from common import batched, cpu_model, run_and_compare, write_marked_section
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import splice
     from splice import models
-    from splice.passes import PassContext, PassManager, parse_pipeline
+    from splice.passes import PassContext
 
     torch.manual_seed(0)
     texts = models.corpus(a.eval + a.calib)
@@ -84,18 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         rule = (
             f"budget_params={a.keep},alloc=sensitivity"
             if alloc == "sensitivity"
-            else (f"{alloc}={a.keep}")
+            else f"{alloc}={a.keep}"
         )
         pipe = f"lowrank{{method={method},{rule}}}"
         say(f"running {pipe}")
-        t0 = time.perf_counter()
         ctx = PassContext(calibration_inputs=calib_batches)
-        result = PassManager(parse_pipeline(pipe)).run(program, ctx)
-        seconds = time.perf_counter() - t0
+        result, seconds, cos = run_and_compare(pipe, program, ctx, eval_batches, ref)
         st = result.stats["passes"][0]["stats"]
-        with torch.no_grad():
-            out = torch.cat([result.program(*b) for b in eval_batches])
-        cos = torch.nn.functional.cosine_similarity(out, ref, dim=1)
         rows.append(
             {
                 "pipeline": pipe,
