@@ -12,9 +12,10 @@ created):
   spread by each layer's relative truncation loss (row ``lowrank``) or by its measured
   end-to-end effect (``alloc=sensitivity``, row ``lowrank-sens``);
 * ``experts{num_experts=8,top_k=2|4,router=trained}``;
-* ``stitch`` with its low-rank self (:data:`SMALL`: every Linear at 0.8 of its parameters,
-  whitened; the same ratio everywhere keeps the blocks alike, as stitch needs), ``share=pair`` and
-  SN-Net's ``share=window``: every configuration, worst and mean.
+* ``stitch`` with its low-rank self (:data:`SMALL`, the ``lowrank-sens`` transform healed),
+  ``share=pair`` and SN-Net's ``share=window``: every configuration, worst and mean, and by
+  kind of cut (:data:`CUT_KINDS`: SN-Net's paired stitching of equal depths also makes
+  configurations that run a block twice, where the stitching layer has to undo a block).
 
 For each row: the mean cosine between the transformed and the original sentence embeddings
 before and after ``heal``, on held-out *real* text of another source than the calibration
@@ -68,9 +69,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## heal: distilling the original into the transformed MiniLM (issue 20)"
 BEGIN, END = "<!-- heal:begin -->", "<!-- heal:end -->"
-#: the stitch rows' small anchor (plain svd at this ratio keeps only 0.66 cosine, which bounds
-#: every configuration that runs its blocks)
-SMALL = "lowrank{method=whitened,ratio=0.8}"
+#: the stitch rows' small anchor, healed with the run's heal (the ``lowrank-sens`` row's
+#: program when that row runs): every configuration that runs its blocks is bounded by it
+#: (plain svd at ratio 0.8 keeps only 0.66 cosine; whitened ratio 0.8 0.87)
+SMALL = "lowrank{method=whitened,budget_params=0.8,alloc=sensitivity}"
+#: the kinds of stitch configuration, by cut (j, m): front blocks 0..j, then the end's from m
+CUT_KINDS = {
+    "anchor": "an anchor alone",
+    "forward": "cut j → j+1 (each block runs once)",
+    "rerun1": "cut j → j (block j runs twice: the stitching layer must undo it)",
+    "rerun2": "cut j → j−1 (blocks j−1 and j run twice)",
+}
 
 
 #: packages whose docstrings are prose enough for the ``varied`` training text
@@ -171,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heal-batch", type=int, default=1, help="calibration batches per step")
     ap.add_argument("--schedule", default="cosine", help="heal's lr schedule")
     ap.add_argument(
+        "--train", default="new", help="heal's train= (new, all, or a glob of weight names)"
+    )
+    ap.add_argument(
         "--match", default="layer_norm*", help="heal's match= (hidden states); '' for outputs only"
     )
     ap.add_argument(
@@ -188,10 +200,15 @@ def main(argv: list[str] | None = None) -> int:
         "English: lowrank-sens real-text cosine 0.947 before heal, against 0.919 with varied "
         "technical prose), varied installed prose, or stdlib docstrings",
     )
+    ap.add_argument(
+        "--stitch-steps", type=int, default=None, help="heal steps on a stitch (default --steps)"
+    )
     ap.add_argument("--rows", default="lowrank,lowrank-sens,experts2,experts4,stitch")
     ap.add_argument("--results", type=Path, default=RESULTS, help="results file to update")
     ap.add_argument("--no-results", action="store_true")
     a = ap.parse_args(argv)
+    if a.stitch_steps is None:
+        a.stitch_steps = a.steps
     load_before, start, t_start = os.getloadavg()[0], busy_seconds(), time.perf_counter()
 
     import splice
@@ -238,10 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     match = f',match="{a.match}"' if a.match else ""
     heal = (
         f"heal{{steps={a.steps},lr={a.lr},loss=cosine,batch={a.heal_batch},"
-        f"schedule={a.schedule}{match}}}"
+        f"schedule={a.schedule}{match}" + (f',train="{a.train}"' if a.train != "new" else "") + "}"
     )
     heal_stitch = heal.replace(match, "")  # a stitch program's configurations: outputs only
     rows: list[dict] = []
+    kinds: list[dict] = []  # the stitch rows by kind of cut
+    healed: dict[str, splice.Program] = {}
     chosen = a.rows.split(",")
     pipes = {
         "lowrank": "lowrank{method=whitened,budget_params=0.8}",
@@ -281,11 +300,17 @@ def main(argv: list[str] | None = None) -> int:
                 },
             }
         )
+        healed[key] = r.program
         say(str(rows[-1]))
     if "stitch" in chosen:
-        small = (
-            parse_pipeline(SMALL).run(original, ctx=PassContext(calibration_inputs=calib)).program
-        )
+        if "lowrank-sens" in healed:
+            small = healed["lowrank-sens"]
+        else:
+            say(f"small anchor: {SMALL},{heal}")
+            ctx = PassContext(calibration_inputs=calib, progress=_progress)
+            small = parse_pipeline(f"{SMALL},{heal}").run(original, ctx=ctx).program
+        small_cos = cosine(small)
+        heal_stitch = heal_stitch.replace(f"steps={a.steps},", f"steps={a.stitch_steps},")
         for share in ("pair", "window"):
             pipe = f"stitch{{anchors=small,share={share},calib_samples=16}}"
             say(f"running {pipe}")
@@ -302,13 +327,13 @@ def main(argv: list[str] | None = None) -> int:
             except PassError as e:  # e.g. a diverging loss: report it, keep the other rows
                 say(f"{pipe}: heal failed: {e.one_line()}")
                 continue
-            n = len(stitched.attrs["stitch"]["configs"])
-            before = [cosine(select_config(stitched, c)) for c in range(n)]
-            after = [cosine(select_config(r.program, c)) for c in range(n)]
+            configs = stitched.attrs["stitch"]["configs"]
+            before = [cosine(select_config(stitched, c)) for c in range(len(configs))]
+            after = [cosine(select_config(r.program, c)) for c in range(len(configs))]
             st = r.stats["passes"][-1]["stats"]
             rows.append(
                 {
-                    "row": f"`{pipe}` ({n} configurations: worst / mean)",
+                    "row": f"`{pipe}` ({len(configs)} configurations: worst / mean)",
                     "before": _worst_mean(before),
                     "after": _worst_mean(after),
                     "seconds": r.stats["passes"][-1]["seconds"],
@@ -316,6 +341,19 @@ def main(argv: list[str] | None = None) -> int:
                     "held": st["held_out"],
                 }
             )
+            for kind in CUT_KINDS:
+                idx = [i for i, c in enumerate(configs) if _cut_kind(c) == kind]
+                if idx:
+                    kinds.append(
+                        {
+                            "share": share,
+                            "kind": kind,
+                            "n": len(idx),
+                            "before": _worst_mean([before[i] for i in idx]),
+                            "after": _worst_mean([after[i] for i in idx]),
+                            "reach": sum(after[i]["real"] >= 0.95 for i in idx),
+                        }
+                    )
             say(str(rows[-1]))
 
     lines = [
@@ -330,6 +368,23 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['trained']:,} | {r['held']['before']:.4f} → {r['held']['after']:.4f} | "
             f"{_cpu(r)} / {r['seconds']:.0f} s |"
         )
+    if kinds:
+        lines += [
+            "",
+            f"The stitch rows by kind of configuration (the small anchor, `{SMALL}` healed as "
+            f"above, scores {_fmt(small_cos['real'])} on real text alone):",
+            "",
+            "| stitch | configurations | n | real text worst / mean before → after | "
+            "template worst / mean before → after | ≥ 0.95 on real text after |",
+            "|---|---|--:|--:|--:|--:|",
+        ]
+        for k in kinds:
+            lines.append(
+                f"| `share={k['share']}` | {CUT_KINDS[k['kind']]} | {k['n']} | "
+                f"{_fmt(k['before']['real'])} → **{_fmt(k['after']['real'])}** | "
+                f"{_fmt(k['before']['template'])} → {_fmt(k['after']['template'])} | "
+                f"{k['reach']} of {k['n']} |"
+            )
     table = "\n".join(lines)
     print(table)
     if a.no_results:
@@ -358,10 +413,14 @@ def main(argv: list[str] | None = None) -> int:
             f"Debian's `fortunes` (real text, another source) and {a.eval} template-corpus "
             f"sentences, disjoint from the training text. `{heal}`: end to end, cosine loss "
             "on the embedding plus, with `match`, on every token's hidden state (the "
-            "LayerNorm outputs both programs compute), only the weights the transform "
-            "created train (`train=new`); stitch rows (no `match`) train "
-            "the stitching layers, configurations in turn. Cells: worst / mean over the "
-            "configurations for stitch.",
+            "LayerNorm outputs both programs compute), "
+            + (
+                "only the weights the transform created train (`train=new`)"
+                if a.train == "new"
+                else f"the weights `train={a.train}` names train"
+            )
+            + "; stitch rows (no `match`) train, configurations in turn. Cells: worst / mean "
+            "over the configurations for stitch.",
             "",
             table,
             END,
@@ -378,6 +437,13 @@ def _progress(message: str, done: int, total: int) -> None:
 
 def _cpu(row: dict) -> str:
     return f"{row['cpu']:.0f}" if "cpu" in row else "–"
+
+
+def _cut_kind(config: dict) -> str:
+    if "anchor" in config:
+        return "anchor"
+    j, m = config["cut"]
+    return {1: "forward", 0: "rerun1", -1: "rerun2"}.get(m - j, "other")
 
 
 def _worst_mean(per_config: list[dict[str, float]]) -> dict[str, tuple[float, float]]:

@@ -124,6 +124,23 @@ def test_blocks_are_found_from_module_paths():
     assert len(conv.boundary) == 5
 
 
+def test_blocks_with_factored_linears_still_repeat():
+    """A lowrank anchor that factored different Linears in different blocks (as
+    alloc=sensitivity does) still has repeated blocks: a factored Linear is the Linear."""
+    from splice.passes import PassContext
+
+    dense = _family("bert", 32, depth=2)
+    small = parse_pipeline("lowrank{ratio=0.5,targets=*.layer.0.*}").run(dense).program
+    blocks = find_blocks(small)
+    assert (blocks.prefix, blocks.depth) == ("bert.encoder.layer", 2)
+    calib = [_inputs("bert", s) for s in range(1, 9)]
+    ctx = PassContext(sample_inputs=calib, programs={"small": small})
+    out = parse_pipeline("stitch{anchors=small,calib_samples=8}").run(dense, ctx=ctx).program
+    with torch.no_grad():
+        assert torch.equal(out(*calib[0], torch.tensor(0)), small(*calib[0]))
+        assert torch.equal(out(*calib[0], torch.tensor(1)), dense(*calib[0]))
+
+
 def test_anchor_configurations_equal_their_anchors_exactly(stitched):
     family, small, large, calib, r = stitched
     p = r.program

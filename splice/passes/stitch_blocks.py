@@ -42,25 +42,33 @@ class Blocks:
         return len(self.blocks)
 
 
+#: ops compared as another when blocks are matched: a factored Linear is the block's Linear,
+#: so a ``lowrank`` program whose blocks kept different Linears dense (``alloc=sensitivity``)
+#: still has repeated blocks
+_SAME_AS = {"splice.lowrank_linear.default": "aten.linear.default"}
+
+
 def _block_prefix(program: Program) -> str:
     """The module path whose integer-indexed children are the most repeated *same* blocks:
-    children ``0..n-1`` that run the same sequence of ops (a ``Sequential`` stem of conv,
-    norm and activation has indexed children too, but they are not repeats)."""
+    children ``0..n-1`` that run the same sequence of ops, up to :data:`_SAME_AS` (a
+    ``Sequential`` stem of conv, norm and activation has indexed children too, but they are
+    not repeats)."""
     sigs: dict[str, dict[int, list[Any]]] = {}
     for n in program.graph.nodes:
         if n.op != "call_function":
             continue
         parts = M.loc(n).module_path.split(".")
+        op = _SAME_AS.get(str(n.target), str(n.target))
         for k, p in enumerate(parts):
             if p.isdigit():
-                sigs.setdefault(".".join(parts[:k]), {}).setdefault(int(p), []).append(n.target)
+                sigs.setdefault(".".join(parts[:k]), {}).setdefault(int(p), []).append(op)
     best, best_score = "", 0
     for prefix, by_index in sigs.items():
         if set(by_index) != set(range(len(by_index))):
             continue
         counts: dict[tuple, int] = {}
         for ops in by_index.values():
-            counts[tuple(map(str, ops))] = counts.get(tuple(map(str, ops)), 0) + 1
+            counts[tuple(ops)] = counts.get(tuple(ops), 0) + 1
         score = max(counts.values())
         if score >= 2 and (score, -len(prefix)) > (best_score, -len(best)):
             best, best_score = prefix, score
