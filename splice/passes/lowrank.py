@@ -531,11 +531,6 @@ class LowRank(Pass):
             return [energy_rank(f.sigma, self.energy) for f in factors]
         if self.ratio is not None:
             return [max(1, math.floor(self.ratio * break_even(m, n))) for m, n in shapes]
-        losses = [torch.cat([(f.sigma.flip(0) ** 2).cumsum(0).flip(0), f.sigma.new_zeros(1)])
-                  for f in factors]  # fmt: skip
-        if self.alloc == "relative":
-            # relative to each layer's energy, so layers whose activations differ in scale compare
-            losses = [loss / max(float(loss[0]), 1e-30) for loss in losses]
         if self.budget_params is not None:
             costs = [[float(k * (m + n)) for k in range(len(f.sigma) + 1)]
                      for f, (m, n) in zip(factors, shapes)]  # fmt: skip
@@ -557,8 +552,14 @@ class LowRank(Pass):
             budget = self.budget_latency * sum(dense)
         if self.alloc == "sensitivity":
             return self._sensitivity_ranks(
-                program, ctx, groups, factors, costs, dense, budget, info
+                program, ctx, groups, factors, shapes, costs, dense, budget, info
             )
+        # the truncation loss at each rank: the energy of the dropped singular values
+        losses = [torch.cat([(f.sigma.flip(0) ** 2).cumsum(0).flip(0), f.sigma.new_zeros(1)])
+                  for f in factors]  # fmt: skip
+        if self.alloc == "relative":
+            # relative to each layer's energy, so layers whose activations differ in scale compare
+            losses = [loss / max(float(loss[0]), 1e-30) for loss in losses]
         return allocate(losses, costs, dense, budget)
 
     def _sensitivity_ranks(
@@ -567,6 +568,7 @@ class LowRank(Pass):
         ctx: PassContext,
         groups: list[list[LinearSite]],
         factors: list[Factors],
+        shapes: list[tuple[int, int]],
         costs: list[list[float]],
         dense: list[float],
         budget: float,
@@ -591,10 +593,9 @@ class LowRank(Pass):
         total = len(groups) * self.grid
         ctx.progress("lowrank: sensitivity", 0, total)
         choices: list[list[tuple[float, float, int | None]]] = []
-        for i, (g, f) in enumerate(zip(groups, factors)):
+        for i, (g, f, (m, n)) in enumerate(zip(groups, factors, shapes)):
             s, kind = g[0], program.weight_kind(g[0].weight)
             stored = program.get_weight(s.weight)
-            m, n = int(f.A.shape[0]), int(f.B.shape[1])
             ranks = sorted(
                 {
                     max(1, int(j * break_even(m, n) / (self.grid + 1)))
