@@ -389,8 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     if kinds:
         lines += [
             "",
-            f"The stitch rows by kind of configuration (the small anchor, `{SMALL}` healed as "
-            f"above, scores {_fmt(small_cos['real'])} on real text alone):",
+            f"The stitch rows by kind of configuration, healed with `{heal_stitch}` (the "
+            f"small anchor, `{SMALL}` healed as above, scores {_fmt(small_cos['real'])} on "
+            "real text alone):",
             "",
             "| stitch | configurations | n | real text worst / mean before → after | "
             "template worst / mean before → after | ≥ 0.95 on real text after |",
