@@ -9,8 +9,10 @@ its blocks ``0..j``, a stitching layer maps its activation to the end anchor's w
 the end (larger) anchor continues from block ``m`` through its head.
 
 * **Blocks** (:func:`find_blocks`): the repeated blocks of a program are the children of
-  the module path with the most consecutive integer-indexed children
-  (``encoder.layer.0..11``, ``transformer.h.*``, ``stages.*``). Each block's nodes must be
+  the module path with the most consecutive integer-indexed children that run the same ops
+  (``encoder.layer.0..11``, ``transformer.h.*``, ``stages.*``; a factored Linear,
+  ``splice::lowrank_linear``, counts as the Linear, so a ``lowrank`` anchor whose blocks
+  factored different Linears still repeats). Each block's nodes must be
   contiguous; the value flowing from one block to the next is the *boundary* activation
   (exactly one per boundary, else the pass says why), and values computed before the first
   block and read inside them (attention masks, rotary tables) are *side* values.
