@@ -9,12 +9,13 @@ exactly one activation must cross each boundary, else a PassError says why.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
+import torch
 import torch.fx as fx
 
 from splice.errors import PassError
 from splice.ir import meta as M
+from splice.ir.ops import lowrank_linear
 from splice.ir.program import Program
 
 
@@ -45,7 +46,7 @@ class Blocks:
 #: ops compared as another when blocks are matched: a factored Linear is the block's Linear,
 #: so a ``lowrank`` program whose blocks kept different Linears dense (``alloc=sensitivity``)
 #: still has repeated blocks
-_SAME_AS = {"splice.lowrank_linear.default": "aten.linear.default"}
+_SAME_AS = {lowrank_linear.overload: torch.ops.aten.linear.default}
 
 
 def _block_prefix(program: Program) -> str:
@@ -53,12 +54,12 @@ def _block_prefix(program: Program) -> str:
     children ``0..n-1`` that run the same sequence of ops, up to :data:`_SAME_AS` (a
     ``Sequential`` stem of conv, norm and activation has indexed children too, but they are
     not repeats)."""
-    sigs: dict[str, dict[int, list[Any]]] = {}
+    sigs: dict[str, dict[int, list[str]]] = {}
     for n in program.graph.nodes:
         if n.op != "call_function":
             continue
         parts = M.loc(n).module_path.split(".")
-        op = _SAME_AS.get(str(n.target), str(n.target))
+        op = str(_SAME_AS.get(n.target, n.target))
         for k, p in enumerate(parts):
             if p.isdigit():
                 sigs.setdefault(".".join(parts[:k]), {}).setdefault(int(p), []).append(op)
