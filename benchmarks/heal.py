@@ -267,12 +267,15 @@ def main(argv: list[str] | None = None) -> int:
                 out[k] = float(torch.nn.functional.cosine_similarity(got, ref, dim=-1).mean())
         return out
 
-    match = f',match="{a.match}"' if a.match else ""
-    heal = (
-        f"heal{{steps={a.steps},lr={a.lr},loss=cosine,batch={a.heal_batch},"
-        f"schedule={a.schedule}{match}" + (f',train="{a.train}"' if a.train != "new" else "") + "}"
-    )
-    heal_stitch = heal.replace(match, "")  # a stitch program's configurations: outputs only
+    def heal_spec(steps: int, lr: float, match: str) -> str:
+        opts = [f"steps={steps}", f"lr={lr}", "loss=cosine", f"batch={a.heal_batch}"]
+        opts += [f"schedule={a.schedule}"] + ([f'match="{match}"'] if match else [])
+        opts += [f'train="{a.train}"'] if a.train != "new" else []
+        return "heal{" + ",".join(opts) + "}"
+
+    heal = heal_spec(a.steps, a.lr, a.match)
+    # a stitch program's configurations: outputs only, its own steps and lr
+    heal_stitch = heal_spec(a.stitch_steps, a.stitch_lr, "")
     rows: list[dict] = []
     kinds: list[dict] = []  # the stitch rows by kind of cut
     healed: dict[str, splice.Program] = {}
@@ -326,9 +329,6 @@ def main(argv: list[str] | None = None) -> int:
             ctx = PassContext(calibration_inputs=calib, progress=_progress)
             small = parse_pipeline(f"{SMALL},{heal}").run(original, ctx=ctx).program
         small_cos = cosine(small)
-        heal_stitch = heal_stitch.replace(
-            f"steps={a.steps},lr={a.lr},", f"steps={a.stitch_steps},lr={a.stitch_lr},"
-        )
         for share in ("pair", "window"):
             pipe = f"stitch{{anchors=small,share={share},calib_samples=16}}"
             say(f"running {pipe}")
