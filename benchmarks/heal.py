@@ -12,9 +12,10 @@ created):
   spread by each layer's relative truncation loss (row ``lowrank``) or by its measured
   end-to-end effect (``alloc=sensitivity``, row ``lowrank-sens``);
 * ``experts{num_experts=8,top_k=2|4,router=trained}``;
-* ``stitch`` with its low-rank self (:data:`SMALL`, the ``lowrank-sens`` transform healed),
-  ``share=pair`` and SN-Net's ``share=window``: every configuration, worst and mean, and by
-  kind of cut (:data:`CUT_KINDS`: SN-Net's paired stitching of equal depths also makes
+* ``stitch`` with its low-rank self (:data:`SMALL`, the ``lowrank-sens`` transform healed):
+  ``cuts=forward`` (SN-Netv2's enumeration, every block runs once) and SN-Net's
+  ``cuts=all`` with ``share=pair`` and ``share=window``: every configuration, worst and mean,
+  and by kind of cut (:data:`CUT_KINDS`: SN-Net's paired stitching of equal depths also makes
   configurations that run a block twice, where the stitching layer has to undo a block).
 
 For each row: the mean cosine between the transformed and the original sentence embeddings
@@ -216,6 +217,13 @@ def main(argv: list[str] | None = None) -> int:
         help="heal lr on a stitch (default --lr; the stitching layers are new maps: a "
         "re-run cut's layer alone reached 0.844 in 300 steps at 1e-3, 0.801 at 1e-4)",
     )
+    ap.add_argument(
+        "--cuts",
+        default="forward,all",
+        help="stitch rows: the stitch pass's cuts= values to run (comma-separated). `forward` "
+        "(SN-Netv2: each block runs once) with per-pair layers (at window 2 a window-shared "
+        "layer serves one pair: the same map); `all` (SN-Net) with share=pair and share=window",
+    )
     ap.add_argument("--rows", default="lowrank,lowrank-sens,experts2,experts4,stitch")
     ap.add_argument("--results", type=Path, default=RESULTS, help="results file to update")
     ap.add_argument("--no-results", action="store_true")
@@ -329,8 +337,14 @@ def main(argv: list[str] | None = None) -> int:
             ctx = PassContext(calibration_inputs=calib, progress=_progress)
             small = parse_pipeline(f"{SMALL},{heal}").run(original, ctx=ctx).program
         small_cos = cosine(small)
-        for share in ("pair", "window"):
-            pipe = f"stitch{{anchors=small,share={share},calib_samples=16}}"
+        stitches = [
+            (share, cuts)
+            for cuts in a.cuts.split(",")
+            for share in (("pair", "window") if cuts == "all" else ("pair",))
+        ]
+        for share, cuts in stitches:
+            opt = ",cuts=forward" if cuts == "forward" else ""
+            pipe = f"stitch{{anchors=small,share={share},calib_samples=16{opt}}}"
             say(f"running {pipe}")
             ctx = PassContext(calibration_inputs=calib, programs={"small": small})
             stitched = parse_pipeline(pipe).run(original, ctx=ctx).program
@@ -364,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
                 if idx:
                     kinds.append(
                         {
-                            "share": share,
+                            "stitch": f"`share={share}`" + (f", `cuts={cuts}`" if opt else ""),
                             "kind": kind,
                             "n": len(idx),
                             "before": _worst_mean([before[i] for i in idx]),
@@ -399,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         for k in kinds:
             lines.append(
-                f"| `share={k['share']}` | {CUT_KINDS[k['kind']]} | {k['n']} | "
+                f"| {k['stitch']} | {CUT_KINDS[k['kind']]} | {k['n']} | "
                 f"{_fmt(k['before']['real'])} → **{_fmt(k['after']['real'])}** | "
                 f"{_fmt(k['before']['template'])} → {_fmt(k['after']['template'])} | "
                 f"{k['reach']} of {k['n']} |"

@@ -407,3 +407,33 @@ def test_an_unknown_anchor_is_an_error():
         "(loading it: nowhere is not a saved splice program (no manifest.json))"
     )
     assert e.value.hint == "save it with splice.save or pass PassContext(programs={...})"
+
+
+def test_forward_cuts_keep_only_pairs_that_run_each_block_once():
+    """``cuts=forward`` (SN-Netv2): of the window's cuts (0,0), (0,1), (1,0), (1,1) only
+    (0, 1) is kept — front block 0, then the end's block 1 — and its route is the one by hand."""
+    from splice.passes import parse_pipeline
+
+    ws, large, calib, ctx = _family()
+    small = splice.parse_ir(SMALL, ws)
+    r = parse_pipeline("stitch{anchors=large,calib_samples=8,cuts=forward}").run(small, ctx=ctx)
+    q = r.program
+    configs = q.attrs["stitch"]["configs"]
+    assert [c.get("cut") for c in configs] == [None, None, [0, 1]]
+    assert r.stats["passes"][0]["stats"]["cuts"] == "forward"
+    wl = {k: large.get_weight(k) for k in ("blocks.0.weight", "blocks.1.weight", "head.weight")}
+    lw, lb = q.get_weight("stitch.0_1.0.weight"), q.get_weight("stitch.0_1.0.bias")
+    for (x,) in calib[:3]:
+        want = _route(ws, wl, lambda h: h @ lw.T + lb, x, (0, 1))
+        torch.testing.assert_close(q(x, torch.tensor(2)), want, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(q(x, torch.tensor(1)), large(x), atol=1e-6, rtol=1e-6)
+
+
+def test_an_unknown_cuts_is_an_error():
+    from splice.errors import PipelineError
+    from splice.passes import parse_pipeline
+
+    with pytest.raises(PipelineError) as e:
+        parse_pipeline("stitch{anchors=large,cuts=skip}").passes[0].validate()
+    assert e.value.message == "stitch: unknown cuts 'skip'"
+    assert e.value.hint == "cuts: all, forward"

@@ -97,6 +97,19 @@ def test_configuration_counts_follow_sn_net():
     assert unpaired_stitching(2, 4) == ([(0, 2)], [0])
 
 
+def test_forward_cuts_drop_the_pairs_that_rerun_blocks():
+    """SN-Netv2 keeps only m > j: no block runs twice."""
+    pairs, layer_of = paired_stitching(12, window=2, stride=1, cuts="forward")
+    assert pairs == [(j, j + 1) for j in range(11)] and layer_of == list(range(11))
+    pairs, layer_of = paired_stitching(6, window=3, stride=1, cuts="forward")
+    # a window of 3 also skips a block: (j, j+2) runs blocks 0..j and j+2..
+    assert pairs[:3] == [(0, 1), (0, 2), (1, 2)] and layer_of[:3] == [0, 0, 0]
+    assert all(m > j for j, m in pairs) and len(pairs) == 5 + 4
+    with pytest.raises(PassError) as e:
+        paired_stitching(4, cuts="skip")
+    assert e.value.message == "unknown cuts='skip'" and e.value.hint == "cuts: all, forward"
+
+
 def test_least_squares_between_identical_features_is_the_identity():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(400, 24, generator=g)

@@ -19,7 +19,13 @@ the end (larger) anchor continues from block ``m`` through its head.
 * **Enumeration** follows SN-Net's paired stitching for equal depths: a window of ``window``
   blocks slides by ``stride``; every front/end pair ``(j, m)`` inside the window that no
   earlier window produced is a configuration, and each window adds one stitching layer that
-  all its new pairs share (depth 12, window 2, stride 1 → 34 configurations, 11 layers). For
+  all its new pairs share (depth 12, window 2, stride 1 → 34 configurations, 11 layers).
+  A pair with ``m <= j`` runs blocks ``m..j`` twice, so its stitching layer has to undo a
+  block; ``cuts=forward`` keeps only ``m > j`` as SN-Netv2 does (depth 12, window 2 → 11
+  configurations, one layer each: every block runs once, and ``share`` no longer matters at
+  window 2). On all-MiniLM-L6-v2 stitched with its low-rank self the re-run configurations
+  are the ones far below the anchors (benchmarks/heal.py: worst 0.75 against 0.95 for the
+  forward cuts). For
   unequal depths each front block ``j`` is stitched to the end block at the same relative
   depth, ``m = round((j + 1) · L_end / L_front)`` (SN-Netv2's rule), one layer each. With
   more than two anchors, adjacent anchors (by FLOPs) are paired, small → large.
@@ -74,6 +80,7 @@ from splice.passes.bind import bind_input
 from splice.passes.registry import register_pass
 from splice.passes.stitch_blocks import Blocks, find_blocks
 from splice.passes.stitch_fit import (
+    CUTS,
     Config,
     boundary_features,
     fit_layers,
@@ -104,6 +111,7 @@ def stitch_programs(
     lora_rank: int = 8,
     share: str = "window",
     names: Sequence[str] | None = None,
+    cuts: str = "all",
 ) -> StitchResult:
     """Stitch ``anchors`` (smallest first after sorting by FLOPs) into one program whose
     configuration is its ``config`` input; least squares on ``calib`` inputs."""
@@ -115,6 +123,8 @@ def stitch_programs(
         raise PassError("stitch needs calibration inputs for the least-squares initialisation")
     if share not in SHARES:
         raise PassError(f"unknown share={share!r}", hint=f"share: {', '.join(SHARES)}")
+    if cuts not in CUTS:
+        raise PassError(f"unknown cuts={cuts!r}", hint=f"cuts: {', '.join(CUTS)}")
     first = anchors[0]
     for k, a in enumerate(anchors):
         if a.input_names != first.input_names or a.input_specs != first.input_specs:
@@ -148,7 +158,7 @@ def stitch_programs(
     feats = [boundary_features(a.program, a.blocks, calib) for a in anc]
     layers, configs, n_layers = fit_layers(
         feats, [a.blocks.depth for a in anc], names, window=window, stride=stride,
-        share=share, kind=kind, lora_rank=lora_rank,
+        share=share, kind=kind, lora_rank=lora_rank, cuts=cuts,
     )  # fmt: skip
 
     program = build_program(anc, configs, layers, kind)
@@ -166,6 +176,7 @@ def stitch_programs(
         "block_prefixes": [a.blocks.prefix for a in anc],
         "kind": kind,
         "share": share,
+        "cuts": cuts,
     }
     return StitchResult(program, configs, stats)
 
@@ -209,6 +220,7 @@ class Stitch(Pass):
     kind: str = "linear"
     lora_rank: int = 8
     share: str = "window"
+    cuts: str = "all"
 
     def validate(self) -> None:
         if not self.anchors:
@@ -223,6 +235,10 @@ class Stitch(Pass):
         if self.share not in SHARES:
             raise PipelineError(
                 f"stitch: unknown share {self.share!r}", hint=f"share: {', '.join(SHARES)}"
+            )
+        if self.cuts not in CUTS:
+            raise PipelineError(
+                f"stitch: unknown cuts {self.cuts!r}", hint=f"cuts: {', '.join(CUTS)}"
             )
         if self.window < 1 or self.stride < 1 or self.calib_samples < 1 or self.lora_rank < 1:
             raise PipelineError("stitch: window, stride, calib_samples and lora_rank must be >= 1")
@@ -252,7 +268,7 @@ class Stitch(Pass):
         ctx.progress("stitching", 0, 1)
         r = stitch_programs(
             [program, *others], calib, window=self.window, stride=self.stride, kind=self.kind,
-            lora_rank=self.lora_rank, share=self.share,
+            lora_rank=self.lora_rank, share=self.share, cuts=self.cuts,
         )  # fmt: skip
         ctx.progress("stitching", 1, 1)
         return PassResult(

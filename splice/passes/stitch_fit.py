@@ -50,19 +50,29 @@ class Config:
         return f"{names[self.front]}[0..{j}] → {names[self.end]}[{m}..]"
 
 
+#: which (front block j, end block m) cuts paired stitching keeps
+CUTS = ("all", "forward")
+
+
 def paired_stitching(
-    depth: int, window: int = 2, stride: int = 1
+    depth: int, window: int = 2, stride: int = 1, cuts: str = "all"
 ) -> tuple[list[tuple[int, int]], list[int]]:
     """SN-Net's paired stitching for two anchors of equal ``depth``: the (front block j,
-    end block m) pairs and, per pair, its stitching layer (one per window with new pairs)."""
+    end block m) pairs and, per pair, its stitching layer (one per window with new pairs).
+
+    ``cuts="all"`` keeps every pair of the window (SN-Net): ``m <= j`` runs blocks ``m..j``
+    twice. ``cuts="forward"`` keeps only ``m > j`` (SN-Netv2 drops ``j >= m``): every block
+    runs at most once, so no stitching layer has to undo a block."""
     if window < 1 or stride < 1:
         raise PassError(f"window and stride must be >= 1, got window={window} stride={stride}")
+    if cuts not in CUTS:
+        raise PassError(f"unknown cuts={cuts!r}", hint=f"cuts: {', '.join(CUTS)}")
     pairs: list[tuple[int, int]] = []
     layer_of: list[int] = []
     layer = -1
     for start in range(0, depth, stride):
         ids = list(range(start, min(start + window, depth)))
-        new = [(j, m) for j in ids for m in ids if (j, m) not in pairs]
+        new = [(j, m) for j in ids for m in ids if (j, m) not in pairs and (cuts == "all" or m > j)]
         if new:
             layer += 1
             pairs.extend(new)
@@ -136,6 +146,7 @@ def fit_layers(
     share: str,
     kind: str,
     lora_rank: int,
+    cuts: str = "all",
 ) -> tuple[dict[str, dict[str, torch.Tensor]], list[Config], int]:
     """Stitching layers and configurations for anchors sorted small to large: ``feats[a]``
     are anchor ``a``'s :func:`boundary_features`, ``depths[a]`` its block count. Adjacent
@@ -148,7 +159,7 @@ def fit_layers(
         e = f + 1
         lf, le = depths[f], depths[e]
         pairs, layer_of = (
-            paired_stitching(lf, window, stride) if lf == le else unpaired_stitching(lf, le)
+            paired_stitching(lf, window, stride, cuts) if lf == le else unpaired_stitching(lf, le)
         )
         if share == "pair":
             layer_of = list(range(len(pairs)))
@@ -184,6 +195,7 @@ def fit_layers(
 
 
 __all__ = [
+    "CUTS",
     "Config",
     "boundary_features",
     "fit_layers",
