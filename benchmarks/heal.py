@@ -22,8 +22,10 @@ For each row: the mean cosine between the transformed and the original sentence 
 before and after ``heal``, on held-out *real* text of another source than the calibration
 and training text, and on the template corpus (``splice.models.corpus``), plus the healing
 time. The transforms calibrate on ``--calib`` sentences packed 2-3 per row of 32 tokens;
-``heal`` trains on ``--heal-text`` other sentences of the same source, each packed with its
-neighbours and alone (padded, as the evaluation runs sentences). The text: by default
+``heal`` trains on ``--heal-text`` sentences of the same source (another seeded draw), each
+packed with its neighbours and alone (padded, as the evaluation runs sentences). Each row's
+heal steps and lr are :data:`RECIPES` (``--steps``/``--lr``, ``--stitch-steps``/``--stitch-lr``
+override them). The text: by default
 (``--text wordnet``) the example sentences of WordNet's glosses (everyday English;
 ``apt-get install wordnet-base``); with ``--text varied`` equal shares of four installed
 prose sources (stdlib docstrings, docstrings of a dozen packages, man pages of section 1,
@@ -302,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                 out[k] = float(torch.nn.functional.cosine_similarity(got, ref, dim=-1).mean())
         return out
 
-    def heal_spec(steps: int, lr: float, match: str) -> str:
+    def heal_spec(steps: int | str, lr: float | str, match: str) -> str:
         opts = [f"steps={steps}", f"lr={lr}", "loss=cosine", f"batch={a.heal_batch}"]
         opts += [f"schedule={a.schedule}"] + ([f'match="{match}"'] if match else [])
         opts += [f'train="{a.train}"'] if a.train != "new" else []
@@ -483,12 +485,12 @@ def main(argv: list[str] | None = None) -> int:
                 "docstrings": "the Python standard library's docstrings",
             }[a.text]
             + f"; the transforms calibrate on {a.calib} sentences packed 2-3 per row "
-            f"({len(calib)} batches of {B}×32 tokens), `heal` trains on {a.heal_text} others "
-            f"of the same source, packed and each alone ({len(train_rows)} batches; a quarter "
+            f"({len(calib)} batches of {B}×32 tokens), `heal` trains on {a.heal_text} sentences "
+            f"of the same source (another seeded draw), packed and each alone ({len(train_rows)} batches; a quarter "
             f"held out by heal for its loss). Evaluation: {a.eval} quotations from "
             f"Debian's `fortunes` (real text, another source) and {a.eval} template-corpus "
             "sentences, disjoint from the training text. `"
-            + heal_spec(0, 0.0, a.match).replace("steps=0,lr=0.0", "steps=S,lr=L")
+            + heal_spec("S", "L", a.match)
             + "` with each row's steps S and lr L (column *heal steps / lr*): end to end, "
             "cosine loss "
             "on the embedding plus, with `match`, on every token's hidden state (the "
