@@ -312,12 +312,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def recipe(key: str) -> tuple[int, float]:
         steps, lr = RECIPES[key]
-        if key == "stitch":
-            return (a.stitch_steps or steps, a.stitch_lr or lr)
-        return (steps if a.steps is None else a.steps, lr if a.lr is None else a.lr)
+        given = (a.stitch_steps, a.stitch_lr) if key == "stitch" else (a.steps, a.lr)
+        return (steps if given[0] is None else given[0], lr if given[1] is None else given[1])
 
     # a stitch program's configurations: outputs only, its own steps and lr
-    heal_stitch = heal_spec(*recipe("stitch"), "")
+    stitch_steps, stitch_lr = recipe("stitch")
+    heal_stitch = heal_spec(stitch_steps, stitch_lr, "")
     rows: list[dict] = []
     kinds: list[dict] = []  # the stitch rows by kind of cut
     healed: dict[str, splice.Program] = {}
@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(
                 {
                     "row": f"`{pipe}` ({len(configs)} configurations: worst / mean)",
-                    "recipe": "{} / {:g}".format(*recipe("stitch")),
+                    "recipe": f"{stitch_steps} / {stitch_lr:g}",
                     "before": _worst_mean(before),
                     "after": _worst_mean(after),
                     "seconds": r.stats["passes"][-1]["seconds"],
