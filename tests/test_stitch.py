@@ -80,19 +80,20 @@ def stitched(request):
     family = request.param
     small, large = (_family(family, w) for w in FAMILIES[family])
     calib = [_inputs(family, s) for s in range(1, 17)]
-    result = stitch_programs([large, small], calib)  # any order: sorted by FLOPs
+    # SN-Net's cuts=all: the routes that re-run a block are built (and must run) too
+    result = stitch_programs([large, small], calib, cuts="all")  # any order: sorted by FLOPs
     return family, small, large, calib, result
 
 
 def test_configuration_counts_follow_sn_net():
-    pairs, layer_of = paired_stitching(12, window=2, stride=1)
+    pairs, layer_of = paired_stitching(12, window=2, stride=1, cuts="all")
     assert len(pairs) == 34 and len(set(layer_of)) == 11
     assert pairs[:4] == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    pairs, layer_of = paired_stitching(4)
+    pairs, layer_of = paired_stitching(4, cuts="all")
     assert len(pairs) == 10 and len(set(layer_of)) == 3
     # every pair is new, and a window's new pairs share its layer
     assert len(set(pairs)) == len(pairs)
-    pairs, _ = paired_stitching(12, window=3, stride=1)
+    pairs, _ = paired_stitching(12, window=3, stride=1, cuts="all")
     assert len(pairs) == 9 + 9 * 5  # first window 9, then 5 new pairs per shift
     assert unpaired_stitching(2, 4) == ([(0, 2)], [0])
 
@@ -101,6 +102,8 @@ def test_forward_cuts_drop_the_pairs_that_rerun_blocks():
     """SN-Netv2 keeps only m > j: no block runs twice."""
     pairs, layer_of = paired_stitching(12, window=2, stride=1, cuts="forward")
     assert pairs == [(j, j + 1) for j in range(11)] and layer_of == list(range(11))
+    assert paired_stitching(12) == (pairs, layer_of)  # the default
+    assert paired_stitching(4, window=1, cuts="forward") == ([], [])
     pairs, layer_of = paired_stitching(6, window=3, stride=1, cuts="forward")
     # a window of 3 also skips a block: (j, j+2) runs blocks 0..j and j+2..
     assert pairs[:3] == [(0, 1), (0, 2), (1, 2)] and layer_of[:3] == [0, 0, 0]
@@ -201,7 +204,7 @@ def test_a_window_layer_is_the_mean_of_its_pairs_least_squares_solutions():
     the mean over its pairs (0,0), (0,1), (1,0), (1,1) of [h_F(j+1), 1]·A ≈ h_E(m)."""
     a = _family("conv", 8)
     calib = [_inputs("conv", s) for s in range(1, 9)]
-    r = stitch_programs([a, a], calib)
+    r = stitch_programs([a, a], calib, cuts="all")
     blocks = find_blocks(a)
     probe = a.copy()
     for i, name in enumerate(blocks.boundary):
@@ -305,9 +308,21 @@ def test_stitch_table_cli(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "route" not in line]
-    assert len(rows) == 2 + 4  # two anchors, depth 2 with window 2: four stitches
+    assert len(rows) == 2 + 1  # two anchors, depth 2 with window 2: the forward cut (0, 1)
     assert "conv_family width=8 depth=2[0..0] → conv_family width=16 depth=2[1..]" in out
     # the largest anchor is the fidelity reference and on the Pareto front
     largest = next(r for r in rows if r.split("|")[2].strip() == "conv_family width=16 depth=2")
     assert "1.0000" in largest and "★" in largest
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # SN-Net's enumeration: every pair of the window, (0,0), (0,1), (1,0), (1,1)
+    family = [
+        "splice.models:conv_family?width=8&depth=2",
+        "splice.models:conv_family?width=16&depth=2",
+    ]
+    assert main(["stitch-table", *family, "--no-latency", "--calib", "4", "--eval", "2",
+                 "--cuts", "all", "--share", "pair"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert (
+        len([line for line in out.splitlines() if line.startswith("| ") and "route" not in line])
+        == 6
+    )

@@ -16,16 +16,20 @@ the end (larger) anchor continues from block ``m`` through its head.
   contiguous; the value flowing from one block to the next is the *boundary* activation
   (exactly one per boundary, else the pass says why), and values computed before the first
   block and read inside them (attention masks, rotary tables) are *side* values.
-* **Enumeration** follows SN-Net's paired stitching for equal depths: a window of ``window``
-  blocks slides by ``stride``; every front/end pair ``(j, m)`` inside the window that no
-  earlier window produced is a configuration, and each window adds one stitching layer that
-  all its new pairs share (depth 12, window 2, stride 1 → 34 configurations, 11 layers).
-  A pair with ``m <= j`` runs blocks ``m..j`` twice, so its stitching layer has to undo a
-  block; ``cuts=forward`` keeps only ``m > j`` as SN-Netv2 does (depth 12, window 2 → 11
-  configurations, one layer each: every block runs once, and ``share`` no longer matters at
-  window 2). On all-MiniLM-L6-v2 stitched with its low-rank self, healed, the re-run
-  configurations are the ones far below the anchors (benchmarks/heal.py, real text: down to
-  0.75), while every ``cuts=forward`` configuration reaches 0.958 or more. For
+* **Enumeration** (``cuts``): a window of ``window`` blocks slides by ``stride``; every
+  front/end pair ``(j, m)`` inside the window that no earlier window produced is a
+  configuration, and each window adds one stitching layer that all its new pairs share.
+  ``cuts=forward`` (the default, SN-Netv2's enumeration: its code drops ``j >= m``) keeps only
+  ``m > j``, so every block runs once (depth 12, window 2 → 11 configurations, one layer
+  each; ``share`` no longer matters at window 2; ``window=1`` has no such pair and is
+  refused). ``cuts=all`` is SN-Net's paired stitching as published (depth 12, window 2,
+  stride 1 → 34 configurations, 11 layers): a pair with ``m <= j`` runs blocks ``m..j``
+  twice, so its stitching layer has to undo a block. Why the default is ``forward``: each of
+  those configurations is beaten by a configuration of fewer FLOPs (a forward cut or an
+  anchor) — none is on the FLOPs/fidelity Pareto front of all-MiniLM-L6-v2 stitched with its
+  low-rank self (benchmarks/stitch.py) — and healed they stay far below the anchors
+  (benchmarks/heal.py, real text: down to 0.75), while every forward configuration reaches
+  0.958 or more. For
   unequal depths each front block ``j`` is stitched to the end block at the same relative
   depth, ``m = round((j + 1) · L_end / L_front)`` (SN-Netv2's rule), one layer each. With
   more than two anchors, adjacent anchors (by FLOPs) are paired, small → large.
@@ -111,7 +115,7 @@ def stitch_programs(
     lora_rank: int = 8,
     share: str = "window",
     names: Sequence[str] | None = None,
-    cuts: str = "all",
+    cuts: str = "forward",
 ) -> StitchResult:
     """Stitch ``anchors`` (smallest first after sorting by FLOPs) into one program whose
     configuration is its ``config`` input; least squares on ``calib`` inputs."""
@@ -220,7 +224,7 @@ class Stitch(Pass):
     kind: str = "linear"
     lora_rank: int = 8
     share: str = "window"
-    cuts: str = "all"
+    cuts: str = "forward"
 
     def validate(self) -> None:
         if not self.anchors:
@@ -242,6 +246,12 @@ class Stitch(Pass):
             )
         if self.window < 1 or self.stride < 1 or self.calib_samples < 1 or self.lora_rank < 1:
             raise PipelineError("stitch: window, stride, calib_samples and lora_rank must be >= 1")
+        if self.cuts == "forward" and self.window < 2:
+            raise PipelineError(
+                "stitch: cuts=forward with window=1 makes no stitched configuration "
+                "(a window of one block has no cut j -> m with m > j)",
+                hint="use window >= 2, or cuts=all (SN-Net: block j -> block j)",
+            )
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         others = []

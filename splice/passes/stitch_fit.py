@@ -55,7 +55,7 @@ CUTS = ("all", "forward")
 
 
 def paired_stitching(
-    depth: int, window: int = 2, stride: int = 1, cuts: str = "all"
+    depth: int, window: int = 2, stride: int = 1, cuts: str = "forward"
 ) -> tuple[list[tuple[int, int]], list[int]]:
     """SN-Net's paired stitching for two anchors of equal ``depth``: the (front block j,
     end block m) pairs and, per pair, its stitching layer (one per window with new pairs).
@@ -146,7 +146,7 @@ def fit_layers(
     share: str,
     kind: str,
     lora_rank: int,
-    cuts: str = "all",
+    cuts: str = "forward",
 ) -> tuple[dict[str, dict[str, torch.Tensor]], list[Config], int]:
     """Stitching layers and configurations for anchors sorted small to large: ``feats[a]``
     are anchor ``a``'s :func:`boundary_features`, ``depths[a]`` its block count. Adjacent
@@ -161,6 +161,13 @@ def fit_layers(
         pairs, layer_of = (
             paired_stitching(lf, window, stride, cuts) if lf == le else unpaired_stitching(lf, le)
         )
+        if not pairs:
+            raise PassError(
+                f"no stitching configuration between {names[f]} and {names[e]}: cuts={cuts} "
+                f"with window={window} keeps no (front block, end block) pair of depth {lf}",
+                hint="stitch needs window >= 2 and two or more blocks with cuts=forward, "
+                "or use cuts=all",
+            )
         if share == "pair":
             layer_of = list(range(len(pairs)))
         sols: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}

@@ -362,6 +362,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--stride", type=int_at_least(1), default=1)
     sp.add_argument("--kind", default="linear", help="linear | conv1x1 | lora")
     sp.add_argument(
+        "--share",
+        default="window",
+        choices=("window", "pair"),
+        help="one stitching layer per window (SN-Net) or one per configuration",
+    )
+    sp.add_argument(
+        "--cuts",
+        default="forward",
+        choices=("forward", "all"),
+        help="forward: only cuts j -> m > j, every block runs once (SN-Netv2, default); "
+        "all: every pair of a window (SN-Net), some re-run blocks",
+    )
+    sp.add_argument(
         "--calib", type=int_at_least(1), default=16, help="calibration inputs (random, seeded)"
     )
     sp.add_argument(

@@ -186,6 +186,7 @@ def main_stitch_table(args: Any) -> int:
     calib = calibration_inputs(anchors[0], example, args.calib)
     result = stitch_programs(
         anchors, calib, window=args.window, stride=args.stride, kind=args.kind,
+        share=args.share, cuts=args.cuts,
         names=[s.rsplit(":", 1)[-1].replace("?", " ").replace("&", " ") for s in args.models],
     )  # fmt: skip
     rows = stitch_table(
