@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             for share in (("pair", "window") if cuts == "all" else ("pair",))
         ]
         for share, cuts in stitches:
-            opt = ",cuts=forward" if cuts == "forward" else ""
+            opt = f",cuts={cuts}"
             pipe = f"stitch{{anchors=small,share={share},calib_samples=16{opt}}}"
             say(f"running {pipe}")
             ctx = PassContext(calibration_inputs=calib, programs={"small": small})
