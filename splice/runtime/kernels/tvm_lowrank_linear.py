@@ -244,13 +244,17 @@ def _fp32(e: Any) -> bool:
     return str(getattr(getattr(e, "ty", None), "dtype", "")) == "float32"
 
 
+def _rank(v: Any, k: int) -> int:
+    """The rank the call computes with: its ``rank`` clamped to [0, k], k when it has none."""
+    return k if v.rank is None else max(0, min(int(v.rank), k))
+
+
 def _fused_shape(v: Any) -> tuple[int, int, int, int] | None:
     """(rows, m, n, rank) when the call lowers to the fused kernel, else None."""
     xs, As, Bs = static_shape(v.x), static_shape(v.A), static_shape(v.B)
     if xs is None or As is None or Bs is None:
         return None
-    k = As[1]
-    r = k if v.rank is None else max(0, min(int(v.rank), k))
+    r = _rank(v, As[1])
     rows = _numel(xs[:-1])
     fused = (
         r > 0
@@ -269,10 +273,9 @@ def _ranked(bb: Any, v: Any) -> tuple[Any, Any]:
     from tvm import relax
 
     As = static_shape(v.A)
-    k = As[1] if As is not None else None
-    if v.rank is None or k is None or int(v.rank) >= k:
+    if As is None or _rank(v, As[1]) == As[1]:
         return v.A, v.B
-    r = max(0, int(v.rank))
+    r = _rank(v, As[1])
     A = bb.emit(relax.op.strided_slice(v.A, axes=[1], begin=[0], end=[r]))
     B = bb.emit(relax.op.strided_slice(v.B, axes=[0], begin=[0], end=[r]))
     return A, B
