@@ -15,6 +15,7 @@ from torch import nn
 
 import splice
 from splice.ir.ops import lowrank_linear
+from splice.runtime.kernels.tvm_gemm import MIN_ROWS as GEMM_MIN_ROWS
 from splice.runtime.kernels.tvm_lowrank_linear import LOWRANK_FUSED_MAX_ROWS
 from splice.runtime.kernels.tvm_schedules import CpuShape, lowrank_plan
 from splice.target import get_target
@@ -59,18 +60,19 @@ def compile_and_check(tmp_path, model: nn.Module, x_shape: tuple[int, ...]):
 
 
 # (m, n, k, bias, rank, x shape): k or m not a multiple of 8 exercises the padding of B's or
-# A's rows; rank < k the prefix; rank > k is clamped to k as in the reference
+# A's rows (76 and 100: more than 4 vectors and no whole number of them on AVX2 or AVX-512,
+# so the matmul rule cannot tile them on either); rank < k the prefix; rank > k is clamped to k as in the reference
 FUSED_CASES = [
     pytest.param(64, 48, 20, True, None, (1, 48), id="m1-bias"),
     pytest.param(64, 48, 20, False, None, (1, 48), id="m1-nobias"),
     pytest.param(64, 48, 20, True, 13, (1, 48), id="m1-rank"),
     pytest.param(96, 40, 24, False, 99, (1, 40), id="m1-rank-over-k"),
     pytest.param(64, 48, 20, True, 7, (4, 48), id="m4-bias-rank"),
-    pytest.param(64, 48, 44, True, 37, (8, 48), id="m8-untileable-rank"),
-    pytest.param(64, 48, 44, False, None, (8, 48), id="m8-untileable-k"),
+    pytest.param(64, 48, 76, True, 69, (8, 48), id="m8-untileable-rank"),
+    pytest.param(64, 48, 76, False, None, (8, 48), id="m8-untileable-k"),
     pytest.param(64, 48, 20, True, None, (1, 1, 48), id="3d-decode"),
     pytest.param(64, 48, 20, True, 9, (2, 2, 48), id="3d-m4-rank"),
-    pytest.param(64, 48, 44, True, 37, (2, 3, 48), id="3d-m6-untileable-rank"),
+    pytest.param(64, 48, 76, True, 69, (2, 3, 48), id="3d-m6-untileable-rank"),
     pytest.param(256, 128, 64, True, None, (1, 128), id="m1-wider"),
     pytest.param(60, 48, 20, True, None, (1, 48), id="m1-m-not-multiple-of-8"),
     pytest.param(44, 33, 5, False, 3, (3, 33), id="m3-odd-shapes"),
@@ -106,8 +108,7 @@ def test_fused_kernel_matches_reference(tmp_path, m, n, k, bias, rank, x_shape):
 )
 def test_two_linear_path(tmp_path, m, n, k, bias, rank, x_shape):
     """More rows than LOWRANK_FUSED_MAX_ROWS and shapes the matmul rule tiles (rank and m
-    multiples of 8, or at most 32): two matmul kernels (the matmul rule's, or splice's C GEMM
-    kernel from 8 rows on)."""
+    whole numbers of the target's vectors, or at most four): two matmul-rule kernels."""
     report = compile_and_check(tmp_path, LowRank(m, n, k, bias=bias, rank=rank), x_shape)
     assert "lowrank" not in report["schedule_rules"]
     gemms = sum(1 for v in report["matmuls"].values() if v.get("kernel") == "gemm")
@@ -117,8 +118,8 @@ def test_two_linear_path(tmp_path, m, n, k, bias, rank, x_shape):
 @pytest.mark.parametrize(
     "m,n,k,bias,rank,x_shape",
     [
-        pytest.param(64, 48, 44, True, 37, (32, 48), id="m32-rank-not-multiple-of-8"),
-        pytest.param(60, 48, 24, False, None, (2, 20, 48), id="3d-m40-m-not-multiple-of-8"),
+        pytest.param(64, 48, 76, True, 69, (32, 48), id="m32-rank-not-multiple-of-8"),
+        pytest.param(100, 48, 24, False, None, (2, 20, 48), id="3d-m40-m-not-multiple-of-8"),
     ],
 )
 def test_many_rows_untileable_shapes_stay_fused(tmp_path, m, n, k, bias, rank, x_shape):
@@ -126,6 +127,31 @@ def test_many_rows_untileable_shapes_stay_fused(tmp_path, m, n, k, bias, rank, x
     report = compile_and_check(tmp_path, LowRank(m, n, k, bias=bias, rank=rank), x_shape)
     assert report["schedule_rules"].get("lowrank") == 1, report["schedule_rules"]
     assert "unscheduled" not in report["schedule_rules"]
+
+
+def test_gemm_row_count_takes_untileable_ranks_to_the_c_kernel(tmp_path):
+    """From the C GEMM kernel's row threshold on, both linears are C GEMM calls, whatever
+    the rank (the fused kernel was 1.15-1.5x slower there on MiniLM's shapes)."""
+    model = LowRank(64, 48, 76, bias=True, rank=69)
+    report = compile_and_check(tmp_path, model, (GEMM_MIN_ROWS, 48))
+    assert "lowrank" not in report["schedule_rules"]
+    assert sum(1 for v in report["matmuls"].values() if v.get("kernel") == "gemm") == 2
+    report = compile_and_check(tmp_path / "fewer", model, (GEMM_MIN_ROWS - 1, 48))
+    assert report["schedule_rules"].get("lowrank") == 1
+
+
+def test_two_linear_path_needs_panels_of_the_targets_vector_width(tmp_path):
+    """A rank of 9 AVX2 vectors is 4.5 AVX-512 vectors: the matmul rule has no panel for it
+    there, so on an AVX-512 host the call stays fused (two linears were 9-17x slower); on
+    AVX2 it is two matmul-rule kernels. Nothing is left unscheduled either way."""
+    lanes = CpuShape.of(get_target("host")).lanes
+    report = compile_and_check(tmp_path, LowRank(64, 48, 80, bias=True, rank=72), (32, 48))
+    rules = report["schedule_rules"]
+    assert "unscheduled" not in rules and "row" not in rules, rules
+    if 72 % lanes == 0:
+        assert "lowrank" not in rules and rules.get("matmul") == 2, rules
+    else:
+        assert rules.get("lowrank") == 1, rules
 
 
 def test_fused_row_limit_is_inclusive(tmp_path):

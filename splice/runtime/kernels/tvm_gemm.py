@@ -268,8 +268,10 @@ def rewrite_gemms(
                     return True
                 bound = self.lookup_binding(e)
                 return bound is not None and self._weight_only(bound, depth + 1)
-            if isinstance(e, tvm.ir.Constant):
+            if isinstance(e, (tvm.ir.Constant, relax.ShapeExpr)):
                 return True
+            if isinstance(e, relax.Tuple):  # e.g. a strided_slice's axes, begin and end
+                return all(self._weight_only(f, depth + 1) for f in e.fields)
             if isinstance(e, relax.Call) and isinstance(e.op, type(matmul_op)):
                 return all(self._weight_only(a, depth + 1) for a in e.args)
             return False

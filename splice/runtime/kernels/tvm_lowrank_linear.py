@@ -19,6 +19,7 @@ from typing import Any
 
 from splice.ir.ops import lowrank_linear
 from splice.runtime.kernels.tvm_common import static_shape
+from splice.runtime.kernels.tvm_gemm import MIN_ROWS as GEMM_MIN_ROWS
 from splice.runtime.kernels.tvm_schedules import LOWRANK_KERNEL, CpuShape, lowrank_plan
 
 _CPU: contextvars.ContextVar[CpuShape | None] = contextvars.ContextVar(
@@ -40,9 +41,17 @@ def planning_for(target: Any) -> Iterator[None]:
 
 LOWRANK_FUSED_MAX_ROWS = 4
 """``splice::lowrank_linear`` with at most this many rows (the product of ``x``'s leading
-dimensions) lowers to the fused kernel. More rows lower to two ``linear`` ops (two
-matmul-rule kernels with 4-row register tiles) when the matmul rule can tile both (rank and
-m multiples of 8, or at most 32), and to the fused kernel otherwise.
+dimensions) lowers to the fused kernel. More rows lower to two ``linear`` ops when the
+matmul rule can tile both (rank and m a whole number of the target's vectors, or at most
+four: multiples of 16 or at most 64 on AVX-512, of 8 or at most 32 on AVX2), and to the
+fused kernel otherwise — up to the C GEMM kernel's threshold
+(:data:`~.tvm_gemm.MIN_ROWS`): from there on both linears become calls of the C kernel,
+which takes any width. On a 2-core AVX-512 Xeon at 256 rows the two C GEMM calls beat the
+fused kernel by 1.2–1.45× on MiniLM's shapes (384×384 at rank 153: 305 vs 377 µs;
+1536×384 at rank 245: 981 vs 1425 µs), where before the threshold an untileable rank kept
+the fused kernel at every row count; and a rank that was a multiple of 8 but not of 16 went
+to an unscheduled two-linear path on AVX-512 (MiniLM at ``lowrank{ratio=0.8}`` with ranks
+padded to 8: 55.8 ms against 5.6 ms fused for 32 tokens).
 
 Measured with one-op programs on the 2-core EPYC VM (m = n = 2048, k = 512, weights
 L3-resident, median of 10 alternating rounds): fused vs two matmuls 153 vs 157 µs at M = 1,
@@ -53,9 +62,11 @@ cannot tile ``x Bᵀ`` and the two-linear path is 2–10× slower than the fused
 every M measured (1–128)."""
 
 
-def _matmul_tileable(n_out: int) -> bool:
-    """The matmul rule has a panel width for ``n_out`` output columns (matmul_candidates)."""
-    return n_out % 8 == 0 or n_out <= 32
+def _matmul_tileable(n_out: int, lanes: int) -> bool:
+    """The matmul rule has a panel width for ``n_out`` output columns on a target with
+    ``lanes`` fp32 lanes per vector (:func:`~.tvm_schedules.matmul_candidates`: a whole
+    number of vectors, or at most four)."""
+    return n_out % lanes == 0 or n_out <= 4 * lanes
 
 
 def _lowrank_te(x: Any, Ap: Any, Bp: Any, bias: Any, *, m: int, plan: Any, groups: int = 1) -> Any:
@@ -256,13 +267,18 @@ def _fused_shape(v: Any) -> tuple[int, int, int, int] | None:
         return None
     r = _rank(v, As[1])
     rows = _numel(xs[:-1])
+    lanes = (_CPU.get() or CpuShape()).lanes
     fused = (
         r > 0
         and all(_fp32(t) for t in (v.x, v.A, v.B))
         and (v.bias is None or _fp32(v.bias))
         and rows >= 1
         and (
-            rows <= LOWRANK_FUSED_MAX_ROWS or not (_matmul_tileable(r) and _matmul_tileable(As[0]))
+            rows <= LOWRANK_FUSED_MAX_ROWS
+            or (
+                rows < GEMM_MIN_ROWS
+                and not (_matmul_tileable(r, lanes) and _matmul_tileable(As[0], lanes))
+            )
         )
     )
     return (rows, As[0], Bs[1], r) if fused else None
