@@ -292,6 +292,23 @@ def test_cosine_schedule_changes_the_result_and_is_deterministic():
     assert any(not torch.equal(const[n], cos[0][n]) for n in const)
 
 
+def test_teacher_cache_bound_does_not_change_the_weights():
+    """cache_mb bounds the teacher values heal keeps; rows past it are recomputed when drawn,
+    and the trained weights are the same bits as with every row kept."""
+    p, calib = _small_bert()
+    text = "lowrank{ratio=0.4},heal{steps=12,lr=0.01,batch=1,match=layer_norm*,cache_mb=%d}"
+    runs = {mb: _run(p, text % mb, calib) for mb in (0, 1024)}
+    st = {mb: _heal_stats(r)["teacher_cache"] for mb, r in runs.items()}
+    train_rows = _heal_stats(runs[0])["train_rows"]
+    assert st[0]["rows_kept"] == 0 and st[0]["recomputed"] == 12  # one teacher run per step
+    assert st[1024]["rows_kept"] == train_rows and st[1024]["recomputed"] == 0
+    a, b = runs[0].program.weights, runs[1024].program.weights
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert str(parse_pipeline("heal{cache_mb=0}")) == "heal{cache_mb=0}"
+    with pytest.raises(PipelineError, match="cache_mb must be >= 0 \\(MiB\\), or -1"):
+        parse_pipeline("heal{cache_mb=-2}")
+
+
 def test_match_errors():
     p, calib = _small_bert()
     with pytest.raises(PassError, match=r"match='zz\*' selects no value that program"):

@@ -71,6 +71,12 @@ rows to judge by).
   factors is a PassError. It composes before a gradient heal:
   ``heal{scope=sequential},heal{steps=600,...}``.
 
+**Memory.** The teacher's values for a training row (its outputs, and with ``match`` every
+matched hidden state) are computed the first time the row is drawn and kept while all kept
+values fit in ``cache_mb`` MiB (default -1: a quarter of the machine's physical memory);
+rows beyond that are recomputed each time they are drawn (one teacher run per row and step).
+The weights trained do not depend on it: the teacher is deterministic.
+
 Losses: ``mse``; ``cosine`` (1 − cosine similarity over the last dimension, averaged);
 ``kl`` (KL(teacher ‖ student) of the softmax over the last dimension: logits of an LM).
 
@@ -85,6 +91,7 @@ unchanged and the result compiles like the program before it.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -137,6 +144,7 @@ class Heal(Pass):
     match: str = ""
     damp: float = 0.0
     keep: Keep = "better"
+    cache_mb: int = -1
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -145,6 +153,11 @@ class Heal(Pass):
             raise PipelineError(f"heal: lr must be > 0, got {self.lr}")
         if self.batch < 1:
             raise PipelineError(f"heal: batch must be >= 1, got {self.batch}")
+        if self.cache_mb < -1:
+            raise PipelineError(
+                f"heal: cache_mb must be >= 0 (MiB), or -1 for a quarter of physical memory, "
+                f"got {self.cache_mb}"
+            )
         if not 0.0 <= self.holdout < 1.0:
             raise PipelineError(f"heal: holdout must be in [0, 1), got {self.holdout}")
         if self.match and self.scope != "global":
@@ -196,13 +209,13 @@ class Heal(Pass):
                     params = module.named_program_parameters()
                     ext = ProgramModule(s_ext, trainable=set(names), shared=params)
                     runners = [_Runner(ext, None)]
-                with torch.no_grad():
-                    t_rows = [t_prog.run(*[r[i] for i in t_index]) for r in rows]
+                t_rows = TeacherValues(t_prog, t_index, rows, _cache_bytes(self.cache_mb))
                 stats["train_loss"] = self._global(
                     module, rows, t_rows, t_pairs, runners, loss_fn, gen, ctx, len(pairs)
                 )
                 if matched:
                     stats["matched_values"] = len(matched)
+                stats["teacher_cache"] = t_rows.summary()
             elif self.scope == "sequential":
                 stats["sequential"] = fit_sequential(
                     module, teacher, t_index, rows, damp=self.damp, progress=ctx.progress
@@ -243,7 +256,7 @@ class Heal(Pass):
         self,
         module: ProgramModule,
         rows: list[Row],
-        t_rows: list[list[Any]],
+        t_rows: TeacherValues,
         pairs: list[tuple[int, int]],
         configs: list[_Runner],
         loss_fn: LossFn,
@@ -562,6 +575,45 @@ def _with_values(
     t = teacher.extract(teacher.input_names, [*t_out, *matched], name=teacher.name)
     extra = [(len(s_out) + k, len(t_out) + k) for k in range(len(matched))]
     return s, t, [*pairs, *extra]
+
+
+def _cache_bytes(cache_mb: int) -> int:
+    """``cache_mb`` in bytes; -1: a quarter of physical memory (0 where unknown)."""
+    if cache_mb >= 0:
+        return cache_mb << 20
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+class TeacherValues:
+    """The teacher's values on each training row, computed on first use and kept while the
+    kept values fit in ``budget`` bytes; other rows are recomputed on every use."""
+
+    def __init__(self, teacher: Program, index: list[int], rows: list[Row], budget: int):
+        self.teacher, self.index, self.rows, self.budget = teacher, index, rows, budget
+        self.kept: dict[int, list[Any]] = {}
+        self.used = 0
+        self.recomputed = 0
+
+    def __getitem__(self, i: int) -> list[Any]:
+        got = self.kept.get(i)
+        if got is not None:
+            return got
+        with torch.no_grad():
+            got = self.teacher.run(*[self.rows[i][j] for j in self.index])
+        size = sum(t.numel() * t.element_size() for t in got if isinstance(t, torch.Tensor))
+        if self.used + size <= self.budget:
+            self.kept[i] = got
+            self.used += size
+        else:
+            self.recomputed += 1
+        return got
+
+    def summary(self) -> dict[str, int]:
+        """Rows kept, the MiB they hold, and teacher runs repeated for rows not kept."""
+        return {"rows_kept": len(self.kept), "mib": self.used >> 20, "recomputed": self.recomputed}
 
 
 def _end_to_end(
