@@ -54,6 +54,8 @@ splice op and would trace only one side of a branch):
 * ``llama-decode-lowrank50`` — the decode step after
   ``lowrank{method=svd,ratio=0.5,targets=lm.model.layers.*}`` (every decoder-layer Linear
   at 50% of its parameters, ``splice::lowrank_linear``);
+* ``llama-prefill-lowrank50`` — the 128-token prefill after the same pass (from 128 rows
+  on each ``lowrank_linear`` is two C GEMM calls, whatever its rank);
 * ``llama-decode-experts`` — the decode step after ``experts{num_experts=8,top_k=2}``
   (every FFN as 8 experts, top-2 routing, ``splice::moe_ffn``);
 * ``zoo-<name>`` — a model of the dynamic-branch zoo (``splice.models_dynamic.ZOO``:
@@ -135,6 +137,7 @@ ALL_MODELS = ("mlp1", "mlp32", "gpt2", "llama-decode", "llama-prefill")
 ZOO_MODELS = ("early_exit", "skipnet", "blockdrop", "dynamic_depth", "routed_moe", "shape_branch")
 TRANSFORMED = (
     "llama-decode-lowrank50",
+    "llama-prefill-lowrank50",
     "llama-decode-experts",
     *(f"zoo-{n}" for n in ZOO_MODELS),
 )
@@ -333,12 +336,15 @@ NO_PLAIN_ONNX_BRANCHES = (
 )
 
 
-def transformed_decode_case(name: str, pipeline: str, what: str) -> Case:
-    """The LLaMA decode step after ``pipeline``; eager runs the transformed program."""
+def transformed_case(
+    name: str, pipeline: str, what: str, base: Callable[[], Case] | None = None
+) -> Case:
+    """A LLaMA case (the decode step unless ``base`` is given) after ``pipeline``; eager
+    runs the transformed program."""
     from splice.passes import parse_pipeline
 
-    dense = llama_decode_case()
-    log(f"  capturing the decode step and running {pipeline}…")
+    dense = (base or llama_decode_case)()
+    log(f"  capturing {dense.name} and running {pipeline}…")
     program = splice.capture(dense.model, dense.inputs, name=name.replace("-", "_"))
     program = parse_pipeline(pipeline).run(program).program
     return Case(
@@ -377,12 +383,18 @@ FACTORIES: dict[str, Callable[[], Case]] = {
     "gpt2": gpt2_case,
     "llama-decode": llama_decode_case,
     "llama-prefill": llama_prefill_case,
-    "llama-decode-lowrank50": lambda: transformed_decode_case(
+    "llama-decode-lowrank50": lambda: transformed_case(
         "llama-decode-lowrank50",
         "lowrank{method=svd,ratio=0.5,targets=lm.model.layers.*}",
         "every decoder-layer Linear at 50% of its parameters",
     ),
-    "llama-decode-experts": lambda: transformed_decode_case(
+    "llama-prefill-lowrank50": lambda: transformed_case(
+        "llama-prefill-lowrank50",
+        "lowrank{method=svd,ratio=0.5,targets=lm.model.layers.*}",
+        "every decoder-layer Linear at 50% of its parameters; 128 rows per Linear",
+        base=llama_prefill_case,
+    ),
+    "llama-decode-experts": lambda: transformed_case(
         "llama-decode-experts",
         "experts{num_experts=8,top_k=2}",
         "every FFN as 8 experts, top-2 routing",
