@@ -39,7 +39,7 @@ def test_decode_panels_are_four_vectors_wide(cpu, nb):
 
 
 @pytest.mark.parametrize("cpu", [AVX2, AVX512, NEON], ids=["avx2", "avx512", "neon"])
-@pytest.mark.parametrize("rows,m,n,k", [(1, 5632, 2048, 750), (4, 60, 48, 20), (3, 44, 33, 5)])
+@pytest.mark.parametrize("rows,m,n,k", [(1, 5632, 2048, 750), (4, 60, 48, 20), (3, 44, 33, 5), (96, 1536, 384, 245)])
 def test_padding_and_segments_divide(cpu, rows, m, n, k):
     plan = lowrank_plan(rows, m, n, k, cpu)
     lanes = cpu.lanes
@@ -49,8 +49,28 @@ def test_padding_and_segments_divide(cpu, rows, m, n, k):
     assert plan.nb1 in (lanes, 2 * lanes, 4 * lanes) and plan.nb2 in (lanes, 2 * lanes, 4 * lanes)
     assert n % plan.s1 == 0 and plan.kp % plan.s2 == 0
     assert rows % plan.mi == 0 and plan.mi <= 4
+    budget = cpu.accumulators if rows > plan.mi else max(LOWRANK_ACCUMULATORS, plan.mi)
     for width, s in ((plan.nb1, plan.s1), (plan.nb2, plan.s2)):
-        assert plan.mi * s * (width // lanes) <= max(LOWRANK_ACCUMULATORS, plan.mi)
+        assert plan.mi * s * (width // lanes) <= budget
+
+
+@pytest.mark.parametrize(
+    "cpu,kp,nb1,nb2",
+    [(AVX2, 160, 16, 16), (AVX512, 160, 32, 64), (NEON, 156, 4, 16)],
+    ids=["avx2", "avx512", "neon"],
+)
+def test_several_row_tiles_take_the_matmul_rules_register_budget(cpu, kp, nb1, nb2):
+    """More rows than one tile (a prefill whose rank the matmul rule cannot tile): the
+    panels serve every row tile from cache, so a tile fills the matmul rule's accumulator
+    budget with the widest panel that fits, in one segment (MiniLM's 384x384 at rank 153)."""
+    plan = lowrank_plan(32, 384, 384, 153, cpu)
+    assert (plan.kp, plan.mp, plan.mi, plan.s1, plan.s2) == (kp, 384, 4, 1, 1)
+    assert (plan.nb1, plan.nb2) == (nb1, nb2)
+    for width in (plan.nb1, plan.nb2):
+        assert plan.mi * (width // cpu.lanes) <= cpu.accumulators
+    # one tile of rows (decode) keeps the decode budget
+    one = lowrank_plan(4, 384, 384, 153, cpu)
+    assert one.mi * one.s1 * (one.nb1 // cpu.lanes) <= LOWRANK_ACCUMULATORS
 
 
 def test_no_target_plans_for_avx2():
