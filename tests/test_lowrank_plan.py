@@ -39,7 +39,9 @@ def test_decode_panels_are_four_vectors_wide(cpu, nb):
 
 
 @pytest.mark.parametrize("cpu", [AVX2, AVX512, NEON], ids=["avx2", "avx512", "neon"])
-@pytest.mark.parametrize("rows,m,n,k", [(1, 5632, 2048, 750), (4, 60, 48, 20), (3, 44, 33, 5), (96, 1536, 384, 245)])
+@pytest.mark.parametrize(
+    "rows,m,n,k", [(1, 5632, 2048, 750), (4, 60, 48, 20), (3, 44, 33, 5), (96, 1536, 384, 245)]
+)
 def test_padding_and_segments_divide(cpu, rows, m, n, k):
     plan = lowrank_plan(rows, m, n, k, cpu)
     lanes = cpu.lanes
