@@ -289,9 +289,9 @@ def _ranked(bb: Any, v: Any) -> tuple[Any, Any]:
     from tvm import relax
 
     As = static_shape(v.A)
-    if As is None or _rank(v, As[1]) == As[1]:
+    r = None if As is None else _rank(v, As[1])
+    if r is None or r == As[1]:
         return v.A, v.B
-    r = _rank(v, As[1])
     A = bb.emit(relax.op.strided_slice(v.A, axes=[1], begin=[0], end=[r]))
     B = bb.emit(relax.op.strided_slice(v.B, axes=[0], begin=[0], end=[r]))
     return A, B

@@ -612,15 +612,8 @@ def lowrank_plan(rows: int, m: int, n: int, k: int, cpu: CpuShape | None = None)
     mi = next(d for d in (4, 3, 2, 1) if rows % d == 0)
     kp = -(-k // lanes) * lanes
     mp = -(-m // lanes) * lanes
-    if rows > mi:  # several row tiles: compute-bound (see the docstring)
-        budget = cpu.accumulators
-
-        def wide(extent: int) -> int:
-            fits = [nb for nb in (4 * lanes, 2 * lanes) if extent % nb == 0]
-            return next((nb for nb in fits if mi * (nb // lanes) <= budget), lanes)
-
-        return LowRankPlan(kp, mp, wide(kp), wide(mp), mi, 1, 1)
-    budget = max(LOWRANK_ACCUMULATORS, mi)
+    several = rows > mi  # several row tiles: compute-bound (see the docstring)
+    budget = cpu.accumulators if several else max(LOWRANK_ACCUMULATORS, mi)
 
     def width(extent: int) -> int:
         fits = [
@@ -631,6 +624,8 @@ def lowrank_plan(rows: int, m: int, n: int, k: int, cpu: CpuShape | None = None)
         return fits[0] if fits else lanes
 
     def segments(length: int, nb: int) -> int:
+        if several:
+            return 1
         return next(s for s in (4, 2, 1) if length % s == 0 and mi * s * (nb // lanes) <= budget)
 
     nb1, nb2 = width(kp), width(mp)
